@@ -1,0 +1,68 @@
+# ntt: `make help` lists the targets. Everything runs inside $(VENV) (created by `make setup`).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch to install first. Default: the CPU build of our machines. On a GPU machine keep your own
+# CUDA build with `make setup TORCH=` (empty: torch is not touched; pyproject only asks torch>=2.1).
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.ntt-installed
+ARGS ?=
+
+.PHONY: help setup test test-slow test-all lint format demo smoke checkpoints bench clean
+
+help: ## list the targets
+	@echo "ntt make targets (run from the repository root):"
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) ARGS='<extra hydra overrides for demo/smoke>'"
+
+setup: $(STAMP) ## create $(VENV) and install ntt + torch + sam2/dinov2 (--no-deps) + dev tools
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH)" ]; then echo "installing $(TORCH)"; $(PIP) install -q "$(TORCH)"; \
+	 else echo "TORCH is empty: keeping the installed torch"; $(PY) -c "import torch; print('torch', torch.__version__)"; fi
+	$(PIP) install -q -e ".[dev]"
+	@# sam2 and dinov2 declare dependencies that pull torchvision / CUDA torch / xformers: install them bare.
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0 dinov2==0.0.1.dev2
+	@touch $@
+
+test: setup ## run the default test suite (< 15 min on 2 CPU cores); fails if no test ran
+	@set -o pipefail; $(PY) -m pytest -q $(ARGS); rc=$$?; \
+	 if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-slow: setup ## run only the tests marked slow
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-all: setup ## run every test, slow ones included
+	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+
+lint: setup ## ruff lint + format check
+	$(VENV)/bin/ruff check ntt tests
+	$(VENV)/bin/ruff format --check ntt tests
+
+format: setup ## ruff format + autofix
+	$(VENV)/bin/ruff format ntt tests
+	$(VENV)/bin/ruff check --fix ntt tests
+
+demo: setup ## main job: the whole pipeline on the synthetic dataset with SAM2.1-t + DINOv2-S/14 (fetches them)
+	$(PY) -m ntt.cli download sam2.1_hiera_t dinov2_vits14 || { \
+	  echo "Could not fetch the checkpoints (offline?). Put them in ./checkpoints, or run 'make smoke' for the random-weight plumbing run."; exit 1; }
+	$(PY) -m ntt.run dataset=synthetic backbone/sam2=sam2.1_hiera_t backbone/dinov2=vits14 shots=3 variant=demo $(ARGS)
+
+smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are plumbing only)
+	$(PY) -m ntt.run dataset=synthetic debug=smoke $(ARGS)
+
+checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
+	$(PY) -m ntt.cli download sam2_hiera_l dinov2_vitl14
+
+bench: setup ## CPU micro-benchmarks of the hot spots (writes benchmarks/results-*.json)
+	$(PY) -m ntt.bench $(ARGS)
+
+clean: ## remove caches (keeps .venv, outputs and checkpoints)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,44 @@
+"""`ntt` command: run the pipeline, fetch checkpoints, summarise runs, make the synthetic dataset.
+
+    ntt run [hydra overrides]        same as `python -m ntt.run ...`
+    ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
+    ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
+    ntt synth OUT_DIR                write the synthetic COCO-format dataset
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+COMMANDS = ("run", "download", "summarize", "synth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        from ntt import run
+
+        sys.argv = ["ntt run", *rest]
+        run.main()
+        return 0
+    if cmd == "download":
+        from ntt.backbones.checkpoints import download_main
+
+        return int(download_main(rest) or 0)
+    if cmd == "summarize":
+        from ntt.summarize import main as summarize_main
+
+        return summarize_main(rest)
+    from ntt.data.synthetic import main as synth_main
+
+    return int(synth_main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

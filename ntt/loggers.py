@@ -1,0 +1,79 @@
+"""Metric loggers. Results are files first (metrics.json); a logger only mirrors them to a dashboard."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class NullLogger:
+    """Logs nothing (the default): metrics.json in the run directory is the record."""
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """Mirrors the resolved config and the flattened metrics to one W&B run (main process only)."""
+
+    def __init__(self, *, project: str, entity: str | None, mode: str, group: str | None, tags: list[str],
+                 name: str, run_dir: str) -> None:
+        import wandb  # heavy and optional: imported only when asked for
+
+        self._wandb = wandb
+        self._run = wandb.init(project=project, entity=entity, mode=mode, group=group, tags=list(tags),
+                               name=name, dir=run_dir, reinit=True)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        self._run.config.update(config, allow_val_change=True)
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
+        self._run.log(flat)
+        self._run.summary.update(flat)
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def build_logger(*, kind: str = "none", project: str = "ntt", entity: str | None = None,
+                 mode: str = "offline", group: str | None = None, tags: list[str] | None = None,
+                 name: str = "run", run_dir: str = ".", is_main: bool = True) -> NullLogger:
+    """Build the metric logger of the `logger` config group.
+
+    Args:
+        kind: `none` or `wandb`.
+        project: W&B project.
+        entity: W&B entity (team/user); null = your default.
+        mode: W&B mode: `offline` (default; sync later), `online` or `disabled`.
+        group: W&B group (the dataset name by default, so seeds of one setting group together).
+        tags: W&B tags.
+        name: run name (the app passes the config-derived run name).
+        run_dir: where W&B writes its files (the run directory).
+        is_main: only the main process logs; other processes get a NullLogger.
+    """
+    if kind == "none" or not is_main:
+        return NullLogger()
+    if kind == "wandb":
+        return WandbLogger(project=project, entity=entity, mode=mode, group=group, tags=tags or [],
+                           name=name, run_dir=run_dir)
+    raise ValueError(f"logger.kind={kind!r} is not known; use `none` or `wandb`")

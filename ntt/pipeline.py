@@ -1,0 +1,556 @@
+"""The four stages as plain functions with file artifacts, run in order by `run_pipeline`.
+
+    sample_refs         -> refs.json                  (ALGORITHM 1.2, or a user-given reference set)
+    fill_memory         -> memory.pt                  (ALGORITHM 3: instance features [C, K, D] + meta)
+    postprocess_memory  -> memory_postprocessed.pt    (ALGORITHM 4: prototypes; stats only when asked)
+    test                -> predictions.json, metrics.json  (ALGORITHM 5-6)
+
+Each stage writes `stage_<name>.json`: a key (hash of the config parts the stage depends on and of its
+input artifact) and the sha256 of its artifact. A rerun skips a stage whose manifest key and artifact
+still match, so an interrupted sweep resumes where it stopped. The test stage also resumes per image:
+every finished image is a line in `predictions/rank<r>.jsonl`, and a failing image is recorded and
+skipped, never losing the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from ntt import __version__, dist
+from ntt.config import (
+    DatasetSpec,
+    EvalConfig,
+    MatcherConfig,
+    ProposerConfig,
+    build_node,
+    config_hash,
+    to_plain,
+)
+
+log = logging.getLogger(__name__)
+
+REFS_FILE = "refs.json"
+MEMORY_FILE = "memory.pt"
+PROTOTYPES_FILE = "memory_postprocessed.pt"
+PREDICTIONS_FILE = "predictions.json"
+METRICS_FILE = "metrics.json"
+RANDOM_WEIGHTS_NOTE = "random weights: these numbers measure plumbing and speed only, never accuracy"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: the message says which file or config key and what to do."""
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs, built once from the composed config."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dataset: DatasetSpec
+    proposer: ProposerConfig
+    matcher: MatcherConfig
+    eval: EvalConfig
+    device: str
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.cfg.backbone.sam2.get("random_init")) or bool(
+            self.cfg.backbone.dinov2.get("random_init")
+        )
+
+
+def make_context(cfg: DictConfig) -> RunContext:
+    """Resolve the config into typed parts and the run directory."""
+    st = dist.state()
+    return RunContext(
+        cfg=cfg,
+        run_dir=Path(str(cfg.run_dir)).resolve(),
+        dataset=build_node(cfg.dataset, DatasetSpec),
+        proposer=build_node(cfg.proposer, ProposerConfig),
+        matcher=build_node(cfg.matcher, MatcherConfig),
+        eval=build_node(cfg.eval, EvalConfig),
+        device=dist.resolve_device(str(cfg.device)),
+        rank=st.process_index,
+        world_size=st.num_processes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Write JSON through a temp file + rename, so a killed run never leaves a half-written artifact."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def stage_key(ctx: RunContext, stage: str) -> str:
+    """Hash of what a stage's artifact depends on: its config parts and its input artifact."""
+    cfg = ctx.cfg
+    data = to_plain(cfg.dataset)
+    parts: list[Any] = [stage, __version__]
+    if stage == "sample_refs":
+        parts += [data, cfg.shots, cfg.seed]
+    elif stage == "fill_memory":
+        parts += [cfg.backbone.dinov2, to_plain(cfg.matcher)["memory"], _artifact_sha(ctx, REFS_FILE)]
+    elif stage == "postprocess_memory":
+        parts += [to_plain(cfg.matcher)["memory"], _artifact_sha(ctx, MEMORY_FILE)]
+    elif stage == "test":
+        parts += [data, cfg.backbone, cfg.proposer, cfg.matcher, cfg.eval, _artifact_sha(ctx, PROTOTYPES_FILE)]
+    else:
+        raise KeyError(stage)
+    return config_hash(*parts)
+
+
+def _artifact_sha(ctx: RunContext, name: str) -> str | None:
+    p = ctx.path(name)
+    return sha256_file(p) if p.exists() else None
+
+
+def stage_is_current(ctx: RunContext, stage: str, artifact: str) -> bool:
+    """True when `stage_<stage>.json` records the current key and the artifact is unchanged."""
+    manifest = ctx.path(f"stage_{stage}.json")
+    art = ctx.path(artifact)
+    if ctx.cfg.get("force") or not (manifest.exists() and art.exists()):
+        return False
+    try:
+        rec = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    return rec.get("key") == stage_key(ctx, stage) and rec.get("sha256") == sha256_file(art)
+
+
+def mark_stage_done(ctx: RunContext, stage: str, artifact: str) -> None:
+    write_json_atomic(
+        ctx.path(f"stage_{stage}.json"),
+        {"stage": stage, "key": stage_key(ctx, stage), "artifact": artifact,
+         "sha256": sha256_file(ctx.path(artifact)), "ntt_version": __version__},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def prepare_dataset(ctx: RunContext) -> None:
+    """Generate a synthetic dataset on first use (main process), then let every process go on."""
+    spec = ctx.dataset
+    if spec.synthetic is not None and ctx.is_main:
+        root = Path(spec.root or Path(spec.ref_json).parent)
+        if not (Path(spec.ref_json).exists() and Path(spec.test_json).exists()):
+            from ntt.data.synthetic import generate_synthetic_dataset
+
+            log.info("generating the synthetic dataset in %s", root)
+            generate_synthetic_dataset(root, **dict(spec.synthetic))
+    dist.barrier()
+
+
+def load_split(ctx: RunContext, which: str):
+    """The reference pool (`ref`) or the test set (`test`) as a CocoDataset with the run's classes."""
+    from ntt.data.coco import CocoDataset
+
+    spec = ctx.dataset
+    json_file, root = (spec.ref_json, spec.ref_image_root) if which == "ref" else (
+        spec.test_json, spec.test_image_root)
+    return CocoDataset(json_file, root, class_names=spec.class_names, class_split=spec.class_split)
+
+
+def _check_same_classes(ref_ds, test_ds) -> None:
+    if list(ref_ds.category_ids) != list(test_ds.category_ids):
+        raise StageError(
+            f"the reference json ({ref_ds.json_file}) and the test json ({test_ds.json_file}) give different "
+            f"category ids for the selected classes: {ref_ds.category_ids} vs {test_ds.category_ids}. "
+            "Both must use the same category ids (check dataset.class_names / dataset.class_split)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_sample_refs(ctx: RunContext) -> Path:
+    """Sample K references per class (ALGORITHM 1.2) or import a user-given set; write refs.json."""
+    from ntt import refs as refs_mod
+
+    out = ctx.path(REFS_FILE)
+    if not ctx.is_main:
+        return out
+    spec = ctx.dataset
+    ref_ds = load_split(ctx, "ref")
+    shots, seed = int(ctx.cfg.shots), int(ctx.cfg.seed)
+    if spec.refs_file:
+        source = spec.refs_file
+        if not Path(source).exists():
+            raise StageError(f"dataset.refs_file={source} does not exist: point it at a refs json, a reference "
+                             "pkl or a COCO json of reference annotations, or set it to null to sample")
+        fmt = spec.refs_format
+        if fmt == "auto":
+            fmt = "pkl" if source.endswith(".pkl") else _sniff_json_refs(source)
+        if fmt == "coco":
+            refs = refs_mod.refs_from_coco(json.loads(Path(source).read_text()), ref_ds.category_ids, shots,
+                                           mode=spec.refs_coco_mode)
+        else:
+            refs = refs_mod.load_refs(source)
+        how = f"loaded from {source} ({fmt})"
+    else:
+        refs = refs_mod.sample_references(ref_ds.raw, list(ref_ds.category_ids), shots, seed)
+        how = f"sampled from {spec.ref_json} with seed {seed}"
+    refs_mod.validate_refs(refs, ref_ds.raw, list(ref_ds.category_ids), shots)
+    meta = {"shots": shots, "seed": seed, "source": how, "ref_json": spec.ref_json,
+            "category_ids": list(ref_ds.category_ids), "category_names": list(ref_ds.category_names),
+            "ntt_version": __version__}
+    refs_mod.save_refs(out, refs, meta)
+    log.info("references %s -> %s", how, out)
+    return out
+
+
+def _sniff_json_refs(path: str) -> str:
+    data = json.loads(Path(path).read_text())
+    return "coco" if isinstance(data, dict) and "annotations" in data and "images" in data else "refs_json"
+
+
+def build_backbone(ctx: RunContext, which: str):
+    """Instantiate `backbone.<which>` on this process's device (weights loaded strictly)."""
+    from hydra.utils import instantiate
+
+    return instantiate(ctx.cfg.backbone[which], device=ctx.device, _convert_="all")
+
+
+def stage_fill_memory(ctx: RunContext) -> Path:
+    """Encode every reference crop with DINOv2 and store per-instance mean features (ALGORITHM 3)."""
+    from ntt import refs as refs_mod
+    from ntt.memory import fill_memory
+
+    out = ctx.path(MEMORY_FILE)
+    if not ctx.is_main:  # a few hundred crops: one process is enough, and the bank is then trivially
+        return out       # independent of the number of processes.
+    ref_ds = load_split(ctx, "ref")
+    refs = refs_mod.load_refs(ctx.path(REFS_FILE))
+    encoder = build_backbone(ctx, "dinov2")
+    mem = ctx.matcher.memory
+    bank = fill_memory(
+        refs, dataset_json=ref_ds.raw, image_root=ctx.dataset.ref_image_root, encoder=encoder,
+        class_ids=list(ref_ds.category_ids), context_ratio=mem.context_ratio, mask_pooling=mem.mask_pooling,
+        batch_size=mem.batch_size, keep_patch_features=bool(ctx.cfg.trace), progress=True,
+    )
+    bank.shots = int(ctx.cfg.shots)
+    bank.seed = int(ctx.cfg.seed)
+    bank.encoder = str(ctx.cfg.backbone.dinov2.name)
+    bank.category_names = list(ref_ds.category_names)
+    bank.config_hash = stage_key(ctx, "fill_memory")
+    if ctx.cfg.trace:
+        _save_memory_trace(ctx, bank)
+    bank.save(out)
+    log.info("memory bank [C=%d, K=%d, D=%d] -> %s (%.1f kB)", *bank.instance_means.shape, out,
+             out.stat().st_size / 1e3)
+    return out
+
+
+def _save_memory_trace(ctx: RunContext, bank) -> None:
+    import numpy as np
+
+    trace_dir = ctx.path("trace")
+    trace_dir.mkdir(exist_ok=True)
+    arrays = {"instance_means": bank.instance_means.numpy(), "prototypes": bank.prototypes().numpy()}
+    for key in ("mask_weights", "patch_features"):
+        val = getattr(bank, key, None)
+        if val is not None:
+            arrays[key] = val.numpy()
+    np.savez(trace_dir / "memory.npz", **arrays)
+
+
+def stage_postprocess_memory(ctx: RunContext) -> Path:
+    """Prototypes from instance means (ALGORITHM 4); k-means/PCA/covariance only when asked."""
+    from ntt.memory import MemoryBank, postprocess_memory
+
+    out = ctx.path(PROTOTYPES_FILE)
+    if not ctx.is_main:
+        return out
+    mem = ctx.matcher.memory
+    bank = MemoryBank.load(ctx.path(MEMORY_FILE), expect=_bank_expectation(ctx))
+    bank = postprocess_memory(bank, compute_stats=mem.compute_stats, kmeans_k=mem.kmeans_k, n_pca=mem.n_pca,
+                              seed=int(ctx.cfg.seed))
+    bank.save(out)
+    return out
+
+
+def _bank_expectation(ctx: RunContext) -> dict[str, Any]:
+    return {"shots": int(ctx.cfg.shots), "seed": int(ctx.cfg.seed), "encoder": str(ctx.cfg.backbone.dinov2.name)}
+
+
+def test_image_ids(ctx: RunContext, test_ds) -> list[int]:
+    """The evaluated image ids, in dataset order (or the configured explicit order)."""
+    spec = ctx.dataset
+    ids = list(spec.test_image_ids) if spec.test_image_ids is not None else list(test_ds.image_ids)
+    unknown = sorted(set(ids) - set(test_ds.image_ids))
+    if unknown:
+        raise StageError(f"dataset.test_image_ids has ids that are not in {spec.test_json}: {unknown[:10]}")
+    if spec.max_test_images is not None:
+        ids = ids[: int(spec.max_test_images)]
+    return ids
+
+
+def stage_test(ctx: RunContext) -> Path:
+    """Segment every test image (sharded over processes), merge, evaluate (ALGORITHM 5-6)."""
+    import torch
+
+    from ntt.data.images import load_test_image
+    from ntt.inference import InferenceParams, infer_image
+    from ntt.memory import MemoryBank
+    from ntt.results import detections_to_coco
+
+    test_ds = load_split(ctx, "test")
+    ids = test_image_ids(ctx, test_ds)
+    pred_dir = ctx.path("predictions")
+    key = stage_key(ctx, "test")
+    if ctx.is_main:
+        _reset_stale_predictions(pred_dir, key)
+    dist.barrier()
+    done = _finished_image_ids(pred_dir)
+    todo = dist.shard([i for i in ids if i not in done], ctx.rank, ctx.world_size)
+    log.info("test: %d images, %d already done, %d for this process (%d/%d)", len(ids), len(done & set(ids)),
+             len(todo), ctx.rank, ctx.world_size)
+
+    if todo:
+        bank = MemoryBank.load(ctx.path(PROTOTYPES_FILE), expect=_bank_expectation(ctx))
+        _check_bank_classes(bank, test_ds)
+        prototypes = bank.prototypes().to(ctx.device)
+        sam2 = build_backbone(ctx, "sam2")
+        dino = build_backbone(ctx, "dinov2")
+        params = InferenceParams(
+            points_per_side=ctx.proposer.points_per_side, points_batch_size=ctx.proposer.points_batch_size,
+            iou_thr=ctx.proposer.iou_thr, nms_thr=ctx.matcher.nms_thr, num_out=ctx.matcher.num_out,
+            nms_cap_factor=ctx.matcher.nms_cap_factor, pooling=ctx.matcher.pooling,
+            drop_empty_masks=ctx.matcher.drop_empty_masks, box_plus_one=ctx.matcher.box_plus_one,
+        )
+        cat_ids = list(test_ds.category_ids)
+        shard_file = pred_dir / f"rank{ctx.rank}.jsonl"
+        timings: list[float] = []
+        from tqdm import tqdm
+
+        with open(shard_file, "a") as sink:
+            for img_id in tqdm(todo, desc="test", disable=not ctx.is_main, unit="img"):
+                t0 = time.perf_counter()
+                try:
+                    info = test_ds.image_info(img_id)
+                    image = load_test_image(test_ds.image_path(img_id), 1024).to(ctx.device)
+                    with torch.inference_mode():
+                        det, trace = infer_image(image, int(info["height"]), int(info["width"]), sam2=sam2,
+                                                 dino=dino, prototypes=prototypes, params=params,
+                                                 trace=bool(ctx.cfg.trace))
+                    results = detections_to_coco(det, img_id, cat_ids, box_plus_one=params.box_plus_one)
+                    if trace is not None:
+                        _save_image_trace(ctx, img_id, trace)
+                    line = {"image_id": img_id, "ok": True, "results": results}
+                except Exception as exc:  # one bad image must not lose the others
+                    if ctx.cfg.get("fail_fast"):
+                        raise
+                    log.error("image %s failed: %s (recorded; rerun to retry)", img_id, exc)
+                    line = {"image_id": img_id, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()}
+                sink.write(json.dumps(line) + "\n")
+                sink.flush()
+                timings.append(time.perf_counter() - t0)
+        if timings:
+            write_json_atomic(pred_dir / f"timing_rank{ctx.rank}.json",
+                              {"images": len(timings), "seconds_total": sum(timings),
+                               "seconds_per_image": sum(timings) / len(timings), "device": ctx.device})
+    dist.barrier()
+    out = ctx.path(PREDICTIONS_FILE)
+    if ctx.is_main:
+        _merge_and_evaluate(ctx, test_ds, ids, pred_dir, key)
+    dist.barrier()
+    return out
+
+
+def _reset_stale_predictions(pred_dir: Path, key: str) -> None:
+    """Per-image results of another config must not be resumed: move them aside."""
+    key_file = pred_dir / "key.txt"
+    if pred_dir.exists() and (not key_file.exists() or key_file.read_text().strip() != key):
+        stale = pred_dir.with_name(f"predictions.stale-{int(time.time())}")
+        log.warning("predictions in %s were made with another config; moved to %s", pred_dir, stale)
+        shutil.move(str(pred_dir), stale)
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key + "\n")
+
+
+def _read_lines(pred_dir: Path) -> dict[int, dict]:
+    """Latest record per image id over all shard files (a success supersedes an earlier failure)."""
+    records: dict[int, dict] = {}
+    for shard_file in sorted(pred_dir.glob("rank*.jsonl")):
+        with open(shard_file) as f:
+            for raw in f:
+                raw = raw.strip()
+                if not raw:
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError:  # a line cut by a kill: that image is simply redone
+                    continue
+                prev = records.get(rec["image_id"])
+                if prev is None or not prev["ok"] or rec["ok"]:
+                    records[rec["image_id"]] = rec
+    return records
+
+
+def _finished_image_ids(pred_dir: Path) -> set[int]:
+    if not pred_dir.exists():
+        return set()
+    return {i for i, r in _read_lines(pred_dir).items() if r["ok"]}
+
+
+def _check_bank_classes(bank, test_ds) -> None:
+    if list(bank.category_ids) != list(test_ds.category_ids):
+        raise StageError(f"the memory bank holds category ids {list(bank.category_ids)} but the test set selects "
+                         f"{list(test_ds.category_ids)}: rerun with stages including fill_memory")
+
+
+def _save_image_trace(ctx: RunContext, img_id: int, trace: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    trace_dir = ctx.path("trace")
+    trace_dir.mkdir(exist_ok=True)
+    arrays = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+              for k, v in trace.items() if v is not None}
+    np.savez(trace_dir / f"img{img_id}.npz", **arrays)
+
+
+def _merge_and_evaluate(ctx: RunContext, test_ds, ids: list[int], pred_dir: Path, key: str) -> None:
+    records = _read_lines(pred_dir)
+    failed = [i for i in ids if i in records and not records[i]["ok"]]
+    missing = [i for i in ids if i not in records]
+    results = [r for i in ids if i in records and records[i]["ok"] for r in records[i]["results"]]
+    write_json_atomic(ctx.path(PREDICTIONS_FILE), results, indent=None)
+    metrics: dict[str, Any] = {
+        "dataset": ctx.dataset.name, "sam2": str(ctx.cfg.backbone.sam2.name),
+        "dinov2": str(ctx.cfg.backbone.dinov2.name), "shots": int(ctx.cfg.shots), "seed": int(ctx.cfg.seed),
+        "variant": str(ctx.cfg.variant), "num_images": len(ids), "num_detections": len(results),
+        "failed_images": failed, "ntt_version": __version__,
+    }
+    if ctx.random_weights:
+        metrics["note"] = RANDOM_WEIGHTS_NOTE
+    if ctx.eval.enabled:
+        from ntt.eval.coco import CocoEvaluator
+
+        evaluator = CocoEvaluator(test_ds.raw, category_ids=list(test_ds.category_ids), image_ids=ids,
+                                  backend=ctx.eval.backend, iou_types=tuple(ctx.eval.iou_types))
+        evaluator.process(results)
+        metrics.update(evaluator.evaluate())
+    write_json_atomic(ctx.path(METRICS_FILE), metrics)
+    _log_summary(ctx, metrics)
+    if failed or missing:
+        raise StageError(f"{len(failed)} image(s) failed and {len(missing)} are missing (first: "
+                         f"{(failed + missing)[:5]}); their errors are in {pred_dir}/rank*.jsonl. The other "
+                         "images are kept: rerun the same command to retry only these.")
+    (pred_dir / "key.txt").write_text(key + "\n")
+    mark_stage_done(ctx, "test", PREDICTIONS_FILE)
+
+
+def _log_summary(ctx: RunContext, metrics: dict[str, Any]) -> None:
+    parts = []
+    for iou_type in ("bbox", "segm"):
+        if iou_type in metrics:
+            m = metrics[iou_type]
+            parts.append(f"{iou_type} AP {m['AP']:.4f} AP50 {m['AP50']:.4f} AP75 {m['AP75']:.4f}")
+    if parts:
+        log.info("metrics (%s): %s", ctx.run_dir, " | ".join(parts))
+    if ctx.random_weights:
+        log.warning("%s", RANDOM_WEIGHTS_NOTE.upper())
+
+
+STAGES: dict[str, tuple[Callable[[RunContext], Path], str]] = {
+    "sample_refs": (stage_sample_refs, REFS_FILE),
+    "fill_memory": (stage_fill_memory, MEMORY_FILE),
+    "postprocess_memory": (stage_postprocess_memory, PROTOTYPES_FILE),
+    "test": (stage_test, PREDICTIONS_FILE),
+}
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run `cfg.stages` in order in `cfg.run_dir`; returns the metrics of the test stage if it ran."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise StageError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
+    ctx = make_context(cfg)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if ctx.random_weights:
+        log.warning("RUNNING WITH RANDOM WEIGHTS (%s): %s", ctx.cfg.variant, RANDOM_WEIGHTS_NOTE)
+    logger = _build_logger(ctx)
+    try:
+        prepare_dataset(ctx)
+        for stage in cfg.stages:
+            fn, artifact = STAGES[stage]
+            if stage_is_current(ctx, stage, artifact):
+                log.info("stage %s: %s matches the config, skipped", stage, artifact)
+                continue
+            _require_inputs(ctx, stage)
+            t0 = time.perf_counter()
+            log.info("stage %s ...", stage)
+            fn(ctx)
+            dist.barrier()
+            if ctx.is_main and stage != "test":  # test marks itself done only when every image succeeded
+                mark_stage_done(ctx, stage, artifact)
+            log.info("stage %s done in %.1f s", stage, time.perf_counter() - t0)
+        metrics_path = ctx.path(METRICS_FILE)
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() and "test" in cfg.stages else None
+        if metrics is not None:
+            logger.log_metrics(metrics)
+        return metrics
+    finally:
+        logger.finish()
+
+
+def _require_inputs(ctx: RunContext, stage: str) -> None:
+    names = list(STAGES)
+    if names.index(stage) == 0:
+        return
+    prev_stage = names[names.index(stage) - 1]
+    prev_artifact = ctx.path(STAGES[prev_stage][1])
+    if not prev_artifact.exists():
+        raise StageError(f"stage {stage} needs {prev_artifact}, written by stage {prev_stage}: add it to "
+                         f"`stages` (e.g. stages=[{prev_stage},{stage}])")
+
+
+def _build_logger(ctx: RunContext):
+    from hydra.utils import instantiate
+
+    logger = instantiate(ctx.cfg.logger, name=str(ctx.cfg.run_name), run_dir=str(ctx.run_dir),
+                         is_main=ctx.is_main, _convert_="all")
+    logger.log_config(to_plain(ctx.cfg))
+    return logger
