@@ -1,0 +1,704 @@
+"""Memory bank: reference crops (ALGORITHM 3.1), patch-grid mask weights, instance means and prototypes (4).
+
+Stage ``fill_memory`` turns each reference instance into one mask-weighted mean DINOv2 feature
+(``instance_means[C, K, D]``); the prototype of a class is the L2-normalised mean over its K shots. Stage
+``postprocess_memory`` marks the bank ready and can compute optional statistics (never used at test).
+
+Parity defaults: square context crop with ``int()`` truncation in float64, bicubic image / bilinear mask
+resize to 518 (no antialias), soft mask sampled at the top-left pixel of each patch
+(``F.interpolate(mode="nearest")``); ``mask_pooling="area"`` is the fix 9.1.2 (adaptive average pooling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MASK_POOLING",
+    "MemoryBank",
+    "context_crop_box",
+    "crop_reference",
+    "mask_patch_weights",
+    "instance_mean",
+    "compute_prototypes",
+    "fill_memory",
+    "postprocess_memory",
+    "memory_digest",
+]
+
+MASK_POOLING = ("nearest", "area")
+MEMORY_FORMAT = "ntt-memory"
+MEMORY_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure per-reference functions
+
+
+def context_crop_box(
+    bbox_xywh: Iterable[float], img_w: int, img_h: int, context_ratio: float = 0.2
+) -> tuple[int, int, int, int]:
+    """Square context crop around a COCO box, with the reference's exact float64 / ``int()`` arithmetic.
+
+    ``x1=int(x), y1=int(y), x2=int(x+w), y2=int(y+h)``; side ``max(bw, bh) * (1 + context_ratio)`` around
+    the integer box centre; each edge ``int()``-truncated then clipped to the image (so the crop can be
+    non-square at borders).
+
+    Args:
+        bbox_xywh: COCO box (x, y, w, h) in pixels.
+        img_w: image width (json).
+        img_h: image height (json).
+        context_ratio: extra context (0.2 in the paper config).
+
+    Returns:
+        ``(x1, y1, x2, y2)``: the crop is ``[y1:y2, x1:x2]``.
+    """
+    x, y, w, h = (float(v) for v in list(bbox_xywh)[:4])
+    x1, y1, x2, y2 = int(x), int(y), int(x + w), int(y + h)
+    box_w = x2 - x1
+    box_h = y2 - y1
+    mid_x = (x1 + x2) * 0.5
+    mid_y = (y1 + y2) * 0.5
+    side = max(box_w, box_h) * (1.0 + float(context_ratio))
+    cx1 = max(0, int(mid_x - side * 0.5))
+    cy1 = max(0, int(mid_y - side * 0.5))
+    cx2 = min(int(img_w), int(mid_x + side * 0.5))
+    cy2 = min(int(img_h), int(mid_y + side * 0.5))
+    return cx1, cy1, cx2, cy2
+
+
+def crop_reference(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    bbox_xywh: Iterable[float],
+    *,
+    context_ratio: float = 0.2,
+    size: int = 518,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop a reference instance with context and resize it to the encoder input size (ALGORITHM 3.1).
+
+    Args:
+        image: ``[3, H, W]`` float32 in [0, 1] (original json size).
+        mask: ``[H, W]`` instance mask (binary, any dtype; used as float32).
+        bbox_xywh: the annotation's COCO box.
+        context_ratio: extra context around the box.
+        size: output side (the encoder's ``img_size``).
+
+    Returns:
+        ``(crop [3, size, size], soft_mask [size, size])``: bicubic image (no antialias, no clamp) and
+        bilinear soft mask, both ``align_corners=False``.
+
+    Raises:
+        ValueError: the crop is empty (degenerate box).
+    """
+    if image.dim() != 3 or mask.dim() != 2 or image.shape[-2:] != mask.shape:
+        raise ValueError(
+            f"crop_reference: image {tuple(image.shape)} and mask {tuple(mask.shape)} do not match"
+        )
+    img_h, img_w = image.shape[-2:]
+    x1, y1, x2, y2 = context_crop_box(bbox_xywh, img_w, img_h, context_ratio)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(
+            f"crop_reference: empty context crop x[{x1}, {x2}) y[{y1}, {y2}) for box {list(bbox_xywh)} "
+            f"in a {img_w}x{img_h} image"
+        )
+    img_crop = image[:, y1:y2, x1:x2]
+    mask_crop = mask[y1:y2, x1:x2].to(torch.float32)
+    crop = F.interpolate(img_crop.unsqueeze(0), size=(size, size), mode="bicubic")[0]
+    soft = F.interpolate(mask_crop[None, None], size=(size, size), mode="bilinear")[0, 0]
+    return crop, soft
+
+
+def mask_patch_weights(soft_mask: torch.Tensor, grid: int, *, mask_pooling: str = "nearest") -> torch.Tensor:
+    """Soft mask on the encoder patch grid, flattened row-major: the pooling weights of one reference.
+
+    Args:
+        soft_mask: ``[S, S]`` soft mask in [0, 1].
+        grid: patch grid side (37 for 518 / 14).
+        mask_pooling: ``"nearest"`` (parity: ``F.interpolate(mode="nearest")``, i.e. the value at the
+            top-left pixel ``floor(i * S / grid)`` of each patch) or ``"area"`` (fix 9.1.2: adaptive average
+            pooling, the mean over each patch).
+
+    Returns:
+        ``[grid * grid]`` float32 weights.
+    """
+    m = soft_mask.reshape(1, 1, *soft_mask.shape[-2:]).to(torch.float32)
+    if mask_pooling == "nearest":
+        w = F.interpolate(m, size=(grid, grid), mode="nearest")
+    elif mask_pooling == "area":
+        w = F.adaptive_avg_pool2d(m, (grid, grid))
+    else:
+        raise ValueError(f"mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
+    return w.reshape(-1)
+
+
+def instance_mean(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean feature of one reference: ``sum_q w_q f_q / sum_q w_q`` (not normalised).
+
+    Args:
+        feats: ``[N, D]`` patch features.
+        weights: ``[N]`` soft mask weights.
+
+    Returns:
+        ``[D]``; NaN if all weights are zero (``fill_memory`` refuses that case).
+    """
+    return (feats * weights[:, None]).sum(0) / weights.sum()
+
+
+def compute_prototypes(instance_means: torch.Tensor) -> torch.Tensor:
+    """Class prototypes: L2-normalised plain mean over shots of the instance means (ALGORITHM 4).
+
+    Args:
+        instance_means: ``[C, K, D]``.
+
+    Returns:
+        ``[C, D]`` unit vectors.
+    """
+    return F.normalize(instance_means.mean(dim=1), p=2, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The memory bank file
+
+
+def _ntt_version() -> str:
+    try:
+        from ntt import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover - the package always defines it
+        return "unknown"
+
+
+@dataclass
+class MemoryBank:
+    """Everything the test stage needs from the references (megabytes, never model weights).
+
+    Args:
+        instance_means: ``[C, K, D]`` float32 mask-weighted mean feature per reference.
+        weight_sums: ``[C, K]`` sum of the patch-grid mask weights per reference.
+        category_ids: ``C`` ascending category ids (row c = class index c).
+        category_names: ``C`` names.
+        shots: K.
+        seed: the reference-sampling seed (``None`` for fixed reference files).
+        encoder: encoder name.
+        feature_dim: D.
+        config_hash: hash of the config that built it.
+        ntt_version: ntt version that built it.
+        refs: per class, per slot ``{"image_id", "ann_id"}``.
+        postprocessed: set by ``postprocess_memory``.
+        stats: optional statistics (tensors), only from ``postprocess_memory(compute_stats=True)``.
+        fill_settings: settings of the fill (context_ratio, mask_pooling, img_size, grid_size).
+        patch_features: optional ``[C, K, N, D]`` raw patch features (``keep_patch_features=True``).
+        patch_weights: optional ``[C, K, N]`` patch-grid mask weights (``keep_patch_features=True``).
+    """
+
+    instance_means: torch.Tensor
+    weight_sums: torch.Tensor
+    category_ids: list[int]
+    category_names: list[str]
+    shots: int
+    seed: int | None = None
+    encoder: str = ""
+    feature_dim: int = 0
+    config_hash: str = ""
+    ntt_version: str = field(default_factory=_ntt_version)
+    refs: list[list[dict]] = field(default_factory=list)
+    postprocessed: bool = False
+    stats: dict[str, torch.Tensor] | None = None
+    fill_settings: dict = field(default_factory=dict)
+    patch_features: torch.Tensor | None = None
+    patch_weights: torch.Tensor | None = None
+
+    # meta fields that ``load(expect=...)`` can check
+    CHECKABLE = (
+        "category_ids",
+        "category_names",
+        "shots",
+        "seed",
+        "encoder",
+        "feature_dim",
+        "config_hash",
+        "ntt_version",
+        "postprocessed",
+        "fill_settings",
+    )
+
+    def __post_init__(self):
+        if self.feature_dim == 0 and self.instance_means.dim() == 3:
+            self.feature_dim = int(self.instance_means.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        """C."""
+        return int(self.instance_means.shape[0])
+
+    def prototypes(self) -> torch.Tensor:
+        """``[C, D]`` L2-normalised class prototypes (computed on demand from the instance means)."""
+        return compute_prototypes(self.instance_means)
+
+    def meta(self) -> dict:
+        """JSON-able metadata."""
+        return {
+            "format": MEMORY_FORMAT,
+            "format_version": MEMORY_FORMAT_VERSION,
+            "category_ids": [int(c) for c in self.category_ids],
+            "category_names": [str(n) for n in self.category_names],
+            "shots": int(self.shots),
+            "seed": None if self.seed is None else int(self.seed),
+            "encoder": str(self.encoder),
+            "feature_dim": int(self.feature_dim),
+            "config_hash": str(self.config_hash),
+            "ntt_version": str(self.ntt_version),
+            "refs": self.refs,
+            "postprocessed": bool(self.postprocessed),
+            "fill_settings": dict(self.fill_settings),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """``torch.save`` plain tensors + JSON-able metadata (atomic: temp file + rename).
+
+        Args:
+            path: output file (e.g. ``<run_dir>/memory.pt``).
+        """
+        payload: dict[str, Any] = {
+            "meta_json": json.dumps(self.meta(), sort_keys=True),
+            "instance_means": self.instance_means.detach().to("cpu", torch.float32).contiguous(),
+            "weight_sums": self.weight_sums.detach().to("cpu", torch.float32).contiguous(),
+        }
+        if self.stats is not None:
+            payload["stats"] = {k: v.detach().cpu().contiguous() for k, v in self.stats.items()}
+        if self.patch_features is not None:
+            payload["patch_features"] = self.patch_features.detach().cpu().contiguous()
+        if self.patch_weights is not None:
+            payload["patch_weights"] = self.patch_weights.detach().cpu().contiguous()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> MemoryBank:
+        """Load a bank saved by ``save`` (``torch.load(weights_only=True)``) and check it against the run.
+
+        Args:
+            path: the memory file.
+            expect: ``{field: value}`` this run expects (any of ``MemoryBank.CHECKABLE``); every mismatch
+                is named in one error.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not an ntt memory file, or metadata mismatches.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"memory file not found: {path} (run stage fill_memory first)")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"cannot read memory file {path}: {err}") from err
+        if not isinstance(payload, dict) or "meta_json" not in payload:
+            raise ValueError(
+                f"{path} is not an ntt memory file (no metadata): delete it or rerun fill_memory"
+            )
+        meta = json.loads(payload["meta_json"])
+        if meta.get("format") != MEMORY_FORMAT:
+            raise ValueError(f"{path}: unknown memory format {meta.get('format')!r}")
+        bank = cls(
+            instance_means=payload["instance_means"],
+            weight_sums=payload["weight_sums"],
+            category_ids=[int(c) for c in meta["category_ids"]],
+            category_names=list(meta["category_names"]),
+            shots=int(meta["shots"]),
+            seed=meta.get("seed"),
+            encoder=meta.get("encoder", ""),
+            feature_dim=int(meta.get("feature_dim", 0)),
+            config_hash=meta.get("config_hash", ""),
+            ntt_version=meta.get("ntt_version", "unknown"),
+            refs=meta.get("refs", []),
+            postprocessed=bool(meta.get("postprocessed", False)),
+            stats=payload.get("stats"),
+            fill_settings=meta.get("fill_settings", {}),
+            patch_features=payload.get("patch_features"),
+            patch_weights=payload.get("patch_weights"),
+        )
+        if expect:
+            bank.check(expect, source=str(path))
+        return bank
+
+    def check(self, expect: Mapping[str, Any], *, source: str = "memory bank") -> None:
+        """Raise if any expected field differs, naming every mismatch.
+
+        Args:
+            expect: ``{field: value}``.
+            source: how to name the bank in the message (its file).
+        """
+        problems = []
+        for key, want in expect.items():
+            if key not in self.CHECKABLE:
+                raise ValueError(f"MemoryBank.check: unknown field {key!r} (checkable: {self.CHECKABLE})")
+            got = getattr(self, key)
+            if _normalise(got) != _normalise(want):
+                problems.append(f"{key}={got!r}, but this run has {key}={want!r}")
+        if problems:
+            name = Path(source).name if source != "memory bank" else source
+            raise ValueError(
+                f"{name} does not match this run: it was built with "
+                + "; ".join(problems)
+                + f". Delete {source} or rerun stage fill_memory."
+            )
+
+
+def _normalise(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_normalise(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _normalise(x) for k, x in v.items()}
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fill_memory
+
+
+def _encoder_device(encoder: Any) -> torch.device:
+    if isinstance(encoder, torch.nn.Module):
+        for t in encoder.parameters():
+            return t.device
+        for t in encoder.buffers():
+            return t.device
+    return torch.device(getattr(encoder, "device", "cpu"))
+
+
+def fill_memory(
+    refs: Mapping[int, list],
+    *,
+    dataset_json: Mapping,
+    image_root: str | os.PathLike,
+    encoder: Any,
+    class_ids: Iterable[int],
+    context_ratio: float = 0.2,
+    mask_pooling: str = "nearest",
+    batch_size: int = 8,
+    progress: bool = True,
+    keep_patch_features: bool = False,
+    shots: int | None = None,
+    seed: int | None = None,
+    encoder_name: str | None = None,
+    config_hash: str = "",
+) -> MemoryBank:
+    """Encode every reference crop and store its mask-weighted mean feature (stage ``fill_memory``).
+
+    For each class in ascending id order and each slot k in refs order: load the image at the json
+    height/width, decode ``ann_ids[0]``, crop with context, resize to the encoder size, encode (batched),
+    pool with the patch-grid soft mask.
+
+    Args:
+        refs: ``{category_id: [RefEntry]}`` (``ntt.refs``); validated against ``dataset_json`` first.
+        dataset_json: the COCO json the references come from.
+        image_root: folder of the images (``file_name`` is relative to it).
+        encoder: callable ``images [B, 3, S, S] in [0, 1] -> [B, h, w, D]`` with ``img_size``,
+            ``grid_size`` and ``embed_dim`` attributes (``DINOv2Encoder``).
+        class_ids: selected category ids (sorted here; class index = position).
+        context_ratio: crop context (0.2).
+        mask_pooling: ``"nearest"`` (parity) or ``"area"`` (fix 9.1.2).
+        batch_size: crops per encoder call.
+        progress: show a tqdm bar.
+        keep_patch_features: also keep the raw ``[C, K, N, D]`` features and ``[C, K, N]`` weights (for
+            statistics / analysis; large for big C*K).
+        shots: K (default: the length of the reference lists).
+        seed: the sampling seed to record.
+        encoder_name: name to record (default: ``encoder.name`` or its class name).
+        config_hash: config hash to record.
+
+    Returns:
+        A ``MemoryBank`` (``postprocessed=False``).
+
+    Raises:
+        ValueError: invalid references, or a reference whose mask is all zero on the patch grid (the
+            message names the class, image and annotation).
+    """
+    from tqdm import tqdm
+
+    from ntt.data.images import load_reference_image
+    from ntt.data.masks import ann_to_mask
+    from ntt.refs import validate_refs
+
+    if mask_pooling not in MASK_POOLING:
+        raise ValueError(f"fill_memory: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
+    if batch_size < 1:
+        raise ValueError(f"fill_memory: batch_size must be >= 1, got {batch_size}")
+    class_ids = sorted(int(c) for c in class_ids)
+    if not class_ids:
+        raise ValueError("fill_memory: no classes selected")
+    if shots is None:
+        lengths = {len(refs[c]) for c in class_ids if c in refs}
+        shots = max(lengths) if lengths else 0
+    validate_refs(refs, dataset_json, class_ids, shots)
+
+    imgs = {im["id"]: im for im in dataset_json.get("images", [])}
+    anns = {a["id"]: a for a in dataset_json.get("annotations", [])}
+    cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in dataset_json.get("categories", [])}
+    image_root = Path(image_root)
+
+    size = int(encoder.img_size)
+    grid = int(encoder.grid_size)
+    dim = int(encoder.embed_dim)
+    n_patches = grid * grid
+    device = _encoder_device(encoder)
+    n_cls = len(class_ids)
+
+    instance_means = torch.zeros((n_cls, shots, dim), dtype=torch.float32)
+    weight_sums = torch.zeros((n_cls, shots), dtype=torch.float32)
+    patch_features = (
+        torch.zeros((n_cls, shots, n_patches, dim), dtype=torch.float32) if keep_patch_features else None
+    )
+    patch_weights = (
+        torch.zeros((n_cls, shots, n_patches), dtype=torch.float32) if keep_patch_features else None
+    )
+
+    jobs = [(ci, k, refs[cat_id][k]) for ci, cat_id in enumerate(class_ids) for k in range(shots)]
+    cache: OrderedDict[Any, torch.Tensor] = OrderedDict()
+
+    def _image(img_id):
+        if img_id in cache:
+            cache.move_to_end(img_id)
+            return cache[img_id]
+        info = imgs[img_id]
+        img = load_reference_image(image_root / info["file_name"], info["height"], info["width"])
+        cache[img_id] = img
+        if len(cache) > 4:
+            cache.popitem(last=False)
+        return img
+
+    def _describe(ci, k, entry):
+        cat_id = class_ids[ci]
+        return (
+            f"class {cat_id} ({cat_names.get(cat_id, '?')}), shot {k}: annotation {entry.ann_ids[0]} "
+            f"on image {entry.image_id}"
+        )
+
+    bar = tqdm(total=len(jobs), desc="fill_memory", unit="ref", disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            crops, masks = [], []
+            for ci, k, entry in batch:
+                info = imgs[entry.image_id]
+                ann = anns[entry.ann_ids[0]]
+                image = _image(entry.image_id)
+                mask = torch.from_numpy(ann_to_mask(ann, info["height"], info["width"])).to(torch.float32)
+                try:
+                    crop, soft = crop_reference(
+                        image, mask, ann["bbox"], context_ratio=context_ratio, size=size
+                    )
+                except ValueError as err:
+                    raise ValueError(f"fill_memory: {_describe(ci, k, entry)}: {err}") from err
+                w = mask_patch_weights(soft, grid, mask_pooling=mask_pooling)
+                if not bool((w != 0).any()):
+                    raise ValueError(
+                        f"fill_memory: {_describe(ci, k, entry)} has an all-zero mask on the {grid}x{grid} "
+                        f"patch grid (mask_pooling={mask_pooling!r}"
+                        + (
+                            ", which samples the top-left pixel of each patch"
+                            if mask_pooling == "nearest"
+                            else ""
+                        )
+                        + "). Its instance mean would be NaN, and so would the class prototype (the reference "
+                        "code fails on this too). Use mask_pooling='area' or choose another reference for this "
+                        "class."
+                    )
+                crops.append(crop)
+                masks.append(w)
+            x = torch.stack(crops).to(device)
+            feats = encoder(x)
+            if feats.dim() != 4 or tuple(feats.shape[1:]) != (grid, grid, dim):
+                raise ValueError(
+                    f"fill_memory: encoder returned {tuple(feats.shape)}, expected [B, {grid}, {grid}, {dim}]"
+                )
+            feats = feats.reshape(len(batch), n_patches, dim)
+            for b, (ci, k, _entry) in enumerate(batch):
+                f_b = feats[b].to(torch.float32)
+                w_b = masks[b].to(f_b.device)
+                instance_means[ci, k] = instance_mean(f_b, w_b).cpu()
+                weight_sums[ci, k] = w_b.sum().cpu()
+                if keep_patch_features:
+                    patch_features[ci, k] = f_b.cpu()
+                    patch_weights[ci, k] = w_b.cpu()
+            bar.update(len(batch))
+    bar.close()
+
+    ref_list = [
+        [{"image_id": int(e.image_id), "ann_id": int(e.ann_ids[0])} for e in refs[cat_id][:shots]]
+        for cat_id in class_ids
+    ]
+    if encoder_name is None:
+        encoder_name = str(getattr(encoder, "name", type(encoder).__name__))
+    return MemoryBank(
+        instance_means=instance_means,
+        weight_sums=weight_sums,
+        category_ids=class_ids,
+        category_names=[cat_names.get(c, str(c)) for c in class_ids],
+        shots=int(shots),
+        seed=seed,
+        encoder=encoder_name,
+        feature_dim=dim,
+        config_hash=config_hash,
+        refs=ref_list,
+        postprocessed=False,
+        fill_settings={
+            "context_ratio": float(context_ratio),
+            "mask_pooling": mask_pooling,
+            "img_size": size,
+            "grid_size": grid,
+        },
+        patch_features=patch_features,
+        patch_weights=patch_weights,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# postprocess_memory
+
+
+def _kmeans_cosine(feats: torch.Tensor, k: int, n_iter: int, generator: torch.Generator) -> torch.Tensor:
+    """The reference's k-means: randperm init, cosine assignment, plain-mean update, normalised centres.
+
+    Empty clusters give NaN centres (as the reference); fewer points than ``k`` leaves NaN rows.
+    """
+    n, d = feats.shape
+    init = torch.randperm(n, generator=generator)[:k].to(feats.device)
+    centers = torch.full((k, d), float("nan"), dtype=feats.dtype, device=feats.device)
+    centers[: init.numel()] = feats[init]
+    fn = F.normalize(feats, p=2, dim=-1)
+    for _ in range(n_iter):
+        assign = torch.argmax(fn @ F.normalize(centers, p=2, dim=-1).t(), dim=1)
+        centers = torch.stack([feats[assign == j].mean(dim=0) for j in range(k)])
+    return F.normalize(centers, dim=-1)
+
+
+def _pca(feats: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA by SVD of the centred data; component signs fixed so each row's largest-|.| entry is positive."""
+    mean = feats.mean(dim=0)
+    _, _, vh = torch.linalg.svd(feats - mean, full_matrices=False)
+    comps = vh[:n_components]
+    idx = comps.abs().argmax(dim=1)
+    signs = torch.sign(comps[torch.arange(comps.shape[0]), idx])
+    signs[signs == 0] = 1
+    comps = comps * signs[:, None]
+    if comps.shape[0] < n_components:
+        pad = torch.full((n_components - comps.shape[0], feats.shape[1]), float("nan"), dtype=feats.dtype)
+        comps = torch.cat([comps, pad.to(feats.device)])
+    return mean, comps
+
+
+def postprocess_memory(
+    bank: MemoryBank,
+    *,
+    compute_stats: bool = False,
+    kmeans_k: int = 4,
+    n_pca: int = 3,
+    seed: int = 42,
+    kmeans_iters: int = 100,
+) -> MemoryBank:
+    """Mark the bank ready for testing; optionally compute the reference's (unused) statistics.
+
+    Idempotent: the result depends only on the filled data and the arguments (nothing accumulates).
+    Prototypes are never stored; ``MemoryBank.prototypes()`` computes them from the instance means.
+
+    Args:
+        bank: a filled bank.
+        compute_stats: compute ``stats``: ``class_pixel_weighted_mean [C, D]`` (from instance means and
+            weight sums), ``covariances [C, D, D]`` (biased over shots of the instance means; zero for K=1);
+            with patch features kept at fill time also ``ins_sim_avg [C]`` (leave-one-out, only for K>1),
+            ``kmeans_centers [C, kmeans_k, D]``, ``pca_mean [C, D]``, ``pca_components [C, n_pca, D]``.
+        kmeans_k: k-means clusters per class (4).
+        n_pca: PCA components (3).
+        seed: seed of the k-means initialisation (``torch.randperm``), 42 as the reference.
+        kmeans_iters: k-means iterations (100).
+
+    Returns:
+        A new ``MemoryBank`` with ``postprocessed=True`` and ``stats`` (``None`` without ``compute_stats``).
+    """
+    means = bank.instance_means
+    if not torch.isfinite(means).all():
+        bad = sorted({int(c) for c in torch.nonzero(~torch.isfinite(means).all(dim=-1))[:, 0]})
+        raise ValueError(
+            "postprocess_memory: non-finite instance means for classes "
+            f"{[bank.category_ids[c] for c in bad]}: rerun stage fill_memory"
+        )
+    stats = None
+    if compute_stats:
+        stats = {}
+        ws = bank.weight_sums.to(means.dtype)
+        stats["class_pixel_weighted_mean"] = (means * ws[..., None]).sum(dim=1) / ws.sum(dim=1, keepdim=True)
+        centered = means - means.mean(dim=1, keepdim=True)
+        stats["covariances"] = centered.transpose(1, 2) @ centered / float(means.shape[1])
+        if bank.patch_features is None or bank.patch_weights is None:
+            logger.info(
+                "postprocess_memory: no patch features in the bank (fill_memory keep_patch_features=False): "
+                "k-means, PCA and leave-one-out similarity are skipped"
+            )
+        else:
+            pf, pw = bank.patch_features, bank.patch_weights
+            n_cls, k_shots = pw.shape[:2]
+            gen = torch.Generator().manual_seed(int(seed))
+            centers, pca_mean, pca_comp, ins_sim = [], [], [], []
+            for c in range(n_cls):
+                fg = pf[c].reshape(-1, pf.shape[-1])[pw[c].reshape(-1) > 0]
+                if k_shots > 1:
+                    sims = []
+                    for j in range(k_shots):
+                        own = pf[c, j][pw[c, j] > 0].mean(dim=0, keepdim=True)
+                        rest_f = torch.cat((pf[c, :j], pf[c, j + 1 :])).reshape(-1, pf.shape[-1])
+                        rest_w = torch.cat((pw[c, :j], pw[c, j + 1 :])).reshape(-1)
+                        rest = rest_f[rest_w > 0].mean(dim=0, keepdim=True)
+                        s = F.normalize(own, dim=1) @ F.normalize(rest, dim=-1).t()
+                        sims.append((s + 1.0) * 0.5)
+                    ins_sim.append(torch.stack(sims).mean())
+                centers.append(_kmeans_cosine(fg, kmeans_k, kmeans_iters, gen))
+                m, comp = _pca(fg, n_pca)
+                pca_mean.append(m)
+                pca_comp.append(comp)
+            if ins_sim:
+                stats["ins_sim_avg"] = torch.stack(ins_sim)
+            stats["kmeans_centers"] = torch.stack(centers)
+            stats["pca_mean"] = torch.stack(pca_mean)
+            stats["pca_components"] = torch.stack(pca_comp)
+    return dataclasses.replace(bank, postprocessed=True, stats=stats)
+
+
+def memory_digest(bank: MemoryBank) -> str:
+    """sha256 of the instance means and metadata (for stage manifests).
+
+    Args:
+        bank: the bank.
+    """
+    h = hashlib.sha256()
+    h.update(bank.instance_means.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(bank.meta(), sort_keys=True).encode())
+    return h.hexdigest()
