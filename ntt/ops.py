@@ -1,0 +1,159 @@
+"""Torchvision-free box ops: ``box_iou``, ``nms``, ``batched_nms`` and inclusive mask boxes.
+
+The NMS reproduces ``torchvision.ops.batched_nms`` (ALGORITHM 12b item 8) exactly on the boxes the method
+feeds it (integer pixel indices stored as float):
+
+* boxes are visited in order of descending score with a *stable* sort (torchvision's CPU and CUDA kernels
+  call ``scores.sort(stable=True, descending=True)``), so equal scores keep the lower index first and NaN
+  scores come first (torch sort semantics);
+* area is ``(x2 - x1) * (y2 - y1)`` (no +1), IoU is ``inter / (area_i + area_j - inter)`` in float32, and a box
+  is suppressed only when IoU is strictly greater than the threshold. A 0/0 IoU (two zero-area boxes) is NaN,
+  which is never ``> thr``, so zero-area boxes never suppress and are never suppressed;
+* the result is sorted by descending score (the visit order).
+
+torchvision's batched variant offsets boxes per class (``_batched_nms_coordinate_trick``) or loops over classes
+(``_batched_nms_vanilla``); both equal "greedy NMS among boxes of the same class" for non-negative integer
+coordinates, which is what we compute directly (same-class mask on the IoU matrix). For non-integer
+coordinates the offset trick can change low-order bits of the IoU; for negative coordinates torchvision's
+offsets can even let classes interact. Neither case occurs in the method (boxes are pixel indices >= 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["box_area", "box_iou", "nms", "batched_nms", "masks_to_boxes_inclusive"]
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area ``(x2 - x1) * (y2 - y1)`` of xyxy boxes (no +1, as torchvision).
+
+    Args:
+        boxes: ``[N, 4]`` xyxy boxes.
+
+    Returns:
+        ``[N]`` areas, same dtype as ``boxes``.
+    """
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU of xyxy boxes with torchvision's float formula.
+
+    Args:
+        boxes1: ``[N, 4]`` xyxy boxes.
+        boxes2: ``[M, 4]`` xyxy boxes.
+
+    Returns:
+        ``[N, M]`` IoU ``inter / (area1 + area2 - inter)``; 0/0 (two zero-area boxes) gives NaN, as torchvision.
+    """
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[:, None] + area2[None, :] - inter)
+
+
+def _as_float_boxes(boxes: Tensor) -> Tensor:
+    # torchvision's kernels only accept floating boxes; the reference passes float32 boxes.
+    return boxes if boxes.is_floating_point() else boxes.float()
+
+
+def _greedy_nms(
+    boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float, block: int
+) -> Tensor:
+    n = boxes.shape[0]
+    device = boxes.device
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    boxes = _as_float_boxes(boxes)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    sboxes = boxes[order]
+    sidx = idxs[order] if idxs is not None else None
+    col = torch.arange(n, device=device)
+    removed = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    # Rows are built block by block (bounded memory for large N); the greedy pass itself runs on a CPU bool
+    # array, which costs a few ms for ~1000 boxes and avoids one GPU sync per box.
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        iou = box_iou(sboxes[start:stop], sboxes)
+        over = iou > iou_threshold
+        over &= col[None, :] > col[start:stop, None]  # only later (lower-ranked) boxes get suppressed
+        if sidx is not None:
+            over &= sidx[start:stop, None] == sidx[None, :]
+        rows = over.cpu().numpy()
+        for r in range(stop - start):
+            i = start + r
+            if removed[i]:
+                continue
+            keep.append(i)
+            removed |= rows[r]
+    keep_t = torch.as_tensor(keep, dtype=torch.int64, device=device)
+    return order[keep_t]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, block: int = 1024) -> Tensor:
+    """Greedy NMS with torchvision semantics (see module docstring).
+
+    Args:
+        boxes: ``[N, 4]`` xyxy boxes (float; integer boxes are cast to float32).
+        scores: ``[N]`` ranking scores.
+        iou_threshold: a box is suppressed by a kept box when their IoU is strictly greater than this.
+        block: number of IoU-matrix rows computed at once (memory bound ``block * N``).
+
+    Returns:
+        int64 indices of the kept boxes, sorted by descending score (stable: ties keep the lower index first).
+    """
+    return _greedy_nms(boxes, scores, None, iou_threshold, block)
+
+
+def batched_nms(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *, block: int = 1024
+) -> Tensor:
+    """Class-aware NMS: boxes only suppress boxes with the same ``idxs`` value (torchvision ``batched_nms``).
+
+    Args:
+        boxes: ``[N, 4]`` xyxy boxes (float; integer boxes are cast to float32).
+        scores: ``[N]`` ranking scores.
+        idxs: ``[N]`` integer category of each box.
+        iou_threshold: suppression when IoU is strictly greater than this.
+        block: number of IoU-matrix rows computed at once.
+
+    Returns:
+        int64 indices of the kept boxes sorted by descending score (stable on ties).
+    """
+    return _greedy_nms(boxes, scores, idxs, iou_threshold, block)
+
+
+def masks_to_boxes_inclusive(masks: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inclusive pixel-index boxes of binary masks, like ``sam2.utils.amg.batched_mask_to_box``.
+
+    Args:
+        masks: ``[N, H, W]`` bool (or 0/1) masks.
+        dtype: dtype of the result (the reference feeds float32 boxes to NMS).
+
+    Returns:
+        ``[N, 4]`` boxes ``[x_min, y_min, x_max, y_max]`` of the set pixels (inclusive indices, so a one-pixel
+        mask gives a zero-area box); ``[0, 0, 0, 0]`` for an empty mask.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, dtype=dtype, device=masks.device)
+    masks = masks.bool()
+    in_row = masks.any(dim=2)  # [N, H]
+    in_col = masks.any(dim=1)  # [N, W]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    bottom = torch.where(in_row, ar_h, -1).amax(dim=1)
+    top = torch.where(in_row, ar_h, h).amin(dim=1)
+    right = torch.where(in_col, ar_w, -1).amax(dim=1)
+    left = torch.where(in_col, ar_w, w).amin(dim=1)
+    out = torch.stack([left, top, right, bottom], dim=1)
+    empty = ~in_row.any(dim=1)
+    out = out.masked_fill(empty[:, None], 0)
+    return out.to(dtype)
