@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,11 @@ def ann_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
     """
     from pycocotools import mask as mask_utils
 
-    return mask_utils.decode(ann_to_rle(ann, height, width)).astype(bool)
+    rle = ann_to_rle(ann, height, width)
+    with warnings.catch_warnings():
+        # pycocotools' Cython decode trips a numpy-2 copy-keyword DeprecationWarning; harmless
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def annotation_area(ann: dict, height: int, width: int) -> float:

@@ -138,6 +138,8 @@ class CocoEvaluator:
         self._coco_gt = None
         self._results: list[dict] = []
         self._metrics: dict | None = None
+        #: The COCOeval objects of the last :meth:`evaluate` call, by iou type (for inspection).
+        self.cocoevals: dict[str, Any] = {}
 
     # ---- detectron2-style interface -------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class CocoEvaluator:
         """Forget the results collected so far."""
         self._results = []
         self._metrics = None
+        self.cocoevals = {}
 
     def process(self, results: Iterable[dict]) -> None:
         """Collect COCO result dicts (``image_id``, ``category_id``, ``score``, ``bbox`` and/or ``segmentation``).
@@ -236,6 +239,7 @@ class CocoEvaluator:
         for iou_type in self.iou_types:
             dt = self._load_results(gt, results)
             ev = self._run_cocoeval(gt, dt, iou_type)
+            self.cocoevals[iou_type] = ev
             stats = [float(s) for s in np.asarray(ev.stats)[: len(STAT_NAMES)]]
             out[iou_type] = dict(zip(STAT_NAMES, stats))
             for cid, row in zip(self.category_ids, self._per_class_ap(ev)):
