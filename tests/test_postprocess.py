@@ -14,6 +14,8 @@ from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections, resize_masks_to_image, semantic_soft_merge
 
 NAN = float("nan")
+# pycocotools' decode trips numpy 2's copy-keyword deprecation; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 S75 = math.sqrt(0.75)
 
 
