@@ -122,7 +122,7 @@ def _coco_dataset():
                 "segmentation": {"size": [30, 40], "counts": counts},
                 "bbox": [2, 3, 31, 25],
                 "iscrowd": 1,
-            },  # fmt: skip
+            },
             {
                 "id": 3,
                 "image_id": 1,
@@ -130,7 +130,7 @@ def _coco_dataset():
                 "segmentation": compressed,
                 "bbox": [2, 3, 31, 25],
                 "iscrowd": 0,
-            },  # fmt: skip
+            },
         ],
     }
 

@@ -292,14 +292,23 @@ def test_fill_memory_order_batching_and_metadata(tmp_path):
     refs = {4: [RefEntry(4, 0, [1]), RefEntry(4, 1, [2])], 2: [RefEntry(2, 1, [4]), RefEntry(2, 0, [3])]}
     enc = FakeEncoder()
     bank = fill_memory(
-        refs, dataset_json=coco, image_root=tmp_path, encoder=enc, class_ids=[4, 2], batch_size=3, progress=False,
-        seed=7, config_hash="h",
-    )  # fmt: skip
+        refs,
+        dataset_json=coco,
+        image_root=tmp_path,
+        encoder=enc,
+        class_ids=[4, 2],
+        batch_size=3,
+        progress=False,
+        seed=7,
+        config_hash="h",
+    )
     assert enc.calls == [3, 1]
     assert bank.category_ids == [2, 4] and bank.category_names == ["two", "four"]  # sorted class index
     assert bank.shots == 2 and bank.feature_dim == 8 and bank.seed == 7 and not bank.postprocessed
-    assert bank.refs == [[{"image_id": 1, "ann_id": 4}, {"image_id": 0, "ann_id": 3}],
-                         [{"image_id": 0, "ann_id": 1}, {"image_id": 1, "ann_id": 2}]]  # fmt: skip
+    assert bank.refs == [
+        [{"image_id": 1, "ann_id": 4}, {"image_id": 0, "ann_id": 3}],
+        [{"image_id": 0, "ann_id": 1}, {"image_id": 1, "ann_id": 2}],
+    ]
     assert bank.fill_settings == {
         "context_ratio": 0.2,
         "mask_pooling": "nearest",
@@ -310,8 +319,16 @@ def test_fill_memory_order_batching_and_metadata(tmp_path):
         mean, wsum = _expected_mean(coco, tmp_path, enc, ann_id)
         assert torch.allclose(bank.instance_means[c, k], mean, atol=1e-6), (c, k)
         assert float(bank.weight_sums[c, k]) == pytest.approx(float(wsum), abs=1e-6)
-    one = fill_memory(refs, dataset_json=coco, image_root=tmp_path, encoder=enc, class_ids=[2, 4], batch_size=1,
-                      progress=False, keep_patch_features=True)  # fmt: skip
+    one = fill_memory(
+        refs,
+        dataset_json=coco,
+        image_root=tmp_path,
+        encoder=enc,
+        class_ids=[2, 4],
+        batch_size=1,
+        progress=False,
+        keep_patch_features=True,
+    )
     assert torch.allclose(one.instance_means, bank.instance_means, atol=1e-6)
     assert one.patch_features.shape == (2, 2, 16, 8) and one.patch_weights.shape == (2, 2, 16)
     assert torch.allclose(one.patch_weights.sum(-1), one.weight_sums)
@@ -326,8 +343,15 @@ def test_fill_memory_all_zero_mask_error_and_area_fix(tmp_path):
     msg = str(err.value)
     assert "class 2 (two), shot 1: annotation 5 on image 1" in msg and "all-zero" in msg
     assert "mask_pooling='area'" in msg
-    bank = fill_memory(refs, dataset_json=coco, image_root=tmp_path, encoder=enc, class_ids=[2], progress=False,
-                       mask_pooling="area")  # fmt: skip
+    bank = fill_memory(
+        refs,
+        dataset_json=coco,
+        image_root=tmp_path,
+        encoder=enc,
+        class_ids=[2],
+        progress=False,
+        mask_pooling="area",
+    )
     assert torch.isfinite(bank.instance_means).all()
     mean, _ = _expected_mean(coco, tmp_path, enc, 5, pooling="area")
     assert torch.allclose(bank.instance_means[0, 1], mean, atol=1e-6)
@@ -337,12 +361,25 @@ def test_fill_memory_validates_refs_and_images(tmp_path):
     coco = _toy_dataset(tmp_path)
     enc = FakeEncoder()
     with pytest.raises(ValueError, match="class 2 .* has 1 references but shots=2"):
-        fill_memory({2: [RefEntry(2, 1, [4])], 4: [RefEntry(4, 0, [1])] * 2}, dataset_json=coco,
-                    image_root=tmp_path, encoder=enc, class_ids=[2, 4], shots=2, progress=False)  # fmt: skip
+        fill_memory(
+            {2: [RefEntry(2, 1, [4])], 4: [RefEntry(4, 0, [1])] * 2},
+            dataset_json=coco,
+            image_root=tmp_path,
+            encoder=enc,
+            class_ids=[2, 4],
+            shots=2,
+            progress=False,
+        )
     (tmp_path / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match="1.png"):
-        fill_memory({2: [RefEntry(2, 1, [4])]}, dataset_json=coco, image_root=tmp_path, encoder=enc,
-                    class_ids=[2], progress=False)  # fmt: skip
+        fill_memory(
+            {2: [RefEntry(2, 1, [4])]},
+            dataset_json=coco,
+            image_root=tmp_path,
+            encoder=enc,
+            class_ids=[2],
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ fixture
@@ -358,10 +395,20 @@ class TinyDINOv2(torch.nn.Module):
         from dinov2.models.vision_transformer import DinoVisionTransformer
 
         self.vit = DinoVisionTransformer(
-            img_size=518, patch_size=14, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4, init_values=1e-5,
-            ffn_layer="mlp", block_chunks=0, qkv_bias=True, proj_bias=True, ffn_bias=True,
+            img_size=518,
+            patch_size=14,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=4,
+            init_values=1e-5,
+            ffn_layer="mlp",
+            block_chunks=0,
+            qkv_bias=True,
+            proj_bias=True,
+            ffn_bias=True,
             block_fn=partial(Block, attn_class=MemEffAttention),
-        )  # fmt: skip
+        )
         self.vit.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
         self.vit.eval()
         self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406))[:, None, None])
@@ -385,8 +432,15 @@ def test_fixture_memory_parity():
     refs = load_refs(PARITY / "common" / "refs.json")
     coco = json.loads((FRUITS / "trainval.json").read_text())
     enc = TinyDINOv2(PARITY / "models" / "dinov2_tiny.pth")
-    bank = fill_memory(refs, dataset_json=coco, image_root=FRUITS / "images", encoder=enc, class_ids=[1, 2, 3],
-                       keep_patch_features=True, progress=False)  # fmt: skip
+    bank = fill_memory(
+        refs,
+        dataset_json=coco,
+        image_root=FRUITS / "images",
+        encoder=enc,
+        class_ids=[1, 2, 3],
+        keep_patch_features=True,
+        progress=False,
+    )
     ref = np.load(PARITY / "common" / "memory.npz")
 
     def maxdiff(a, b):
