@@ -244,6 +244,11 @@ class MemoryBank:
             self.feature_dim = int(self.instance_means.shape[-1])
 
     @property
+    def mask_weights(self) -> torch.Tensor | None:
+        """Alias of ``patch_weights`` (``[C, K, N]`` patch-grid mask weights, when kept)."""
+        return self.patch_weights
+
+    @property
     def num_classes(self) -> int:
         """C."""
         return int(self.instance_means.shape[0])
