@@ -1,0 +1,156 @@
+"""Per-image composition (ALGORITHM 5): 1024x1024 image -> detections, with an optional trace.
+
+The trace holds every intermediate the parity fixture stores (``common/img<ID>_proposals.npz`` and
+``<setting>/img<ID>_post.npz`` key names), as CPU tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ntt.matching import classify, mask_embeddings
+from ntt.ops import masks_to_boxes_inclusive
+from ntt.postprocess import Detections, postprocess_detections
+from ntt.proposals import generate_proposals
+
+__all__ = ["InferenceParams", "dino_features", "infer_image"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceParams:
+    """Test-time settings; defaults are the paper's (parity) values.
+
+    Attributes:
+        points_per_side: prompt grid side (``P * P`` prompts).
+        points_batch_size: prompts per decoder call (ceil-division batches).
+        iou_thr: keep proposals with predicted IoU strictly greater than this.
+        nms_thr: class-aware NMS IoU threshold.
+        num_out: final detections per image.
+        nms_cap_factor: NMS output cut to ``num_out * nms_cap_factor``.
+        pooling: ``"dense"`` (parity) or ``"adjoint"`` (exact, faster) mask pooling.
+        drop_empty_masks: fix flag: drop masks that vanish at full resolution (parity keeps them with NaN).
+        box_plus_one: fix flag: exclusive box extents for NMS and COCO boxes.
+    """
+
+    points_per_side: int = 32
+    points_batch_size: int = 256
+    iou_thr: float = 0.4
+    nms_thr: float = 0.5
+    num_out: int = 100
+    nms_cap_factor: int = 8
+    pooling: str = "dense"
+    drop_empty_masks: bool = False
+    box_plus_one: bool = False
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields (for configs / manifests)."""
+        return asdict(self)
+
+
+def dino_features(dino, image1024: Tensor) -> Tensor:
+    """DINOv2 patch grid of the target: bicubic resize (no antialias) to ``dino.img_size``, then the encoder.
+
+    Args:
+        dino: callable ``[B, 3, S, S] -> [B, h, w, D]`` with attribute ``img_size``.
+        image1024: ``[3, 1024, 1024]`` image in [0, 1].
+
+    Returns:
+        ``[h, w, D]`` features.
+    """
+    size = int(dino.img_size)
+    x = F.interpolate(image1024[None], size=(size, size), mode="bicubic", align_corners=False)
+    return dino(x)[0]
+
+
+def _cpu(x: Tensor) -> Tensor:
+    return x.detach().cpu()
+
+
+@torch.inference_mode()
+def infer_image(
+    image1024: Tensor,
+    height: int,
+    width: int,
+    *,
+    sam2,
+    dino,
+    prototypes: Tensor,
+    params: InferenceParams | None = None,
+    trace: bool = False,
+) -> tuple[Detections, dict[str, Tensor] | None]:
+    """Run the whole test path on one image.
+
+    Args:
+        image1024: ``[3, 1024, 1024]`` stretched image in [0, 1] on the models' device.
+        height: original (annotation) height ``H``.
+        width: original (annotation) width ``W``.
+        sam2: backbone with ``encode_image`` and ``decode`` (``ntt.backbones.sam2.SAM2Backbone``).
+        dino: patch-grid encoder (``ntt.backbones.dinov2.DINOv2Encoder``).
+        prototypes: ``[C, D]`` L2-normalised class prototypes.
+        params: settings (paper defaults when None).
+        trace: also return every intermediate (CPU tensors) under the parity fixture's key names.
+
+    Returns:
+        ``(detections, trace_dict or None)``.
+    """
+    p = params or InferenceParams()
+    feats_dino = dino_features(dino, image1024)
+    sam_feats = sam2.encode_image(image1024[None])
+    props = generate_proposals(
+        sam2,
+        sam_feats,
+        points_per_side=p.points_per_side,
+        points_batch_size=p.points_batch_size,
+        iou_thr=p.iou_thr,
+        image_size=image1024.shape[-1],
+    )
+    del sam_feats
+    masks256 = props.logits > 0
+    embeddings = mask_embeddings(masks256, feats_dino, method=p.pooling)
+    prototypes = prototypes.to(embeddings.device, embeddings.dtype)
+    sim, labels, scores = classify(embeddings, prototypes)
+    boxes256 = masks_to_boxes_inclusive(masks256)
+    det, post = postprocess_detections(
+        props.logits,
+        props.pred_ious,
+        labels,
+        scores,
+        embeddings,
+        height=height,
+        width=width,
+        nms_thr=p.nms_thr,
+        num_out=p.num_out,
+        nms_cap_factor=p.nms_cap_factor,
+        drop_empty_masks=p.drop_empty_masks,
+        box_plus_one=p.box_plus_one,
+        lowres_boxes=boxes256,
+    )
+    log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(props), len(det))
+    if not trace:
+        return det, None
+    tr = {
+        "dino_feats": feats_dino,
+        "grid_points": props.grid_points,
+        "grid_pred_ious_all4": props.grid_ious_all,
+        "grid_best_index": props.grid_best_index,
+        "grid_pred_ious": props.grid_pred_ious,
+        "points": props.points,
+        "grid_index": props.grid_index,
+        "pred_ious": props.pred_ious,
+        "logits": props.logits,
+        "n_pos_256": masks256.flatten(1).sum(dim=1),
+        "lowres_boxes_xyxy": boxes256,
+        "sim": sim,
+        "embeddings": embeddings,
+        "labels": labels,
+        "scores": scores,
+    }
+    tr.update(post)
+    return det, {k: _cpu(v) for k, v in tr.items()}
