@@ -1,0 +1,604 @@
+"""Official checkpoint registry, checkpoint resolution with a clear error, strict state-dict loading,
+and a resumable, verified downloader (the ``ntt download`` command).
+
+Registry names are the ``name:`` fields of ``conf/backbone/{sam2,dinov2}/*.yaml``.
+
+sha256 values: only hashes found in a public source are recorded (the source is noted next to each);
+an unknown hash is ``None``. For those the downloader computes the hash, writes it next to the file
+(``<file>.sha256``) and logs a warning that it could not verify the download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+ENV_CHECKPOINT_DIR = "NTT_CHECKPOINTS"
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be used (wrong format, keys or shapes do not match)."""
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A checkpoint file is not where the config says it is."""
+
+
+class DownloadError(RuntimeError):
+    """A download failed (HTTP error, connection dropped with no retries left, size mismatch)."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """A downloaded file does not have the expected sha256."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One official weight file.
+
+    Attributes:
+        name: registry name (the ``name:`` of the backbone yaml; ``ntt download <name>``).
+        family: ``"sam2"`` or ``"dinov2"``.
+        url: official download URL.
+        filename: file name on disk (the last URL component).
+        sha256: expected sha256 of the file, or None when no source for it was found.
+        description: one line for ``ntt download --list``.
+    """
+
+    name: str
+    family: str
+    url: str
+    filename: str
+    sha256: str | None
+    description: str = ""
+
+
+_SAM2_0 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824"
+_SAM2_1 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+
+# sha256 sources (public code that pins the official files by hash):
+#  [micro-sam] computational-cell-analytics/micro-sam, micro_sam/v2/util.py `HASHES` (all eight SAM2.0 and
+#      SAM2.1 files next to their dl.fbaipublicfiles.com URLs; later revisions keep only the SAM2.1 ones).
+#      Independently repeated in other projects: SAM2.1 large (898,083,611 bytes) and tiny (156,008,466
+#      bytes) in several, SAM2.0 large with its official URL in several, SAM2.0 base_plus in the
+#      SlicerSegmentWithSAM extension (`downloadFileIntoCache(..., "SHA256:d0bb7f...")`).
+#  [dinov2-l] RoMa-based projects pinning `dinov2_vitl14_pretrain.pth` (torch hub cache of the official URL),
+#      two independent projects.
+#  [dinov2-s,b] jepa-wms based projects pinning `dinov2_vits14_pretrain.pth` / `dinov2_vitb14_pretrain.pth`
+#      (DINO_HASHES next to the official hub code at commit 7764ea0).
+#  [dinov2-g] a MapAnything weight lock pinning `dinov2_vitg14_pretrain.pth` (one source).
+#  [dinov2-s-reg4] a WOFTSAM adapter pinning `dinov2_vits14_reg4_pretrain.pth` (one source).
+# If a recorded hash ever disagrees with the official file, `ntt download --no-verify <name>` downloads
+# without checking (and logs the computed hash).
+_SAM2_FILES = [
+    # name, url base, file, sha256
+    (
+        "sam2_hiera_t",
+        _SAM2_0,
+        "sam2_hiera_tiny.pt",
+        "65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125",
+    ),  # [micro-sam]
+    (
+        "sam2_hiera_s",
+        _SAM2_0,
+        "sam2_hiera_small.pt",
+        "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3",
+    ),  # [micro-sam]
+    (
+        "sam2_hiera_bplus",
+        _SAM2_0,
+        "sam2_hiera_base_plus.pt",
+        "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071",
+    ),  # [micro-sam], SlicerSegmentWithSAM
+    (
+        "sam2_hiera_l",
+        _SAM2_0,
+        "sam2_hiera_large.pt",
+        "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b",
+    ),  # [micro-sam] + several
+    (
+        "sam2.1_hiera_t",
+        _SAM2_1,
+        "sam2.1_hiera_tiny.pt",
+        "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+    ),  # [micro-sam] + several
+    (
+        "sam2.1_hiera_s",
+        _SAM2_1,
+        "sam2.1_hiera_small.pt",
+        "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+    ),  # [micro-sam] + several
+    (
+        "sam2.1_hiera_bplus",
+        _SAM2_1,
+        "sam2.1_hiera_base_plus.pt",
+        "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+    ),  # [micro-sam] + DAM4SAM config
+    (
+        "sam2.1_hiera_l",
+        _SAM2_1,
+        "sam2.1_hiera_large.pt",
+        "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+    ),  # [micro-sam] + several
+]
+
+_SAM2_DESCRIPTIONS = {
+    "sam2_hiera_t": "SAM2.0 Hiera-T (July 2024)",
+    "sam2_hiera_s": "SAM2.0 Hiera-S (July 2024)",
+    "sam2_hiera_bplus": "SAM2.0 Hiera-B+ (July 2024)",
+    "sam2_hiera_l": "SAM2.0 Hiera-L (July 2024; paper default)",
+    "sam2.1_hiera_t": "SAM2.1 Hiera-T (Sept 2024)",
+    "sam2.1_hiera_s": "SAM2.1 Hiera-S (Sept 2024)",
+    "sam2.1_hiera_bplus": "SAM2.1 Hiera-B+ (Sept 2024)",
+    "sam2.1_hiera_l": "SAM2.1 Hiera-L (Sept 2024)",
+}
+
+_DINOV2_FILES = [
+    # name, arch dir, file, sha256, description
+    (
+        "dinov2_vits14",
+        "dinov2_vits14",
+        "dinov2_vits14_pretrain.pth",
+        "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",  # [dinov2-s,b]
+        "DINOv2 ViT-S/14 (21 M)",
+    ),
+    (
+        "dinov2_vitb14",
+        "dinov2_vitb14",
+        "dinov2_vitb14_pretrain.pth",
+        "0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73",  # [dinov2-s,b]
+        "DINOv2 ViT-B/14 (86 M)",
+    ),
+    (
+        "dinov2_vitl14",
+        "dinov2_vitl14",
+        "dinov2_vitl14_pretrain.pth",
+        "d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428",  # [dinov2-l]
+        "DINOv2 ViT-L/14 (304 M; paper default)",
+    ),
+    (
+        "dinov2_vitg14",
+        "dinov2_vitg14",
+        "dinov2_vitg14_pretrain.pth",
+        "baf8467e50af277596bbbafa06887c177ee899ab46033649c383577d7e9309d3",  # [dinov2-g]
+        "DINOv2 ViT-g/14 (1.1 B, SwiGLU FFN)",
+    ),
+    (
+        "dinov2_vits14_reg4",
+        "dinov2_vits14",
+        "dinov2_vits14_reg4_pretrain.pth",
+        "f433177089a681826f849f194ece3bb48f4d63fb38d32fc837e3dc7a4e5641fb",  # [dinov2-s-reg4]
+        "DINOv2 ViT-S/14 with 4 register tokens",
+    ),
+    (
+        "dinov2_vitb14_reg4",
+        "dinov2_vitb14",
+        "dinov2_vitb14_reg4_pretrain.pth",
+        None,
+        "DINOv2 ViT-B/14 + 4 registers",
+    ),
+    (
+        "dinov2_vitl14_reg4",
+        "dinov2_vitl14",
+        "dinov2_vitl14_reg4_pretrain.pth",
+        None,
+        "DINOv2 ViT-L/14 + 4 registers",
+    ),
+    (
+        "dinov2_vitg14_reg4",
+        "dinov2_vitg14",
+        "dinov2_vitg14_reg4_pretrain.pth",
+        None,
+        "DINOv2 ViT-g/14 + 4 registers",
+    ),
+]
+
+
+def _build_registry() -> dict[str, CheckpointInfo]:
+    reg: dict[str, CheckpointInfo] = {}
+    for name, base, fname, sha in _SAM2_FILES:
+        reg[name] = CheckpointInfo(name, "sam2", f"{base}/{fname}", fname, sha, _SAM2_DESCRIPTIONS[name])
+    for name, arch_dir, fname, sha, desc in _DINOV2_FILES:
+        reg[name] = CheckpointInfo(name, "dinov2", f"{_DINOV2}/{arch_dir}/{fname}", fname, sha, desc)
+    return reg
+
+
+OFFICIAL_CHECKPOINTS: dict[str, CheckpointInfo] = _build_registry()
+"""Every official SAM2.0/2.1 (t/s/b+/l) and DINOv2 (s/b/l/g, with and without 4 registers) file."""
+
+
+def default_checkpoint_dir() -> Path:
+    """The checkpoint directory: ``$NTT_CHECKPOINTS`` or ``./checkpoints``."""
+    return Path(os.environ.get(ENV_CHECKPOINT_DIR) or "checkpoints")
+
+
+def fetch_command(name: str | None, directory: Path | None = None) -> str:
+    """The command that fetches the registry file ``name`` (for error messages)."""
+    if name in OFFICIAL_CHECKPOINTS:
+        cmd = f"ntt download {name}"
+        if directory is not None and directory.resolve() != default_checkpoint_dir().resolve():
+            cmd += f" --dir {directory}"
+        return f"`{cmd}` (or `make checkpoints` for the default set)"
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolution and strict loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | os.PathLike[str] | None, *, name: str) -> Path:
+    """Return ``path`` as a Path if the file exists, else raise :class:`MissingCheckpointError`.
+
+    Args:
+        path: the checkpoint file the config names.
+        name: the backbone's registry name (``ntt download <name>`` fetches official files).
+
+    Raises:
+        MissingCheckpointError: naming the file, the absolute path looked at, and how to fetch it.
+    """
+    if path is None or str(path) == "":
+        raise MissingCheckpointError(
+            f"No checkpoint given for backbone '{name}'. Set `checkpoint:` to the weight file, or set "
+            "`random_init: true` for a random-weight model (plumbing/speed only)."
+        )
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    where = p.resolve()
+    lines = [f"Checkpoint for backbone '{name}' not found: {p.name}", f"  looked at: {where}"]
+    if p.exists():
+        lines[0] = f"Checkpoint for backbone '{name}' is not a file: {p.name}"
+    how = fetch_command(name, where.parent)
+    if how:
+        lines.append(f"  fetch it with: {how}")
+        info = OFFICIAL_CHECKPOINTS[name]
+        if info.filename != p.name:
+            lines.append(f"  (the official file is named {info.filename})")
+    else:
+        lines.append(
+            f"  '{name}' is not an official checkpoint (see `ntt download --list`); provide the file."
+        )
+    lines.append(
+        f"  checkpoint directory: ${ENV_CHECKPOINT_DIR} or `paths.checkpoints` (default ./checkpoints)"
+    )
+    raise MissingCheckpointError("\n".join(lines))
+
+
+def _fmt_keys(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(
+    module: Any, state_dict: Mapping[str, Any], *, path: str | os.PathLike[str]
+) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with an error that names the file and keys.
+
+    Args:
+        module: the torch module to load into.
+        state_dict: tensors by key.
+        path: the file the state dict came from (for the message).
+
+    Raises:
+        CheckpointError: missing keys, unexpected keys or shape mismatches, all listed.
+    """
+    expected = module.state_dict()
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"Checkpoint {path} does not match the model architecture (strict loading):"]
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        if shapes:
+            parts.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:8]))
+        parts.append("  Is the config/arch the one this checkpoint was trained with?")
+        raise CheckpointError("\n".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def torch_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with a clear error naming the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"Cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Download
+# ----------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _target(name_or_url: str, url: str | None, sha256: str | None) -> tuple[str, str, str | None, str]:
+    """(url, filename, expected sha256, label) for a registry name or a URL."""
+    info = OFFICIAL_CHECKPOINTS.get(name_or_url)
+    if info is not None:
+        return url or info.url, info.filename, sha256 or info.sha256, info.name
+    parsed = urlparse(name_or_url)
+    if parsed.scheme in ("http", "https") and parsed.path and not parsed.path.endswith("/"):
+        return url or name_or_url, Path(parsed.path).name, sha256, Path(parsed.path).name
+    raise KeyError(
+        f"Unknown checkpoint '{name_or_url}'. Known names: {', '.join(OFFICIAL_CHECKPOINTS)} "
+        "(or pass an http(s) URL)."
+    )
+
+
+def download(
+    name_or_url: str,
+    dest_dir: str | os.PathLike[str] | None = None,
+    *,
+    sha256: str | None = None,
+    url: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+    retries: int = 3,
+    timeout: float = 60.0,
+    verify: bool = True,
+) -> Path:
+    """Download a checkpoint with resume and sha256 verification; return the final path.
+
+    The transfer goes to ``<file>.part``; an existing part file is resumed with an HTTP ``Range`` request
+    (a server that answers 200 instead of 206 restarts it from zero). On success the part file is
+    verified and renamed atomically to ``<file>``. A final file that already exists and verifies is kept
+    (no request is made).
+
+    Args:
+        name_or_url: a registry name (``sam2_hiera_l``) or an http(s) URL.
+        dest_dir: target directory (default: :func:`default_checkpoint_dir`).
+        sha256: expected hex sha256 (default: the registry's; None = unknown).
+        url: override the registry URL (mirrors, tests).
+        chunk_size: bytes per read.
+        progress: show a tqdm progress bar.
+        retries: how many times a dropped connection is resumed within this call.
+        timeout: socket timeout in seconds (connect and read).
+        verify: check the sha256 when one is known (False: only record the computed hash).
+
+    Raises:
+        KeyError: unknown name.
+        ChecksumMismatchError: the file does not have the expected sha256 (the part file is deleted).
+        DownloadError: HTTP error, or the connection dropped more than ``retries`` times (the part file
+            is kept, so the next call resumes).
+    """
+    import requests
+    from tqdm import tqdm
+
+    src, filename, expected, label = _target(name_or_url, url, sha256)
+    expected = expected.lower() if (expected and verify) else None
+    dest_dir = Path(dest_dir) if dest_dir is not None else default_checkpoint_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / filename
+    part = dest_dir / (filename + ".part")
+
+    if dest.is_file():
+        if expected is None:
+            log.info("%s: %s already exists (no known sha256: not verified); skipping", label, dest)
+            return dest
+        got = sha256_file(dest, chunk_size)
+        if got == expected:
+            log.info("%s: %s already exists and verifies; skipping", label, dest)
+            return dest
+        log.warning(
+            "%s: existing %s has sha256 %s, expected %s: downloading it again", label, dest, got, expected
+        )
+
+    attempts_left = retries
+    while True:
+        offset = part.stat().st_size if part.is_file() else 0
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            with requests.get(src, stream=True, headers=headers, timeout=timeout, allow_redirects=True) as r:
+                if offset and r.status_code == 416:
+                    # Range not satisfiable: the part file is probably already complete.
+                    log.info("%s: server reports the part file is complete (416); verifying", label)
+                    break
+                if r.status_code == 206 and offset:
+                    content_range = r.headers.get("Content-Range", "")
+                    if not content_range.startswith(f"bytes {offset}-"):
+                        log.warning(
+                            "%s: unexpected Content-Range %r; restarting from zero", label, content_range
+                        )
+                        part.unlink(missing_ok=True)
+                        continue
+                    mode = "ab"
+                    log.info("%s: resuming %s at byte %d", label, part.name, offset)
+                elif r.status_code == 200:
+                    if offset:
+                        log.warning("%s: server ignored the Range request (200); restarting from zero", label)
+                    offset, mode = 0, "wb"
+                else:
+                    raise DownloadError(f"{label}: GET {src} answered HTTP {r.status_code} {r.reason}")
+                length = r.headers.get("Content-Length")
+                total = offset + int(length) if length is not None else None
+                log.info("%s: downloading %s -> %s", label, src, dest)
+                with (
+                    open(part, mode) as f,
+                    tqdm(
+                        total=total,
+                        initial=offset,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=filename,
+                        disable=not progress,
+                        leave=False,
+                    ) as bar,
+                ):
+                    for block in r.iter_content(chunk_size=chunk_size):
+                        if block:
+                            f.write(block)
+                            bar.update(len(block))
+                size = part.stat().st_size
+                if total is not None and size != total:
+                    raise requests.exceptions.ChunkedEncodingError(f"got {size} of {total} bytes")
+            break
+        except (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.Timeout,
+        ) as exc:
+            have = part.stat().st_size if part.is_file() else 0
+            if attempts_left <= 0:
+                raise DownloadError(
+                    f"{label}: download of {src} interrupted ({type(exc).__name__}: {exc}); {have} bytes kept in "
+                    f"{part}; run the same command again to resume"
+                ) from exc
+            attempts_left -= 1
+            log.warning("%s: connection interrupted after %d bytes (%s); resuming", label, have, exc)
+
+    got = sha256_file(part, chunk_size)
+    if expected is not None and got != expected:
+        part.unlink(missing_ok=True)
+        raise ChecksumMismatchError(
+            f"{label}: sha256 mismatch for {filename} from {src}: expected {expected}, got {got}. The partial file "
+            "was deleted; run the command again to download it anew (or pass --no-verify if the registry hash "
+            "is wrong)."
+        )
+    os.replace(part, dest)
+    if expected is None:
+        (dest_dir / (filename + ".sha256")).write_text(f"{got}  {filename}\n")
+        log.warning(
+            "%s: no known sha256 for %s: could NOT verify the download; recorded the computed sha256 %s in %s",
+            label,
+            filename,
+            got,
+            filename + ".sha256",
+        )
+    else:
+        log.info("%s: sha256 verified (%s)", label, got)
+    log.info("%s: saved %s", label, dest)
+    return dest
+
+
+def _list(directory: Path) -> None:
+    rows = [("name", "family", "file", "present", "sha256", "url")]
+    for info in OFFICIAL_CHECKPOINTS.values():
+        present = "yes" if (directory / info.filename).is_file() else "no"
+        rows.append(
+            (info.name, info.family, info.filename, present, "known" if info.sha256 else "unknown", info.url)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    print(f"checkpoint directory: {directory.resolve()}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+
+
+def download_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ntt download``: fetch official checkpoints by registry name.
+
+    Args:
+        argv: command-line arguments after ``download`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code (0 ok, 1 a download failed, 2 usage error).
+    """
+    parser = argparse.ArgumentParser(
+        prog="ntt download",
+        description="Download official SAM2 / DINOv2 checkpoints (resumable, sha256-verified).",
+    )
+    parser.add_argument(
+        "names", nargs="*", help="registry names, e.g. sam2_hiera_l dinov2_vitl14 (see --list)"
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help=f"target directory (default: ${ENV_CHECKPOINT_DIR} or ./checkpoints)",
+    )
+    parser.add_argument("--all", action="store_true", help="download every registered checkpoint")
+    parser.add_argument("--list", action="store_true", help="list the registry and what is present")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="do not check sha256 (record the computed one)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    directory = args.dir if args.dir is not None else default_checkpoint_dir()
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.list:
+        _list(directory)
+        return 0
+    names = list(OFFICIAL_CHECKPOINTS) if args.all else args.names
+    if not names:
+        parser.print_usage(sys.stderr)
+        log.error("nothing to download: give names, --all or --list")
+        return 2
+    unknown = [n for n in names if n not in OFFICIAL_CHECKPOINTS]
+    if unknown:
+        log.error(
+            "unknown checkpoint name(s): %s. Known: %s", ", ".join(unknown), ", ".join(OFFICIAL_CHECKPOINTS)
+        )
+        return 2
+    failed = []
+    for name in names:
+        try:
+            download(name, directory, progress=not args.quiet, verify=not args.no_verify)
+        except (DownloadError, OSError) as exc:
+            log.error("%s", exc)
+            failed.append(name)
+    if failed:
+        log.error("failed: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS",
+    "CheckpointError",
+    "CheckpointInfo",
+    "ChecksumMismatchError",
+    "DownloadError",
+    "MissingCheckpointError",
+    "default_checkpoint_dir",
+    "download",
+    "download_main",
+    "load_state_dict_strict",
+    "resolve_checkpoint",
+    "sha256_file",
+    "torch_load",
+]

@@ -1,0 +1,394 @@
+"""SAM2 as ntt uses it: image features once per image, then the prompt decoder on batches of prompts.
+
+Built from the ``sam2`` package's modules without its global Hydra (``import sam2`` initialises Hydra at
+import time; see :func:`_import_sam2`): the model yaml is read with OmegaConf and its ``model`` node is
+instantiated with ``hydra.utils.instantiate``. Parity with the reference (ALGORITHM 5.2, 9.1.1):
+
+* ``encode_image``: ImageNet normalisation, ``forward_image`` (Hiera trunk + FPN neck, the two high-res
+  levels through ``conv_s0`` / ``conv_s1``), the last ``num_feature_levels`` levels as in
+  ``_prepare_backbone_features``; ``no_mem_embed`` is added only when ``add_no_mem_embed=True``.
+* ``decode``: prompt encoder (points + the padding point when no box is given) and
+  ``sam_mask_decoder.predict_masks`` on image features pre-expanded along the batch (the reference's
+  ``repeat_image=False`` path); all 4 masks and IoUs, no object-score gating.
+* ``exact_attention``: on CPU the decoder's attention runs with PyTorch's flash kernel disabled
+  (``sdpa_kernel([MATH, EFFICIENT_ATTENTION])``), which is what the reference's attention context does on
+  CPU and what makes the outputs bit-identical to it. CUDA keeps PyTorch's default kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ntt.backbones.checkpoints import CheckpointError, load_state_dict_strict, resolve_checkpoint, torch_load
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT_WARNING = "random weights: outputs are meaningless; plumbing/speed only"
+
+# ntt ships a few model yamls of its own (tiny random models for tests and smoke runs).
+NTT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class SAM2ImageFeatures:
+    """Image features of a batch of 1024x1024 images.
+
+    Attributes:
+        image_embed: [B, 256, 64, 64] stride-16 embedding (``no_mem_embed`` added only if configured).
+        high_res_feats: [[B, 32, 256, 256], [B, 64, 128, 128]] after ``conv_s0`` / ``conv_s1`` (empty for a
+            model without high-resolution features).
+    """
+
+    image_embed: Tensor
+    high_res_feats: list[Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.image_embed.shape[0])
+
+    def select(self, index: int) -> SAM2ImageFeatures:
+        """The features of one image of the batch (batch dimension kept, size 1)."""
+        return SAM2ImageFeatures(
+            self.image_embed[index : index + 1], [f[index : index + 1] for f in self.high_res_feats]
+        )
+
+    def to(self, device: torch.device | str) -> SAM2ImageFeatures:
+        return SAM2ImageFeatures(self.image_embed.to(device), [f.to(device) for f in self.high_res_feats])
+
+
+def exact_sdpa_context(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The reference's CPU attention setting: SDPA without the flash kernel (math/efficient only).
+
+    Returns a null context when disabled or when ``device`` is not the CPU.
+    """
+    if not enabled or torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION])
+
+
+def imagenet_normalize(images: Tensor) -> Tensor:
+    """``(x - mean) / std`` per channel, as ``torchvision.transforms.Normalize`` computes it."""
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images - mean) / std
+
+
+class SAM2Backbone(nn.Module):
+    """The parts of a SAM2 model the method uses: image encoder, prompt encoder and mask decoder.
+
+    Args:
+        model: a built ``sam2.modeling.sam2_base.SAM2Base`` (weights loaded).
+        name: registry/config name (for messages and run names).
+        add_no_mem_embed: add the learned ``no_mem_embed`` to the stride-16 features (SAM2ImagePredictor
+            behaviour). False = the reference (parity).
+        exact_attention: on CPU, run the decoder attention without the flash SDPA kernel (bit-exact with
+            the reference). No effect on CUDA.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, name: str, add_no_mem_embed: bool = False, exact_attention: bool = True
+    ):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.add_no_mem_embed = bool(add_no_mem_embed)
+        self.exact_attention = bool(exact_attention)
+        self.image_size: int = int(model.image_size)
+        self.embed_dim: int = int(model.sam_prompt_embed_dim)
+        self.embed_size: int = int(model.sam_image_embedding_size)
+        self.num_feature_levels: int = int(model.num_feature_levels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> SAM2ImageFeatures:
+        """Image features of a batch of stretched 1024x1024 images.
+
+        Args:
+            images: [B, 3, 1024, 1024] RGB in [0, 1] (ImageNet-normalised here).
+
+        Returns:
+            :class:`SAM2ImageFeatures` (image_embed [B, 256, 64, 64], high-res [B, 32, 256, 256] and
+            [B, 64, 128, 128]).
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.image_size,) * 2:
+            raise ValueError(
+                f"{self.name}: encode_image expects [B, 3, {self.image_size}, {self.image_size}] images, "
+                f"got {tuple(images.shape)}"
+            )
+        x = imagenet_normalize(images.to(device=self.device, dtype=torch.float32))
+        backbone_out = self.model.forward_image(x)
+        # = SAM2Base._prepare_backbone_features: the last num_feature_levels FPN levels (levels 0/1 already
+        # went through conv_s0/conv_s1 in forward_image), kept in [B, C, H, W] layout.
+        levels = list(backbone_out["backbone_fpn"][-self.num_feature_levels :])
+        image_embed = levels[-1]
+        if self.add_no_mem_embed:
+            image_embed = image_embed + self.model.no_mem_embed.view(1, -1, 1, 1)
+        return SAM2ImageFeatures(image_embed=image_embed, high_res_feats=levels[:-1])
+
+    # ------------------------------------------------------------------------------------------------
+    def decode(
+        self,
+        features: SAM2ImageFeatures,
+        *,
+        image_index: int = 0,
+        points: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Decode P prompts on one image: all 4 mask logits and predicted IoUs.
+
+        Args:
+            features: output of :meth:`encode_image`.
+            image_index: which image of ``features`` the prompts belong to.
+            points: [P, n, 2] (x, y) in 1024-frame pixels (the prompt encoder adds 0.5 and normalises).
+            point_labels: [P, n], 1 positive / 0 negative (default: all positive).
+            boxes: [P, 4] xyxy in 1024-frame pixels. As in SAM2ImagePredictor, a box becomes two corner
+                points (labels 2, 3) placed before the points.
+
+        Returns:
+            (low-res logits [P, 4, 256, 256], predicted IoUs [P, 4]); index 0 = the single-mask token.
+        """
+        if points is None and boxes is None:
+            raise ValueError(f"{self.name}: decode needs points and/or boxes")
+        device = features.image_embed.device
+        coords_list, labels_list = [], []
+        n_prompts = None
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device)
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"{self.name}: boxes must be [P, 4], got {tuple(boxes.shape)}")
+            n_prompts = boxes.shape[0]
+            coords_list.append(boxes.reshape(-1, 2, 2))
+            labels_list.append(torch.tensor([[2, 3]], dtype=torch.int32, device=device).expand(n_prompts, 2))
+        if points is not None:
+            points = torch.as_tensor(points, dtype=torch.float32, device=device)
+            if points.ndim != 3 or points.shape[-1] != 2:
+                raise ValueError(f"{self.name}: points must be [P, n, 2], got {tuple(points.shape)}")
+            if n_prompts is not None and points.shape[0] != n_prompts:
+                raise ValueError(f"{self.name}: {points.shape[0]} point prompts but {n_prompts} boxes")
+            n_prompts = points.shape[0]
+            if point_labels is None:
+                point_labels = torch.ones(points.shape[:2], dtype=torch.int32, device=device)
+            point_labels = torch.as_tensor(point_labels, device=device).to(torch.int32)
+            if point_labels.shape != points.shape[:2]:
+                raise ValueError(
+                    f"{self.name}: point_labels {tuple(point_labels.shape)} do not match points "
+                    f"{tuple(points.shape)}"
+                )
+            coords_list.append(points)
+            labels_list.append(point_labels)
+        coords = torch.cat(coords_list, dim=1) if len(coords_list) > 1 else coords_list[0]
+        labels = torch.cat(labels_list, dim=1) if len(labels_list) > 1 else labels_list[0]
+
+        image_embed = features.image_embed[image_index : image_index + 1]
+        high_res = [f[image_index : image_index + 1] for f in features.high_res_feats]
+        # The reference pre-expands the image features along the prompt batch (repeat_image=False).
+        src = image_embed.expand(n_prompts, -1, -1, -1)
+        high_res = [f.expand(n_prompts, -1, -1, -1) for f in high_res]
+
+        with exact_sdpa_context(device, self.exact_attention):
+            sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            masks, iou_pred, _, _ = self.model.sam_mask_decoder.predict_masks(
+                image_embeddings=src,
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                repeat_image=False,
+                high_res_features=high_res if high_res else None,
+            )
+        return masks.float(), iou_pred.float()
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, add_no_mem_embed={self.add_no_mem_embed}, exact_attention={self.exact_attention}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------
+
+
+def _import_sam2() -> None:
+    """Import the ``sam2`` package without leaving its global Hydra initialised.
+
+    ``sam2/__init__.py`` calls ``initialize_config_module("sam2")`` when no Hydra is initialised (and does
+    nothing inside a running ``@hydra.main`` app). Any ``sam2.*`` import runs it. If that import is what
+    initialised Hydra, the global state is cleared again so a later ``@hydra.main`` / ``hydra.initialize``
+    in this process still works.
+    """
+    if "sam2" in sys.modules:
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    was_initialized = GlobalHydra.instance().is_initialized()
+    import sam2  # noqa: F401
+
+    if not was_initialized and GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+
+
+def _sam2_package_dir() -> Path:
+    spec = importlib.util.find_spec("sam2")  # does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The `sam2` package is not installed (SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps "
+            "sam2==1.1.0; see docs/INSTALL.md)."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_sam2_configs() -> list[str]:
+    """The model configs shipped by the installed ``sam2`` package, e.g. ``sam2.1/sam2.1_hiera_l.yaml``."""
+    root = _sam2_package_dir() / "configs"
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.glob("*/*.yaml")
+        if p.parent.name in ("sam2", "sam2.1") and "training" not in p.parent.name
+    )
+
+
+def resolve_sam2_config(config: str | Path) -> Path:
+    """Find a SAM2 model yaml.
+
+    Looked up in this order: an existing file path; a yaml shipped with ntt
+    (``ntt/backbones/configs/<config>``); a config of the ``sam2`` package, given as
+    ``sam2/sam2_hiera_l.yaml``, ``configs/sam2.1/sam2.1_hiera_t.yaml`` or ``sam2_hiera_l.yaml``.
+    """
+    config = str(config)
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    candidates = [NTT_CONFIG_DIR / config]
+    try:
+        pkg = _sam2_package_dir()
+        rel = config[len("configs/") :] if config.startswith("configs/") else config
+        candidates += [pkg / "configs" / rel, pkg / rel]
+    except ImportError:
+        pkg = None
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = [p.name for p in NTT_CONFIG_DIR.glob("*.yaml")] + (packaged_sam2_configs() if pkg else [])
+    raise FileNotFoundError(
+        f"SAM2 config '{config}' not found (looked for the file {path.resolve()}, in {NTT_CONFIG_DIR} and in the "
+        f"sam2 package configs). Known configs: {', '.join(known)}"
+    )
+
+
+def _instantiate_sam2(config_path: Path) -> nn.Module:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(config_path)
+    if "model" not in cfg:
+        raise ValueError(f"SAM2 config {config_path} has no `model` node (not a sam2 model config)")
+    OmegaConf.resolve(cfg)
+    _import_sam2()
+    return instantiate(cfg.model, _recursive_=True)
+
+
+def load_sam2_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load an official-format SAM2 checkpoint (``{"model": state_dict}``) strictly into ``model``.
+
+    Raises:
+        CheckpointError: the file is not ``{"model": ...}`` or its keys/shapes do not match the config.
+    """
+    obj = torch_load(checkpoint)
+    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} is not in the official SAM2 format {{'model': state_dict}} (found {keys})."
+        )
+    load_state_dict_strict(model, obj["model"], path=checkpoint)
+
+
+def build_sam2(
+    *,
+    name: str,
+    config: str,
+    checkpoint: str | None,
+    random_init: bool = False,
+    add_no_mem_embed: bool = False,
+    exact_attention: bool = True,
+    init_seed: int | None = 0,
+    device: str | torch.device = "cpu",
+) -> SAM2Backbone:
+    """Build a SAM2 backbone from a model yaml and an official checkpoint.
+
+    Never touches sam2's global Hydra, so it works inside a running ``@hydra.main`` app and outside one.
+
+    Args:
+        name: registry/config name (``sam2_hiera_l``); ``ntt download <name>`` fetches official weights.
+        config: a model yaml in the sam2 schema: a config shipped in the sam2 package
+            (``sam2/sam2_hiera_l.yaml``, ``sam2.1/sam2.1_hiera_t.yaml``), one shipped in
+            ``ntt/backbones/configs`` (``sam2_tiny.yaml``) or a file path.
+        checkpoint: ``{"model": state_dict}`` file (loaded strictly). Ignored when ``random_init``.
+        random_init: build with random weights (plumbing/speed only; logs a loud warning). A missing
+            checkpoint is never silently replaced by random weights.
+        add_no_mem_embed: add ``no_mem_embed`` to the stride-16 features (off = reference parity).
+        exact_attention: on CPU run the decoder attention without the flash SDPA kernel (bit-exact with
+            the reference); no effect on CUDA.
+        init_seed: seed of the random initialisation (same weights in every process); None = global RNG.
+        device: where the model lives.
+
+    Returns:
+        A :class:`SAM2Backbone` in eval mode with gradients disabled.
+
+    Raises:
+        MissingCheckpointError: the checkpoint file does not exist (names the path and the fetch command).
+        CheckpointError: the checkpoint's format, keys or shapes do not match.
+        FileNotFoundError: unknown config.
+    """
+    config_path = resolve_sam2_config(config)
+    if random_init:
+        if checkpoint:
+            log.warning("SAM2 '%s': random_init is true, so checkpoint %s is NOT loaded", name, checkpoint)
+        log.warning("SAM2 '%s' (%s): %s", name, config, RANDOM_INIT_WARNING.upper())
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(int(init_seed))
+            model = _instantiate_sam2(config_path)
+    else:
+        ckpt = resolve_checkpoint(checkpoint, name=name)
+        model = _instantiate_sam2(config_path)
+        load_sam2_checkpoint(model, ckpt)
+        log.info("SAM2 '%s': loaded %s (config %s)", name, ckpt, config_path)
+    model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    backbone = SAM2Backbone(
+        model, name=name, add_no_mem_embed=add_no_mem_embed, exact_attention=exact_attention
+    )
+    return backbone.eval()
+
+
+def sam2_state_dict_keys(config: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict a SAM2 config expects (builds the model once on the CPU; the Hiera
+    trunk cannot be built on the meta device)."""
+    model = _instantiate_sam2(resolve_sam2_config(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+__all__ = [
+    "SAM2Backbone",
+    "SAM2ImageFeatures",
+    "build_sam2",
+    "exact_sdpa_context",
+    "imagenet_normalize",
+    "load_sam2_checkpoint",
+    "packaged_sam2_configs",
+    "resolve_sam2_config",
+    "sam2_state_dict_keys",
+]
