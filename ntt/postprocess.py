@@ -119,9 +119,19 @@ def _intersections(masks: Tensor, max_elements: int = 1 << 26) -> tuple[Tensor, 
     return inter, flat.sum(dim=1).double()
 
 
-def _class_ios(masks: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+def _semantic_similarity(embeddings: Tensor) -> Tensor:
+    """Clamped cosines ``max(0, e_i . e_j)`` of all ``[P, D]`` embeddings in one matmul.
+
+    One product over all P rows (not one per class) is what the reference computes; the float32 matmul's
+    blocking depends on the shape, and this way the result is bit-identical to the fixture on CPU.
+    """
+    return (embeddings @ embeddings.T).clamp(min=0)
+
+
+def _class_ios(masks: Tensor, sem: Tensor) -> tuple[Tensor, Tensor]:
     """Semantic IoS of the masks of one class, given in ranking order (ALGORITHM 5.7).
 
+    ``sem`` is the class's ``[n, n]`` block of :func:`_semantic_similarity`.
     Returns ``(ios [n] float32, areas [n] float64)``.
     """
     n = masks.shape[0]
@@ -129,7 +139,6 @@ def _class_ios(masks: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:
     # float64 division of exact counts rounded to float32 equals the reference's float32 division
     # (double rounding is harmless for p' >= 2p + 2), and stays exact beyond 2**24 pixels.
     ios_mat = (inter / area[:, None]).float()
-    sem = (embeddings @ embeddings.T).clamp(min=0)
     lower = torch.ones(n, n, dtype=torch.bool, device=masks.device).tril(diagonal=-1)
     vals = torch.where(lower, ios_mat * sem, torch.zeros((), dtype=torch.float32, device=masks.device))
     ios = vals.amax(dim=1) if n > 0 else vals.new_zeros(0)
@@ -157,9 +166,10 @@ def semantic_soft_merge(
         ``(ios [P], decayed [P])`` float32.
     """
     ios = torch.zeros(masks.shape[0], dtype=torch.float32, device=masks.device)
+    sem = _semantic_similarity(embeddings.float())
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c, as_tuple=True)[0]
-        ios[idx] = _class_ios(masks[idx], embeddings[idx].float())[0]
+        ios[idx] = _class_ios(masks[idx], sem[idx][:, idx])[0]
     return ios, scores * (1 - ios) ** 0.5
 
 
@@ -239,13 +249,13 @@ def postprocess_detections(
         return Detections.empty(height, width, device), trace
 
     lab_pos = labels[keep_pos]
-    emb_pos = embeddings[keep_pos].float()
+    sem = _semantic_similarity(embeddings[keep_pos].float())
     ios = torch.zeros(keep_pos.numel(), dtype=torch.float32, device=device)
     areas = torch.zeros(keep_pos.numel(), dtype=torch.float64, device=device)
     for c in torch.unique(lab_pos).tolist():
         idx = torch.nonzero(lab_pos == c, as_tuple=True)[0]
         masks_c = resize_masks_to_image(logits[keep_pos[idx]], height, width, chunk_size=chunk_size)
-        ios[idx], areas[idx] = _class_ios(masks_c, emb_pos[idx])
+        ios[idx], areas[idx] = _class_ios(masks_c, sem[idx][:, idx])
         del masks_c
     decayed = scores[keep_pos] * (1 - ios) ** 0.5
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import require_path
 
 from ntt.inference import InferenceParams, infer_image
 from ntt.proposals import point_grid
@@ -128,3 +129,50 @@ def test_infer_image_options_and_no_trace():
         params=InferenceParams(points_per_side=2, iou_thr=0.9),
     )  # fmt: skip
     assert tr2 is None and len(det2) == 0 and det2.masks.shape == (0, 300, 400)
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+@pytest.mark.parametrize("setting,nms_thr", [("paper", 0.5), ("nms_off", 1.0)])
+def test_fixture_image14_end_to_end_with_real_backbones(parity_dir, setting, nms_thr):
+    """The tiny fixture models through infer_image: every traced array and the COCO results vs the reference."""
+    import json
+
+    data = require_path(parity_dir.parent / "data" / "fruits_nuts" / "data", "fruits_nuts dataset")
+    from ntt.backbones import build_dinov2, build_sam2
+    from ntt.data.images import load_test_image
+    from ntt.results import detections_to_coco
+
+    models = parity_dir / "models"
+    sam = build_sam2(
+        name="sam2_tiny", config=str(models / "sam2_tiny.yaml"), checkpoint=str(models / "sam2_tiny.pt")
+    )
+    dino = build_dinov2(
+        name="dinov2_tiny",
+        arch="custom",
+        checkpoint=str(models / "dinov2_tiny.pth"),
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+    )
+    protos = torch.from_numpy(np.load(parity_dir / "common" / "memory.npz")["prototypes"])
+    image = load_test_image(next(data.rglob("6.jpg")))
+    params = InferenceParams(points_per_side=8, points_batch_size=64, nms_thr=nms_thr)
+    det, tr = infer_image(image, 600, 800, sam2=sam, dino=dino, prototypes=protos, params=params, trace=True)
+    want = dict(np.load(parity_dir / "common" / "img14_proposals.npz"))
+    want.update(np.load(parity_dir / setting / "img14_post.npz"))
+    compared = 0
+    for key, value in tr.items():
+        if key not in want:
+            continue
+        got, exp = value.numpy(), want[key]
+        assert got.shape == exp.shape, key
+        if exp.dtype.kind in "iu":
+            assert np.array_equal(got, exp), key
+        else:
+            assert np.array_equal(np.isnan(got), np.isnan(exp)), key
+            assert np.nan_to_num(np.abs(got.astype(np.float64) - exp)).max(initial=0) <= 1e-5, key
+        compared += 1
+    assert compared >= 20
+    results = json.loads((parity_dir / setting / "coco_results.json").read_text())
+    assert detections_to_coco(det, 14, [1, 2, 3]) == [r for r in results if r["image_id"] == 14]
