@@ -515,3 +515,22 @@ def test_build_inside_a_real_hydra_app(tmp_path, first):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "APP-OK 1024 64 sam2_tiny_random" in res.stdout
+
+
+def test_exact_attention_option(sam2_feats):
+    from ntt.backbones.sam2 import SAM2Backbone
+
+    model, _, feats = sam2_feats
+    points = torch.tensor([[[100.0, 200.0]], [[700.0, 300.0]]])
+    with torch.inference_mode():
+        exact = model.decode(feats, points=points)
+        model.exact_attention = False
+        try:
+            default = model.decode(feats, points=points)
+        finally:
+            model.exact_attention = True
+    for a, b in zip(exact, default):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # only the kernel choice differs
+    with pytest.raises(ValueError, match="exact_attention"):
+        SAM2Backbone(model.model, name="x", exact_attention="sometimes")
+    assert SAM2Backbone(model.model, name="x", exact_attention="always").exact_attention == "always"

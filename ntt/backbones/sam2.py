@@ -66,12 +66,20 @@ class SAM2ImageFeatures:
         return SAM2ImageFeatures(self.image_embed.to(device), [f.to(device) for f in self.high_res_feats])
 
 
-def exact_sdpa_context(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+def exact_sdpa_context(device: torch.device, enabled: bool | str = True) -> contextlib.AbstractContextManager:
     """The reference's CPU attention setting: SDPA without the flash kernel (math/efficient only).
 
-    Returns a null context when disabled or when ``device`` is not the CPU.
+    Args:
+        device: device of the attention inputs.
+        enabled: True = on the CPU only (the reference's CPU setting; CUDA keeps PyTorch's defaults),
+            ``"always"`` = on every device, False = never.
+
+    Returns:
+        An ``sdpa_kernel`` context, or a null context.
     """
-    if not enabled or torch.device(device).type != "cpu":
+    if enabled not in (True, False, "always"):
+        raise ValueError(f"exact_attention must be true, false or 'always', got {enabled!r}")
+    if not enabled or (enabled is True and torch.device(device).type != "cpu"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -93,18 +101,25 @@ class SAM2Backbone(nn.Module):
         name: registry/config name (for messages and run names).
         add_no_mem_embed: add the learned ``no_mem_embed`` to the stride-16 features (SAM2ImagePredictor
             behaviour). False = the reference (parity).
-        exact_attention: on CPU, run the decoder attention without the flash SDPA kernel (bit-exact with
-            the reference). No effect on CUDA.
+        exact_attention: True: on CPU, run the decoder attention without the flash SDPA kernel (bit-exact
+            with the reference; CUDA keeps PyTorch's default kernels); ``"always"``: on every device;
+            False: PyTorch's default kernels everywhere.
     """
 
     def __init__(
-        self, model: nn.Module, *, name: str, add_no_mem_embed: bool = False, exact_attention: bool = True
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        add_no_mem_embed: bool = False,
+        exact_attention: bool | str = True,
     ):
         super().__init__()
         self.model = model
         self.name = name
         self.add_no_mem_embed = bool(add_no_mem_embed)
-        self.exact_attention = bool(exact_attention)
+        exact_sdpa_context(torch.device("cpu"), exact_attention)  # validates the value
+        self.exact_attention = exact_attention
         self.image_size: int = int(model.image_size)
         self.embed_dim: int = int(model.sam_prompt_embed_dim)
         self.embed_size: int = int(model.sam_image_embedding_size)
@@ -323,7 +338,7 @@ def build_sam2(
     checkpoint: str | None,
     random_init: bool = False,
     add_no_mem_embed: bool = False,
-    exact_attention: bool = True,
+    exact_attention: bool | str = True,
     init_seed: int | None = 0,
     device: str | torch.device = "cpu",
 ) -> SAM2Backbone:
@@ -340,8 +355,10 @@ def build_sam2(
         random_init: build with random weights (plumbing/speed only; logs a loud warning). A missing
             checkpoint is never silently replaced by random weights.
         add_no_mem_embed: add ``no_mem_embed`` to the stride-16 features (off = reference parity).
-        exact_attention: on CPU run the decoder attention without the flash SDPA kernel (bit-exact with
-            the reference); no effect on CUDA.
+        exact_attention: True (default): on CPU run the decoder attention without the flash SDPA kernel
+            (bit-exact with the reference; the image encoder keeps the default kernels, as in the reference);
+            CUDA keeps PyTorch's default kernels. ``"always"``: that kernel choice on every device. False:
+            PyTorch's defaults (on CPU within ~4e-7 of the reference).
         init_seed: seed of the random initialisation (same weights in every process); None = global RNG.
         device: where the model lives.
 
