@@ -106,6 +106,7 @@ def server():
 def _dl(server, tmp_path, **kw):
     kw.setdefault("sha256", PAYLOAD_SHA)
     kw.setdefault("progress", False)
+    kw.setdefault("retry_wait", 0.0)
     return download(server.url("/files/model.pt"), tmp_path, chunk_size=64 * 1024, **kw)
 
 

@@ -375,6 +375,7 @@ def download(
     progress: bool = True,
     retries: int = 3,
     timeout: float = 60.0,
+    retry_wait: float = 2.0,
     verify: bool = True,
 ) -> Path:
     """Download a checkpoint with resume and sha256 verification; return the final path.
@@ -393,6 +394,7 @@ def download(
         progress: show a tqdm progress bar.
         retries: how many times a dropped connection is resumed within this call.
         timeout: socket timeout in seconds (connect and read).
+        retry_wait: seconds to wait before the first resume (doubled on each further one).
         verify: check the sha256 when one is known (False: only record the computed hash).
 
     Raises:
@@ -401,6 +403,8 @@ def download(
         DownloadError: HTTP error, or the connection dropped more than ``retries`` times (the part file
             is kept, so the next call resumes).
     """
+    import time
+
     import requests
     from tqdm import tqdm
 
@@ -482,12 +486,20 @@ def download(
         ) as exc:
             have = part.stat().st_size if part.is_file() else 0
             if attempts_left <= 0:
+                kept = (
+                    f"{have} bytes kept in {part}; run the same command again to resume"
+                    if have
+                    else "nothing kept"
+                )
                 raise DownloadError(
-                    f"{label}: download of {src} interrupted ({type(exc).__name__}: {exc}); {have} bytes kept in "
-                    f"{part}; run the same command again to resume"
+                    f"{label}: download of {src} failed ({type(exc).__name__}: {exc}); {kept}"
                 ) from exc
+            wait = retry_wait * 2 ** (retries - attempts_left)
             attempts_left -= 1
-            log.warning("%s: connection interrupted after %d bytes (%s); resuming", label, have, exc)
+            log.warning(
+                "%s: connection failed after %d bytes (%s); retrying in %.0f s", label, have, exc, wait
+            )
+            time.sleep(wait)
 
     got = sha256_file(part, chunk_size)
     if expected is not None and got != expected:
