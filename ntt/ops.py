@@ -12,10 +12,12 @@ feeds it (integer pixel indices stored as float):
 * the result is sorted by descending score (the visit order).
 
 torchvision's batched variant offsets boxes per class (``_batched_nms_coordinate_trick``) or loops over classes
-(``_batched_nms_vanilla``); both equal "greedy NMS among boxes of the same class" for non-negative integer
-coordinates, which is what we compute directly (same-class mask on the IoU matrix). For non-integer
-coordinates the offset trick can change low-order bits of the IoU; for negative coordinates torchvision's
-offsets can even let classes interact. Neither case occurs in the method (boxes are pixel indices >= 0).
+(``_batched_nms_vanilla``, then re-sorts the survivors by score); both equal "greedy NMS among the boxes of
+one class, survivors in global rank order" for non-negative integer coordinates, which is what we compute
+(one greedy pass per class present). For non-integer coordinates the offset trick can change low-order bits
+of the IoU, and for negative coordinates torchvision's offsets can even let classes interact; neither occurs
+in the method (boxes are pixel indices >= 0). torchvision's vanilla path re-sorts with a non-stable sort;
+exact score ties among survivors may come back in another order there (not on the fixture).
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def semantic_soft_merge(
 
     ``ios_i = max(0, max_{j < i, label_j == label_i} |m_i & m_j| / |m_i| * max(0, e_i . e_j))`` and
     ``decayed_i = score_i * (1 - ios_i) ** 0.5``. Intersections are counted exactly per class (chunked over
-    pixels), never between classes. An empty mask gets ``ios = NaN`` and so a NaN score (parity).
+    pixels), never between classes; the cosines come from one ``[P, P]`` product as in the reference (bit-exact
+    on the fixture). An empty mask gets ``ios = NaN`` and so a NaN score (parity).
 
     Args:
         masks: ``[P, H, W]`` bool full-resolution masks.
