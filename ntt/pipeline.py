@@ -265,12 +265,9 @@ def stage_fill_memory(ctx: RunContext) -> Path:
         refs, dataset_json=ref_ds.raw, image_root=ctx.dataset.ref_image_root, encoder=encoder,
         class_ids=list(ref_ds.category_ids), context_ratio=mem.context_ratio, mask_pooling=mem.mask_pooling,
         batch_size=mem.batch_size, keep_patch_features=bool(ctx.cfg.trace), progress=True,
+        shots=int(ctx.cfg.shots), seed=int(ctx.cfg.seed), encoder_name=str(ctx.cfg.backbone.dinov2.name),
+        config_hash=stage_key(ctx, "fill_memory"),
     )
-    bank.shots = int(ctx.cfg.shots)
-    bank.seed = int(ctx.cfg.seed)
-    bank.encoder = str(ctx.cfg.backbone.dinov2.name)
-    bank.category_names = list(ref_ds.category_names)
-    bank.config_hash = stage_key(ctx, "fill_memory")
     if ctx.cfg.trace:
         _save_memory_trace(ctx, bank)
     bank.save(out)

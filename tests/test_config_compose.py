@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from conftest import REPO
 
@@ -61,8 +61,12 @@ def _compose(override: str) -> DictConfig:
         overrides = [SEARCHPATH] + ([override] if override else [])
         cfg = compose(config_name="main", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # needed to resolve the hydra node (known trap)
-        OmegaConf.resolve(cfg)
-    return cfg
+        with read_write(cfg.hydra.runtime):  # set by Hydra at run time; the job logger's file uses it
+            cfg.hydra.runtime.output_dir = str(cfg.run_dir)
+        # resolving to a container touches every interpolation (the hydra node included) without
+        # writing into the read-only composed config
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return resolved
 
 
 def _targets(node, path="") -> list[tuple[str, dict]]:

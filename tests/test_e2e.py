@@ -1,0 +1,158 @@
+"""End-to-end runs of the Hydra app with tiny RANDOM backbones: plumbing, artifacts, resume, determinism.
+
+Every metric these runs produce measures plumbing only (random weights), never accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import DATA, REPO, require_path
+
+ARTIFACTS = ["config.yaml", "refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json",
+             "metrics.json", "stage_sample_refs.json", "stage_fill_memory.json",
+             "stage_postprocess_memory.json", "stage_test.json"]
+
+
+def compose_cfg(out_dir: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="main", overrides=[
+            f"hydra.searchpath=[file://{REPO / 'tests' / 'configs'}]", "debug=smoke", "device=cpu",
+            f"paths.output_dir={out_dir}", *overrides,
+        ])
+
+
+def run(out_dir: Path, *overrides: str):
+    from ntt.pipeline import run_pipeline
+
+    cfg = compose_cfg(out_dir, *overrides)
+    metrics = run_pipeline(cfg)
+    return Path(str(cfg.run_dir)), metrics
+
+
+SMALL_SYNTH = ["dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=2"]
+
+
+def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
+    run_dir, metrics = run(tmp_path, *SMALL_SYNTH)
+    for name in ARTIFACTS:
+        assert (run_dir / name).is_file(), f"missing artifact {name}"
+    assert run_dir.relative_to(tmp_path).as_posix() == "synthetic/tiny_random+tiny_random/2shot_seed33/smoke"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m == metrics
+    assert m["note"].startswith("random weights")  # the run says loudly that its numbers are plumbing only
+    assert m["num_images"] == 2 and m["failed_images"] == []
+    for iou_type in ("bbox", "segm"):
+        assert set(m[iou_type]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+        assert -1.0 <= m[iou_type]["AP"] <= 1.0
+    assert {r["category_id"] for r in m["per_class"]} == {1, 2, 3, 4}
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    assert len(preds) == m["num_detections"] <= 2 * 100
+    for r in preds:
+        assert set(r) >= {"image_id", "category_id", "bbox", "score", "segmentation"}
+        assert isinstance(r["segmentation"]["counts"], str)
+    bank = torch.load(run_dir / "memory_postprocessed.pt", weights_only=True)
+    assert (run_dir / "memory.pt").stat().st_size < 1e6  # features and metadata, never model weights
+
+
+def test_rerun_skips_finished_stages_and_same_seed_is_byte_identical(tmp_path, caplog):
+    run_dir, _ = run(tmp_path / "a", *SMALL_SYNTH)
+    before = {n: (run_dir / n).read_bytes() for n in ARTIFACTS if n != "config.yaml"}
+    caplog.set_level("INFO")
+    run(tmp_path / "a", *SMALL_SYNTH)
+    assert sum("matches the config, skipped" in r.message for r in caplog.records) == 4
+    assert {n: (run_dir / n).read_bytes() for n in before} == before
+    # a fresh directory with the same config and seed gives byte-identical artifacts
+    run_dir_b, _ = run(tmp_path / "b", *SMALL_SYNTH)
+    for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
+        assert (run_dir_b / name).read_bytes() == before[name], f"{name} differs between identical runs"
+
+
+def test_changed_matcher_reruns_only_the_test_stage(tmp_path, caplog):
+    run(tmp_path, *SMALL_SYNTH)
+    caplog.set_level("INFO")
+    run(tmp_path, *SMALL_SYNTH, "matcher.nms_thr=0.7")
+    skipped = [r.message for r in caplog.records if "skipped" in r.message]
+    assert len(skipped) == 3 and not any("stage test" in s for s in skipped)
+
+
+def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
+    from ntt import pipeline
+    from ntt.data import images
+
+    real = images.load_test_image
+    calls = {"n": 0}
+
+    def flaky(path, size=1024):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(f"cannot read {path}")
+        return real(path, size)
+
+    monkeypatch.setattr(images, "load_test_image", flaky)
+    with pytest.raises(pipeline.StageError, match="1 image\\(s\\) failed"):
+        run(tmp_path, *SMALL_SYNTH)
+    run_dir = next(tmp_path.glob("synthetic/*/*/smoke"))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert len(m["failed_images"]) == 1 and m["num_detections"] > 0
+    # the rerun retries only the failed image and then succeeds
+    monkeypatch.setattr(images, "load_test_image", real)
+    _, metrics = run(tmp_path, *SMALL_SYNTH)
+    assert metrics["failed_images"] == []
+
+
+def test_bad_config_names_the_key(tmp_path):
+    from ntt.pipeline import StageError
+
+    with pytest.raises(StageError, match="stages="):
+        run(tmp_path, *SMALL_SYNTH, "stages=[sample_refs,bogus]")
+    with pytest.raises(StageError, match="needs .*refs.json"):
+        run(tmp_path, *SMALL_SYNTH, "stages=[fill_memory]")
+
+
+def test_cli_prints_a_fully_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "ntt.run", "--cfg", "job", "--resolve", "dataset=voc_split2",
+                          "backbone/sam2=sam2.1_hiera_s", "shots=5"], capture_output=True, text=True, cwd=REPO,
+                         check=True).stdout
+    assert "class_split: voc_split2" in out and "sam2.1/sam2.1_hiera_s.yaml" in out and "${" not in out
+
+
+@pytest.mark.data
+def test_fruits_nuts_random_weights_plumbing(tmp_path):
+    """fruits_nuts from ../shared/data with random weights: every artifact and the metrics file.
+
+    PLUMBING ONLY: random weights, so the metrics are meaningless as accuracy."""
+    require_path(DATA / "fruits_nuts", "fruits_nuts dataset")
+    run_dir, metrics = run(tmp_path, "dataset=fruits_nuts", f"paths.shared={DATA.parent}",
+                           "dataset.max_test_images=3")
+    for name in ARTIFACTS:
+        assert (run_dir / name).is_file(), name
+    refs = json.loads((run_dir / "refs.json").read_text())
+    assert metrics["num_images"] == 3 and metrics["note"].startswith("random weights")
+    assert [c["name"] for c in metrics["per_class"]] == ["date", "fig", "hazelnut"]
+    assert refs  # sampled with the reference's validity filter from the real annotations
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
+    """Two real CPU processes (torchrun, gloo) give the same bytes as one."""
+    one, _ = run(tmp_path / "one", *SMALL_SYNTH, "dataset.max_test_images=3")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ntt.run",
+           "debug=smoke", "device=cpu", f"paths.output_dir={tmp_path / 'two'}", *SMALL_SYNTH,
+           "dataset.max_test_images=3"]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    two = tmp_path / "two" / one.relative_to(tmp_path / "one")
+    assert (two / "predictions" / "rank1.jsonl").exists()
+    for name in ["refs.json", "memory.pt", "predictions.json", "metrics.json"]:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
