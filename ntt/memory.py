@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -297,7 +298,12 @@ class MemoryBank:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            torch.save(payload, tmp)
+            # torch.save names the zip's root folder after the file it writes to; serialising to memory
+            # first gives the same bytes whatever the (temp) file name, so equal banks are equal files.
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            with open(tmp, "wb") as f:
+                f.write(buf.getvalue())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -224,12 +224,14 @@ def stage_sample_refs(ctx: RunContext) -> Path:
                                            mode=spec.refs_coco_mode)
         else:
             refs = refs_mod.load_refs(source)
-        how = f"loaded from {source} ({fmt})"
+        how = f"loaded from {Path(source).name} ({fmt})"
     else:
         refs = refs_mod.sample_references(ref_ds.raw, list(ref_ds.category_ids), shots, seed)
-        how = f"sampled from {spec.ref_json} with seed {seed}"
+        how = f"sampled from {Path(spec.ref_json).name} with seed {seed}"
     refs_mod.validate_refs(refs, ref_ds.raw, list(ref_ds.category_ids), shots)
-    meta = {"shots": shots, "seed": seed, "source": how, "ref_json": spec.ref_json,
+    # the json's name and content hash, not its absolute path: the same inputs give the same bytes anywhere
+    meta = {"shots": shots, "seed": seed, "source": how, "ref_json": Path(spec.ref_json).name,
+            "ref_json_sha256": sha256_file(Path(spec.ref_json)),
             "category_ids": list(ref_ds.category_ids), "category_names": list(ref_ds.category_names),
             "ntt_version": __version__}
     refs_mod.save_refs(out, refs, meta)

@@ -47,7 +47,7 @@ def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH)
     for name in ARTIFACTS:
         assert (run_dir / name).is_file(), f"missing artifact {name}"
-    assert run_dir.relative_to(tmp_path).as_posix() == "synthetic/tiny_random+tiny_random/2shot_seed33/smoke"
+    assert run_dir.relative_to(tmp_path).as_posix() == "synthetic/sam2_tiny_random+dinov2_tiny_random/2shot_seed33/smoke"
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m == metrics
     assert m["note"].startswith("random weights")  # the run says loudly that its numbers are plumbing only
@@ -72,8 +72,8 @@ def test_rerun_skips_finished_stages_and_same_seed_is_byte_identical(tmp_path, c
     run(tmp_path / "a", *SMALL_SYNTH)
     assert sum("matches the config, skipped" in r.message for r in caplog.records) == 4
     assert {n: (run_dir / n).read_bytes() for n in before} == before
-    # a fresh directory with the same config and seed gives byte-identical artifacts
-    run_dir_b, _ = run(tmp_path / "b", *SMALL_SYNTH)
+    # a fresh output directory with the same config and seed gives byte-identical artifacts
+    run_dir_b, _ = run(tmp_path / "b", *SMALL_SYNTH, f"dataset.root={run_dir.parents[3]}/datasets/synthetic_n9_s0")
     for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
         assert (run_dir_b / name).read_bytes() == before[name], f"{name} differs between identical runs"
 
