@@ -1,9 +1,9 @@
 """`ntt` command: run the pipeline, fetch checkpoints, summarise runs, make the synthetic dataset.
 
-    ntt run [hydra overrides]        same as `python -m ntt.run ...`
-    ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
-    ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
-    ntt synth OUT_DIR                write the synthetic COCO-format dataset
+ntt run [hydra overrides]        same as `python -m ntt.run ...`
+ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
+ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
+ntt synth OUT_DIR                write the synthetic COCO-format dataset
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ merges shards in dataset order. Results therefore never depend on the number of 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 

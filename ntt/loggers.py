@@ -24,13 +24,30 @@ class NullLogger:
 class WandbLogger(NullLogger):
     """Mirrors the resolved config and the flattened metrics to one W&B run (main process only)."""
 
-    def __init__(self, *, project: str, entity: str | None, mode: str, group: str | None, tags: list[str],
-                 name: str, run_dir: str) -> None:
+    def __init__(
+        self,
+        *,
+        project: str,
+        entity: str | None,
+        mode: str,
+        group: str | None,
+        tags: list[str],
+        name: str,
+        run_dir: str,
+    ) -> None:
         import wandb  # heavy and optional: imported only when asked for
 
         self._wandb = wandb
-        self._run = wandb.init(project=project, entity=entity, mode=mode, group=group, tags=list(tags),
-                               name=name, dir=run_dir, reinit=True)
+        self._run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=mode,
+            group=group,
+            tags=list(tags),
+            name=name,
+            dir=run_dir,
+            reinit=True,
+        )
 
     def log_config(self, config: dict[str, Any]) -> None:
         self._run.config.update(config, allow_val_change=True)
@@ -55,9 +72,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_logger(*, kind: str = "none", project: str = "ntt", entity: str | None = None,
-                 mode: str = "offline", group: str | None = None, tags: list[str] | None = None,
-                 name: str = "run", run_dir: str = ".", is_main: bool = True) -> NullLogger:
+def build_logger(
+    *,
+    kind: str = "none",
+    project: str = "ntt",
+    entity: str | None = None,
+    mode: str = "offline",
+    group: str | None = None,
+    tags: list[str] | None = None,
+    name: str = "run",
+    run_dir: str = ".",
+    is_main: bool = True,
+) -> NullLogger:
     """Build the metric logger of the `logger` config group.
 
     Args:
@@ -74,6 +100,13 @@ def build_logger(*, kind: str = "none", project: str = "ntt", entity: str | None
     if kind == "none" or not is_main:
         return NullLogger()
     if kind == "wandb":
-        return WandbLogger(project=project, entity=entity, mode=mode, group=group, tags=tags or [],
-                           name=name, run_dir=run_dir)
+        return WandbLogger(
+            project=project,
+            entity=entity,
+            mode=mode,
+            group=group,
+            tags=tags or [],
+            name=name,
+            run_dir=run_dir,
+        )
     raise ValueError(f"logger.kind={kind!r} is not known; use `none` or `wandb`")

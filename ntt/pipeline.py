@@ -21,9 +21,10 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,7 +130,14 @@ def stage_key(ctx: RunContext, stage: str) -> str:
     elif stage == "postprocess_memory":
         parts += [to_plain(cfg.matcher)["memory"], _artifact_sha(ctx, MEMORY_FILE)]
     elif stage == "test":
-        parts += [data, cfg.backbone, cfg.proposer, cfg.matcher, cfg.eval, _artifact_sha(ctx, PROTOTYPES_FILE)]
+        parts += [
+            data,
+            cfg.backbone,
+            cfg.proposer,
+            cfg.matcher,
+            cfg.eval,
+            _artifact_sha(ctx, PROTOTYPES_FILE),
+        ]
     else:
         raise KeyError(stage)
     return config_hash(*parts)
@@ -156,8 +164,13 @@ def stage_is_current(ctx: RunContext, stage: str, artifact: str) -> bool:
 def mark_stage_done(ctx: RunContext, stage: str, artifact: str) -> None:
     write_json_atomic(
         ctx.path(f"stage_{stage}.json"),
-        {"stage": stage, "key": stage_key(ctx, stage), "artifact": artifact,
-         "sha256": sha256_file(ctx.path(artifact)), "ntt_version": __version__},
+        {
+            "stage": stage,
+            "key": stage_key(ctx, stage),
+            "artifact": artifact,
+            "sha256": sha256_file(ctx.path(artifact)),
+            "ntt_version": __version__,
+        },
     )
 
 
@@ -183,8 +196,9 @@ def load_split(ctx: RunContext, which: str):
     from ntt.data.coco import CocoDataset
 
     spec = ctx.dataset
-    json_file, root = (spec.ref_json, spec.ref_image_root) if which == "ref" else (
-        spec.test_json, spec.test_image_root)
+    json_file, root = (
+        (spec.ref_json, spec.ref_image_root) if which == "ref" else (spec.test_json, spec.test_image_root)
+    )
     return CocoDataset(json_file, root, class_names=spec.class_names, class_split=spec.class_split)
 
 
@@ -214,14 +228,17 @@ def stage_sample_refs(ctx: RunContext) -> Path:
     if spec.refs_file:
         source = spec.refs_file
         if not Path(source).exists():
-            raise StageError(f"dataset.refs_file={source} does not exist: point it at a refs json, a reference "
-                             "pkl or a COCO json of reference annotations, or set it to null to sample")
+            raise StageError(
+                f"dataset.refs_file={source} does not exist: point it at a refs json, a reference "
+                "pkl or a COCO json of reference annotations, or set it to null to sample"
+            )
         fmt = spec.refs_format
         if fmt == "auto":
             fmt = "pkl" if source.endswith(".pkl") else _sniff_json_refs(source)
         if fmt == "coco":
-            refs = refs_mod.refs_from_coco(json.loads(Path(source).read_text()), ref_ds.category_ids, shots,
-                                           mode=spec.refs_coco_mode)
+            refs = refs_mod.refs_from_coco(
+                json.loads(Path(source).read_text()), ref_ds.category_ids, shots, mode=spec.refs_coco_mode
+            )
         else:
             refs = refs_mod.load_refs(source)
         how = f"loaded from {Path(source).name} ({fmt})"
@@ -230,10 +247,16 @@ def stage_sample_refs(ctx: RunContext) -> Path:
         how = f"sampled from {Path(spec.ref_json).name} with seed {seed}"
     refs_mod.validate_refs(refs, ref_ds.raw, list(ref_ds.category_ids), shots)
     # the json's name and content hash, not its absolute path: the same inputs give the same bytes anywhere
-    meta = {"shots": shots, "seed": seed, "source": how, "ref_json": Path(spec.ref_json).name,
-            "ref_json_sha256": sha256_file(Path(spec.ref_json)),
-            "category_ids": list(ref_ds.category_ids), "category_names": list(ref_ds.category_names),
-            "ntt_version": __version__}
+    meta = {
+        "shots": shots,
+        "seed": seed,
+        "source": how,
+        "ref_json": Path(spec.ref_json).name,
+        "ref_json_sha256": sha256_file(Path(spec.ref_json)),
+        "category_ids": list(ref_ds.category_ids),
+        "category_names": list(ref_ds.category_names),
+        "ntt_version": __version__,
+    }
     refs_mod.save_refs(out, refs, meta)
     log.info("references %s -> %s", how, out)
     return out
@@ -258,23 +281,36 @@ def stage_fill_memory(ctx: RunContext) -> Path:
 
     out = ctx.path(MEMORY_FILE)
     if not ctx.is_main:  # a few hundred crops: one process is enough, and the bank is then trivially
-        return out       # independent of the number of processes.
+        return out  # independent of the number of processes.
     ref_ds = load_split(ctx, "ref")
     refs = refs_mod.load_refs(ctx.path(REFS_FILE))
     encoder = build_backbone(ctx, "dinov2")
     mem = ctx.matcher.memory
     bank = fill_memory(
-        refs, dataset_json=ref_ds.raw, image_root=ctx.dataset.ref_image_root, encoder=encoder,
-        class_ids=list(ref_ds.category_ids), context_ratio=mem.context_ratio, mask_pooling=mem.mask_pooling,
-        batch_size=mem.batch_size, keep_patch_features=bool(ctx.cfg.trace), progress=True,
-        shots=int(ctx.cfg.shots), seed=int(ctx.cfg.seed), encoder_name=str(ctx.cfg.backbone.dinov2.name),
+        refs,
+        dataset_json=ref_ds.raw,
+        image_root=ctx.dataset.ref_image_root,
+        encoder=encoder,
+        class_ids=list(ref_ds.category_ids),
+        context_ratio=mem.context_ratio,
+        mask_pooling=mem.mask_pooling,
+        batch_size=mem.batch_size,
+        keep_patch_features=bool(ctx.cfg.trace),
+        progress=True,
+        shots=int(ctx.cfg.shots),
+        seed=int(ctx.cfg.seed),
+        encoder_name=str(ctx.cfg.backbone.dinov2.name),
         config_hash=stage_key(ctx, "fill_memory"),
     )
     if ctx.cfg.trace:
         _save_memory_trace(ctx, bank)
     bank.save(out)
-    log.info("memory bank [C=%d, K=%d, D=%d] -> %s (%.1f kB)", *bank.instance_means.shape, out,
-             out.stat().st_size / 1e3)
+    log.info(
+        "memory bank [C=%d, K=%d, D=%d] -> %s (%.1f kB)",
+        *bank.instance_means.shape,
+        out,
+        out.stat().st_size / 1e3,
+    )
     return out
 
 
@@ -300,14 +336,19 @@ def stage_postprocess_memory(ctx: RunContext) -> Path:
         return out
     mem = ctx.matcher.memory
     bank = MemoryBank.load(ctx.path(MEMORY_FILE), expect=_bank_expectation(ctx))
-    bank = postprocess_memory(bank, compute_stats=mem.compute_stats, kmeans_k=mem.kmeans_k, n_pca=mem.n_pca,
-                              seed=int(ctx.cfg.seed))
+    bank = postprocess_memory(
+        bank, compute_stats=mem.compute_stats, kmeans_k=mem.kmeans_k, n_pca=mem.n_pca, seed=int(ctx.cfg.seed)
+    )
     bank.save(out)
     return out
 
 
 def _bank_expectation(ctx: RunContext) -> dict[str, Any]:
-    return {"shots": int(ctx.cfg.shots), "seed": int(ctx.cfg.seed), "encoder": str(ctx.cfg.backbone.dinov2.name)}
+    return {
+        "shots": int(ctx.cfg.shots),
+        "seed": int(ctx.cfg.seed),
+        "encoder": str(ctx.cfg.backbone.dinov2.name),
+    }
 
 
 def test_image_ids(ctx: RunContext, test_ds) -> list[int]:
@@ -340,8 +381,14 @@ def stage_test(ctx: RunContext) -> Path:
     dist.barrier()
     done = _finished_image_ids(pred_dir)
     todo = dist.shard([i for i in ids if i not in done], ctx.rank, ctx.world_size)
-    log.info("test: %d images, %d already done, %d for this process (%d/%d)", len(ids), len(done & set(ids)),
-             len(todo), ctx.rank, ctx.world_size)
+    log.info(
+        "test: %d images, %d already done, %d for this process (%d/%d)",
+        len(ids),
+        len(done & set(ids)),
+        len(todo),
+        ctx.rank,
+        ctx.world_size,
+    )
 
     if todo:
         bank = MemoryBank.load(ctx.path(PROTOTYPES_FILE), expect=_bank_expectation(ctx))
@@ -350,10 +397,15 @@ def stage_test(ctx: RunContext) -> Path:
         sam2 = build_backbone(ctx, "sam2")
         dino = build_backbone(ctx, "dinov2")
         params = InferenceParams(
-            points_per_side=ctx.proposer.points_per_side, points_batch_size=ctx.proposer.points_batch_size,
-            iou_thr=ctx.proposer.iou_thr, nms_thr=ctx.matcher.nms_thr, num_out=ctx.matcher.num_out,
-            nms_cap_factor=ctx.matcher.nms_cap_factor, pooling=ctx.matcher.pooling,
-            drop_empty_masks=ctx.matcher.drop_empty_masks, box_plus_one=ctx.matcher.box_plus_one,
+            points_per_side=ctx.proposer.points_per_side,
+            points_batch_size=ctx.proposer.points_batch_size,
+            iou_thr=ctx.proposer.iou_thr,
+            nms_thr=ctx.matcher.nms_thr,
+            num_out=ctx.matcher.num_out,
+            nms_cap_factor=ctx.matcher.nms_cap_factor,
+            pooling=ctx.matcher.pooling,
+            drop_empty_masks=ctx.matcher.drop_empty_masks,
+            box_plus_one=ctx.matcher.box_plus_one,
         )
         cat_ids = list(test_ds.category_ids)
         shard_file = pred_dir / f"rank{ctx.rank}.jsonl"
@@ -367,9 +419,16 @@ def stage_test(ctx: RunContext) -> Path:
                     info = test_ds.image_info(img_id)
                     image = load_test_image(test_ds.image_path(img_id), 1024).to(ctx.device)
                     with torch.inference_mode():
-                        det, trace = infer_image(image, int(info["height"]), int(info["width"]), sam2=sam2,
-                                                 dino=dino, prototypes=prototypes, params=params,
-                                                 trace=bool(ctx.cfg.trace))
+                        det, trace = infer_image(
+                            image,
+                            int(info["height"]),
+                            int(info["width"]),
+                            sam2=sam2,
+                            dino=dino,
+                            prototypes=prototypes,
+                            params=params,
+                            trace=bool(ctx.cfg.trace),
+                        )
                     results = detections_to_coco(det, img_id, cat_ids, box_plus_one=params.box_plus_one)
                     if trace is not None:
                         _save_image_trace(ctx, img_id, trace)
@@ -378,15 +437,25 @@ def stage_test(ctx: RunContext) -> Path:
                     if ctx.cfg.get("fail_fast"):
                         raise
                     log.error("image %s failed: %s (recorded; rerun to retry)", img_id, exc)
-                    line = {"image_id": img_id, "ok": False, "error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc()}
+                    line = {
+                        "image_id": img_id,
+                        "ok": False,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(),
+                    }
                 sink.write(json.dumps(line) + "\n")
                 sink.flush()
                 timings.append(time.perf_counter() - t0)
         if timings:
-            write_json_atomic(pred_dir / f"timing_rank{ctx.rank}.json",
-                              {"images": len(timings), "seconds_total": sum(timings),
-                               "seconds_per_image": sum(timings) / len(timings), "device": ctx.device})
+            write_json_atomic(
+                pred_dir / f"timing_rank{ctx.rank}.json",
+                {
+                    "images": len(timings),
+                    "seconds_total": sum(timings),
+                    "seconds_per_image": sum(timings) / len(timings),
+                    "device": ctx.device,
+                },
+            )
     dist.barrier()
     out = ctx.path(PREDICTIONS_FILE)
     if ctx.is_main:
@@ -433,8 +502,10 @@ def _finished_image_ids(pred_dir: Path) -> set[int]:
 
 def _check_bank_classes(bank, test_ds) -> None:
     if list(bank.category_ids) != list(test_ds.category_ids):
-        raise StageError(f"the memory bank holds category ids {list(bank.category_ids)} but the test set selects "
-                         f"{list(test_ds.category_ids)}: rerun with stages including fill_memory")
+        raise StageError(
+            f"the memory bank holds category ids {list(bank.category_ids)} but the test set selects "
+            f"{list(test_ds.category_ids)}: rerun with stages including fill_memory"
+        )
 
 
 def _save_image_trace(ctx: RunContext, img_id: int, trace: dict[str, Any]) -> None:
@@ -443,8 +514,11 @@ def _save_image_trace(ctx: RunContext, img_id: int, trace: dict[str, Any]) -> No
 
     trace_dir = ctx.path("trace")
     trace_dir.mkdir(exist_ok=True)
-    arrays = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-              for k, v in trace.items() if v is not None}
+    arrays = {
+        k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        for k, v in trace.items()
+        if v is not None
+    }
     np.savez(trace_dir / f"img{img_id}.npz", **arrays)
 
 
@@ -455,26 +529,39 @@ def _merge_and_evaluate(ctx: RunContext, test_ds, ids: list[int], pred_dir: Path
     results = [r for i in ids if i in records and records[i]["ok"] for r in records[i]["results"]]
     write_json_atomic(ctx.path(PREDICTIONS_FILE), results, indent=None)
     metrics: dict[str, Any] = {
-        "dataset": ctx.dataset.name, "sam2": str(ctx.cfg.backbone.sam2.name),
-        "dinov2": str(ctx.cfg.backbone.dinov2.name), "shots": int(ctx.cfg.shots), "seed": int(ctx.cfg.seed),
-        "variant": str(ctx.cfg.variant), "num_images": len(ids), "num_detections": len(results),
-        "failed_images": failed, "ntt_version": __version__,
+        "dataset": ctx.dataset.name,
+        "sam2": str(ctx.cfg.backbone.sam2.name),
+        "dinov2": str(ctx.cfg.backbone.dinov2.name),
+        "shots": int(ctx.cfg.shots),
+        "seed": int(ctx.cfg.seed),
+        "variant": str(ctx.cfg.variant),
+        "num_images": len(ids),
+        "num_detections": len(results),
+        "failed_images": failed,
+        "ntt_version": __version__,
     }
     if ctx.random_weights:
         metrics["note"] = RANDOM_WEIGHTS_NOTE
     if ctx.eval.enabled:
         from ntt.eval.coco import CocoEvaluator
 
-        evaluator = CocoEvaluator(test_ds.raw, category_ids=list(test_ds.category_ids), image_ids=ids,
-                                  backend=ctx.eval.backend, iou_types=tuple(ctx.eval.iou_types))
+        evaluator = CocoEvaluator(
+            test_ds.raw,
+            category_ids=list(test_ds.category_ids),
+            image_ids=ids,
+            backend=ctx.eval.backend,
+            iou_types=tuple(ctx.eval.iou_types),
+        )
         evaluator.process(results)
         metrics.update(evaluator.evaluate())
     write_json_atomic(ctx.path(METRICS_FILE), metrics)
     _log_summary(ctx, metrics)
     if failed or missing:
-        raise StageError(f"{len(failed)} image(s) failed and {len(missing)} are missing (first: "
-                         f"{(failed + missing)[:5]}); their errors are in {pred_dir}/rank*.jsonl. The other "
-                         "images are kept: rerun the same command to retry only these.")
+        raise StageError(
+            f"{len(failed)} image(s) failed and {len(missing)} are missing (first: "
+            f"{(failed + missing)[:5]}); their errors are in {pred_dir}/rank*.jsonl. The other "
+            "images are kept: rerun the same command to retry only these."
+        )
     (pred_dir / "key.txt").write_text(key + "\n")
     mark_stage_done(ctx, "test", PREDICTIONS_FILE)
 
@@ -527,7 +614,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any] | None:
                 mark_stage_done(ctx, stage, artifact)
             log.info("stage %s done in %.1f s", stage, time.perf_counter() - t0)
         metrics_path = ctx.path(METRICS_FILE)
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() and "test" in cfg.stages else None
+        metrics = (
+            json.loads(metrics_path.read_text()) if metrics_path.exists() and "test" in cfg.stages else None
+        )
         if metrics is not None:
             logger.log_metrics(metrics)
         return metrics
@@ -542,14 +631,21 @@ def _require_inputs(ctx: RunContext, stage: str) -> None:
     prev_stage = names[names.index(stage) - 1]
     prev_artifact = ctx.path(STAGES[prev_stage][1])
     if not prev_artifact.exists():
-        raise StageError(f"stage {stage} needs {prev_artifact}, written by stage {prev_stage}: add it to "
-                         f"`stages` (e.g. stages=[{prev_stage},{stage}])")
+        raise StageError(
+            f"stage {stage} needs {prev_artifact}, written by stage {prev_stage}: add it to "
+            f"`stages` (e.g. stages=[{prev_stage},{stage}])"
+        )
 
 
 def _build_logger(ctx: RunContext):
     from hydra.utils import instantiate
 
-    logger = instantiate(ctx.cfg.logger, name=str(ctx.cfg.run_name), run_dir=str(ctx.run_dir),
-                         is_main=ctx.is_main, _convert_="all")
+    logger = instantiate(
+        ctx.cfg.logger,
+        name=str(ctx.cfg.run_name),
+        run_dir=str(ctx.run_dir),
+        is_main=ctx.is_main,
+        _convert_="all",
+    )
     logger.log_config(to_plain(ctx.cfg))
     return logger

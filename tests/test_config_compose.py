@@ -12,12 +12,11 @@ import inspect
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, read_write
-
-from conftest import REPO
 
 CONF = REPO / "conf"
 EXPERIMENTS = REPO / "experiments"
@@ -31,8 +30,18 @@ APP_KWARGS = {
     "ntt.loggers.build_logger": {"name": "x", "run_dir": ".", "is_main": True},
 }
 # groups whose options are selected as `group=option`; everything in experiments/ is `+group=option`
-GROUPS = ["dataset", "backbone/sam2", "backbone/dinov2", "proposer", "matcher", "eval", "logger", "paths",
-          "hydra", "debug"]
+GROUPS = [
+    "dataset",
+    "backbone/sam2",
+    "backbone/dinov2",
+    "proposer",
+    "matcher",
+    "eval",
+    "logger",
+    "paths",
+    "hydra",
+    "debug",
+]
 
 
 def _options(root: Path, group: str) -> list[str]:
@@ -91,8 +100,15 @@ def test_option_composes_resolves_and_binds(override, yaml_file):
     assert cfg.run_dir and "${" not in str(cfg.run_dir)
     assert str(cfg.hydra.run.dir) == str(cfg.run_dir)  # run dir comes from the config, not the clock
     targets = _targets(cfg)
-    assert {p for p, _ in targets} >= {"dataset", "backbone.sam2", "backbone.dinov2", "proposer", "matcher",
-                                       "eval", "logger"}
+    assert {p for p, _ in targets} >= {
+        "dataset",
+        "backbone.sam2",
+        "backbone.dinov2",
+        "proposer",
+        "matcher",
+        "eval",
+        "logger",
+    }
     for path, node in targets:
         target = node.pop("_target_")
         fn = _resolve_target(target)
@@ -111,8 +127,12 @@ def test_run_dir_is_derived_from_factors():
 def test_guard_every_yaml_on_disk_has_a_compose_case():
     """Every yaml under the config roots is the subject of one parametrised case above (no silent gaps:
     a file in a folder the case builder does not know, or a misnamed group, fails here)."""
-    on_disk = {p.resolve() for root in (CONF, EXPERIMENTS, TEST_CONFIGS) if root.exists()
-               for p in root.rglob("*.yaml")}
+    on_disk = {
+        p.resolve()
+        for root in (CONF, EXPERIMENTS, TEST_CONFIGS)
+        if root.exists()
+        for p in root.rglob("*.yaml")
+    }
     covered = {f.resolve() for _, f in CASES}
     missing = sorted(str(p.relative_to(REPO)) for p in on_disk - covered)
     assert len(covered) > 40, f"only {len(covered)} compose cases: the case builder found too little"

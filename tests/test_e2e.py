@@ -13,23 +13,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, REPO, require_path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import DATA, REPO, require_path
-
-ARTIFACTS = ["config.yaml", "refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json",
-             "metrics.json", "stage_sample_refs.json", "stage_fill_memory.json",
-             "stage_postprocess_memory.json", "stage_test.json"]
+ARTIFACTS = [
+    "config.yaml",
+    "refs.json",
+    "memory.pt",
+    "memory_postprocessed.pt",
+    "predictions.json",
+    "metrics.json",
+    "stage_sample_refs.json",
+    "stage_fill_memory.json",
+    "stage_postprocess_memory.json",
+    "stage_test.json",
+]
 
 
 def compose_cfg(out_dir: Path, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="main", overrides=[
-            f"hydra.searchpath=[file://{REPO / 'tests' / 'configs'}]", "debug=smoke", "device=cpu",
-            f"paths.output_dir={out_dir}", *overrides,
-        ])
+        return compose(
+            config_name="main",
+            overrides=[
+                f"hydra.searchpath=[file://{REPO / 'tests' / 'configs'}]",
+                "debug=smoke",
+                "device=cpu",
+                f"paths.output_dir={out_dir}",
+                *overrides,
+            ],
+        )
 
 
 def run(out_dir: Path, *overrides: str):
@@ -47,7 +61,10 @@ def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH)
     for name in ARTIFACTS:
         assert (run_dir / name).is_file(), f"missing artifact {name}"
-    assert run_dir.relative_to(tmp_path).as_posix() == "synthetic/sam2_tiny_random+dinov2_tiny_random/2shot_seed33/smoke"
+    assert (
+        run_dir.relative_to(tmp_path).as_posix()
+        == "synthetic/sam2_tiny_random+dinov2_tiny_random/2shot_seed33/smoke"
+    )
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m == metrics
     assert m["note"].startswith("random weights")  # the run says loudly that its numbers are plumbing only
@@ -61,7 +78,12 @@ def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
     for r in preds:
         assert set(r) >= {"image_id", "category_id", "bbox", "score", "segmentation"}
         assert isinstance(r["segmentation"]["counts"], str)
-    bank = torch.load(run_dir / "memory_postprocessed.pt", weights_only=True)
+    from ntt.memory import MemoryBank
+
+    bank = MemoryBank.load(run_dir / "memory_postprocessed.pt", expect={"shots": 2, "seed": 33})
+    assert tuple(bank.instance_means.shape) == (4, 2, 64) and bank.postprocessed
+    assert bank.category_names == ["circle", "square", "triangle", "star"]
+    assert torch.allclose(bank.prototypes().norm(dim=-1), torch.ones(4))
     assert (run_dir / "memory.pt").stat().st_size < 1e6  # features and metadata, never model weights
 
 
@@ -73,7 +95,9 @@ def test_rerun_skips_finished_stages_and_same_seed_is_byte_identical(tmp_path, c
     assert sum("matches the config, skipped" in r.message for r in caplog.records) == 4
     assert {n: (run_dir / n).read_bytes() for n in before} == before
     # a fresh output directory with the same config and seed gives byte-identical artifacts
-    run_dir_b, _ = run(tmp_path / "b", *SMALL_SYNTH, f"dataset.root={run_dir.parents[3]}/datasets/synthetic_n9_s0")
+    run_dir_b, _ = run(
+        tmp_path / "b", *SMALL_SYNTH, f"dataset.root={run_dir.parents[3]}/datasets/synthetic_n9_s0"
+    )
     for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
         assert (run_dir_b / name).read_bytes() == before[name], f"{name} differs between identical runs"
 
@@ -121,9 +145,23 @@ def test_bad_config_names_the_key(tmp_path):
 
 
 def test_cli_prints_a_fully_resolved_config():
-    out = subprocess.run([sys.executable, "-m", "ntt.run", "--cfg", "job", "--resolve", "dataset=voc_split2",
-                          "backbone/sam2=sam2.1_hiera_s", "shots=5"], capture_output=True, text=True, cwd=REPO,
-                         check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ntt.run",
+            "--cfg",
+            "job",
+            "--resolve",
+            "dataset=voc_split2",
+            "backbone/sam2=sam2.1_hiera_s",
+            "shots=5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    ).stdout
     assert "class_split: voc_split2" in out and "sam2.1/sam2.1_hiera_s.yaml" in out and "${" not in out
 
 
@@ -133,8 +171,9 @@ def test_fruits_nuts_random_weights_plumbing(tmp_path):
 
     PLUMBING ONLY: random weights, so the metrics are meaningless as accuracy."""
     require_path(DATA / "fruits_nuts", "fruits_nuts dataset")
-    run_dir, metrics = run(tmp_path, "dataset=fruits_nuts", f"paths.shared={DATA.parent}",
-                           "dataset.max_test_images=3")
+    run_dir, metrics = run(
+        tmp_path, "dataset=fruits_nuts", f"paths.shared={DATA.parent}", "dataset.max_test_images=3"
+    )
     for name in ARTIFACTS:
         assert (run_dir / name).is_file(), name
     refs = json.loads((run_dir / "refs.json").read_text())
@@ -148,9 +187,20 @@ def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
     """Two real CPU processes (torchrun, gloo) give the same bytes as one."""
     one, _ = run(tmp_path / "one", *SMALL_SYNTH, "dataset.max_test_images=3")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ntt.run",
-           "debug=smoke", "device=cpu", f"paths.output_dir={tmp_path / 'two'}", *SMALL_SYNTH,
-           "dataset.max_test_images=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ntt.run",
+        "debug=smoke",
+        "device=cpu",
+        f"paths.output_dir={tmp_path / 'two'}",
+        *SMALL_SYNTH,
+        "dataset.max_test_images=3",
+    ]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     two = tmp_path / "two" / one.relative_to(tmp_path / "one")
     assert (two / "predictions" / "rank1.jsonl").exists()

@@ -40,7 +40,9 @@ def test_importing_ntt_does_not_import_sam2():
     import subprocess
     import sys
 
-    code = ("import sys, ntt, ntt.pipeline, ntt.run, ntt.backbones.sam2, ntt.backbones.dinov2; "
-            "print('sam2' in sys.modules, 'dinov2' in sys.modules)")
+    code = (
+        "import sys, ntt, ntt.pipeline, ntt.run, ntt.backbones.sam2, ntt.backbones.dinov2; "
+        "print('sam2' in sys.modules, 'dinov2' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

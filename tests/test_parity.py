@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PARITY, REPO, SHARED, require_path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from pycocotools import mask as mask_utils
-
-from conftest import PARITY, REPO, SHARED, require_path
 
 pytestmark = pytest.mark.parity
 SETTINGS = {"paper": 0.5, "nms_off": 1.0}
@@ -39,9 +38,11 @@ class Checker:
         self.checked: list[str] = []
 
     def fail(self, stage: str, what: str, detail: str):
-        raise Mismatch(f"[{self.setting}] first mismatch at stage `{stage}`, quantity `{what}`: {detail} "
-                       f"(passed before it: {len(self.checked)} comparisons, last: "
-                       f"{self.checked[-1] if self.checked else 'none'})")
+        raise Mismatch(
+            f"[{self.setting}] first mismatch at stage `{stage}`, quantity `{what}`: {detail} "
+            f"(passed before it: {len(self.checked)} comparisons, last: "
+            f"{self.checked[-1] if self.checked else 'none'})"
+        )
 
     def close(self, stage, what, got, want, atol=ATOL, rel_to=None):
         got = np.asarray(got, dtype=np.float64)
@@ -50,23 +51,35 @@ class Checker:
             self.fail(stage, what, f"shape {got.shape} != expected {want.shape}")
         nan_g, nan_w = np.isnan(got), np.isnan(want)
         if not np.array_equal(nan_g, nan_w):
-            self.fail(stage, what, f"NaN at different positions: got {np.argwhere(nan_g)[:5].tolist()}, "
-                                   f"expected {np.argwhere(nan_w)[:5].tolist()}")
+            self.fail(
+                stage,
+                what,
+                f"NaN at different positions: got {np.argwhere(nan_g)[:5].tolist()}, "
+                f"expected {np.argwhere(nan_w)[:5].tolist()}",
+            )
         ok = ~nan_w
         tol = atol * (np.abs(np.asarray(rel_to, dtype=np.float64)) if rel_to is not None else 1.0)
         diff = np.abs(got - want)
         bad = ok & (diff > tol)
         if bad.any():
             idx = tuple(np.argwhere(bad)[0])
-            self.fail(stage, what, f"max abs diff {diff[ok].max():.3g} > tolerance; first at {idx}: "
-                                   f"got {got[idx]!r}, expected {want[idx]!r}")
+            self.fail(
+                stage,
+                what,
+                f"max abs diff {diff[ok].max():.3g} > tolerance; first at {idx}: "
+                f"got {got[idx]!r}, expected {want[idx]!r}",
+            )
         self.checked.append(f"{stage}:{what}")
 
     def equal(self, stage, what, got, want):
         got, want = np.asarray(got), np.asarray(want)
         if got.shape != want.shape or not np.array_equal(got, want):
-            self.fail(stage, what, f"got {got.tolist() if got.size < 40 else got.shape}, "
-                                   f"expected {want.tolist() if want.size < 40 else want.shape}")
+            self.fail(
+                stage,
+                what,
+                f"got {got.tolist() if got.size < 40 else got.shape}, "
+                f"expected {want.tolist() if want.size < 40 else want.shape}",
+            )
         self.checked.append(f"{stage}:{what}")
 
     def masks(self, stage, what, got, want, min_iou=0.999):
@@ -88,13 +101,28 @@ def _run_pipeline(setting: str, out_dir: Path) -> Path:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="main", overrides=[
-            f"hydra.searchpath=[file://{REPO / 'tests' / 'configs'}]",
-            "dataset=parity_fruits", "backbone/sam2=parity_tiny", "backbone/dinov2=parity_tiny",
-            "proposer=parity_grid8", "matcher=paper", f"matcher.nms_thr={SETTINGS[setting]}",
-            "eval=coco", "logger=none", "shots=2", "seed=42", f"variant=parity_{setting}", "device=cpu",
-            "trace=true", "fail_fast=true", f"paths.output_dir={out_dir}", f"paths.shared={SHARED}",
-        ])
+        cfg = compose(
+            config_name="main",
+            overrides=[
+                f"hydra.searchpath=[file://{REPO / 'tests' / 'configs'}]",
+                "dataset=parity_fruits",
+                "backbone/sam2=parity_tiny",
+                "backbone/dinov2=parity_tiny",
+                "proposer=parity_grid8",
+                "matcher=paper",
+                f"matcher.nms_thr={SETTINGS[setting]}",
+                "eval=coco",
+                "logger=none",
+                "shots=2",
+                "seed=42",
+                f"variant=parity_{setting}",
+                "device=cpu",
+                "trace=true",
+                "fail_fast=true",
+                f"paths.output_dir={out_dir}",
+                f"paths.shared={SHARED}",
+            ],
+        )
     run_pipeline(cfg)
     return Path(str(cfg.run_dir))
 
@@ -134,8 +162,13 @@ def _check_memory(c: Checker, run: Path):
     want = np.load(PARITY / "common" / "memory.npz")
     trace = np.load(run / "trace" / "memory.npz")
     c.close("fill_memory", "ref_mask_weights", trace["mask_weights"], want["ref_mask_weights"], atol=1e-6)
-    c.close("fill_memory", "ref_mask_weight_sums", trace["mask_weights"].sum(-1), want["ref_mask_weight_sums"],
-            atol=1e-4)
+    c.close(
+        "fill_memory",
+        "ref_mask_weight_sums",
+        trace["mask_weights"].sum(-1),
+        want["ref_mask_weight_sums"],
+        atol=1e-4,
+    )
     feats = trace["patch_features"][0, 0].reshape(-1, want["ref_feats_c0_k0"].shape[-1])
     c.close("fill_memory", "ref_feats_c0_k0", feats, want["ref_feats_c0_k0"])
     bank = torch.load(run / "memory_postprocessed.pt", map_location="cpu", weights_only=True)
@@ -164,8 +197,13 @@ def _check_image(c: Checker, run: Path, setting: str, img: int):
     c.close(f"{st}/proposals", "lowres_logits_stride8", logits[:, ::8, ::8], want["lowres_logits_stride8"])
     c.close(f"{st}/proposals", "logits_min", logits.min(axis=(1, 2)), want["logits_min"])
     c.close(f"{st}/proposals", "logits_max", logits.max(axis=(1, 2)), want["logits_max"])
-    c.close(f"{st}/proposals", "logits_sum", logits.astype(np.float64).sum(axis=(1, 2)), want["logits_sum"],
-            rel_to=want["logits_abs_sum"])
+    c.close(
+        f"{st}/proposals",
+        "logits_sum",
+        logits.astype(np.float64).sum(axis=(1, 2)),
+        want["logits_sum"],
+        rel_to=want["logits_abs_sum"],
+    )
     if "lowres_logits_full" in want.files:
         idx = want["lowres_logits_full_index"]
         c.close(f"{st}/proposals", "lowres_logits_full", logits[idx], want["lowres_logits_full"])
@@ -202,7 +240,9 @@ def _check_results(c: Checker, run: Path, setting: str):
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     for iou_type in ("bbox", "segm"):
         stats = want_eval[iou_type] if isinstance(want_eval[iou_type], list) else want_eval[iou_type]["stats"]
-        c.close("eval", f"COCOeval {iou_type} stats", [metrics[iou_type][n] for n in names], stats, atol=1e-12)
+        c.close(
+            "eval", f"COCOeval {iou_type} stats", [metrics[iou_type][n] for n in names], stats, atol=1e-12
+        )
 
 
 def _rle(seg):
