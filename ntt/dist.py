@@ -16,9 +16,12 @@ log = logging.getLogger(__name__)
 
 def state():
     """Accelerate's PartialState (a single CPU/GPU process when not launched distributed)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without cpu=True Accelerate ignores a torchrun/`accelerate launch` world on a machine without CUDA
+    # and every process believes it is alone (each would then do all the work).
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:

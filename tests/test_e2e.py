@@ -182,7 +182,6 @@ def test_fruits_nuts_random_weights_plumbing(tmp_path):
     assert refs  # sampled with the reference's validity filter from the real annotations
 
 
-@pytest.mark.slow
 def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
     """Two real CPU processes (torchrun, gloo) give the same bytes as one."""
     one, _ = run(tmp_path / "one", *SMALL_SYNTH, "dataset.max_test_images=3")
