@@ -196,9 +196,16 @@ def load_split(ctx: RunContext, which: str):
     from ntt.data.coco import CocoDataset
 
     spec = ctx.dataset
+    key = "ref_json" if which == "ref" else "test_json"
     json_file, root = (
         (spec.ref_json, spec.ref_image_root) if which == "ref" else (spec.test_json, spec.test_image_root)
     )
+    if not Path(json_file).is_file():
+        raise StageError(
+            f"dataset.{key}={json_file} not found (dataset={spec.name}, relative paths start at the working "
+            f"directory {Path.cwd()}). Put the data there, or point `paths.data` (env NTT_DATA), "
+            f"`dataset.root` or `dataset.{key}` at it."
+        )
     return CocoDataset(json_file, root, class_names=spec.class_names, class_split=spec.class_split)
 
 
@@ -269,9 +276,17 @@ def _sniff_json_refs(path: str) -> str:
 
 def build_backbone(ctx: RunContext, which: str):
     """Instantiate `backbone.<which>` on this process's device (weights loaded strictly)."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(ctx.cfg.backbone[which], device=ctx.device, _convert_="all")
+    try:
+        return instantiate(ctx.cfg.backbone[which], device=ctx.device, _convert_="all")
+    except InstantiationException as exc:
+        # Hydra flattens the builder's own error (e.g. the missing-checkpoint message with the download
+        # command) into a one-line repr; surface the original, readable one.
+        if exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        raise
 
 
 def stage_fill_memory(ctx: RunContext) -> Path:

@@ -205,3 +205,20 @@ def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
     assert (two / "predictions" / "rank1.jsonl").exists()
     for name in ["refs.json", "memory.pt", "predictions.json", "metrics.json"]:
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_missing_checkpoint_is_a_clear_error_with_the_fetch_command(tmp_path):
+    from ntt.backbones.checkpoints import MissingCheckpointError
+
+    with pytest.raises(MissingCheckpointError, match=r"ntt download dinov2_vits14") as info:
+        run(tmp_path, *SMALL_SYNTH, "backbone/dinov2=vits14", f"paths.checkpoints={tmp_path / 'ckpt'}")
+    assert str(tmp_path / "ckpt" / "dinov2_vits14_pretrain.pth") in str(info.value)
+    # the stage before it kept its artifact
+    assert next(tmp_path.glob("synthetic/*/*/smoke/refs.json")).is_file()
+
+
+def test_missing_dataset_file_names_the_config_key(tmp_path):
+    from ntt.pipeline import StageError
+
+    with pytest.raises(StageError, match=r"dataset\.ref_json=.*nowhere.json not found"):
+        run(tmp_path, "dataset=fruits_nuts", "dataset.ref_json=/nowhere.json")
