@@ -50,9 +50,10 @@ format: setup ## ruff format + autofix
 	$(VENV)/bin/ruff check --fix ntt tests
 
 demo: setup ## main job: the whole pipeline on the synthetic dataset with SAM2.1-t + DINOv2-S/14 (fetches them)
-	$(PY) -m ntt.cli download sam2.1_hiera_t dinov2_vits14 || { \
-	  echo "Could not fetch the checkpoints (offline?). Put them in ./checkpoints, or run 'make smoke' for the random-weight plumbing run."; exit 1; }
-	$(PY) -m ntt.run dataset=synthetic backbone/sam2=sam2.1_hiera_t backbone/dinov2=vits14 shots=3 variant=demo $(ARGS)
+	@$(PY) -m ntt.cli download --quiet sam2.1_hiera_t dinov2_vits14 || echo "(could not fetch the checkpoints; going on with what is in ./checkpoints)"
+	@$(PY) -m ntt.run dataset=synthetic backbone/sam2=sam2.1_hiera_t backbone/dinov2=vits14 shots=3 variant=demo $(ARGS) || { \
+	  echo; echo "make demo stopped (see the error above). Offline, without the checkpoints, run 'make smoke':"; \
+	  echo "the same pipeline with tiny random weights (plumbing only)."; exit 1; }
 
 smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are plumbing only)
 	$(PY) -m ntt.run dataset=synthetic debug=smoke $(ARGS)

@@ -308,3 +308,14 @@ def test_resolve_checkpoint(tmp_path):
     with pytest.raises(MissingCheckpointError, match="No checkpoint given"):
         resolve_checkpoint(None, name="sam2_hiera_l")
     assert isinstance(MissingCheckpointError("x"), FileNotFoundError)
+
+
+def test_unresolvable_host_fails_at_once_without_retry_waits(tmp_path):
+    """Offline (no DNS) is a definite answer: no retries, no backoff sleeps, nothing left behind."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ck.DownloadError, match="nothing kept"):
+        ck.download("http://ntt-test.invalid/model.pt", tmp_path, retries=3, retry_wait=5.0, progress=False)
+    assert time.perf_counter() - t0 < 5.0
+    assert list(tmp_path.iterdir()) == []

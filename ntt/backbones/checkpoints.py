@@ -485,7 +485,9 @@ def download(
             requests.exceptions.Timeout,
         ) as exc:
             have = part.stat().st_size if part.is_file() else 0
-            if attempts_left <= 0:
+            # An unresolvable host is a definite "offline", not a dropped transfer: retrying only waits.
+            offline = have == 0 and "NameResolutionError" in repr(exc)
+            if attempts_left <= 0 or offline:
                 kept = (
                     f"{have} bytes kept in {part}; run the same command again to resume"
                     if have

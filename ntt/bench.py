@@ -1,0 +1,565 @@
+"""Micro-benchmarks of the hot spots (ALGORITHM 10) with RANDOM weights: TIMINGS ONLY, NO ACCURACY.
+
+``make bench`` / ``python -m ntt.bench [--quick] [--device cpu|cuda] [--sam2 OPTION] [--dinov2 OPTION]``.
+Every model is built with ``random_init=True`` from a ``conf/backbone/{sam2,dinov2}/<OPTION>.yaml`` option; no
+checkpoint is ever loaded (random weights run the same kernels on the same shapes as the real ones, so the
+timings transfer; the outputs are meaningless).
+
+Measured (median and min of ``--repeats`` runs after one warm-up, under ``torch.inference_mode``, with
+``torch.cuda.synchronize`` around every run on CUDA):
+
+1. ``dinov2_forward``: DINOv2 patch-grid forward of one 518x518 image.
+2. ``sam2_image_encoder``: SAM2 ``encode_image`` (Hiera trunk + FPN neck) of one 1024x1024 image.
+3. ``sam2_decoder``: SAM2 prompt decoder on one batch of B single-point prompts (also per prompt).
+4. ``mask_pooling``: ``mask_embeddings`` ``dense`` vs ``adjoint`` for n 256x256 masks on a 37x37xD grid, and
+   the max abs difference of their outputs (correctness side check: they are the same linear map).
+5. ``soft_merge``: ``resize_masks_to_image`` (256 -> H x W) and ``semantic_soft_merge`` of n full-res masks
+   spread over 3 classes.
+6. ``infer_image``: the whole per-image test path on one synthetic 1024 image with a small prompt grid.
+
+The result is written to ``<out>/results-<YYYYmmdd>-<cpu|gpu-name-slug>[-quick].json``; a table is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["main", "RANDOM_WEIGHTS_NOTE"]
+
+log = logging.getLogger("ntt.bench")
+
+RANDOM_WEIGHTS_NOTE = (
+    "RANDOM WEIGHTS: every model was built with random_init=True and no checkpoint was loaded. "
+    "These numbers are TIMINGS ONLY; nothing here says anything about accuracy."
+)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+SCHEMA_VERSION = 1
+
+# Per-mode defaults (None in argparse = take these).
+_DEFAULTS = {
+    "cpu": dict(repeats=3, decoder_batch=16, grid=4, pool_masks=256, merge_masks=200, height=600, width=800),
+    "cuda": dict(
+        repeats=10, decoder_batch=256, grid=32, pool_masks=256, merge_masks=200, height=600, width=800
+    ),
+    "quick": dict(repeats=1, decoder_batch=2, grid=2, pool_masks=32, merge_masks=24, height=120, width=160),
+}
+MERGE_CLASSES = 3
+MASK_RES = 256  # SAM2 low-res mask side
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_info(device: torch.device) -> dict[str, Any]:
+    """Hostname-free description of the machine and software."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "os": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    try:
+        info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu_name=torch.cuda.get_device_name(device),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
+    return info
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu`` or the GPU name in lower-case dashes (``nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-") or "gpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+
+def time_fn(
+    fn: Callable[[], Any], *, device: torch.device, repeats: int, warmup: int = 1
+) -> tuple[dict[str, Any], Any]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed times.
+
+    Returns:
+        ``(timing, last_output)``; timing = ``median_s``, ``min_s``, ``repeats``, ``warmup``, ``times_s`` (and
+        ``peak_mem_mib`` on CUDA).
+    """
+    out = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        out = fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    res: dict[str, Any] = {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "repeats": len(times),
+        "warmup": warmup,
+        "times_s": times,
+    }
+    if device.type == "cuda":
+        res["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return res, out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models (random weights only)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _option_kwargs(group: str, option: str) -> dict[str, Any]:
+    """Builder kwargs of ``conf/backbone/<group>/<option>.yaml`` with random init forced (no checkpoint)."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise SystemExit(f"unknown --{group} option {option!r}; known: {', '.join(known) or '(no conf dir)'}")
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    node.pop("_target_", None)
+    node.update(checkpoint=None, random_init=True)  # never loads weights (`${paths...}` stays unresolved)
+    return node
+
+
+def build_models(sam2_option: str, dinov2_option: str, device: torch.device):
+    """Random-init SAM2 and DINOv2 from their config options."""
+    from ntt.backbones.dinov2 import build_dinov2
+    from ntt.backbones.sam2 import build_sam2
+
+    sam2_kw = _option_kwargs("sam2", sam2_option)
+    dino_kw = _option_kwargs("dinov2", dinov2_option)
+    sam2 = build_sam2(**sam2_kw, device=device)
+    dino = build_dinov2(**dino_kw, device=device)
+    return sam2, dino, sam2_kw, dino_kw
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def smooth_images(batch: int, size: int, *, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``[batch, 3, size, size]`` smooth random images in [0, 1]."""
+    low = torch.rand(batch, 3, 16, 16, generator=generator)
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1).to(device)
+
+
+def blob_logits(n: int, res: int, *, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``[n, res, res]`` smooth random logits whose ``> 0`` masks are blobs of varied size, none empty."""
+    low = torch.randn(n, 1, 8, 8, generator=generator)
+    bias = torch.rand(n, 1, 1, 1, generator=generator) * 2.0 - 1.5  # mask areas from small to large
+    logits = F.interpolate(low, size=(res, res), mode="bilinear", align_corners=False) + bias
+    c = res // 2
+    logits[:, 0, c - 2 : c + 2, c - 2 : c + 2] = logits[:, 0, c - 2 : c + 2, c - 2 : c + 2].clamp(min=1.0)
+    return logits[:, 0].to(device)
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+
+
+def bench_dinov2(dino, *, device, repeats, gen) -> dict[str, Any]:
+    x = smooth_images(1, int(dino.img_size), generator=gen, device=device)
+    res, out = time_fn(lambda: dino(x), device=device, repeats=repeats)
+    res["shapes"] = {"input": list(x.shape), "output": list(out.shape)}
+    return res
+
+
+def bench_sam2_encoder(sam2, *, device, repeats, gen) -> tuple[dict[str, Any], Any]:
+    x = smooth_images(1, int(sam2.image_size), generator=gen, device=device)
+    res, feats = time_fn(lambda: sam2.encode_image(x), device=device, repeats=repeats)
+    res["shapes"] = {
+        "input": list(x.shape),
+        "image_embed": list(feats.image_embed.shape),
+        "high_res_feats": [list(f.shape) for f in feats.high_res_feats],
+    }
+    return res, feats
+
+
+def bench_sam2_decoder(sam2, feats, *, batch: int, device, repeats) -> dict[str, Any]:
+    from ntt.proposals import point_grid
+
+    side = max(1, int(batch**0.5 + 0.999))
+    points = point_grid(side, int(sam2.image_size))[:batch, None, :].to(device)  # [B, 1, 2]
+    points = points.repeat(-(-batch // points.shape[0]), 1, 1)[:batch]
+    res, (logits, ious) = time_fn(lambda: sam2.decode(feats, points=points), device=device, repeats=repeats)
+    res["batch_prompts"] = batch
+    res["per_prompt_median_s"] = res["median_s"] / batch
+    res["per_prompt_min_s"] = res["min_s"] / batch
+    res["shapes"] = {"points": list(points.shape), "logits": list(logits.shape), "ious": list(ious.shape)}
+    return res
+
+
+def bench_pooling(*, n: int, grid: int, dim: int, device, repeats, gen) -> dict[str, Any]:
+    from ntt.matching import mask_embeddings
+
+    masks = blob_logits(n, MASK_RES, generator=gen, device=device) > 0
+    feats = torch.randn(grid, grid, dim, generator=gen).to(device)
+    dense, e_dense = time_fn(
+        lambda: mask_embeddings(masks, feats, method="dense"), device=device, repeats=repeats
+    )
+    adjoint, e_adj = time_fn(
+        lambda: mask_embeddings(masks, feats, method="adjoint"), device=device, repeats=repeats
+    )
+    return {
+        "dense": dense,
+        "adjoint": adjoint,
+        "max_abs_diff": float((e_dense - e_adj).abs().max()),
+        "speedup_adjoint_over_dense": dense["median_s"] / adjoint["median_s"],
+        "mean_mask_area_px": float(masks.flatten(1).sum(1).float().mean()),
+        "shapes": {"masks": list(masks.shape), "feats": list(feats.shape), "embeddings": list(e_dense.shape)},
+    }
+
+
+def bench_soft_merge(*, n: int, height: int, width: int, dim: int, device, repeats, gen) -> dict[str, Any]:
+    from ntt.postprocess import resize_masks_to_image, semantic_soft_merge
+
+    logits = blob_logits(n, MASK_RES, generator=gen, device=device)
+    labels = (torch.arange(n) % MERGE_CLASSES).to(device)
+    emb = _unit_rows(torch.randn(n, dim, generator=gen)).to(device)
+    scores = torch.rand(n, generator=gen).to(device)
+    resize, masks = time_fn(
+        lambda: resize_masks_to_image(logits, height, width), device=device, repeats=repeats
+    )
+    merge, (ios, _) = time_fn(
+        lambda: semantic_soft_merge(masks, labels, emb, scores), device=device, repeats=repeats
+    )
+    return {
+        "semantic_soft_merge": merge,
+        "resize_masks_to_image": resize,
+        "classes": MERGE_CLASSES,
+        "mean_ios": float(ios.nan_to_num().mean()),
+        "shapes": {"logits": list(logits.shape), "masks": list(masks.shape), "embeddings": list(emb.shape)},
+    }
+
+
+def bench_infer_image(
+    sam2, dino, *, grid: int, batch: int, height: int, width: int, device, repeats, gen
+) -> dict[str, Any]:
+    from ntt.inference import InferenceParams, infer_image
+
+    image = smooth_images(1, int(sam2.image_size), generator=gen, device=device)[0]
+    prototypes = _unit_rows(torch.randn(MERGE_CLASSES, int(dino.embed_dim), generator=gen)).to(device)
+    params = InferenceParams(points_per_side=grid, points_batch_size=batch)
+
+    def run(trace: bool = False):
+        return infer_image(
+            image, height, width, sam2=sam2, dino=dino, prototypes=prototypes, params=params, trace=trace
+        )
+
+    _, tr = run(trace=True)  # the warm-up, with counts of what flowed through
+    res, (det, _) = time_fn(run, device=device, repeats=repeats, warmup=0)
+    res["warmup"] = 1
+    res.update(
+        prompts=grid * grid,
+        points_batch_size=batch,
+        proposals_after_iou_filter=int(tr["pred_ious"].shape[0]),
+        kept_after_nms_and_score=int(tr["nms_keep_pos"].shape[0]),
+        detections=len(det),
+        params=params.to_dict(),
+        shapes={
+            "image1024": list(image.shape),
+            "output_hw": [height, width],
+            "prototypes": list(prototypes.shape),
+        },
+    )
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fmt_s(x: float) -> str:
+    if x >= 1:
+        return f"{x:.3f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x * 1e6:.0f} us"
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """``(measurement, median, min, repeats, shapes)`` rows of the results."""
+    rows = []
+
+    def add(name: str, t: dict[str, Any], shape: str) -> None:
+        rows.append((name, _fmt_s(t["median_s"]), _fmt_s(t["min_s"]), str(t["repeats"]), shape))
+
+    r = results
+    d = r["dinov2_forward"]
+    add("DINOv2 forward", d, f"{d['shapes']['input']} -> {d['shapes']['output']}")
+    e = r["sam2_image_encoder"]
+    add("SAM2 image encoder", e, f"{e['shapes']['input']}")
+    s = r["sam2_decoder"]
+    add(f"SAM2 decoder, batch of {s['batch_prompts']}", s, f"points {s['shapes']['points']}")
+    rows.append(
+        (
+            "SAM2 decoder, per prompt",
+            _fmt_s(s["per_prompt_median_s"]),
+            _fmt_s(s["per_prompt_min_s"]),
+            str(s["repeats"]),
+            f"batch {s['batch_prompts']}",
+        )
+    )
+    p = r["mask_pooling"]
+    shp = f"masks {p['shapes']['masks']}, feats {p['shapes']['feats']}"
+    add("mask pooling dense", p["dense"], shp)
+    add("mask pooling adjoint", p["adjoint"], f"max|dense-adjoint| = {p['max_abs_diff']:.1e}")
+    m = r["soft_merge"]
+    add(
+        "resize masks to image",
+        m["resize_masks_to_image"],
+        f"{m['shapes']['logits']} -> {m['shapes']['masks']}",
+    )
+    add("semantic soft merge", m["semantic_soft_merge"], f"{m['shapes']['masks']}, {m['classes']} classes")
+    i = r["infer_image"]
+    add(
+        "infer_image (whole image)",
+        i,
+        f"{i['prompts']} prompts, {i['proposals_after_iou_filter']} proposals, {i['detections']} detections",
+    )
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Markdown table of :func:`table_rows`."""
+    header = ("measurement", "median", "min", "n", "shapes / notes")
+    widths = [max(len(x[k]) for x in [header, *rows]) for k in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m ntt.bench",
+        description="Hot-spot micro-benchmarks with RANDOM weights (timings only, no accuracy).",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="seconds-long run (tiny models, small shapes; for tests)"
+    )
+    p.add_argument(
+        "--out", default="benchmarks", help="output folder of the result json (default: benchmarks/)"
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per measurement (cpu 3, cuda 10, quick 1)"
+    )
+    p.add_argument(
+        "--sam2",
+        default=None,
+        help="conf/backbone/sam2 option, random init forced (default sam2.1_hiera_t; quick: tiny_random)",
+    )
+    p.add_argument(
+        "--dinov2",
+        default=None,
+        help="conf/backbone/dinov2 option, random init forced (default vits14; quick: tiny_random)",
+    )
+    p.add_argument(
+        "--decoder-batch", type=int, default=None, help="prompts per decoder call (cpu 16, cuda 256)"
+    )
+    p.add_argument("--grid", type=int, default=None, help="infer_image points per side (cpu 4, cuda 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    args = p.parse_args(argv)
+    mode = "quick" if args.quick else args.device
+    for key, val in _DEFAULTS[mode].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, val)
+    args.sam2 = args.sam2 or ("tiny_random" if args.quick else "sam2.1_hiera_t")
+    args.dinov2 = args.dinov2 or ("tiny_random" if args.quick else "vits14")
+    if args.repeats < 1 or args.decoder_batch < 1 or args.grid < 1:
+        p.error("--repeats, --decoder-batch and --grid must be >= 1")
+    return args
+
+
+def _command_line(argv: list[str] | None) -> str:
+    if argv is None:
+        return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    return shlex.join(["python", "-m", "ntt.bench", *argv]) + "   # via ntt.bench.main(argv)"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the benchmarks, write the result json and print the table.
+
+    Args:
+        argv: command-line arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        Path of the written json.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available in this torch build / machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = dt.datetime.now(dt.timezone.utc)
+    log.warning(RANDOM_WEIGHTS_NOTE)
+    gen = torch.Generator().manual_seed(args.seed)
+    t_all = time.perf_counter()
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        sam2, dino, sam2_kw, dino_kw = build_models(args.sam2, args.dinov2, device)
+        log.info("built %s + %s (random init) in %.1f s", args.sam2, args.dinov2, time.perf_counter() - t0)
+        dim = int(dino.embed_dim)
+        results: dict[str, Any] = {}
+
+        log.info("1/6 DINOv2 forward")
+        results["dinov2_forward"] = bench_dinov2(dino, device=device, repeats=args.repeats, gen=gen)
+        results["dinov2_forward"]["model"] = dino_kw["name"]
+        log.info("2/6 SAM2 image encoder")
+        results["sam2_image_encoder"], feats = bench_sam2_encoder(
+            sam2, device=device, repeats=args.repeats, gen=gen
+        )
+        results["sam2_image_encoder"]["model"] = sam2_kw["name"]
+        log.info("3/6 SAM2 decoder (batch %d)", args.decoder_batch)
+        results["sam2_decoder"] = bench_sam2_decoder(
+            sam2, feats, batch=args.decoder_batch, device=device, repeats=args.repeats
+        )
+        results["sam2_decoder"]["model"] = sam2_kw["name"]
+        del feats
+        log.info("4/6 mask pooling dense vs adjoint (%d masks, D=%d)", args.pool_masks, dim)
+        results["mask_pooling"] = bench_pooling(
+            n=args.pool_masks, grid=int(dino.grid_size), dim=dim, device=device, repeats=args.repeats, gen=gen
+        )
+        log.info("5/6 soft merging (%d masks at %dx%d)", args.merge_masks, args.height, args.width)
+        results["soft_merge"] = bench_soft_merge(
+            n=args.merge_masks,
+            height=args.height,
+            width=args.width,
+            dim=dim,
+            device=device,
+            repeats=args.repeats,
+            gen=gen,
+        )
+        log.info("6/6 infer_image (%dx%d grid)", args.grid, args.grid)
+        results["infer_image"] = bench_infer_image(
+            sam2,
+            dino,
+            grid=args.grid,
+            batch=args.decoder_batch,
+            height=args.height,
+            width=args.width,
+            device=device,
+            repeats=args.repeats,
+            gen=gen,
+        )
+
+    rows = table_rows(results)
+    table = format_table(rows)
+    report = {
+        "WARNING": RANDOM_WEIGHTS_NOTE,
+        "schema_version": SCHEMA_VERSION,
+        "timestamp_utc": started.isoformat(timespec="seconds"),
+        "command": _command_line(argv),
+        "hardware": hardware_info(device),
+        "settings": {
+            "quick": args.quick,
+            "device": args.device,
+            "repeats": args.repeats,
+            "warmup": 1,
+            "seed": args.seed,
+            "sam2_option": args.sam2,
+            "sam2_config": sam2_kw.get("config"),
+            "dinov2_option": args.dinov2,
+            "dinov2_arch": dino_kw.get("arch"),
+            "random_init": True,
+            "decoder_batch": args.decoder_batch,
+            "grid": args.grid,
+            "pool_masks": args.pool_masks,
+            "merge_masks": args.merge_masks,
+            "image_hw": [args.height, args.width],
+        },
+        "results": results,
+        "table_markdown": table.splitlines(),
+        "total_wall_s": time.perf_counter() - t_all,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"results-{started:%Y%m%d}-{device_slug(device)}{'-quick' if args.quick else ''}.json"
+    path = out_dir / name
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s (%.0f s in all)", path, report["total_wall_s"])
+    log.warning(RANDOM_WEIGHTS_NOTE)
+    print(f"\n{RANDOM_WEIGHTS_NOTE}\n{report['hardware']['cpu_model']}, device {args.device}\n{table}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
