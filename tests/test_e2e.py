@@ -222,3 +222,25 @@ def test_missing_dataset_file_names_the_config_key(tmp_path):
 
     with pytest.raises(StageError, match=r"dataset\.ref_json=.*nowhere.json not found"):
         run(tmp_path, "dataset=fruits_nuts", "dataset.ref_json=/nowhere.json")
+
+
+@pytest.mark.slow
+def test_paper_size_backbones_run_the_pipeline_on_random_weights(tmp_path):
+    """SAM2.0 Hiera-L + DINOv2 ViT-L/14 at their real sizes (random weights, 2x2 grid, one image):
+    the shapes and memory of the paper setting go through every stage. Plumbing only."""
+    run_dir, metrics = run(
+        tmp_path,
+        *SMALL_SYNTH,
+        "backbone/sam2=sam2_hiera_l",
+        "backbone/dinov2=vitl14",
+        "backbone.sam2.random_init=true",
+        "backbone.sam2.checkpoint=null",
+        "backbone.dinov2.random_init=true",
+        "backbone.dinov2.checkpoint=null",
+        "dataset.max_test_images=1",
+        "proposer.points_per_side=2",
+    )
+    from ntt.memory import MemoryBank
+
+    assert MemoryBank.load(run_dir / "memory.pt").instance_means.shape[-1] == 1024
+    assert "sam2_hiera_l+dinov2_vitl14" in str(run_dir) and metrics["num_images"] == 1
