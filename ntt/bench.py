@@ -2,11 +2,12 @@
 
 ``make bench`` / ``python -m ntt.bench [--quick] [--device cpu|cuda] [--sam2 OPTION] [--dinov2 OPTION]``.
 Every model is built with ``random_init=True`` from a ``conf/backbone/{sam2,dinov2}/<OPTION>.yaml`` option; no
-checkpoint is ever loaded (random weights run the same kernels on the same shapes as the real ones, so the
-timings transfer; the outputs are meaningless).
+checkpoint is ever loaded. Random weights run the same kernels on the same shapes as the real ones, so the
+model timings transfer; the outputs are meaningless, and so are the data-dependent counts (proposals passing
+the IoU filter, NMS survivors), which is why sections 4-5 time fixed synthetic sizes.
 
-Measured (median and min of ``--repeats`` runs after one warm-up, under ``torch.inference_mode``, with
-``torch.cuda.synchronize`` around every run on CUDA):
+Measured (median and min of ``--repeats`` runs after ``--warmup`` untimed runs (1; none with ``--quick``),
+under ``torch.inference_mode``, with ``torch.cuda.synchronize`` around every run on CUDA):
 
 1. ``dinov2_forward``: DINOv2 patch-grid forward of one 518x518 image.
 2. ``sam2_image_encoder``: SAM2 ``encode_image`` (Hiera trunk + FPN neck) of one 1024x1024 image.
@@ -17,6 +18,9 @@ Measured (median and min of ``--repeats`` runs after one warm-up, under ``torch.
    spread over 3 classes.
 6. ``infer_image``: the whole per-image test path on one synthetic 1024 image with a small prompt grid.
 
+Each timing also records ``cpu_time_per_wall`` (this process) and ``other_load_cores`` (CPU used by other
+processes meanwhile, from /proc/stat); measurements taken under competing load are listed in
+``contention_warnings`` (on a shared 2-core machine such load can inflate timings several-fold).
 The result is written to ``<out>/results-<YYYYmmdd>-<cpu|gpu-name-slug>[-quick].json``; a table is logged.
 """
 
@@ -26,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -34,6 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +60,22 @@ SCHEMA_VERSION = 1
 
 # Per-mode defaults (None in argparse = take these).
 _DEFAULTS = {
-    "cpu": dict(repeats=3, decoder_batch=16, grid=4, pool_masks=256, merge_masks=200, height=600, width=800),
-    "cuda": dict(
-        repeats=10, decoder_batch=256, grid=32, pool_masks=256, merge_masks=200, height=600, width=800
+    "cpu": dict(
+        warmup=1, repeats=5, decoder_batch=16, grid=4, pool_masks=256, merge_masks=200, height=600, width=800
     ),
-    "quick": dict(repeats=1, decoder_batch=2, grid=2, pool_masks=32, merge_masks=24, height=120, width=160),
+    "cuda": dict(
+        warmup=1,
+        repeats=10,
+        decoder_batch=256,
+        grid=32,
+        pool_masks=256,
+        merge_masks=200,
+        height=600,
+        width=800,
+    ),
+    "quick": dict(
+        warmup=0, repeats=1, decoder_batch=2, grid=2, pool_masks=32, merge_masks=24, height=120, width=160
+    ),
 }
 MERGE_CLASSES = 3
 MASK_RES = 256  # SAM2 low-res mask side
@@ -95,10 +112,7 @@ def hardware_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": str(device),
     }
-    try:
-        info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        pass
+    info["load_average_1_5_15_at_start"] = _loadavg()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
@@ -112,11 +126,28 @@ def hardware_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def device_slug(device: torch.device) -> str:
     """``cpu`` or the GPU name in lower-case dashes (``nvidia-h100-80gb-hbm3``)."""
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-") or "gpu"
+
+
+def _machine_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores; /proc/stat), None if unavailable."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -129,38 +160,54 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def time_fn(
-    fn: Callable[[], Any], *, device: torch.device, repeats: int, warmup: int = 1
-) -> tuple[dict[str, Any], Any]:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed times.
+@dataclass
+class Timer:
+    """Times a callable: ``warmup`` untimed runs, then ``repeats`` timed runs (synchronised on CUDA)."""
 
-    Returns:
-        ``(timing, last_output)``; timing = ``median_s``, ``min_s``, ``repeats``, ``warmup``, ``times_s`` (and
-        ``peak_mem_mib`` on CUDA).
-    """
-    out = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        out = fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
+    device: torch.device
+    repeats: int
+    warmup: int = 1
+
+    def __call__(self, fn: Callable[[], Any], *, warmup: int | None = None) -> tuple[dict[str, Any], Any]:
+        """Returns ``(timing, last_output)``; timing = ``median_s``, ``min_s``, ``repeats``, ``warmup``,
+        ``times_s`` (and ``peak_mem_mib`` on CUDA)."""
+        device = self.device
+        warmup = self.warmup if warmup is None else warmup
+        out = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            out = fn()
         _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    res: dict[str, Any] = {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "repeats": len(times),
-        "warmup": warmup,
-        "times_s": times,
-    }
-    if device.type == "cuda":
-        res["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return res, out
+        times = []
+        cpu0, busy0 = time.process_time(), _machine_busy_s()
+        for _ in range(max(1, self.repeats)):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        own = time.process_time() - cpu0
+        wall = sum(times)
+        busy1 = _machine_busy_s()
+        res: dict[str, Any] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "repeats": len(times),
+            "warmup": warmup,
+            "times_s": times,
+            # CPU seconds of this process per wall second over the timed runs (about the thread count for
+            # well-parallelised ops on an idle machine).
+            "cpu_time_per_wall": round(own / wall, 2),
+            # cores' worth of CPU time used by OTHER processes meanwhile (Linux /proc/stat; None elsewhere):
+            # clearly above 0 means the timings are inflated by competing load.
+            "other_load_cores": (
+                None if busy0 is None or busy1 is None else round(max(0.0, busy1 - busy0 - own) / wall, 2)
+            ),
+        }
+        if device.type == "cuda":
+            res["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        return res, out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,16 +271,18 @@ def _unit_rows(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def bench_dinov2(dino, *, device, repeats, gen) -> dict[str, Any]:
+def bench_dinov2(dino, *, timer: Timer, gen) -> dict[str, Any]:
+    device = timer.device
     x = smooth_images(1, int(dino.img_size), generator=gen, device=device)
-    res, out = time_fn(lambda: dino(x), device=device, repeats=repeats)
+    res, out = timer(lambda: dino(x))
     res["shapes"] = {"input": list(x.shape), "output": list(out.shape)}
     return res
 
 
-def bench_sam2_encoder(sam2, *, device, repeats, gen) -> tuple[dict[str, Any], Any]:
+def bench_sam2_encoder(sam2, *, timer: Timer, gen) -> tuple[dict[str, Any], Any]:
+    device = timer.device
     x = smooth_images(1, int(sam2.image_size), generator=gen, device=device)
-    res, feats = time_fn(lambda: sam2.encode_image(x), device=device, repeats=repeats)
+    res, feats = timer(lambda: sam2.encode_image(x))
     res["shapes"] = {
         "input": list(x.shape),
         "image_embed": list(feats.image_embed.shape),
@@ -242,13 +291,15 @@ def bench_sam2_encoder(sam2, *, device, repeats, gen) -> tuple[dict[str, Any], A
     return res, feats
 
 
-def bench_sam2_decoder(sam2, feats, *, batch: int, device, repeats) -> dict[str, Any]:
+def bench_sam2_decoder(sam2, feats, *, batch: int, timer: Timer) -> dict[str, Any]:
     from ntt.proposals import point_grid
 
-    side = max(1, int(batch**0.5 + 0.999))
-    points = point_grid(side, int(sam2.image_size))[:batch, None, :].to(device)  # [B, 1, 2]
-    points = points.repeat(-(-batch // points.shape[0]), 1, 1)[:batch]
-    res, (logits, ious) = time_fn(lambda: sam2.decode(feats, points=points), device=device, repeats=repeats)
+    device = timer.device
+    side = math.ceil(math.sqrt(batch))
+    points = point_grid(side, int(sam2.image_size))[:batch, None, :].to(
+        device
+    )  # [B, 1, 2], spread over the image
+    res, (logits, ious) = timer(lambda: sam2.decode(feats, points=points))
     res["batch_prompts"] = batch
     res["per_prompt_median_s"] = res["median_s"] / batch
     res["per_prompt_min_s"] = res["min_s"] / batch
@@ -256,17 +307,14 @@ def bench_sam2_decoder(sam2, feats, *, batch: int, device, repeats) -> dict[str,
     return res
 
 
-def bench_pooling(*, n: int, grid: int, dim: int, device, repeats, gen) -> dict[str, Any]:
+def bench_pooling(*, n: int, grid: int, dim: int, timer: Timer, gen) -> dict[str, Any]:
     from ntt.matching import mask_embeddings
 
+    device = timer.device
     masks = blob_logits(n, MASK_RES, generator=gen, device=device) > 0
     feats = torch.randn(grid, grid, dim, generator=gen).to(device)
-    dense, e_dense = time_fn(
-        lambda: mask_embeddings(masks, feats, method="dense"), device=device, repeats=repeats
-    )
-    adjoint, e_adj = time_fn(
-        lambda: mask_embeddings(masks, feats, method="adjoint"), device=device, repeats=repeats
-    )
+    dense, e_dense = timer(lambda: mask_embeddings(masks, feats, method="dense"))
+    adjoint, e_adj = timer(lambda: mask_embeddings(masks, feats, method="adjoint"))
     return {
         "dense": dense,
         "adjoint": adjoint,
@@ -277,19 +325,16 @@ def bench_pooling(*, n: int, grid: int, dim: int, device, repeats, gen) -> dict[
     }
 
 
-def bench_soft_merge(*, n: int, height: int, width: int, dim: int, device, repeats, gen) -> dict[str, Any]:
+def bench_soft_merge(*, n: int, height: int, width: int, dim: int, timer: Timer, gen) -> dict[str, Any]:
     from ntt.postprocess import resize_masks_to_image, semantic_soft_merge
 
+    device = timer.device
     logits = blob_logits(n, MASK_RES, generator=gen, device=device)
     labels = (torch.arange(n) % MERGE_CLASSES).to(device)
     emb = _unit_rows(torch.randn(n, dim, generator=gen)).to(device)
     scores = torch.rand(n, generator=gen).to(device)
-    resize, masks = time_fn(
-        lambda: resize_masks_to_image(logits, height, width), device=device, repeats=repeats
-    )
-    merge, (ios, _) = time_fn(
-        lambda: semantic_soft_merge(masks, labels, emb, scores), device=device, repeats=repeats
-    )
+    resize, masks = timer(lambda: resize_masks_to_image(logits, height, width))
+    merge, (ios, _) = timer(lambda: semantic_soft_merge(masks, labels, emb, scores))
     return {
         "semantic_soft_merge": merge,
         "resize_masks_to_image": resize,
@@ -300,10 +345,11 @@ def bench_soft_merge(*, n: int, height: int, width: int, dim: int, device, repea
 
 
 def bench_infer_image(
-    sam2, dino, *, grid: int, batch: int, height: int, width: int, device, repeats, gen
+    sam2, dino, *, grid: int, batch: int, height: int, width: int, timer: Timer, gen
 ) -> dict[str, Any]:
     from ntt.inference import InferenceParams, infer_image
 
+    device = timer.device
     image = smooth_images(1, int(sam2.image_size), generator=gen, device=device)[0]
     prototypes = _unit_rows(torch.randn(MERGE_CLASSES, int(dino.embed_dim), generator=gen)).to(device)
     params = InferenceParams(points_per_side=grid, points_batch_size=batch)
@@ -313,9 +359,12 @@ def bench_infer_image(
             image, height, width, sam2=sam2, dino=dino, prototypes=prototypes, params=params, trace=trace
         )
 
-    _, tr = run(trace=True)  # the warm-up, with counts of what flowed through
-    res, (det, _) = time_fn(run, device=device, repeats=repeats, warmup=0)
-    res["warmup"] = 1
+    if timer.warmup > 0:
+        _, tr = run(trace=True)  # the warm-up, with counts of what flowed through
+        res, (det, _) = timer(run, warmup=0)
+        res["warmup"] = 1
+    else:  # no warm-up (--quick): the timed runs themselves give the counts
+        res, (det, tr) = timer(lambda: run(trace=True))
     res.update(
         prompts=grid * grid,
         points_batch_size=batch,
@@ -345,12 +394,39 @@ def _fmt_s(x: float) -> str:
     return f"{x * 1e6:.0f} us"
 
 
-def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """``(measurement, median, min, repeats, shapes)`` rows of the results."""
+def _load_cells(t: dict[str, Any]) -> tuple[str, str]:
+    other = t.get("other_load_cores")
+    return f"{t['cpu_time_per_wall']:.2f}", "n/a" if other is None else f"{other:.2f}"
+
+
+def _timings(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(dotted name, timing dict)`` of every timed measurement."""
+    found = []
+    for key, val in results.items():
+        if isinstance(val, dict) and "median_s" in val:
+            found.append((key, val))
+        elif isinstance(val, dict):
+            found += [(f"{key}.{k}", v) for k, v in _timings(val)]
+    return found
+
+
+def contention_warnings(results: dict[str, Any], threshold: float = 0.25) -> list[str]:
+    """Measurements during which other processes used more than ``threshold`` cores on average."""
+    return [
+        f"{name}: other processes used {t['other_load_cores']:.2f} cores meanwhile"
+        for name, t in _timings(results)
+        if (t.get("other_load_cores") or 0.0) > threshold
+    ]
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """``(measurement, median, min, repeats, cpu/wall, other load, shapes)`` rows of the results."""
     rows = []
 
     def add(name: str, t: dict[str, Any], shape: str) -> None:
-        rows.append((name, _fmt_s(t["median_s"]), _fmt_s(t["min_s"]), str(t["repeats"]), shape))
+        rows.append(
+            (name, _fmt_s(t["median_s"]), _fmt_s(t["min_s"]), str(t["repeats"]), *_load_cells(t), shape)
+        )
 
     r = results
     d = r["dinov2_forward"]
@@ -365,6 +441,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             _fmt_s(s["per_prompt_median_s"]),
             _fmt_s(s["per_prompt_min_s"]),
             str(s["repeats"]),
+            *_load_cells(s),
             f"batch {s['batch_prompts']}",
         )
     )
@@ -390,9 +467,12 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
     """Markdown table of :func:`table_rows`."""
-    header = ("measurement", "median", "min", "n", "shapes / notes")
+    header = ("measurement", "median", "min", "n", "cpu/wall", "other load", "shapes / notes")
     widths = [max(len(x[k]) for x in [header, *rows]) for k in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def line(cells) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
@@ -415,7 +495,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per measurement (cpu 3, cuda 10, quick 1)"
+        "--repeats", type=int, default=None, help="timed runs per measurement (cpu 5, cuda 10, quick 1)"
     )
     p.add_argument(
         "--sam2",
@@ -440,8 +520,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, val)
     args.sam2 = args.sam2 or ("tiny_random" if args.quick else "sam2.1_hiera_t")
     args.dinov2 = args.dinov2 or ("tiny_random" if args.quick else "vits14")
-    if args.repeats < 1 or args.decoder_batch < 1 or args.grid < 1:
-        p.error("--repeats, --decoder-batch and --grid must be >= 1")
+    if args.repeats < 1 or args.decoder_batch < 1 or args.grid < 1 or args.warmup < 0:
+        p.error("--repeats, --decoder-batch and --grid must be >= 1, --warmup >= 0")
     return args
 
 
@@ -469,8 +549,10 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = dt.datetime.now(dt.timezone.utc)
+    hardware = hardware_info(device)
     log.warning(RANDOM_WEIGHTS_NOTE)
     gen = torch.Generator().manual_seed(args.seed)
+    timer = Timer(device, args.repeats, args.warmup)
     t_all = time.perf_counter()
 
     with torch.inference_mode():
@@ -481,22 +563,18 @@ def main(argv: list[str] | None = None) -> Path:
         results: dict[str, Any] = {}
 
         log.info("1/6 DINOv2 forward")
-        results["dinov2_forward"] = bench_dinov2(dino, device=device, repeats=args.repeats, gen=gen)
+        results["dinov2_forward"] = bench_dinov2(dino, timer=timer, gen=gen)
         results["dinov2_forward"]["model"] = dino_kw["name"]
         log.info("2/6 SAM2 image encoder")
-        results["sam2_image_encoder"], feats = bench_sam2_encoder(
-            sam2, device=device, repeats=args.repeats, gen=gen
-        )
+        results["sam2_image_encoder"], feats = bench_sam2_encoder(sam2, timer=timer, gen=gen)
         results["sam2_image_encoder"]["model"] = sam2_kw["name"]
         log.info("3/6 SAM2 decoder (batch %d)", args.decoder_batch)
-        results["sam2_decoder"] = bench_sam2_decoder(
-            sam2, feats, batch=args.decoder_batch, device=device, repeats=args.repeats
-        )
+        results["sam2_decoder"] = bench_sam2_decoder(sam2, feats, batch=args.decoder_batch, timer=timer)
         results["sam2_decoder"]["model"] = sam2_kw["name"]
         del feats
         log.info("4/6 mask pooling dense vs adjoint (%d masks, D=%d)", args.pool_masks, dim)
         results["mask_pooling"] = bench_pooling(
-            n=args.pool_masks, grid=int(dino.grid_size), dim=dim, device=device, repeats=args.repeats, gen=gen
+            n=args.pool_masks, grid=int(dino.grid_size), dim=dim, timer=timer, gen=gen
         )
         log.info("5/6 soft merging (%d masks at %dx%d)", args.merge_masks, args.height, args.width)
         results["soft_merge"] = bench_soft_merge(
@@ -504,8 +582,7 @@ def main(argv: list[str] | None = None) -> Path:
             height=args.height,
             width=args.width,
             dim=dim,
-            device=device,
-            repeats=args.repeats,
+            timer=timer,
             gen=gen,
         )
         log.info("6/6 infer_image (%dx%d grid)", args.grid, args.grid)
@@ -516,11 +593,15 @@ def main(argv: list[str] | None = None) -> Path:
             batch=args.decoder_batch,
             height=args.height,
             width=args.width,
-            device=device,
-            repeats=args.repeats,
+            timer=timer,
             gen=gen,
         )
 
+    contended = contention_warnings(results)
+    for w in contended:
+        log.warning("competing load, timing inflated: %s", w)
+    if contended:
+        log.warning("%d measurement(s) ran under competing load: rerun on a quiet machine", len(contended))
     rows = table_rows(results)
     table = format_table(rows)
     report = {
@@ -528,12 +609,12 @@ def main(argv: list[str] | None = None) -> Path:
         "schema_version": SCHEMA_VERSION,
         "timestamp_utc": started.isoformat(timespec="seconds"),
         "command": _command_line(argv),
-        "hardware": hardware_info(device),
+        "hardware": hardware,
         "settings": {
             "quick": args.quick,
             "device": args.device,
             "repeats": args.repeats,
-            "warmup": 1,
+            "warmup": args.warmup,
             "seed": args.seed,
             "sam2_option": args.sam2,
             "sam2_config": sam2_kw.get("config"),
@@ -547,8 +628,10 @@ def main(argv: list[str] | None = None) -> Path:
             "image_hw": [args.height, args.width],
         },
         "results": results,
+        "contention_warnings": contended,
         "table_markdown": table.splitlines(),
         "total_wall_s": time.perf_counter() - t_all,
+        "load_average_1_5_15_at_end": _loadavg(),
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -557,7 +640,7 @@ def main(argv: list[str] | None = None) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s (%.0f s in all)", path, report["total_wall_s"])
     log.warning(RANDOM_WEIGHTS_NOTE)
-    print(f"\n{RANDOM_WEIGHTS_NOTE}\n{report['hardware']['cpu_model']}, device {args.device}\n{table}")
+    print(f"\n{RANDOM_WEIGHTS_NOTE}\n{hardware['cpu_model']}, device {args.device}\n{table}")
     return path
 
 
