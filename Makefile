@@ -61,7 +61,7 @@ smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are
 checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
 	$(PY) -m ntt.cli download sam2_hiera_l dinov2_vitl14
 
-bench: setup ## CPU micro-benchmarks of the hot spots (writes benchmarks/results-*.json)
+bench: setup ## time the hot spots (CPU; ARGS="--device cuda ..." on a GPU); writes benchmarks/results-*.json
 	$(PY) -m ntt.bench $(ARGS)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)

@@ -244,3 +244,13 @@ def test_paper_size_backbones_run_the_pipeline_on_random_weights(tmp_path):
 
     assert MemoryBank.load(run_dir / "memory.pt").instance_means.shape[-1] == 1024
     assert "sam2_hiera_l+dinov2_vitl14" in str(run_dir) and metrics["num_images"] == 1
+
+
+def test_fixed_matcher_runs_in_its_own_directory(tmp_path):
+    """matcher=fixed (every fix flag on, adjoint pooling) through every stage, beside the parity run."""
+    parity_dir, _ = run(tmp_path, *SMALL_SYNTH)
+    fixed_dir, metrics = run(tmp_path, *SMALL_SYNTH, "matcher=fixed", "variant=fixed")
+    assert fixed_dir.name == "fixed" and parity_dir.name == "smoke" and fixed_dir.parent == parity_dir.parent
+    cfg = (fixed_dir / "config.yaml").read_text()
+    assert "mask_pooling: area" in cfg and "pooling: adjoint" in cfg and "box_plus_one: true" in cfg
+    assert metrics["failed_images"] == []
