@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,3 @@ def config_hash(*parts: Any) -> str:
     """Stable short hash of JSON-able config parts (key order does not matter)."""
     blob = json.dumps([to_plain(p) for p in parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    """Dataclass -> dict (for hashing and metadata)."""
-    return asdict(obj)

@@ -12,7 +12,6 @@ resize to 518 (no antialias), soft mask sampled at the top-left pixel of each pa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -39,7 +38,6 @@ __all__ = [
     "compute_prototypes",
     "fill_memory",
     "postprocess_memory",
-    "memory_digest",
 ]
 
 MASK_POOLING = ("nearest", "area")
@@ -701,15 +699,3 @@ def postprocess_memory(
             stats["pca_mean"] = torch.stack(pca_mean)
             stats["pca_components"] = torch.stack(pca_comp)
     return dataclasses.replace(bank, postprocessed=True, stats=stats)
-
-
-def memory_digest(bank: MemoryBank) -> str:
-    """sha256 of the instance means and metadata (for stage manifests).
-
-    Args:
-        bank: the bank.
-    """
-    h = hashlib.sha256()
-    h.update(bank.instance_means.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps(bank.meta(), sort_keys=True).encode())
-    return h.hexdigest()

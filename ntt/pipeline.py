@@ -209,15 +209,6 @@ def load_split(ctx: RunContext, which: str):
     return CocoDataset(json_file, root, class_names=spec.class_names, class_split=spec.class_split)
 
 
-def _check_same_classes(ref_ds, test_ds) -> None:
-    if list(ref_ds.category_ids) != list(test_ds.category_ids):
-        raise StageError(
-            f"the reference json ({ref_ds.json_file}) and the test json ({test_ds.json_file}) give different "
-            f"category ids for the selected classes: {ref_ds.category_ids} vs {test_ds.category_ids}. "
-            "Both must use the same category ids (check dataset.class_names / dataset.class_split)."
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # Stages
 

@@ -1,17 +1,17 @@
-"""COCO result encoding (RLE masks, xywh boxes) and per-process result shards (ALGORITHM 5.8.3, 7.5)."""
+"""COCO result encoding: RLE masks, xywh boxes (ALGORITHM 5.8.3).
+
+Per-process result shards and their merge live in `ntt.pipeline` (per-image JSONL lines, resumable).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 from pycocotools import mask as mask_utils
 
-__all__ = ["encode_masks_rle", "detections_to_coco", "write_results_shard", "merge_result_shards"]
+__all__ = ["encode_masks_rle", "detections_to_coco"]
 
 log = logging.getLogger(__name__)
 
@@ -80,60 +80,3 @@ def detections_to_coco(
             }
         )
     return out
-
-
-def write_results_shard(path: str | os.PathLike, results: list[dict]) -> None:
-    """Write one process's results as JSON, atomically (temp file + rename).
-
-    Args:
-        path: shard file.
-        results: COCO result dicts.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(results, f)
-    os.replace(tmp, path)
-
-
-def merge_result_shards(paths: Iterable[str | os.PathLike], image_order: Sequence[int]) -> list[dict]:
-    """Merge result shards into one list ordered by the dataset's image order.
-
-    Detections of one image keep their rank order. The output does not depend on how images were split into
-    shards, nor on the order of ``paths``; an image found in several shards (a distributed sampler padding
-    the last batch) is taken once, from the first shard (in ``paths`` order) that holds it.
-
-    Args:
-        paths: shard files written by :func:`write_results_shard`.
-        image_order: all image ids in dataset order.
-
-    Returns:
-        the merged list of result dicts.
-
-    Raises:
-        ValueError: a shard holds an image id that is not in ``image_order``.
-    """
-    per_image: dict[int, list[dict]] = {}
-    for p in paths:
-        with open(p) as f:
-            shard = json.load(f)
-        groups: dict[int, list[dict]] = {}
-        for r in shard:
-            groups.setdefault(int(r["image_id"]), []).append(r)
-        for img, dets in groups.items():
-            if img in per_image:
-                if per_image[img] != dets:
-                    log.warning(
-                        "image %d appears in several shards with different results; keeping first", img
-                    )
-                continue
-            per_image[img] = dets
-    known = set(int(i) for i in image_order)
-    unknown = sorted(set(per_image) - known)
-    if unknown:
-        raise ValueError(f"result shards hold image ids not in the dataset order: {unknown[:10]}")
-    merged: list[dict] = []
-    for img in image_order:
-        merged.extend(per_image.get(int(img), []))
-    return merged

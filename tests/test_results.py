@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, resize_masks_to_image
-from ntt.results import detections_to_coco, encode_masks_rle, merge_result_shards, write_results_shard
+from ntt.results import detections_to_coco, encode_masks_rle
 
 # pycocotools' decode trips numpy 2's copy-keyword deprecation; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -73,36 +73,6 @@ def _fake_results(image_ids, seed=0):
     return out
 
 
-def test_merge_is_independent_of_shard_count_and_order(tmp_path):
-    order = [7, 3, 11, 5, 2, 8, 13]
-    per_image = {img: [r for r in _fake_results(order) if r["image_id"] == img] for img in order}
-    want = [r for img in order for r in per_image[img]]
-    merged = []
-    for n_shards in (1, 2, 3, 7):
-        paths = []
-        for s in range(n_shards):
-            imgs = order[s::n_shards]  # DistributedSampler-style interleaving
-            p = tmp_path / f"n{n_shards}" / f"shard{s}.json"
-            write_results_shard(p, [r for img in imgs for r in per_image[img]])
-            paths.append(p)
-        random.Random(n_shards).shuffle(paths)
-        merged.append(merge_result_shards(paths, order))
-    assert all(m == want for m in merged)
-
-
-def test_merge_dedupes_padding_and_rejects_unknown_images(tmp_path):
-    a = [{"image_id": 1, "score": 0.5}, {"image_id": 2, "score": 0.4}]
-    b = [{"image_id": 2, "score": 0.4}, {"image_id": 3, "score": 0.3}]  # image 2 repeated (sampler padding)
-    write_results_shard(tmp_path / "a.json", a)
-    write_results_shard(tmp_path / "b.json", b)
-    merged = merge_result_shards([tmp_path / "b.json", tmp_path / "a.json"], [3, 2, 1])
-    assert [r["image_id"] for r in merged] == [3, 2, 1]
-    with pytest.raises(ValueError, match="not in the dataset order"):
-        merge_result_shards([tmp_path / "a.json"], [1])
-    assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp files
-
-
-@pytest.mark.parity
 def test_fixture_coco_results_top3_of_image14(parity_dir):
     """The complete logits of image 14's top-3 paper detections are stored: re-encode them exactly."""
     d = np.load(parity_dir / "common" / "img14_proposals.npz")
