@@ -143,6 +143,28 @@ def stage_key(ctx: RunContext, stage: str) -> str:
     return config_hash(*parts)
 
 
+def predictions_key(ctx: RunContext) -> str:
+    """What one image's detections depend on, and so when the per-image results may be resumed.
+
+    Unlike the test stage's key it leaves out which images are evaluated (`dataset.max_test_images`,
+    `dataset.test_image_ids`) and how they are scored (`eval`): changing those re-merges and re-evaluates
+    the images already done instead of segmenting them again.
+    """
+    cfg = ctx.cfg
+    data = dict(to_plain(cfg.dataset))
+    for key in ("max_test_images", "test_image_ids"):
+        data.pop(key, None)
+    return config_hash(
+        "predictions",
+        __version__,
+        data,
+        cfg.backbone,
+        cfg.proposer,
+        cfg.matcher,
+        _artifact_sha(ctx, PROTOTYPES_FILE),
+    )
+
+
 def _artifact_sha(ctx: RunContext, name: str) -> str | None:
     p = ctx.path(name)
     return sha256_file(p) if p.exists() else None
@@ -381,7 +403,7 @@ def stage_test(ctx: RunContext) -> Path:
     test_ds = load_split(ctx, "test")
     ids = test_image_ids(ctx, test_ds)
     pred_dir = ctx.path("predictions")
-    key = stage_key(ctx, "test")
+    key = predictions_key(ctx)
     if ctx.is_main:
         _reset_stale_predictions(pred_dir, key)
     dist.barrier()

@@ -254,3 +254,23 @@ def test_fixed_matcher_runs_in_its_own_directory(tmp_path):
     cfg = (fixed_dir / "config.yaml").read_text()
     assert "mask_pooling: area" in cfg and "pooling: adjoint" in cfg and "box_plus_one: true" in cfg
     assert metrics["failed_images"] == []
+
+
+def test_changing_what_is_evaluated_reuses_the_segmented_images(tmp_path, caplog, monkeypatch):
+    """eval backend and image count are not inputs of an image's detections: no image is segmented twice."""
+    from ntt import inference
+
+    run(tmp_path, *SMALL_SYNTH)
+    calls = {"n": 0}
+    real = inference.infer_image
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "infer_image", counting)
+    run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "eval=coco_fast")
+    assert calls["n"] == 0 and metrics["num_images"] == 2 and "bbox" in metrics
+    _, metrics = run(tmp_path, *SMALL_SYNTH, "dataset.max_test_images=3")
+    assert calls["n"] == 1 and metrics["num_images"] == 3  # only the new image
+    assert not list(run_dir.glob("predictions.stale-*"))
