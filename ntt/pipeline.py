@@ -22,7 +22,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,9 @@ class RunContext:
     device: str
     rank: int
     world_size: int
+    # datasets loaded by `load_split`, kept for the later stages of the same run (COCO train2017's json is
+    # ~450 MB: sample_refs and fill_memory should not parse it twice)
+    splits: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -217,6 +220,8 @@ def load_split(ctx: RunContext, which: str):
     """The reference pool (`ref`) or the test set (`test`) as a CocoDataset with the run's classes."""
     from ntt.data.coco import CocoDataset
 
+    if which in ctx.splits:
+        return ctx.splits[which]
     spec = ctx.dataset
     key = "ref_json" if which == "ref" else "test_json"
     json_file, root = (
@@ -228,7 +233,10 @@ def load_split(ctx: RunContext, which: str):
             f"directory {Path.cwd()}). Put the data there, or point `paths.data` (env NTT_DATA), "
             f"`dataset.root` or `dataset.{key}` at it."
         )
-    return CocoDataset(json_file, root, class_names=spec.class_names, class_split=spec.class_split)
+    ctx.splits[which] = CocoDataset(
+        json_file, root, class_names=spec.class_names, class_split=spec.class_split
+    )
+    return ctx.splits[which]
 
 
 # --------------------------------------------------------------------------------------------------
