@@ -18,7 +18,7 @@ from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections
 from ntt.proposals import generate_proposals
 
-__all__ = ["InferenceParams", "dino_features", "infer_image"]
+__all__ = ["InferenceParams", "detect_from_proposals", "dino_features", "infer_image"]
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,63 @@ def infer_image(
         image_size=image1024.shape[-1],
     )
     del sam_feats
-    masks256 = props.logits > 0
+    det, tr = detect_from_proposals(
+        props.logits, props.pred_ious, feats_dino, prototypes, height=height, width=width, params=p
+    )
+    log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(props), len(det))
+    if not trace:
+        return det, None
+    tr.update(
+        {
+            "dino_feats": feats_dino,
+            "grid_points": props.grid_points,
+            "grid_pred_ious_all4": props.grid_ious_all,
+            "grid_best_index": props.grid_best_index,
+            "grid_pred_ious": props.grid_pred_ious,
+            "points": props.points,
+            "grid_index": props.grid_index,
+        }
+    )
+    return det, {k: _cpu(v) for k, v in tr.items()}
+
+
+def detect_from_proposals(
+    logits: Tensor,
+    pred_ious: Tensor,
+    feats_dino: Tensor,
+    prototypes: Tensor,
+    *,
+    height: int,
+    width: int,
+    params: InferenceParams | None = None,
+) -> tuple[Detections, dict[str, Tensor]]:
+    """Everything after the SAM2 decoder (method.md §5.3-5.8): pooling, classification, NMS, soft merging, top-k.
+
+    Split from :func:`infer_image` so a caller (the parity tests' counterfactual check, a multi-bank pass) can run
+    the memory-dependent part on given proposals.
+
+    Args:
+        logits: ``[n, 256, 256]`` low-res logits of the IoU-filtered proposals, in grid order.
+        pred_ious: ``[n]`` their predicted IoUs.
+        feats_dino: ``[h, w, D]`` DINOv2 grid of the target.
+        prototypes: ``[C, D]`` L2-normalised class prototypes.
+        height: original (annotation) height ``H``.
+        width: original (annotation) width ``W``.
+        params: settings (paper defaults when None).
+
+    Returns:
+        ``(detections, trace)``; the trace holds the intermediates from ``pred_ious`` on (tensors on the input
+        device), under the parity fixture's key names.
+    """
+    p = params or InferenceParams()
+    masks256 = logits > 0
     embeddings = mask_embeddings(masks256, feats_dino, method=p.pooling)
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
     sim, labels, scores = classify(embeddings, prototypes)
     boxes256 = masks_to_boxes_inclusive(masks256)
     det, post = postprocess_detections(
-        props.logits,
-        props.pred_ious,
+        logits,
+        pred_ious,
         labels,
         scores,
         embeddings,
@@ -132,19 +181,9 @@ def infer_image(
         box_plus_one=p.box_plus_one,
         lowres_boxes=boxes256,
     )
-    log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(props), len(det))
-    if not trace:
-        return det, None
     tr = {
-        "dino_feats": feats_dino,
-        "grid_points": props.grid_points,
-        "grid_pred_ious_all4": props.grid_ious_all,
-        "grid_best_index": props.grid_best_index,
-        "grid_pred_ious": props.grid_pred_ious,
-        "points": props.points,
-        "grid_index": props.grid_index,
-        "pred_ious": props.pred_ious,
-        "logits": props.logits,
+        "pred_ious": pred_ious,
+        "logits": logits,
         "n_pos_256": masks256.flatten(1).sum(dim=1),
         "lowres_boxes_xyxy": boxes256,
         "sim": sim,
@@ -153,4 +192,4 @@ def infer_image(
         "scores": scores,
     }
     tr.update(post)
-    return det, {k: _cpu(v) for k, v in tr.items()}
+    return det, tr
