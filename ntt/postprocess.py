@@ -22,6 +22,7 @@ __all__ = [
     "resize_masks_to_image",
     "semantic_soft_merge",
     "postprocess_detections",
+    "rank_top_k",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,28 @@ def semantic_soft_merge(
     return ios, scores * (1 - ios) ** 0.5
 
 
+def rank_top_k(decayed: Tensor, num_out: int, *, valid: Tensor | None = None) -> Tensor:
+    """Final ranking (method.md §5.8): indices of the ``num_out`` highest decayed scores, best first.
+
+    torch's descending sort puts NaN first, as the reference's argsort does; ``stable=True`` fixes the order of
+    exact ties (the reference's non-stable argsort leaves it unspecified; ties are practically absent).
+
+    Args:
+        decayed: ``[P]`` decayed scores.
+        num_out: how many to keep.
+        valid: optional ``[P]`` bool; only these entries are ranked (fix flag ``drop_empty_masks``).
+
+    Returns:
+        ``[min(num_out, P')]`` int64 indices into ``decayed``.
+    """
+    if valid is None:
+        order = torch.sort(decayed, descending=True, stable=True).indices
+    else:
+        cand = torch.nonzero(valid, as_tuple=True)[0]
+        order = cand[torch.sort(decayed[cand], descending=True, stable=True).indices]
+    return order[:num_out]
+
+
 def _trace_empty(device) -> dict[str, Tensor]:
     z = torch.zeros(0, dtype=torch.int64, device=device)
     zf = torch.zeros(0, dtype=torch.float32, device=device)
@@ -260,14 +283,7 @@ def postprocess_detections(
         del masks_c
     decayed = scores[keep_pos] * (1 - ios) ** 0.5
 
-    # torch's descending sort puts NaN first, as the reference's argsort; stable=True fixes the order of
-    # exact ties (the reference's non-stable argsort leaves it unspecified; ties are practically absent).
-    if drop_empty_masks:
-        cand = torch.nonzero(areas > 0, as_tuple=True)[0]
-        order = cand[torch.sort(decayed[cand], descending=True, stable=True).indices]
-    else:
-        order = torch.sort(decayed, descending=True, stable=True).indices
-    final_order = order[:num_out]
+    final_order = rank_top_k(decayed, num_out, valid=areas > 0 if drop_empty_masks else None)
     final_proposal = keep_pos[final_order]
     final_masks = resize_masks_to_image(logits[final_proposal], height, width, chunk_size=chunk_size)
     final_boxes = masks_to_boxes_inclusive(final_masks)
