@@ -334,7 +334,7 @@ def bench_soft_merge(*, n: int, height: int, width: int, dim: int, timer: Timer,
     emb = _unit_rows(torch.randn(n, dim, generator=gen)).to(device)
     scores = torch.rand(n, generator=gen).to(device)
     resize, masks = timer(lambda: resize_masks_to_image(logits, height, width))
-    merge, (ios, _) = timer(lambda: semantic_soft_merge(masks, labels, emb, scores))
+    merge, (ios, _, _) = timer(lambda: semantic_soft_merge(masks, labels, emb, scores))
     return {
         "semantic_soft_merge": merge,
         "resize_masks_to_image": resize,

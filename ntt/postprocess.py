@@ -9,6 +9,7 @@ box extents for the NMS boxes).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -149,9 +150,9 @@ def _class_ios(masks: Tensor, sem: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def semantic_soft_merge(
-    masks: Tensor, labels: Tensor, embeddings: Tensor, scores: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Semantic-aware soft merging (score decay) over masks given in ranking (NMS) order.
+    masks: Tensor | Callable[[Tensor], Tensor], labels: Tensor, embeddings: Tensor, scores: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Semantic-aware soft merging (score decay) over masks given in ranking (NMS) order (method.md §5.7).
 
     ``ios_i = max(0, max_{j < i, label_j == label_i} |m_i & m_j| / |m_i| * max(0, e_i . e_j))`` and
     ``decayed_i = score_i * (1 - ios_i) ** 0.5``. Intersections are counted exactly per class (chunked over
@@ -159,20 +160,26 @@ def semantic_soft_merge(
     on the fixture). An empty mask gets ``ios = NaN`` and so a NaN score (parity).
 
     Args:
-        masks: ``[P, H, W]`` bool full-resolution masks.
+        masks: ``[P, H, W]`` bool full-resolution masks, or a function that returns the ``[n_c, H, W]`` masks
+            of the given entry indices (one class at a time: the caller never holds all ``P`` masks).
         labels: ``[P]`` class indices.
         embeddings: ``[P, D]`` mask embeddings.
         scores: ``[P]`` scores before decay.
 
     Returns:
-        ``(ios [P], decayed [P])`` float32.
+        ``(ios [P] float32, decayed [P] float32, areas [P] float64 mask pixel counts)``.
     """
-    ios = torch.zeros(masks.shape[0], dtype=torch.float32, device=masks.device)
+    masks_of = masks if callable(masks) else (lambda idx: masks[idx])
+    device = labels.device
+    ios = torch.zeros(labels.shape[0], dtype=torch.float32, device=device)
+    areas = torch.zeros(labels.shape[0], dtype=torch.float64, device=device)
     sem = _semantic_similarity(embeddings.float())
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c, as_tuple=True)[0]
-        ios[idx] = _class_ios(masks[idx], sem[idx][:, idx])[0]
-    return ios, scores * (1 - ios) ** 0.5
+        masks_c = masks_of(idx)
+        ios[idx], areas[idx] = _class_ios(masks_c, sem[idx][:, idx])
+        del masks_c
+    return ios, scores * (1 - ios) ** 0.5, areas
 
 
 def rank_top_k(decayed: Tensor, num_out: int, *, valid: Tensor | None = None) -> Tensor:
@@ -273,15 +280,12 @@ def postprocess_detections(
         return Detections.empty(height, width, device), trace
 
     lab_pos = labels[keep_pos]
-    sem = _semantic_similarity(embeddings[keep_pos].float())
-    ios = torch.zeros(keep_pos.numel(), dtype=torch.float32, device=device)
-    areas = torch.zeros(keep_pos.numel(), dtype=torch.float64, device=device)
-    for c in torch.unique(lab_pos).tolist():
-        idx = torch.nonzero(lab_pos == c, as_tuple=True)[0]
-        masks_c = resize_masks_to_image(logits[keep_pos[idx]], height, width, chunk_size=chunk_size)
-        ios[idx], areas[idx] = _class_ios(masks_c, sem[idx][:, idx])
-        del masks_c
-    decayed = scores[keep_pos] * (1 - ios) ** 0.5
+    ios, decayed, areas = semantic_soft_merge(
+        lambda idx: resize_masks_to_image(logits[keep_pos[idx]], height, width, chunk_size=chunk_size),
+        lab_pos,
+        embeddings[keep_pos],
+        scores[keep_pos],
+    )
 
     final_order = rank_top_k(decayed, num_out, valid=areas > 0 if drop_empty_masks else None)
     final_proposal = keep_pos[final_order]

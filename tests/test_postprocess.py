@@ -56,7 +56,7 @@ def test_semantic_soft_merge_hand_computed():
     labels = torch.tensor([0, 0, 1, 0, 0, 0, 0])
     emb = torch.tensor([[1, 0], [0.5, S75], [1, 0], [1, 0], [-1, 0], [1, 0], [0, 1]])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
-    ios, decayed = semantic_soft_merge(masks, labels, emb, scores)
+    ios, decayed, _ = semantic_soft_merge(masks, labels, emb, scores)
     want_ios = [
         0.0,  # first of class 0
         0.25,  # half covered by A, cosine 0.5
