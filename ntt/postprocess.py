@@ -24,6 +24,7 @@ __all__ = [
     "semantic_soft_merge",
     "postprocess_detections",
     "rank_top_k",
+    "upsample_logits",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,26 @@ def resize_masks_to_image(logits: Tensor, height: int, width: int, *, chunk_size
     m = logits.shape[0]
     out = torch.empty(m, height, width, dtype=torch.bool, device=logits.device)
     for s in range(0, m, chunk_size):
-        up = F.interpolate(
-            logits[s : s + chunk_size, None].float(),
-            size=(height, width),
-            mode="bilinear",
-            align_corners=False,
-            antialias=True,
-        )
-        out[s : s + chunk_size] = up[:, 0] > 0
+        out[s : s + chunk_size] = upsample_logits(logits[s : s + chunk_size], height, width) > 0
     return out
+
+
+def upsample_logits(logits: Tensor, height: int, width: int) -> Tensor:
+    """Low-res logits at the image size, as floats (method.md §5.6): the values :func:`resize_masks_to_image`
+    thresholds at 0 (the parity tests read them to tell near-tie pixels from real differences).
+
+    Args:
+        logits: ``[m, h, w]`` low-res logits.
+        height: output height ``H``.
+        width: output width ``W``.
+
+    Returns:
+        ``[m, H, W]`` float32 (bilinear, align_corners False, antialias True).
+    """
+    up = F.interpolate(
+        logits[:, None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )
+    return up[:, 0]
 
 
 def _intersections(masks: Tensor, max_elements: int = 1 << 26) -> tuple[Tensor, Tensor]:
