@@ -33,9 +33,12 @@ class DatasetSpec:
             code's pkl layout, or a COCO json of reference annotations (see `refs_format`).
         refs_format: `auto` (by extension/content), `refs_json`, `pkl` or `coco`.
         refs_coco_mode: for `refs_format=coco`: `reference_pkl` reproduces the authors' `coco_to_pkl`
-            (first instance repeated, ALGORITHM 1.6, parity), `per_annotation` is the fix.
+            (first instance repeated, method.md §1.6, parity), `per_annotation` is the fix.
         test_image_ids: evaluate on these image ids only, in this order (null = all).
         max_test_images: evaluate on the first N test images only (null = all); for smoke runs.
+        exif_orientation: rotate images by their EXIF Orientation tag before use (false for the
+            benchmark datasets: the reference ignores it and their annotations are in the stored frame;
+            a run that ignores a rotation says so once per image).
         synthetic: parameters of `ntt.data.synthetic.generate_synthetic_dataset` when the dataset is
             generated on first use (null for real datasets).
     """
@@ -53,17 +56,18 @@ class DatasetSpec:
     refs_coco_mode: str = "reference_pkl"
     test_image_ids: list[int] | None = None
     max_test_images: int | None = None
+    exif_orientation: bool = False
     synthetic: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class ProposerConfig:
-    """SAM2 point-grid proposals (ALGORITHM 5.2).
+    """SAM2 point-grid proposals (method.md §5.2).
 
     Args:
         points_per_side: grid side P; P*P single positive point prompts (paper: 32).
         points_batch_size: prompts decoded per batch (reference: 256); the last batch may be smaller
-            (the reference silently drops the remainder, ALGORITHM 9.2.4; we never drop prompts).
+            (the reference silently drops the remainder, method.md §9.2 item 4; we never drop prompts).
         iou_thr: keep proposals whose predicted IoU is strictly greater (paper: 0.4).
     """
 
@@ -74,12 +78,12 @@ class ProposerConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """How references become prototypes (ALGORITHM 3-4).
+    """How references become prototypes (method.md §3-4).
 
     Args:
         context_ratio: square context crop side = max(w, h) * (1 + ratio) (reference config: 0.2).
         mask_pooling: `nearest` = soft mask value at each patch's top-left pixel (parity);
-            `area` = mean of the mask over each patch (fix of ALGORITHM 9.1.2).
+            `area` = mean of the mask over each patch (fix of method.md §9.1 item 2).
         batch_size: reference crops per encoder forward.
         compute_stats: also compute k-means centres, PCA and covariances (never used for scoring).
         kmeans_k: k-means clusters per class when `compute_stats`.
@@ -96,19 +100,19 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class MatcherConfig:
-    """Labelling, de-duplication and output (ALGORITHM 5.3-5.8).
+    """Labelling, de-duplication and output (method.md §5.3-5.8).
 
     Args:
         memory: reference encoding, see `MemoryConfig`.
         pooling: `dense` = average of bilinearly upsampled features over the mask (parity);
             `adjoint` = the same sum computed through the adjoint of bilinear upsampling (exact up to
-            float rounding, ~50x fewer FLOPs, ALGORITHM 10.3).
+            float rounding, ~50x fewer FLOPs, method.md §10 item 3).
         nms_thr: class-aware box NMS IoU threshold on 256-res boxes ranked by predicted IoU (0.5).
         num_out: detections per image (100).
         nms_cap_factor: NMS keeps at most `num_out * nms_cap_factor` proposals (8).
-        drop_empty_masks: fix of ALGORITHM 12b.3: drop masks that vanish at full resolution
+        drop_empty_masks: fix of method.md §12b item 3: drop masks that vanish at full resolution
             (the reference outputs them with a NaN score). Off for parity.
-        box_plus_one: fix of ALGORITHM 9.1.7: COCO box width/height = extent + 1. Off for parity.
+        box_plus_one: fix of method.md §9.1 item 7: COCO box width/height = extent + 1. Off for parity.
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -127,7 +131,7 @@ class MatcherConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """COCO evaluation of the test stage (ALGORITHM 6).
+    """COCO evaluation of the test stage (method.md §6).
 
     Args:
         enabled: run COCOeval after prediction (off for unlabelled image folders).

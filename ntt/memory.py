@@ -1,4 +1,4 @@
-"""Memory bank: reference crops (ALGORITHM 3.1), patch-grid mask weights, instance means and prototypes (4).
+"""Memory bank: reference crops (method.md §3.1), patch-grid mask weights, instance means, prototypes (§4).
 
 Stage ``fill_memory`` turns each reference instance into one mask-weighted mean DINOv2 feature
 (``instance_means[C, K, D]``); the prototype of a class is the L2-normalised mean over its K shots. Stage
@@ -6,7 +6,8 @@ Stage ``fill_memory`` turns each reference instance into one mask-weighted mean 
 
 Parity defaults: square context crop with ``int()`` truncation in float64, bicubic image / bilinear mask
 resize to 518 (no antialias), soft mask sampled at the top-left pixel of each patch
-(``F.interpolate(mode="nearest")``); ``mask_pooling="area"`` is the fix 9.1.2 (adaptive average pooling).
+(``F.interpolate(mode="nearest")``); ``mask_pooling="area"`` is the fix of method.md §9.1 item 2
+(adaptive average pooling).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def crop_reference(
     context_ratio: float = 0.2,
     size: int = 518,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop a reference instance with context and resize it to the encoder input size (ALGORITHM 3.1).
+    """Crop a reference instance with context and resize it to the encoder input size (method.md §3.1).
 
     Args:
         image: ``[3, H, W]`` float32 in [0, 1] (original json size).
@@ -130,8 +131,8 @@ def mask_patch_weights(soft_mask: torch.Tensor, grid: int, *, mask_pooling: str 
         soft_mask: ``[S, S]`` soft mask in [0, 1].
         grid: patch grid side (37 for 518 / 14).
         mask_pooling: ``"nearest"`` (parity: ``F.interpolate(mode="nearest")``, i.e. the value at the
-            top-left pixel ``floor(i * S / grid)`` of each patch) or ``"area"`` (fix 9.1.2: adaptive average
-            pooling, the mean over each patch).
+            top-left pixel ``floor(i * S / grid)`` of each patch) or ``"area"`` (fix of §9.1 item 2:
+            adaptive average pooling, the mean over each patch).
 
     Returns:
         ``[grid * grid]`` float32 weights.
@@ -160,7 +161,7 @@ def instance_mean(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def compute_prototypes(instance_means: torch.Tensor) -> torch.Tensor:
-    """Class prototypes: L2-normalised plain mean over shots of the instance means (ALGORITHM 4).
+    """Class prototypes: L2-normalised plain mean over shots of the instance means (method.md §4).
 
     Args:
         instance_means: ``[C, K, D]``.
@@ -419,6 +420,7 @@ def fill_memory(
     seed: int | None = None,
     encoder_name: str | None = None,
     config_hash: str = "",
+    apply_exif: bool = False,
 ) -> MemoryBank:
     """Encode every reference crop and store its mask-weighted mean feature (stage ``fill_memory``).
 
@@ -434,7 +436,7 @@ def fill_memory(
             ``grid_size`` and ``embed_dim`` attributes (``DINOv2Encoder``).
         class_ids: selected category ids (sorted here; class index = position).
         context_ratio: crop context (0.2).
-        mask_pooling: ``"nearest"`` (parity) or ``"area"`` (fix 9.1.2).
+        mask_pooling: ``"nearest"`` (parity) or ``"area"`` (fix of method.md §9.1 item 2).
         batch_size: crops per encoder call.
         progress: show a tqdm bar.
         keep_patch_features: also keep the raw ``[C, K, N, D]`` features and ``[C, K, N]`` weights (for
@@ -443,6 +445,7 @@ def fill_memory(
         seed: the sampling seed to record.
         encoder_name: name to record (default: ``encoder.name`` or its class name).
         config_hash: config hash to record.
+        apply_exif: EXIF-transpose the images (``dataset.exif_orientation``; off for parity).
 
     Returns:
         A ``MemoryBank`` (``postprocessed=False``).
@@ -498,7 +501,9 @@ def fill_memory(
             cache.move_to_end(img_id)
             return cache[img_id]
         info = imgs[img_id]
-        img = load_reference_image(image_root / info["file_name"], info["height"], info["width"])
+        img = load_reference_image(
+            image_root / info["file_name"], info["height"], info["width"], apply_exif=apply_exif
+        )
         cache[img_id] = img
         if len(cache) > 4:
             cache.popitem(last=False)

@@ -1,9 +1,9 @@
 """The four stages as plain functions with file artifacts, run in order by `run_pipeline`.
 
-    sample_refs         -> refs.json                  (ALGORITHM 1.2, or a user-given reference set)
-    fill_memory         -> memory.pt                  (ALGORITHM 3: instance features [C, K, D] + meta)
-    postprocess_memory  -> memory_postprocessed.pt    (ALGORITHM 4: prototypes; stats only when asked)
-    test                -> predictions.json, metrics.json  (ALGORITHM 5-6)
+    sample_refs         -> refs.json                  (method.md §1.2, or a user-given reference set)
+    fill_memory         -> memory.pt                  (method.md §3: instance features [C, K, D] + meta)
+    postprocess_memory  -> memory_postprocessed.pt    (method.md §4: prototypes; stats only when asked)
+    test                -> predictions.json, metrics.json  (method.md §5-6)
 
 Each stage writes `stage_<name>.json`: a key (hash of the config parts the stage depends on and of its
 input artifact) and the sha256 of its artifact. A rerun skips a stage whose manifest key and artifact
@@ -244,7 +244,7 @@ def load_split(ctx: RunContext, which: str):
 
 
 def stage_sample_refs(ctx: RunContext) -> Path:
-    """Sample K references per class (ALGORITHM 1.2) or import a user-given set; write refs.json."""
+    """Sample K references per class (method.md §1.2) or import a user-given set; write refs.json."""
     from ntt import refs as refs_mod
 
     out = ctx.path(REFS_FILE)
@@ -311,7 +311,7 @@ def build_backbone(ctx: RunContext, which: str):
 
 
 def stage_fill_memory(ctx: RunContext) -> Path:
-    """Encode every reference crop with DINOv2 and store per-instance mean features (ALGORITHM 3)."""
+    """Encode every reference crop with DINOv2 and store per-instance mean features (method.md §3)."""
     from ntt import refs as refs_mod
     from ntt.memory import fill_memory
 
@@ -337,6 +337,7 @@ def stage_fill_memory(ctx: RunContext) -> Path:
         seed=int(ctx.cfg.seed),
         encoder_name=str(ctx.cfg.backbone.dinov2.name),
         config_hash=stage_key(ctx, "fill_memory"),
+        apply_exif=ctx.dataset.exif_orientation,
     )
     if ctx.cfg.trace:
         _save_memory_trace(ctx, bank)
@@ -364,7 +365,7 @@ def _save_memory_trace(ctx: RunContext, bank) -> None:
 
 
 def stage_postprocess_memory(ctx: RunContext) -> Path:
-    """Prototypes from instance means (ALGORITHM 4); k-means/PCA/covariance only when asked."""
+    """Prototypes from instance means (method.md §4); k-means/PCA/covariance only when asked."""
     from ntt.memory import MemoryBank, postprocess_memory
 
     out = ctx.path(PROTOTYPES_FILE)
@@ -400,7 +401,7 @@ def test_image_ids(ctx: RunContext, test_ds) -> list[int]:
 
 
 def stage_test(ctx: RunContext) -> Path:
-    """Segment every test image (sharded over processes), merge, evaluate (ALGORITHM 5-6)."""
+    """Segment every test image (sharded over processes), merge, evaluate (method.md §5-6)."""
     import torch
 
     from ntt.data.images import load_test_image
@@ -453,7 +454,13 @@ def stage_test(ctx: RunContext) -> Path:
                 t0 = time.perf_counter()
                 try:
                     info = test_ds.image_info(img_id)
-                    image = load_test_image(test_ds.image_path(img_id), 1024).to(ctx.device)
+                    image = load_test_image(
+                        test_ds.image_path(img_id),
+                        1024,
+                        height=int(info["height"]),
+                        width=int(info["width"]),
+                        apply_exif=ctx.dataset.exif_orientation,
+                    ).to(ctx.device)
                     with torch.inference_mode():
                         det, trace = infer_image(
                             image,

@@ -117,11 +117,11 @@ def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
     real = images.load_test_image
     calls = {"n": 0}
 
-    def flaky(path, size=1024):
+    def flaky(path, size=1024, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(f"cannot read {path}")
-        return real(path, size)
+        return real(path, size, **kwargs)
 
     monkeypatch.setattr(images, "load_test_image", flaky)
     with pytest.raises(pipeline.StageError, match="1 image\\(s\\) failed"):
@@ -167,12 +167,12 @@ def test_cli_prints_a_fully_resolved_config():
 
 @pytest.mark.data
 def test_fruits_nuts_random_weights_plumbing(tmp_path):
-    """fruits_nuts from ../shared/data with random weights: every artifact and the metrics file.
+    """fruits_nuts (shared test data, via `paths.data`), random weights: every artifact and the metrics file.
 
     PLUMBING ONLY: random weights, so the metrics are meaningless as accuracy."""
     require_path(DATA / "fruits_nuts", "fruits_nuts dataset")
     run_dir, metrics = run(
-        tmp_path, "dataset=fruits_nuts", f"paths.shared={DATA.parent}", "dataset.max_test_images=3"
+        tmp_path, "dataset=fruits_nuts", f"paths.data={DATA}", "dataset.max_test_images=3"
     )
     for name in ARTIFACTS:
         assert (run_dir / name).is_file(), name

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ntt.data.images import load_reference_image, load_rgb, load_test_image, pil_to_tensor
+from ntt.data import images
+from ntt.data.images import load_reference_image, load_rgb, load_test_image, pil_to_tensor, read_image_rgb
 from ntt.data.masks import ann_to_mask
+from ntt.errors import ImageError, ImageSizeError
 
 FRUITS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fruits_nuts" / "data"
 
@@ -70,17 +72,114 @@ def test_load_test_image_is_pil_bicubic_stretch(tmp_path):
     assert torch.equal(got, pil_to_tensor(ref))
 
 
-def test_load_reference_image_same_and_other_size(tmp_path, caplog):
+def test_load_reference_image_same_size_is_exact_and_other_size_is_an_error(tmp_path):
     arr = _rgb_array(30, 40)
     path = tmp_path / "r.png"
     Image.fromarray(arr).save(path)
     same = load_reference_image(path, 30, 40)
     assert torch.equal(same, pil_to_tensor(Image.fromarray(arr)))
+    with pytest.raises(ImageSizeError, match=r"r\.png is 40x30 .* says width=50 height=20"):
+        load_reference_image(path, 20, 50)
+    # swapped width/height: the message points at the EXIF option
+    with pytest.raises(ImageSizeError, match="rotated frame.*exif_orientation=true"):
+        load_test_image(path, 64, height=40, width=30)
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def _roundtrip(tmp_path, img: Image.Image, name: str) -> Path:
+    path = tmp_path / name
+    img.save(path)
+    return path
+
+
+def test_8bit_modes_are_byte_identical_to_pil_convert_rgb(tmp_path):
+    """RGB, L, 1, P (with transparency), PA, RGBA, LA, CMYK: exactly `convert("RGB")` (parity)."""
+    base = Image.fromarray(_rgb_array(20, 24))
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    cases = {
+        "rgb.png": base,
+        "l.png": base.convert("L"),
+        "one.png": base.convert("1"),
+        "p_trans.png": pal,
+        "rgba.png": base.convert("RGBA"),
+        "la.png": base.convert("LA"),
+        "cmyk.jpg": base.convert("CMYK"),
+        "rgb.jpg": base,
+    }
+    for name, img in cases.items():
+        path = _roundtrip(tmp_path, img, name)
+        got = read_image_rgb(path, apply_exif=False)
+        assert got.mode == "RGB" and got.size == (24, 20), name
+        assert np.array_equal(np.asarray(got), np.asarray(Image.open(path).convert("RGB"))), name
+    pa = Image.new("PA", (5, 4))
+    pa.putpalette([0, 0, 0, 200, 10, 20] * 128)
+    pa.putpixel((1, 1), (1, 0))
+    got = np.asarray(images._to_rgb(pa, Path("pa")))  # PA cannot be saved as PNG: in memory
+    assert got[1, 1].tolist() == [200, 10, 20]  # alpha dropped, not composited on black
+
+
+def test_alpha_is_dropped_not_composited(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200  # red under a fully transparent alpha
+    got = read_image_rgb(_roundtrip(tmp_path, Image.fromarray(rgba, "RGBA"), "a.png"), apply_exif=False)
+    assert np.asarray(got)[0, 0].tolist() == [200, 0, 0]
+
+
+def test_16bit_grayscale_maps_the_full_range_not_all_white(tmp_path):
+    ramp = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    path = _roundtrip(tmp_path, Image.fromarray(ramp), "g16.png")
+    assert Image.open(path).mode == "I;16"
+    assert np.asarray(Image.open(path).convert("RGB"))[0, 1:].min() == 255  # what PIL alone gives
+    got = np.asarray(read_image_rgb(path, apply_exif=False))
+    assert got[0, :, 0].tolist() == [0, 1, 128, 255] and (got[..., 0] == got[..., 2]).all()
+    big = Image.frombytes("I;16B", (4, 1), ramp.astype(">u2").tobytes())
+    assert np.asarray(read_image_rgb(_roundtrip(tmp_path, big, "g16b.png"), apply_exif=False))[
+        0, :, 0
+    ].tolist() == [0, 1, 128, 255]
+
+
+def test_32bit_int_and_float_images(tmp_path, caplog):
+    i32 = Image.fromarray(np.array([[0, 65535, 70000]], dtype=np.int32), mode="I")
     with caplog.at_level(logging.WARNING):
-        other = load_reference_image(path, 20, 50)
-    assert other.shape == (3, 20, 50)
-    assert torch.equal(other, pil_to_tensor(Image.fromarray(arr).resize((50, 20))))
-    assert "r.png" in caplog.text
+        got = np.asarray(read_image_rgb(_roundtrip(tmp_path, i32, "i32.tif"), apply_exif=False))
+    assert got[0, :, 0].tolist() == [0, 255, 255] and "i32.tif" in caplog.text and "clipped" in caplog.text
+    f32 = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    got = np.asarray(read_image_rgb(_roundtrip(tmp_path, f32, "f.tif"), apply_exif=False))
+    assert got[0, :, 0].tolist() == [0, 128, 255]
+
+
+def _exif_rotated_jpeg(path: Path, h: int = 30, w: int = 40) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW" orientation tag
+    Image.fromarray(_rgb_array(h, w)).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_option_and_warning_once(tmp_path, caplog):
+    path = _exif_rotated_jpeg(tmp_path / "rot.jpg")
+    with caplog.at_level(logging.WARNING):
+        assert read_image_rgb(path, apply_exif=False).size == (40, 30)
+        read_image_rgb(path, apply_exif=False)
+    assert sum("rot.jpg" in r.message and "EXIF orientation 6" in r.message for r in caplog.records) == 1
+    assert read_image_rgb(path, apply_exif=True).size == (30, 40)
+    # json in the stored frame: fine with the option off, an error naming the option when on
+    load_test_image(path, 32, height=30, width=40, apply_exif=False)
+    with pytest.raises(ImageSizeError, match="after EXIF rotation.*exif_orientation=false"):
+        load_test_image(path, 32, height=30, width=40, apply_exif=True)
+
+
+def test_truncated_and_corrupt_files_name_the_path(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(_rgb_array(64, 64)).save(good)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        read_image_rgb(cut, apply_exif=False)
+    with pytest.raises(OSError, match="cut.jpg"):  # still an OSError for callers that catch those
+        load_test_image(cut, 32)
 
 
 # ------------------------------------------------------------------------------------------------ masks

@@ -1,49 +1,193 @@
-"""Image loading exactly as the reference code does it (ALGORITHM sections 2 and 12b items 4-5).
+"""Image loading: exactly as the reference code for 8-bit images, correct or clearly rejected otherwise.
 
 The reference reads every image with ``PIL.Image.open(path).convert("RGB")`` and resizes it with PIL's
 default filter (BICUBIC, antialiased in Pillow >= 10), then divides the uint8 array by 255 in float64 and
-casts to float32. No EXIF orientation is applied. Doing the same here is bit-exact with the reference.
+casts to float32 (docs/method.md §2, §12b items 4-5). For 8-bit images (RGB, L, 1, P, PA, RGBA, LA,
+CMYK, ...) we do the same, byte for byte. Where that would be silently wrong we deviate (no benchmark
+dataset holds such images, so parity is unaffected):
+
+* 16-bit grayscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) and 32-bit integer (``I``): PIL's
+  ``convert("RGB")`` clips every value above 255 (a 16-bit photo comes out all white). We map the full
+  16-bit range linearly to 8 bits: ``round(v / 257)`` (0 -> 0, 65535 -> 255); ``I`` values outside
+  [0, 65535] are clipped, with a warning naming the file.
+* 32-bit float (``F``): taken as intensities in [0, 1] (the float-image convention): ``round(v * 255)``;
+  values outside [0, 1] are clipped, with a warning naming the file and the range found.
+* Alpha (``RGBA``, ``LA``, ``PA``, ``P`` with transparency) is dropped, not composited: a transparent
+  pixel keeps the colour stored under it (what ``convert("RGB")`` does, so parity holds).
+* EXIF orientation: off for the benchmark datasets (``dataset.exif_orientation: false``; the reference
+  ignores it and their annotations are in the stored frame). A file whose tag asks for a rotation that the
+  run ignores is logged once as a warning. On (``apply_exif=True``, the practitioner path), the image is
+  transposed to the upright frame first.
+* A decoded size that disagrees with the annotation json's ``width``/``height`` is an error naming the
+  file and both sizes (the reference silently stretches masks or crops into the wrong frame).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ntt.errors import ImageError, ImageNotFoundError, ImageSizeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_rgb", "pil_to_tensor", "load_test_image", "load_reference_image", "resize_pil"]
+__all__ = [
+    "read_image_rgb",
+    "exif_orientation",
+    "check_image_size",
+    "load_rgb",
+    "pil_to_tensor",
+    "load_test_image",
+    "load_reference_image",
+    "resize_pil",
+]
+
+EXIF_ORIENTATION_TAG = 0x0112
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+FLOAT_MODES = {"F"}
+_warned_exif: set[str] = set()
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, like the reference (no EXIF transpose).
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag of an opened image (1 = upright, also when absent or unreadable).
 
-    Non-RGB modes follow PIL's ``convert("RGB")`` (L replicated, RGBA alpha dropped, P via its palette).
+    Args:
+        img: an opened PIL image.
+    """
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no usable orientation
+        return 1
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (see the module docstring for the choices)."""
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode in FLOAT_MODES:
+        arr = np.asarray(img)
+        if mode in FLOAT_MODES:
+            lo, hi, scale = 0.0, 1.0, 255.0
+        else:
+            lo, hi, scale = 0, 65535, 1.0 / 257.0
+        finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+        if finite.size and (finite.min() < lo or finite.max() > hi):
+            logger.warning(
+                "image %s (mode %s) has values in [%s, %s], outside the expected [%s, %s]: clipped. "
+                "Convert it to 8-bit to control how it is scaled.",
+                path,
+                mode,
+                finite.min(),
+                finite.max(),
+                lo,
+                hi,
+            )
+        scaled = np.clip(np.nan_to_num(arr.astype(np.float64), nan=0.0) * scale, 0, 255)
+        gray = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    with warnings.catch_warnings():
+        # "Palette images with Transparency expressed in bytes should be converted to RGBA images":
+        # the alpha is dropped on purpose (documented above)
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return img.convert("RGB")
+        except ValueError as err:
+            raise ImageError(f"cannot convert image {path} (mode {mode}) to RGB: {err}") from err
+
+
+def read_image_rgb(path: str | os.PathLike, *, apply_exif: bool) -> Image.Image:
+    """Read an image file as 8-bit RGB, correctly for every common mode.
+
+    8-bit images decode exactly as the reference's ``Image.open(path).convert("RGB")``; 16/32-bit
+    grayscale and float images are scaled to 8 bits instead of clipped (module docstring).
 
     Args:
         path: image file.
+        apply_exif: transpose to the EXIF orientation (practitioner data). When false (benchmark datasets,
+            parity) the stored frame is kept and a file asking for a rotation is logged once.
 
     Returns:
         The decoded RGB ``PIL.Image`` (fully loaded; the file is closed).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        OSError: the file exists but PIL cannot decode it (the message names the file).
+        ImageError: the file is missing, or PIL cannot decode it (corrupt, truncated, not an image); the
+            message names the file. (An ``OSError``, so callers catching that keep working.)
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path} (check the dataset image root / file_name)")
+        raise ImageNotFoundError(f"image file not found: {path} (check the dataset image root / file_name)")
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+            orientation = exif_orientation(img)
+            if apply_exif and orientation != 1:
+                img = ImageOps.exif_transpose(img)
+            elif orientation != 1 and str(path) not in _warned_exif:
+                _warned_exif.add(str(path))
+                logger.warning(
+                    "image %s carries EXIF orientation %d (a rotation/flip) that this run ignores "
+                    "(dataset.exif_orientation=false): it is read in its stored frame, as its annotations "
+                    "are assumed to be. Set dataset.exif_orientation=true if they are in the upright frame.",
+                    path,
+                    orientation,
+                )
+            img.load()
+            rgb = _to_rgb(img, path)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
     return rgb
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB in its stored frame, like the reference (no EXIF transpose).
+
+    Args:
+        path: image file.
+    """
+    return read_image_rgb(path, apply_exif=False)
+
+
+def check_image_size(
+    img: Image.Image, path: str | os.PathLike, height: int, width: int, *, apply_exif: bool
+) -> None:
+    """Raise when the decoded size disagrees with the annotation json's ``height`` / ``width``.
+
+    Args:
+        img: the decoded image (in the frame the run uses).
+        path: its file (for the message).
+        height: the json image record's ``height``.
+        width: the json image record's ``width``.
+        apply_exif: whether ``img`` was EXIF-transposed (the message then says which frame matches).
+
+    Raises:
+        ImageSizeError: naming the file, the json size and the real size, and what to do.
+    """
+    real_w, real_h = img.size
+    if (real_w, real_h) == (int(width), int(height)):
+        return
+    hint = "fix the json's width/height (or the file)"
+    if (real_h, real_w) == (int(width), int(height)):
+        hint = (
+            "the json's size is the rotated frame: "
+            + (
+                "set dataset.exif_orientation=false if the annotations are in the stored frame, or "
+                if apply_exif
+                else "if the file has an EXIF rotation, set dataset.exif_orientation=true; otherwise "
+            )
+            + "fix the json's width/height"
+        )
+    raise ImageSizeError(
+        f"image {path} is {real_w}x{real_h} (width x height"
+        f"{', after EXIF rotation' if apply_exif else ', stored frame'}) but the annotation json says "
+        f"width={int(width)} height={int(height)}: {hint}"
+    )
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -75,43 +219,51 @@ def resize_pil(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((int(width), int(height)))
 
 
-def load_test_image(path: str | os.PathLike, size: int = 1024) -> torch.Tensor:
+def load_test_image(
+    path: str | os.PathLike,
+    size: int = 1024,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    apply_exif: bool = False,
+) -> torch.Tensor:
     """Load a target image stretched to ``size x size`` (aspect ratio not kept), as the reference test set.
 
     Args:
         path: image file.
         size: output side (1024 for SAM2).
+        height: the json's height; with ``width``, the decoded size must match (masks are produced in the
+            json frame, so a mismatch would stretch them).
+        width: the json's width.
+        apply_exif: EXIF-transpose first (see :func:`read_image_rgb`).
 
     Returns:
         float32 ``[3, size, size]`` in [0, 1].
     """
-    return pil_to_tensor(resize_pil(load_rgb(path), size, size))
+    img = read_image_rgb(path, apply_exif=apply_exif)
+    if height is not None and width is not None:
+        check_image_size(img, path, height, width, apply_exif=apply_exif)
+    return pil_to_tensor(resize_pil(img, size, size))
 
 
-def load_reference_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor:
+def load_reference_image(
+    path: str | os.PathLike, height: int, width: int, *, apply_exif: bool = False
+) -> torch.Tensor:
     """Load a reference image in the frame of the annotation json (``height`` x ``width``).
-
-    The reference resizes to the json size with PIL; when the decoded size already equals it this is an
-    exact no-op. A different decoded size is resized (and logged), like the reference (12b item 5).
 
     Args:
         path: image file.
         height: the json image entry's ``height``.
         width: the json image entry's ``width``.
+        apply_exif: EXIF-transpose first (see :func:`read_image_rgb`).
 
     Returns:
         float32 ``[3, height, width]`` in [0, 1].
+
+    Raises:
+        ImageSizeError: the decoded size is not the json's (the reference would resize, putting the
+            annotation's mask and box in the wrong place).
     """
-    img = load_rgb(path)
-    if img.size != (int(width), int(height)):
-        logger.warning(
-            "image %s decodes to %dx%d (WxH) but the annotation json says %dx%d: resizing to the json size "
-            "as the reference does",
-            path,
-            img.size[0],
-            img.size[1],
-            width,
-            height,
-        )
-        img = resize_pil(img, width, height)
+    img = read_image_rgb(path, apply_exif=apply_exif)
+    check_image_size(img, path, height, width, apply_exif=apply_exif)
     return pil_to_tensor(img)
