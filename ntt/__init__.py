@@ -1,3 +1,16 @@
 """ntt: training-free, reference-based instance segmentation (No Time to Train!)."""
 
 __version__ = "0.1.0"
+
+__all__ = ["Segmenter", "Instances", "ReferenceBank", "__version__"]
+
+# The practitioner API (ntt.api) imports torch: load it on first use so `import ntt` stays light.
+_LAZY = {"Segmenter": "ntt.api", "Instances": "ntt.api", "ReferenceBank": "ntt.api"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ntt' has no attribute {name!r}")

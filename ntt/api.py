@@ -1,0 +1,996 @@
+"""Python API for practitioners: segment your own images from a few reference examples.
+
+    from ntt import Segmenter
+
+    seg = Segmenter.from_config(sam2="sam2.1_hiera_t", dinov2="vits14", proposer="cpu_fast")
+    seg.add_reference("refs/cat1.jpg", "cat", masks="refs/cat1.png")      # a mask (PNG, array or tensor)
+    seg.add_reference("refs/dog1.jpg", "dog", boxes=[[10, 20, 200, 240]])  # boxes -> masks through SAM2
+    seg.add_reference("refs/dog2.jpg", "dog", points=[[120, 80]])          # one click -> a mask through SAM2
+    seg.build()                                                            # the memory bank (prototypes)
+    seg.save("pets.ntt")                                                   # kilobytes, no model weights
+    for inst in seg.predict("photos/"):                                    # an image, a list or a folder
+        print(inst.path, inst.class_names, inst.scores)
+        inst.overlay().save(f"{inst.path}.overlay.png")
+
+Any number of references per class (no padding): the prototype of a class is the L2-normalised mean of its
+own references' features only (docs/method.md §4). Each reference feature is computed with the same
+functions, in the same order and batches, as the benchmark's ``fill_memory`` (``ntt.memory``), so equal
+references give bit-identical prototypes (tests/test_api.py checks it).
+
+Images given as paths are read upright (EXIF orientation applied); the benchmark pipeline keeps the stored
+frame for parity. Masks and boxes are in the pixels of the upright image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ntt.inference import InferenceParams
+
+__all__ = ["Segmenter", "Instances", "ReferenceBank", "IMAGE_EXTENSIONS", "list_images", "read_image"]
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+BANK_FORMAT = "ntt-reference-bank"
+BANK_FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# InferenceParams fields set by the proposer group; the others come from the matcher group.
+_PROPOSER_KEYS = ("points_per_side", "points_batch_size", "iou_thr")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images and masks
+
+
+def read_image(image) -> tuple[Any, str | None]:
+    """Any supported image input as an 8-bit RGB ``PIL.Image`` (upright) and its path, if any.
+
+    Args:
+        image: a file path (EXIF orientation applied), a ``PIL.Image``, an ``[H, W, 3]`` uint8 array, or a
+            ``[3, H, W]`` float tensor in [0, 1] (rounded to 8 bits, like a saved image).
+
+    Raises:
+        FileNotFoundError / OSError: unreadable file (named). TypeError / ValueError: unsupported input.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return _read_upright(Path(image)), str(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB"), None
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
+        arr = (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0)
+        return Image.fromarray(arr.cpu().numpy(), mode="RGB"), None
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be [H, W, 3] uint8, got {image.dtype}{image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB"), None
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, array or tensor")
+
+
+def _read_upright(path: Path):
+    """Read a file as RGB in its upright frame (EXIF orientation applied)."""
+    try:
+        from ntt.data.images import read_image_rgb
+    except ImportError:  # an ntt.data.images without the EXIF option: the same thing here
+        from PIL import Image, ImageOps
+
+        from ntt.data.images import load_rgb
+
+        load_rgb(path)  # the readable errors for a missing / undecodable file
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    return read_image_rgb(path, apply_exif=True)
+
+
+def read_mask(mask, height: int, width: int, what: str = "mask") -> torch.Tensor:
+    """A binary mask from a PNG path, an array or a tensor, checked against the image size.
+
+    A mask image is foreground where its grey value is >= 128 (0/255 masks), or > 0 when its maximum is 1
+    (0/1 masks). Colour and alpha are converted to grey first (PIL ``convert("L")``).
+
+    Args:
+        mask: path, ``PIL.Image``, ``[H, W]`` array / tensor (bool, 0/1 or 0..255).
+        height: image height.
+        width: image width.
+        what: how to name the mask in errors (e.g. its file).
+
+    Returns:
+        ``[H, W]`` bool tensor.
+    """
+    from PIL import Image
+
+    if isinstance(mask, (str, os.PathLike)):
+        if not Path(mask).is_file():
+            raise FileNotFoundError(f"{what}: mask file not found: {mask}")
+        with Image.open(mask) as m:
+            arr = np.asarray(m.convert("L"))
+    elif isinstance(mask, Image.Image):
+        arr = np.asarray(mask.convert("L"))
+    else:
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: a mask must be [H, W], got shape {arr.shape}")
+    if arr.shape != (height, width):
+        raise ValueError(
+            f"{what}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {width}x{height}: "
+            "masks must be in the pixels of the (upright) image"
+        )
+    if arr.dtype == bool:
+        out = arr
+    else:
+        out = arr > (0 if arr.max(initial=0) <= 1 else 127)
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def mask_bbox_xywh(mask: torch.Tensor) -> list[float]:
+    """COCO box ``[x, y, w, h]`` of a binary mask, as pycocotools' ``toBbox`` (extent + 1)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder (not recursive), sorted by name; extensions in ``IMAGE_EXTENSIONS``.
+
+    Raises:
+        FileNotFoundError / ValueError: no such folder, or no image in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Instances:
+    """The detections of one image, best first.
+
+    Args:
+        masks: ``[N, H, W]`` bool masks (CPU).
+        boxes: ``[N, 4]`` float32 ``x1, y1, x2, y2`` inclusive pixel extents of the masks.
+        scores: ``[N]`` semantic scores (after soft merging).
+        labels: ``[N]`` int64 class indices into ``names``.
+        names: the segmenter's class names (index = label).
+        category_ids: the segmenter's category ids (index = label).
+        height: image height.
+        width: image width.
+        path: the image file, when predicted from one.
+        image: the RGB ``PIL.Image`` that was segmented (for :meth:`overlay`).
+        box_plus_one: COCO box width/height convention of :meth:`to_coco` (``matcher.box_plus_one``).
+    """
+
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+    category_ids: list[int]
+    height: int
+    width: int
+    path: str | None = None
+    image: Any = field(default=None, repr=False)
+    box_plus_one: bool = False
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class name of each detection."""
+        return [self.names[int(i)] for i in self.labels]
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO result dicts (RLE masks, xywh boxes), exactly as the benchmark writes them.
+
+        Args:
+            image_id: the image id to record.
+        """
+        from types import SimpleNamespace
+
+        from ntt.results import detections_to_coco
+
+        det = SimpleNamespace(masks=self.masks, boxes_xyxy=self.boxes, scores=self.scores, labels=self.labels)
+        return detections_to_coco(det, image_id, self.category_ids, box_plus_one=self.box_plus_one)
+
+    def overlay(self, image=None, *, score_thr: float = 0.0, max_instances: int | None = 50):
+        """An RGB ``PIL.Image`` of the image with the detections drawn (``ntt.visualize.draw_instances``).
+
+        Args:
+            image: the image to draw on (default: the one that was segmented).
+            score_thr: draw detections scoring at least this.
+            max_instances: draw at most this many (best first); None = all.
+        """
+        from ntt.visualize import draw_instances
+
+        base = image if image is not None else self.image
+        if base is None and self.path is not None:
+            base = self.path
+        if base is None:
+            raise ValueError("Instances.overlay: no image kept; pass the image")
+        pil, _ = read_image(base)
+        return draw_instances(
+            pil,
+            self.masks,
+            self.boxes,
+            self.labels,
+            self.scores,
+            self.names,
+            score_thr=score_thr,
+            max_instances=max_instances,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference bank
+
+
+@dataclass
+class ReferenceBank:
+    """Per-class reference features with any number of references per class (a small file, no weights).
+
+    Row c is class ``names[c]``; its real references are ``instance_means[c, :counts[c]]``; the rest of the
+    row is zero padding that no computation reads.
+
+    Args:
+        names: C class names, ordered by category id.
+        category_ids: C ascending category ids.
+        instance_means: ``[C, Kmax, D]`` float32 mask-weighted mean feature per reference.
+        weight_sums: ``[C, Kmax]`` patch-grid mask weight sums.
+        counts: ``[C]`` int64 number of references of each class.
+        encoder: DINOv2 config name the features come from.
+        fill_settings: context_ratio, mask_pooling, img_size, grid_size.
+        references: per class, per reference: provenance (source, prompt kind, COCO box).
+        config: the segmenter's ``backbone`` / ``proposer`` / ``matcher`` config nodes (unresolved).
+    """
+
+    names: list[str]
+    category_ids: list[int]
+    instance_means: torch.Tensor
+    weight_sums: torch.Tensor
+    counts: torch.Tensor
+    encoder: str
+    fill_settings: dict
+    references: list[list[dict]]
+    config: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """C."""
+        return len(self.names)
+
+    def prototypes(self) -> torch.Tensor:
+        """``[C, D]`` L2-normalised class prototypes: the mean over each class's own references only."""
+        from ntt.memory import compute_prototypes
+
+        rows = [
+            compute_prototypes(self.instance_means[c : c + 1, : int(self.counts[c])])
+            for c in range(self.num_classes)
+        ]
+        return torch.cat(rows)
+
+    def meta(self) -> dict:
+        """JSON-able metadata."""
+        return {
+            "format": BANK_FORMAT,
+            "format_version": BANK_FORMAT_VERSION,
+            "names": list(self.names),
+            "category_ids": [int(c) for c in self.category_ids],
+            "encoder": self.encoder,
+            "fill_settings": dict(self.fill_settings),
+            "references": self.references,
+            "config": self.config,
+            "ntt_version": _ntt_version(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bank (``torch.save`` of plain tensors + JSON metadata; atomic). Returns the path."""
+        payload = {
+            "meta_json": json.dumps(self.meta(), sort_keys=True),
+            "instance_means": self.instance_means.detach().to("cpu", torch.float32).contiguous(),
+            "weight_sums": self.weight_sums.detach().to("cpu", torch.float32).contiguous(),
+            "counts": self.counts.detach().to("cpu", torch.int64).contiguous(),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()  # bytes independent of the file name (see MemoryBank.save)
+        torch.save(payload, buf)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the bank unreadable to others
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ReferenceBank:
+        """Read a bank written by :meth:`save` (``weights_only=True``: no code is unpickled).
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: not an ntt reference bank.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference bank not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            meta = json.loads(payload["meta_json"])
+        except Exception as err:
+            raise ValueError(f"{path} is not an ntt reference bank (Segmenter.save): {err}") from err
+        if meta.get("format") != BANK_FORMAT:
+            hint = (
+                " (that is a benchmark memory bank: use Segmenter.from_memory_bank)"
+                if "shots" in meta
+                else ""
+            )
+            raise ValueError(f"{path} is not an ntt reference bank (format {meta.get('format')!r}){hint}")
+        if int(meta.get("format_version", 0)) > BANK_FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: bank format {meta['format_version']} is newer than this ntt; upgrade ntt"
+            )
+        return cls(
+            names=list(meta["names"]),
+            category_ids=[int(c) for c in meta["category_ids"]],
+            instance_means=payload["instance_means"],
+            weight_sums=payload["weight_sums"],
+            counts=payload["counts"],
+            encoder=str(meta["encoder"]),
+            fill_settings=dict(meta["fill_settings"]),
+            references=meta["references"],
+            config=meta.get("config", {}),
+        )
+
+
+def _ntt_version() -> str:
+    from ntt import __version__
+
+    return str(__version__)
+
+
+@dataclass
+class _Reference:
+    """One reference instance waiting to be encoded."""
+
+    image: torch.Tensor  # [3, H, W] float32 in [0, 1]
+    mask: torch.Tensor  # [H, W] bool
+    bbox_xywh: list[float]
+    provenance: dict
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+def compose_config(
+    *,
+    sam2: str | None = None,
+    dinov2: str | None = None,
+    proposer: str | None = None,
+    matcher: str | None = None,
+    overrides: Sequence[str] = (),
+):
+    """Compose ``conf/main.yaml`` with Hydra's compose API (the same groups as ``ntt run``).
+
+    Args:
+        sam2: option of ``conf/backbone/sam2`` (e.g. ``sam2.1_hiera_t``, ``tiny_random``).
+        dinov2: option of ``conf/backbone/dinov2`` (e.g. ``vits14``; ``dinov2_vits14`` is accepted).
+        proposer: option of ``conf/proposer`` (``paper``, ``grid16``, ``cpu_fast``).
+        matcher: option of ``conf/matcher`` (``paper``, ``fixed``).
+        overrides: further Hydra overrides (``matcher.nms_thr=0.6``, ``paths.checkpoints=/models``, ...).
+
+    Returns:
+        The composed ``DictConfig``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    opts = []
+    if sam2:
+        opts.append(f"backbone/sam2={sam2}")
+    if dinov2:
+        name = dinov2[len("dinov2_") :] if dinov2.startswith("dinov2_") else dinov2
+        opts.append(f"backbone/dinov2={name}")
+    if proposer:
+        opts.append(f"proposer={proposer}")
+    if matcher:
+        opts.append(f"matcher={matcher}")
+    opts.extend(overrides)
+    # Keep whatever Hydra state the caller has (a running app, a test's initialize): compose in a clean one.
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="main", overrides=opts)
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def _params_from_cfg(cfg) -> InferenceParams:
+    from ntt.config import MatcherConfig, ProposerConfig, build_node
+
+    prop = build_node(cfg.proposer, ProposerConfig)
+    mat = build_node(cfg.matcher, MatcherConfig)
+    return InferenceParams(
+        points_per_side=prop.points_per_side,
+        points_batch_size=prop.points_batch_size,
+        iou_thr=prop.iou_thr,
+        nms_thr=mat.nms_thr,
+        num_out=mat.num_out,
+        nms_cap_factor=mat.nms_cap_factor,
+        pooling=mat.pooling,
+        drop_empty_masks=mat.drop_empty_masks,
+        box_plus_one=mat.box_plus_one,
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _build_backbone(cfg, which: str, device: str):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.backbone[which], device=device, _convert_="all")
+    except InstantiationException as exc:  # surface the builder's readable error (e.g. missing checkpoint)
+        if exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The segmenter
+
+
+class Segmenter:
+    """Reference-based instance segmentation of your own images (SAM2 proposals + DINOv2 prototypes).
+
+    Build it with :meth:`from_config` (config names) or from a composed config; add references with
+    :meth:`add_reference`; :meth:`build` the bank; :meth:`predict`. Models are built on first use.
+
+    Args:
+        cfg: a config in ``conf/main.yaml``'s layout (``backbone.sam2``, ``backbone.dinov2``, ``proposer``,
+            ``matcher``, ``device``), e.g. from :func:`compose_config`; a plain dict is accepted.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``; default: ``cfg.device``.
+        sam2: an already built SAM2 backbone to use instead of building ``cfg.backbone.sam2``.
+        dinov2: an already built DINOv2 encoder to use instead of building ``cfg.backbone.dinov2``.
+
+    Attributes:
+        params: the :class:`ntt.inference.InferenceParams` used by :meth:`predict` (every proposer and
+            matcher knob: ``points_per_side``, ``iou_thr``, ``nms_thr``, ``num_out``, ``pooling``, ...);
+            change a field to change later predictions, or pass it to ``predict(...)`` for one call.
+    """
+
+    def __init__(self, cfg, *, device: str | None = None, sam2=None, dinov2=None):
+        from omegaconf import DictConfig, OmegaConf
+
+        from ntt.config import MatcherConfig, build_node
+
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(cfg)
+        for key in ("backbone", "proposer", "matcher"):
+            if key not in cfg:
+                raise ValueError(f"Segmenter: the config has no '{key}' node (use Segmenter.from_config)")
+        self.cfg = cfg
+        self.device = _resolve_device(str(device or cfg.get("device", "auto")))
+        self.params = _params_from_cfg(cfg)
+        self.memory = build_node(cfg.matcher, MatcherConfig).memory
+        self._sam2 = sam2
+        self._dinov2 = dinov2
+        self._refs: dict[str, list[_Reference]] = {}
+        self._category_ids: dict[str, int] = {}
+        self.bank: ReferenceBank | None = None
+        if self.device == "cpu" and self.params.points_per_side > 16:
+            log.warning(
+                "%dx%d prompt grid on the CPU: expect minutes per image (about %s). For a quick look use "
+                "proposer=cpu_fast (12x12 grid: Segmenter.from_config(..., proposer='cpu_fast') or "
+                "`ntt segment ... proposer=cpu_fast`)",
+                self.params.points_per_side,
+                self.params.points_per_side,
+                _fmt_seconds(self.estimate_seconds_per_image()),
+            )
+
+    # -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        sam2: str = "sam2.1_hiera_t",
+        dinov2: str = "vits14",
+        *,
+        proposer: str | None = None,
+        matcher: str | None = None,
+        device: str = "auto",
+        overrides: Sequence[str] = (),
+    ) -> Segmenter:
+        """A segmenter from config option names (the groups of ``conf/``, as on the ``ntt run`` line).
+
+        Args:
+            sam2: ``conf/backbone/sam2`` option (``sam2.1_hiera_t``, ``sam2_hiera_l``, ``tiny_random``...).
+            dinov2: ``conf/backbone/dinov2`` option (``vits14``, ``vitl14``, ``tiny_random``...).
+            proposer: ``conf/proposer`` option (default ``paper``: 32x32 grid; ``cpu_fast``: 12x12).
+            matcher: ``conf/matcher`` option (default ``paper``; ``fixed`` = every fix flag on).
+            device: ``auto``, ``cpu``, ``cuda``...
+            overrides: Hydra overrides, e.g. ``["matcher.nms_thr=0.6", "paths.checkpoints=/models"]``.
+        """
+        cfg = compose_config(
+            sam2=sam2, dinov2=dinov2, proposer=proposer, matcher=matcher, overrides=overrides
+        )
+        return cls(cfg, device=device)
+
+    @property
+    def sam2(self):
+        """The SAM2 backbone (built from ``cfg.backbone.sam2`` on first use)."""
+        if self._sam2 is None:
+            self._sam2 = _build_backbone(self.cfg, "sam2", self.device)
+        return self._sam2
+
+    @property
+    def dinov2(self):
+        """The DINOv2 encoder (built from ``cfg.backbone.dinov2`` on first use)."""
+        if self._dinov2 is None:
+            self._dinov2 = _build_backbone(self.cfg, "dinov2", self.device)
+        return self._dinov2
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names ordered by category id (= label order of the predictions)."""
+        if self.bank is not None and not self._refs:
+            return list(self.bank.names)
+        return sorted(self._category_ids, key=self._category_ids.__getitem__)
+
+    # -------------------------------------------------------------------------------------------------
+    def add_reference(
+        self,
+        image,
+        cls: str,
+        *,
+        masks=None,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        category_id: int | None = None,
+        bboxes_xywh: Sequence[Sequence[float]] | None = None,
+        name: str | None = None,
+    ) -> int:
+        """Add reference instances of class ``cls`` on one image; give exactly one of masks, boxes, points.
+
+        Boxes and clicks become masks through SAM2 prompts (``ntt.prompts``): a box uses SAM2's
+        single-mask output (as the reference's box -> mask preparation) and keeps the box as the crop
+        box; one click uses the best of the three multimask outputs (as the proposer); several clicks on
+        one instance use the single-mask output.
+
+        Args:
+            image: path (EXIF orientation applied), ``PIL.Image``, ``[H, W, 3]`` uint8 array or
+                ``[3, H, W]`` float tensor in [0, 1].
+            cls: class name. Classes get category ids 1, 2, ... in order of first appearance.
+            masks: one mask or several (``[H, W]`` / ``[N, H, W]`` array or tensor, a PNG path, or a list).
+            boxes: ``[x1, y1, x2, y2]`` or a list of them, in image pixels.
+            points: clicks: ``[x, y]`` (one instance), ``[N, 2]`` (N instances, one click each), or a list of
+                instances each a list of ``[x, y]`` (see ``ntt.prompts.normalize_points``).
+            point_labels: 1 positive (default) / 0 negative per click, nested like ``points``.
+            category_id: the class's category id (e.g. from a COCO json); fixed at its first reference.
+            bboxes_xywh: with ``masks``: the COCO box of each instance used for the context crop (as the
+                benchmark uses the annotation's ``bbox``); default: the mask's extent.
+            name: how to name the image in messages and in the bank's provenance (default: its file name).
+
+        Returns:
+            The number of reference instances added.
+        """
+        from ntt.data.images import pil_to_tensor
+
+        if sum(x is not None for x in (masks, boxes, points)) != 1:
+            raise ValueError("add_reference: give exactly one of masks=, boxes=, points=")
+        if not isinstance(cls, str) or not cls:
+            raise ValueError(f"add_reference: the class must be a non-empty name, got {cls!r}")
+        pil, path = read_image(image)
+        width, height = pil.size
+        source = name or (Path(path).name if path else "<in-memory image>")
+        tensor = pil_to_tensor(pil)
+        if masks is not None:
+            kind = "mask"
+            mask_list = _as_mask_list(masks, height, width, source)
+            if bboxes_xywh is not None and len(bboxes_xywh) != len(mask_list):
+                raise ValueError(f"add_reference: {len(bboxes_xywh)} boxes for {len(mask_list)} masks")
+            crop_boxes = [list(map(float, b)) for b in bboxes_xywh] if bboxes_xywh is not None else None
+        else:
+            from ntt.prompts import masks_from_boxes, masks_from_points, normalize_boxes, normalize_points
+
+            image_sam = self._sam_input(pil)
+            if boxes is not None:
+                kind = "box"
+                arr = normalize_boxes(boxes)
+                mask_list = list(masks_from_boxes(self.sam2, image_sam, arr, height, width))
+                crop_boxes = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in arr.tolist()]
+            else:
+                kind = "points"
+                mask_list = list(
+                    masks_from_points(
+                        self.sam2, image_sam, normalize_points(points, point_labels), height, width
+                    )
+                )
+                crop_boxes = None
+        if category_id is not None:
+            known = self._category_ids.get(cls)
+            if known is not None and known != int(category_id):
+                raise ValueError(
+                    f"add_reference: class {cls!r} already has category id {known}, not {category_id}"
+                )
+            if int(category_id) in {v for k, v in self._category_ids.items() if k != cls}:
+                raise ValueError(f"add_reference: category id {category_id} is already used by another class")
+            self._category_ids[cls] = int(category_id)
+        elif cls not in self._category_ids:
+            self._category_ids[cls] = max(self._category_ids.values(), default=0) + 1
+        for i, mask in enumerate(mask_list):
+            if not bool(mask.any()):
+                raise ValueError(f"add_reference: {source}: mask {i} of class {cls!r} is empty")
+            bbox = crop_boxes[i] if crop_boxes is not None else mask_bbox_xywh(mask)
+            prov = {"source": source, "prompt": kind, "bbox": [round(float(v), 2) for v in bbox]}
+            self._refs.setdefault(cls, []).append(_Reference(tensor, mask, bbox, prov))
+        self.bank = None
+        return len(mask_list)
+
+    def _sam_input(self, pil) -> torch.Tensor:
+        """The image stretched to the SAM input frame, exactly as the test stage loads it."""
+        from ntt.data.images import pil_to_tensor, resize_pil
+
+        size = int(getattr(self.sam2, "image_size", 1024))
+        return pil_to_tensor(resize_pil(pil, size, size)).to(self.device)
+
+    # -------------------------------------------------------------------------------------------------
+    def build(self, *, progress: bool = True) -> ReferenceBank:
+        """Encode every reference with DINOv2 into the bank (instance means; prototypes on demand).
+
+        References are encoded as ``ntt.memory.fill_memory`` does (same crop, resize, mask pooling, batches
+        of ``matcher.memory.batch_size`` in class order then reference order).
+
+        Args:
+            progress: show a tqdm bar.
+
+        Returns:
+            The :class:`ReferenceBank` (also kept as ``self.bank``).
+        """
+        from tqdm import tqdm
+
+        from ntt.memory import crop_reference, instance_mean, mask_patch_weights
+
+        if not self._refs:
+            raise ValueError("Segmenter.build: no references: call add_reference first")
+        names = self.class_names
+        enc = self.dinov2
+        size, grid, dim = int(enc.img_size), int(enc.grid_size), int(enc.embed_dim)
+        mem = self.memory
+        counts = [len(self._refs[n]) for n in names]
+        kmax = max(counts)
+        means = torch.zeros((len(names), kmax, dim), dtype=torch.float32)
+        wsums = torch.zeros((len(names), kmax), dtype=torch.float32)
+        jobs = [(ci, k, self._refs[n][k]) for ci, n in enumerate(names) for k in range(counts[ci])]
+        device = next(enc.parameters()).device if isinstance(enc, torch.nn.Module) else self.device
+        bar = tqdm(total=len(jobs), desc="references", unit="ref", disable=not progress)
+        with torch.inference_mode():
+            for start in range(0, len(jobs), int(mem.batch_size)):
+                batch = jobs[start : start + int(mem.batch_size)]
+                crops, weights = [], []
+                for ci, k, ref in batch:
+                    what = f"class {names[ci]!r} reference {k} ({ref.provenance['source']})"
+                    try:
+                        crop, soft = crop_reference(
+                            ref.image, ref.mask, ref.bbox_xywh, context_ratio=mem.context_ratio, size=size
+                        )
+                    except ValueError as err:
+                        raise ValueError(f"{what}: {err}") from err
+                    w = mask_patch_weights(soft, grid, mask_pooling=mem.mask_pooling)
+                    if not bool((w != 0).any()):
+                        raise ValueError(
+                            f"{what}: the mask is all zero on the {grid}x{grid} patch grid (too thin or small "
+                            f"for mask_pooling={mem.mask_pooling!r}); use matcher=fixed (mask_pooling=area) "
+                            "or another reference"
+                        )
+                    crops.append(crop)
+                    weights.append(w)
+                feats = enc(torch.stack(crops).to(device)).reshape(len(batch), grid * grid, dim)
+                for b, (ci, k, _ref) in enumerate(batch):
+                    f_b = feats[b].to(torch.float32)
+                    w_b = weights[b].to(f_b.device)
+                    means[ci, k] = instance_mean(f_b, w_b).cpu()
+                    wsums[ci, k] = w_b.sum().cpu()
+                bar.update(len(batch))
+        bar.close()
+        from omegaconf import OmegaConf
+
+        self.bank = ReferenceBank(
+            names=names,
+            category_ids=[self._category_ids[n] for n in names],
+            instance_means=means,
+            weight_sums=wsums,
+            counts=torch.tensor(counts, dtype=torch.int64),
+            encoder=str(self.cfg.backbone.dinov2.name),
+            fill_settings={
+                "context_ratio": float(mem.context_ratio),
+                "mask_pooling": str(mem.mask_pooling),
+                "img_size": size,
+                "grid_size": grid,
+            },
+            references=[[r.provenance for r in self._refs[n]] for n in names],
+            config={
+                k: OmegaConf.to_container(self.cfg[k], resolve=False)
+                for k in ("backbone", "proposer", "matcher")
+            },
+        )
+        log.info(
+            "reference bank: %d classes, %s references (%s)",
+            len(names),
+            sum(counts),
+            ", ".join(f"{n}: {c}" for n, c in zip(names, counts)),
+        )
+        return self.bank
+
+    # -------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the bank and the segmenter's config to a small file (builds the bank first if needed).
+
+        Args:
+            path: output file (any extension; ``.ntt`` by convention).
+        """
+        if self.bank is None:
+            self.build()
+        out = self.bank.save(path)
+        log.info("reference bank -> %s (%.1f kB)", out, out.stat().st_size / 1e3)
+        return out
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, device: str = "auto", overrides: Sequence[str] = ()
+    ) -> Segmenter:
+        """A segmenter from a saved bank, with the backbones and settings it was saved with.
+
+        Args:
+            path: a file written by :meth:`save`.
+            device: ``auto``, ``cpu``, ``cuda``...
+            overrides: Hydra overrides applied on top (e.g. ``proposer.points_per_side=12``,
+                ``paths.checkpoints=/models``); the DINOv2 encoder cannot change (the bank holds its features).
+        """
+        from omegaconf import OmegaConf
+
+        bank = ReferenceBank.load(path)
+        cfg = compose_config()
+        saved = OmegaConf.create(bank.config)
+        for key in ("backbone", "proposer", "matcher"):
+            if key in saved:
+                cfg[key] = saved[key]
+        if overrides:
+            for ov in overrides:
+                if ov.startswith(("backbone/", "proposer=", "matcher=")) or "=" not in ov:
+                    raise ValueError(
+                        f"Segmenter.load: override {ov!r}: only key=value overrides apply to a saved segmenter"
+                    )
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        if str(cfg.backbone.dinov2.name) != bank.encoder:
+            raise ValueError(
+                f"{path} holds {bank.encoder} features but the config's DINOv2 is {cfg.backbone.dinov2.name}: "
+                "rebuild the bank with that encoder"
+            )
+        seg = cls(cfg, device=device)
+        seg.bank = bank
+        seg._category_ids = dict(zip(bank.names, bank.category_ids))
+        return seg
+
+    @classmethod
+    def from_memory_bank(cls, path: str | os.PathLike, cfg, *, device: str | None = None) -> Segmenter:
+        """A segmenter that uses a benchmark run's memory bank (``memory_postprocessed.pt``).
+
+        Args:
+            path: ``<run_dir>/memory.pt`` or ``memory_postprocessed.pt``.
+            cfg: the run's config (e.g. ``OmegaConf.load(<run_dir>/config.yaml)``).
+            device: as in the constructor.
+        """
+        from ntt.memory import MemoryBank
+
+        mb = MemoryBank.load(path)
+        seg = cls(cfg, device=device)
+        k = int(mb.instance_means.shape[1])
+        seg.bank = ReferenceBank(
+            names=list(mb.category_names),
+            category_ids=list(mb.category_ids),
+            instance_means=mb.instance_means,
+            weight_sums=mb.weight_sums,
+            counts=torch.full((mb.num_classes,), k, dtype=torch.int64),
+            encoder=mb.encoder,
+            fill_settings=dict(mb.fill_settings),
+            references=[[dict(r) for r in row] for row in mb.refs],
+        )
+        seg._category_ids = dict(zip(seg.bank.names, seg.bank.category_ids))
+        return seg
+
+    # -------------------------------------------------------------------------------------------------
+    def estimate_seconds_per_image(self, params: InferenceParams | None = None) -> float | None:
+        """A rough a-priori time per image on this device (``ntt.speed``); None when unknown (GPU).
+
+        Args:
+            params: settings to estimate for (default: ``self.params``).
+        """
+        from ntt.speed import estimate_seconds_per_image
+
+        return estimate_seconds_per_image(
+            sam2=str(self.cfg.backbone.sam2.name),
+            dinov2=str(self.cfg.backbone.dinov2.name),
+            points_per_side=(params or self.params).points_per_side,
+            device=self.device,
+        )
+
+    def predict(self, images, *, progress: bool = True, keep_image: bool = True, **params):
+        """Segment one image, a list of images, or every image of a folder.
+
+        Args:
+            images: an image (path, ``PIL.Image``, array, tensor), a list of them, or a folder path.
+            progress: tqdm bar for lists and folders.
+            keep_image: keep the RGB image on each result (for :meth:`Instances.overlay`).
+            **params: any :class:`ntt.inference.InferenceParams` field for this call only
+                (``points_per_side``, ``points_batch_size``, ``iou_thr``, ``nms_thr``, ``num_out``,
+                ``nms_cap_factor``, ``pooling``, ``drop_empty_masks``, ``box_plus_one``).
+
+        Returns:
+            :class:`Instances` for one image; a list of them for a list or a folder (in input order).
+        """
+        single = not isinstance(images, (list, tuple)) and not (
+            isinstance(images, (str, os.PathLike)) and Path(images).is_dir()
+        )
+        if single:
+            return self._predict_one(images, self._call_params(params), keep_image=keep_image)
+        items = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
+        p = self._call_params(params)
+        return [r for r in self.iter_predict(items, params=p, progress=progress, keep_image=keep_image)]
+
+    def iter_predict(
+        self,
+        items: Iterable,
+        *,
+        params: InferenceParams | None = None,
+        progress: bool = True,
+        keep_image: bool = True,
+        errors: str = "raise",
+    ):
+        """Yield :class:`Instances` image by image, logging the expected time first (see :meth:`predict`).
+
+        Args:
+            items: images (paths, PIL images, arrays, tensors).
+            params: settings (default: ``self.params``).
+            progress: tqdm bar.
+            keep_image: keep the RGB image on each result.
+            errors: ``raise`` stops at the first failing image; ``yield`` yields its exception instead of
+                a result and goes on with the next image.
+        """
+        from tqdm import tqdm
+
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"iter_predict: errors must be 'raise' or 'yield', got {errors!r}")
+        items = list(items)
+        p = params or self.params
+        est = self.estimate_seconds_per_image(p)
+        log.info(
+            "segmenting %d image(s) on %s with a %dx%d prompt grid: %s",
+            len(items),
+            self.device,
+            p.points_per_side,
+            p.points_per_side,
+            f"expect about {_fmt_seconds(est)} per image (rough estimate; the measured time follows the first "
+            "image)"
+            if est is not None
+            else "the time per image is logged after the first one",
+        )
+        for i, item in enumerate(tqdm(items, desc="segment", unit="img", disable=not progress)):
+            t0 = time.perf_counter()
+            try:
+                result = self._predict_one(item, p, keep_image=keep_image)
+            except Exception as err:
+                if errors == "raise":
+                    raise
+                result = err
+            yield result
+            if i == 0:
+                dt = time.perf_counter() - t0
+                log.info(
+                    "first image took %s%s",
+                    _fmt_seconds(dt),
+                    f"; the remaining {len(items) - 1} should take about {_fmt_seconds(dt * (len(items) - 1))}"
+                    if len(items) > 1
+                    else "",
+                )
+
+    def _call_params(self, params: Mapping[str, Any]) -> InferenceParams:
+        known = {f.name for f in dataclasses.fields(InferenceParams)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TypeError(f"predict: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self.params, **params)
+
+    def _predict_one(self, image, params: InferenceParams, *, keep_image: bool = True) -> Instances:
+        from ntt.inference import infer_image
+
+        if self.bank is None:
+            if not self._refs:
+                raise ValueError(
+                    "Segmenter.predict: no references: add_reference (or load a saved bank) first"
+                )
+            self.build()
+        if self.bank.encoder != str(self.cfg.backbone.dinov2.name):
+            raise ValueError(
+                f"the bank holds {self.bank.encoder} features but the DINOv2 encoder is "
+                f"{self.cfg.backbone.dinov2.name}: rebuild the bank"
+            )
+        pil, path = read_image(image)
+        width, height = pil.size
+        image_sam = self._sam_input(pil)
+        protos = self.bank.prototypes().to(self.device)
+        det, _ = infer_image(
+            image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params
+        )
+        return Instances(
+            masks=det.masks.cpu(),
+            boxes=det.boxes_xyxy.cpu(),
+            scores=det.scores.cpu(),
+            labels=det.labels.cpu(),
+            names=list(self.bank.names),
+            category_ids=list(self.bank.category_ids),
+            height=height,
+            width=width,
+            path=path,
+            image=pil if keep_image else None,
+            box_plus_one=params.box_plus_one,
+        )
+
+
+def _as_mask_list(masks, height: int, width: int, source: str) -> list[torch.Tensor]:
+    """One or several masks (path, array, tensor, or a list of them) -> list of ``[H, W]`` bool tensors."""
+    if isinstance(masks, (str, os.PathLike)):
+        return [read_mask(masks, height, width, f"{source}: {Path(masks).name}")]
+    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 3:
+        return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
+    if isinstance(masks, (list, tuple)):
+        return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
+    return [read_mask(masks, height, width, f"{source}: mask")]
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    if s < 90:
+        return f"{s:.1f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
