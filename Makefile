@@ -12,7 +12,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all lint format demo smoke checkpoints bench clean
+.PHONY: help setup test test-slow test-all lint format demo smoke checkpoints bench clean \
+	prepare-coco prepare-voc prepare-cdfsod prepare-lvis
 
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
@@ -63,6 +64,22 @@ checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) i
 
 bench: setup ## time the hot spots (CPU; ARGS="--device cuda ..." on a GPU); writes benchmarks/results-*.json
 	$(PY) -m ntt.bench $(ARGS)
+
+# Benchmark data: public downloads -> the jsons conf/dataset/* read (README, "Benchmark data").
+MASK_MODEL ?= sam_vit_h
+prepare-coco: setup ## check the COCO 2017 layout in data/coco (nothing to convert)
+	$(PY) -m ntt.cli prepare coco $(ARGS)
+
+prepare-voc: setup ## VOC07+12 xml -> COCO jsons + SAM masks in data/voc (MASK_MODEL=sam_vit_h; GPU advised)
+	$(PY) -m ntt.cli download sam_vit_h --quiet || true
+	$(PY) -m ntt.cli prepare voc --mask-model $(MASK_MODEL) $(ARGS)
+
+prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and test.json in data/cdfsod
+	$(PY) -m ntt.cli download sam_vit_h --quiet || true
+	$(PY) -m ntt.cli prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
+
+prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
+	$(PY) -m ntt.cli prepare lvis $(ARGS)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -4,6 +4,8 @@ ntt run [hydra overrides]        same as `python -m ntt.run ...`
 ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
 ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
+ntt segment --refs R --images D --out O [overrides]   segment your own images (ntt segment --help)
+ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of a benchmark run
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-COMMANDS = ("run", "download", "summarize", "synth")
+COMMANDS = ("run", "download", "summarize", "synth", "segment", "visualize")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         from ntt.summarize import main as summarize_main
 
         return summarize_main(rest)
+    if cmd == "segment":
+        from ntt.segment import main as segment_main
+
+        return segment_main(rest)
+    if cmd == "visualize":
+        from ntt.visualize import main as visualize_main
+
+        return visualize_main(rest)
     from ntt.data.synthetic import main as synth_main
 
     return int(synth_main(rest) or 0)

@@ -216,8 +216,23 @@ _DINOV2_FILES = [
 ]
 
 
+# SAM v1 ViT-H: the model the authors made VOC / CD-FSOD pseudo masks with (`ntt prepare`, docs/method.md
+# §1.5). sha256 pinned next to the official URL in several public projects (micro-sam `_CHECKSUMS`,
+# SlicerSegmentWithSAM); 2,564,550,879 bytes.
+_SAM1_FILES = [
+    (
+        "sam_vit_h",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        "SAM v1 ViT-H (box -> mask for VOC / CD-FSOD, `ntt prepare`)",
+    ),
+]
+
+
 def _build_registry() -> dict[str, CheckpointInfo]:
     reg: dict[str, CheckpointInfo] = {}
+    for name, url, sha, desc in _SAM1_FILES:
+        reg[name] = CheckpointInfo(name, "sam", url, url.rsplit("/", 1)[-1], sha, desc)
     for name, base, fname, sha in _SAM2_FILES:
         reg[name] = CheckpointInfo(name, "sam2", f"{base}/{fname}", fname, sha, _SAM2_DESCRIPTIONS[name])
     for name, arch_dir, fname, sha, desc in _DINOV2_FILES:
@@ -226,7 +241,7 @@ def _build_registry() -> dict[str, CheckpointInfo]:
 
 
 OFFICIAL_CHECKPOINTS: dict[str, CheckpointInfo] = _build_registry()
-"""Every official SAM2.0/2.1 (t/s/b+/l) and DINOv2 (s/b/l/g, with and without 4 registers) file."""
+"""Every official SAM2.0/2.1 (t/s/b+/l) and DINOv2 (s/b/l/g, with and without 4 registers) file, and SAM v1 ViT-H."""
 
 
 def default_checkpoint_dir() -> Path:

@@ -1,0 +1,144 @@
+"""`ntt prepare <benchmark>`: public downloads -> what the dataset configs read (docs/method.md §1.3-1.6).
+
+    ntt prepare coco   [--root data/coco] [--deep]             layout check (nothing to convert)
+    ntt prepare voc    [--root data/voc] [--mask-model M]      VOC xml -> COCO json, allimages/, SAM masks
+    ntt prepare cdfsod [--root data/cdfsod] [--datasets A,B]   layout check + SAM masks for shots/test
+    ntt prepare lvis   [--root data/lvis] [--coco data/coco]   LVIS json fix-ups (pycocotools route)
+    ntt prepare masks  BOX_JSON IMAGE_DIR [--out OUT]          the box -> mask step on any COCO json
+
+Mask models (``--mask-model``): ``sam_vit_h`` (default, the paper's: needs ``pip install
+segment-anything torchvision`` and ``ntt download sam_vit_h``) or ``sam2:<conf/backbone/sam2 option>``.
+The data root defaults to ``$NTT_DATA`` or ``./data`` as in ``conf/paths/default.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ntt.prepare.box_to_mask import MASK_MODELS_HELP, PrepareError
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("coco", "voc", "cdfsod", "lvis", "masks")
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("NTT_DATA") or "data")
+
+
+def _add_mask_args(p: argparse.ArgumentParser, *, optional: bool) -> None:
+    p.add_argument(
+        "--mask-model",
+        default=None if optional else "sam_vit_h",
+        help=MASK_MODELS_HELP + (" (omit: layout check only)" if optional else ""),
+    )
+    p.add_argument(
+        "--device", default="auto", help="torch device for the mask model (auto: cuda if available)"
+    )
+    p.add_argument(
+        "--checkpoints", default=None, help="checkpoint folder (default $NTT_CHECKPOINTS or ./checkpoints)"
+    )
+    p.add_argument("--contours", default="auto", choices=("auto", "opencv", "python"), help="contour tracer")
+    p.add_argument("--overwrite", action="store_true", help="redo *_with_segm.json files that exist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ntt prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="benchmark", required=True)
+    p = sub.add_parser("coco", help="check the COCO 2017 layout")
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--deep", action="store_true", help="also check every val2017 image of the json")
+    p = sub.add_parser("voc", help="VOC 2007+2012 -> COCO jsons + masks")
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--copy-images", action="store_true", help="copy JPEGs into allimages/ instead of linking")
+    p.add_argument("--boxes-only", action="store_true", help="convert only, no masks")
+    _add_mask_args(p, optional=False)
+    p = sub.add_parser("cdfsod", help="CD-FSOD layout check + masks")
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--datasets", default=None, help="comma-separated folders (default: all six)")
+    _add_mask_args(p, optional=True)
+    p = sub.add_parser("lvis", help="LVIS v1 json fix-ups")
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--coco", type=Path, default=None)
+    p = sub.add_parser("masks", help="box -> mask on one COCO json")
+    p.add_argument("box_json", type=Path)
+    p.add_argument("image_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: <box_json stem>_with_segm.json")
+    _add_mask_args(p, optional=False)
+    return ap
+
+
+def _masker(args):
+    if not getattr(args, "mask_model", None):
+        return None
+    from ntt.prepare.box_to_mask import build_masker
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_masker(args.mask_model, checkpoint_dir=args.checkpoints, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `ntt prepare`; returns the exit code (0 ok, 1 preparation failed, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    data = _data_root()
+    try:
+        if args.benchmark == "coco":
+            from ntt.prepare.coco import check_coco
+
+            for line in check_coco(args.root or data / "coco", deep=args.deep):
+                print(line)
+        elif args.benchmark == "voc":
+            from ntt.prepare.voc import prepare_voc
+
+            masker = None if args.boxes_only else _masker(args)
+            for p in prepare_voc(
+                args.root or data / "voc",
+                masker=masker,
+                copy_images=args.copy_images,
+                contour_backend=args.contours,
+                overwrite=args.overwrite,
+            ):
+                print(p)
+        elif args.benchmark == "cdfsod":
+            from ntt.prepare.cdfsod import prepare_cdfsod
+
+            names = [n.strip() for n in args.datasets.split(",")] if args.datasets else None
+            root = args.root or data / "cdfsod"
+            written = prepare_cdfsod(
+                root,
+                names=names,
+                masker=_masker(args),
+                contour_backend=args.contours,
+                overwrite=args.overwrite,
+            )
+            print("\n".join(map(str, written)) if written else f"CD-FSOD layout complete under {root}")
+        elif args.benchmark == "lvis":
+            from ntt.prepare.lvis import prepare_lvis
+
+            for p in prepare_lvis(args.root or data / "lvis", args.coco or data / "coco"):
+                print(p)
+        else:
+            from ntt.prepare.box_to_mask import add_masks
+
+            out = add_masks(
+                args.box_json,
+                args.image_dir,
+                _masker(args),
+                output_json=args.out,
+                contour_backend=args.contours,
+                overwrite=args.overwrite,
+            )
+            print(out)
+    except (PrepareError, FileNotFoundError) as exc:  # FileNotFoundError: a missing checkpoint
+        log.error("%s", exc)
+        return 1
+    return 0
