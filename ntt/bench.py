@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the hot spots (ALGORITHM 10) with RANDOM weights: TIMINGS ONLY, NO ACCURACY.
+"""Micro-benchmarks of the hot spots (method.md §10) with RANDOM weights: TIMINGS ONLY, NO ACCURACY.
 
 ``make bench`` / ``python -m ntt.bench [--quick] [--device cpu|cuda] [--sam2 OPTION] [--dinov2 OPTION]``.
 Every model is built with ``random_init=True`` from a ``conf/backbone/{sam2,dinov2}/<OPTION>.yaml`` option; no

@@ -1,4 +1,4 @@
-"""Per-image composition (ALGORITHM 5): 1024x1024 image -> detections, with an optional trace.
+"""Per-image composition (method.md §5): 1024x1024 image -> detections, with an optional trace.
 
 The trace holds every intermediate the parity fixture stores (``common/img<ID>_proposals.npz`` and
 ``<setting>/img<ID>_post.npz`` key names), as CPU tensors.

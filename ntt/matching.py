@@ -1,4 +1,4 @@
-"""Mask embeddings (pooling of upsampled DINOv2 features) and cosine classification (ALGORITHM 5.3-5.4)."""
+"""Mask embeddings (pooling of upsampled DINOv2 features) and cosine classification (method.md §5.3-5.4)."""
 
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ def mask_embeddings(masks: Tensor, feats: Tensor, *, method: str = "dense", chun
 
     ``dense`` is the reference computation: ``F_up`` = features upsampled to the mask resolution, then
     ``(B @ F_up) / sum(B)``. ``adjoint`` is the same linear map evaluated in the other order
-    (ALGORITHM 10.3): the mask is pulled back to the patch grid with the transposed 1-D interpolation matrices,
-    ``Uy^T B Ux`` (``[h, w]``), and then contracted with the ``[h, w, D]`` grid. It never materialises
-    ``F_up`` and agrees with ``dense`` up to float rounding (~1e-7).
+    (method.md §10 item 3): the mask is pulled back to the patch grid with the transposed 1-D
+    interpolation matrices, ``Uy^T B Ux`` (``[h, w]``), and then contracted with the ``[h, w, D]`` grid.
+    It never materialises ``F_up`` and agrees with ``dense`` up to float rounding (~1e-7).
 
     Args:
         masks: ``[n, R, R']`` bool masks (``logits > 0`` at 256x256).
@@ -103,7 +103,7 @@ def classify(embeddings: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor, Te
     """Clamped cosine to each class prototype and top-1 class with ``torch.topk(k=1)`` semantics.
 
     The label is the first index of the row maximum, except that a NaN anywhere in the row wins (first NaN),
-    exactly as ``topk`` orders NaN above every number (ALGORITHM 12b item 1). Implemented explicitly so the
+    exactly as ``topk`` orders NaN above every number (method.md §12b item 1). Implemented explicitly so the
     result does not depend on the device's topk kernel: CUDA's ``topk(k=1)`` returns the first of tied maxima,
     and so does the CPU kernel for up to 3 columns (the fixture), but the CPU kernel for 4 or more columns
     does not (``topk([[0, 0, 0, 0, 0]], 1)`` gives index 2 with torch 2.13). In practice ties only occur in rows

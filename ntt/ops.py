@@ -1,6 +1,6 @@
 """Torchvision-free box ops: ``box_iou``, ``nms``, ``batched_nms`` and inclusive mask boxes.
 
-The NMS reproduces ``torchvision.ops.batched_nms`` (ALGORITHM 12b item 8) exactly on the boxes the method
+The NMS reproduces ``torchvision.ops.batched_nms`` (method.md §12b item 8) exactly on the boxes the method
 feeds it (integer pixel indices stored as float):
 
 * boxes are visited in order of descending score with a *stable* sort (torchvision's CPU and CUDA kernels

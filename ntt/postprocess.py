@@ -1,9 +1,9 @@
-"""Post-processing of classified proposals (ALGORITHM 5.5-5.8): class-aware NMS, resize to the image,
+"""Post-processing of classified proposals (method.md §5.5-5.8): class-aware NMS, resize to the image,
 semantic-aware soft merging, top-k.
 
-Parity is the default; the two deviations are named flags: ``drop_empty_masks`` (12b item 3: masks empty at
-full resolution get a NaN score in the reference, and NaN sorts first) and ``box_plus_one`` (9.1.7: exclusive
-box extents for the NMS boxes).
+Parity is the default; the two deviations are named flags: ``drop_empty_masks`` (method.md §12b item 3:
+masks empty at full resolution get a NaN score in the reference, and NaN sorts first) and ``box_plus_one``
+(method.md §9.1 item 7: exclusive box extents for the NMS boxes).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def resize_masks_to_image(logits: Tensor, height: int, width: int, *, chunk_size
 
     Args:
         logits: ``[m, h, w]`` low-res logits.
-        height: output height ``H`` (the annotation's height, 12b item 5).
+        height: output height ``H`` (the annotation's height, method.md §12b item 5).
         width: output width ``W``.
         chunk_size: masks interpolated at once (bounds the float ``[chunk, H, W]`` buffer).
 
@@ -143,7 +143,7 @@ def _semantic_similarity(embeddings: Tensor) -> Tensor:
 
 
 def _class_ios(masks: Tensor, sem: Tensor) -> tuple[Tensor, Tensor]:
-    """Semantic IoS of the masks of one class, given in ranking order (ALGORITHM 5.7).
+    """Semantic IoS of the masks of one class, given in ranking order (method.md §5.7).
 
     ``sem`` is the class's ``[n, n]`` block of :func:`_semantic_similarity`.
     Returns ``(ios [n] float32, areas [n] float64)``.
@@ -156,7 +156,7 @@ def _class_ios(masks: Tensor, sem: Tensor) -> tuple[Tensor, Tensor]:
     lower = torch.ones(n, n, dtype=torch.bool, device=masks.device).tril(diagonal=-1)
     vals = torch.where(lower, ios_mat * sem, torch.zeros((), dtype=torch.float32, device=masks.device))
     ios = vals.amax(dim=1) if n > 0 else vals.new_zeros(0)
-    # Parity (12b item 3): an empty mask divides 0 by 0 in every entry of its row -> NaN.
+    # Parity (method.md §12b item 3): an empty mask divides 0 by 0 in every entry of its row -> NaN.
     ios = torch.where(area == 0, torch.full_like(ios, float("nan")), ios)
     return ios, area
 

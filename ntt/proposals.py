@@ -1,4 +1,4 @@
-"""SAM2 point-grid proposals (ALGORITHM 5.2): grid prompts, best-of-3 selection, IoU filter.
+"""SAM2 point-grid proposals (method.md §5.2): grid prompts, best-of-3 selection, IoU filter.
 
 The SAM2 backbone is only used through its ``decode(feats, *, image_index, points, point_labels)`` method
 (see ``ntt.backbones.sam2``), so tests can pass any object with that method.
@@ -111,8 +111,9 @@ def generate_proposals(
     """Decode every grid prompt (single positive point), keep the best multimask output, filter by IoU.
 
     Prompts are decoded in ``ceil(G / points_batch_size)`` batches (the reference's floor division silently
-    dropped a remainder; ALGORITHM 9.2.4). Per batch only the chosen 256x256 logits of the prompts passing the
-    filter are kept, so peak memory is one decoder batch ``[b, 4, 256, 256]`` plus the kept proposals.
+    dropped a remainder; method.md §9.2 item 4). Per batch only the chosen 256x256 logits of the prompts
+    passing the filter are kept, so peak memory is one decoder batch ``[b, 4, 256, 256]`` plus the kept
+    proposals.
 
     Args:
         sam2: object with ``decode(feats, *, image_index, points [b, 1, 2], point_labels [b, 1])``

@@ -1,4 +1,4 @@
-"""Reference sets: sampling (ALGORITHM 1.2), fixed shot files (1.6), refs file I/O and validation.
+"""Reference sets: sampling (method.md §1.2), fixed shot files (§1.6), refs file I/O and validation.
 
 A reference set maps a COCO category id to exactly K entries (memory slot k = position in the list). Each
 entry names one image and the annotation id(s) of the instance; only ``ann_ids[0]`` is used to fill memory.
@@ -10,9 +10,9 @@ Parity notes:
   in first-seen order, one ``shuffle`` per category in that order, invalid annotations skipped, at most one
   instance per image per class. LVIS-style padding uses the newer upstream fix ``list[i % count]``.
 * ``refs_from_coco(mode="reference_pkl")`` reproduces ``coco_to_pkl.py`` including its duplication of the
-  first instance of an image holding several instances of a class (bug 9.1.9) and its padding with
-  ``random.choices`` after ``random.seed(42)``; ``mode="per_annotation"`` is the fix (one entry per
-  annotation), padded the same way.
+  first instance of an image holding several instances of a class (method.md §9.1 item 9) and its
+  padding with ``random.choices`` after ``random.seed(42)``; ``mode="per_annotation"`` is the fix (one
+  entry per annotation), padded the same way.
 """
 
 from __future__ import annotations
@@ -78,11 +78,11 @@ RefSet = dict[int, list[RefEntry]]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling (ALGORITHM 1.2)
+# Sampling (method.md §1.2)
 
 
 def is_valid_annotation(ann: Mapping, img_w: float, img_h: float) -> bool:
-    """The reference's validity filter for sampled references (ALGORITHM 1.2).
+    """The reference's validity filter for sampled references (method.md §1.2).
 
     Valid iff not crowd, bbox at least 32x32 and the box at least 10 px away from every image border.
 
@@ -232,7 +232,7 @@ def sample_references(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fixed shot files (ALGORITHM 1.6)
+# Fixed shot files (method.md §1.6)
 
 
 def refs_from_coco(
@@ -250,17 +250,17 @@ def refs_from_coco(
         n_shot: K.
         mode: ``"reference_pkl"`` reproduces ``coco_to_pkl.py`` exactly (parity): one entry per
             (class, image), an image with m instances of the class becoming m copies of an entry listing all
-            m ids (so only its first instance is used, m times). ``"per_annotation"`` (fix 9.1.9): one entry
-            per annotation. In both modes a class with fewer than K entries is padded with
-            ``random.Random(42).choices`` (the reference's module-level ``random.seed(42)``), classes
-            processed in first-seen order over the whole file.
+            m ids (so only its first instance is used, m times). ``"per_annotation"`` (fix of method.md
+            §9.1 item 9): one entry per annotation. In both modes a class with fewer than K entries is
+            padded with ``random.Random(42).choices`` (the reference's module-level ``random.seed(42)``),
+            classes processed in first-seen order over the whole file.
 
     Returns:
         ``{category_id: [RefEntry] * K}`` for the selected classes, in first-seen order.
 
     Raises:
         ValueError: unknown mode, or a selected class with more than K entries (the reference never
-            truncates; its fill stage rejects such a file, 12b item 9).
+            truncates; its fill stage rejects such a file, method.md §12b item 9).
     """
     if mode not in ("per_annotation", "reference_pkl"):
         raise ValueError(f"refs_from_coco: mode must be 'per_annotation' or 'reference_pkl', got {mode!r}")

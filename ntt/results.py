@@ -1,4 +1,4 @@
-"""COCO result encoding: RLE masks, xywh boxes (ALGORITHM 5.8.3).
+"""COCO result encoding: RLE masks, xywh boxes (method.md §5.8 item 3).
 
 Per-process result shards and their merge live in `ntt.pipeline` (per-image JSONL lines, resumable).
 """

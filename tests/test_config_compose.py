@@ -12,7 +12,7 @@ import inspect
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +22,9 @@ CONF = REPO / "conf"
 EXPERIMENTS = REPO / "experiments"
 TEST_CONFIGS = REPO / "tests" / "configs"
 SEARCHPATH = f"hydra.searchpath=[file://{EXPERIMENTS},file://{TEST_CONFIGS}]"
+# tests/configs point at the shared fixtures through `paths.shared`, a key only tests add (conf/ has no
+# path outside the repository)
+SHARED_PATH = f"++paths.shared={SHARED}"
 
 # keyword arguments the app passes when it instantiates these targets (see ntt.pipeline)
 APP_KWARGS = {
@@ -67,7 +70,7 @@ CASES = _cases()
 def _compose(override: str) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        overrides = [SEARCHPATH] + ([override] if override else [])
+        overrides = [SEARCHPATH, SHARED_PATH] + ([override] if override else [])
         cfg = compose(config_name="main", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # needed to resolve the hydra node (known trap)
         with read_write(cfg.hydra.runtime):  # set by Hydra at run time; the job logger's file uses it

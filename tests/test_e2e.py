@@ -171,9 +171,7 @@ def test_fruits_nuts_random_weights_plumbing(tmp_path):
 
     PLUMBING ONLY: random weights, so the metrics are meaningless as accuracy."""
     require_path(DATA / "fruits_nuts", "fruits_nuts dataset")
-    run_dir, metrics = run(
-        tmp_path, "dataset=fruits_nuts", f"paths.data={DATA}", "dataset.max_test_images=3"
-    )
+    run_dir, metrics = run(tmp_path, "dataset=fruits_nuts", f"paths.data={DATA}", "dataset.max_test_images=3")
     for name in ARTIFACTS:
         assert (run_dir / name).is_file(), name
     refs = json.loads((run_dir / "refs.json").read_text())

@@ -93,7 +93,7 @@ def test_classify_matches_torch_topk_semantics_with_partial_nan():
     assert labels.tolist() == top.indices[:, 0].tolist()
     # Random rows with exact ties and NaNs vs torch.topk on CPU with C = 3 (the fixture's C). For C >= 4 the
     # CPU topk kernel (nth_element) does NOT return the first of tied maxima, e.g. [0, 0, 0, 0, 0] -> 2;
-    # CUDA's topk (the paper runs) and the specification (12b item 1) take the first, as classify does.
+    # CUDA's topk (the paper runs) and the specification (method.md §12b item 1) take the first, as classify does.
     g = torch.Generator().manual_seed(1)
     sim_like = torch.randint(-2, 3, (300, 3), generator=g).float() / 2
     sim_like[torch.rand(300, 3, generator=g) < 0.1] = NAN

@@ -36,7 +36,7 @@ FRUITS = ROOT / "data" / "fruits_nuts" / "data"
 
 
 def test_context_crop_box_worked_example():
-    # ALGORITHM 3.1: integer box (100, 50, 300, 171), side 240 around (200, 110.5)
+    # method.md §3.1: integer box (100, 50, 300, 171), side 240 around (200, 110.5)
     assert context_crop_box((100.7, 50.2, 200.0, 120.9), 640, 480, 0.2) == (80, 0, 320, 230)
 
 
@@ -45,7 +45,7 @@ def test_context_crop_box_clips_and_truncates():
     assert context_crop_box((600, 450, 40, 30), 640, 480, 0.2) == (596, 441, 640, 480)
     # context_ratio 0: the square of side max(bw, bh)
     assert context_crop_box((10, 10, 20, 10), 100, 100, 0.0) == (10, 5, 30, 25)
-    # float64 matters (12b item 6): side = 170 * 1.2 = 204.0 in float64 but 204.0000081 in float32, so a
+    # float64 matters (method.md §12b item 6): side = 170 * 1.2 = 204.0 in float64 but 204.0000081 in float32, so a
     # float32 implementation would put the left edge at int(23.999996) = 23 instead of 24
     assert context_crop_box((97.56, 261.14, 58.13, 170.69), 640, 640, 0.2) == (24, 244, 228, 448)
 

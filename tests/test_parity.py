@@ -120,7 +120,7 @@ def _run_pipeline(setting: str, out_dir: Path) -> Path:
                 "trace=true",
                 "fail_fast=true",
                 f"paths.output_dir={out_dir}",
-                f"paths.shared={SHARED}",
+                f"++paths.shared={SHARED}",  # test-only key of tests/configs
             ],
         )
     run_pipeline(cfg)

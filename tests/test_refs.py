@@ -1,4 +1,4 @@
-"""Tests of ntt.refs: sampling (ALGORITHM 1.2), shot files (1.6), refs I/O and validation."""
+"""Tests of ntt.refs: sampling (method.md §1.2), shot files (§1.6), refs I/O and validation."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_sampling_category_order_consumes_the_stream():
 
 
 def _emulate(coco, cats, n_shot, seed):
-    """Literal transcription of ALGORITHM 1.2 steps 1-4 (COCO mode) on the global-equivalent stream."""
+    """Literal transcription of method.md §1.2 steps 1-4 (COCO mode) on the global-equivalent stream."""
     rng = random.Random(seed)
     imgs = {im["id"]: im for im in coco["images"]}
     per = {}

@@ -1,4 +1,4 @@
-"""Class-split tables (ALGORITHM 1.4) and class-name resolution."""
+"""Class-split tables (method.md §1.4) and class-name resolution."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_coco_semantic_folds():
 
 
 def test_few_shot_classes_coco_ids():
-    """The 20 novel names map to the COCO ids of ALGORITHM 1.4 in the real COCO category list."""
+    """The 20 novel names map to the COCO ids of method.md §1.4 in the real COCO category list."""
     if not CLARIFAI_JSON.exists():
         pytest.skip(f"shared dataset not found at {CLARIFAI_JSON}")
     cats = json.loads(CLARIFAI_JSON.read_text())["categories"]

@@ -19,7 +19,7 @@ SMALL = dict(num_images=5, image_size=(160, 200), min_size=24, max_size=70, seed
 
 
 def is_valid(ann: dict, width: int, height: int) -> bool:
-    """The reference validity filter (ALGORITHM 1.2)."""
+    """The reference validity filter (method.md §1.2)."""
     x, y, w, h = ann["bbox"]
     return (
         ann.get("iscrowd", 0) != 1
@@ -33,7 +33,7 @@ def is_valid(ann: dict, width: int, height: int) -> bool:
 
 
 def sample(coco: dict, cat_ids: list[int], shots: int, seed: int) -> dict[int, list[int]]:
-    """Minimal copy of the reference sampler (ALGORITHM 1.2 steps 1-4) for this test."""
+    """Minimal copy of the reference sampler (method.md §1.2 steps 1-4) for this test."""
     random.seed(seed)
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     per_cat: dict[int, list[dict]] = {}

@@ -1,4 +1,4 @@
-"""DINOv2 patch-token encoder (the semantic features of the method, ALGORITHM 3.2 / 5.1).
+"""DINOv2 patch-token encoder (the semantic features of the method, method.md §3.2 / §5.1).
 
 Built from the ``dinov2`` package (0.0.1.dev2, the official FAIR code of April 2023): a
 ``DinoVisionTransformer`` with ``block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention)`` and

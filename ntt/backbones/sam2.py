@@ -2,7 +2,7 @@
 
 Built from the ``sam2`` package's modules without its global Hydra (``import sam2`` initialises Hydra at
 import time; see :func:`_import_sam2`): the model yaml is read with OmegaConf and its ``model`` node is
-instantiated with ``hydra.utils.instantiate``. Parity with the reference (ALGORITHM 5.2, 9.1.1):
+instantiated with ``hydra.utils.instantiate``. Parity with the reference (method.md §5.2, §9.1 item 1):
 
 * ``encode_image``: ImageNet normalisation, ``forward_image`` (Hiera trunk + FPN neck, the two high-res
   levels through ``conv_s0`` / ``conv_s1``), the last ``num_feature_levels`` levels as in

@@ -4,7 +4,7 @@ One :class:`CocoDataset` wraps one annotation json (loaded once) plus an image f
 *selected* categories (by names or by a class-split key, see :mod:`ntt.data.splits`). Class index =
 position of a category id in the ascending-sorted list of selected ids.
 
-Conventions (ALGORITHM 2, 12b item 5): image height/width always come from the json, never from the
+Conventions (method.md §2, §12b item 5): image height/width always come from the json, never from the
 decoded file. Annotations are normalised on load (copies; ``raw`` stays the json as read):
 ``iscrowd`` absent -> 0; ``area`` absent -> pixel count of the segmentation (or box area when the
 annotation has no segmentation).
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 BOXES_ONLY_MESSAGE = (
     "this dataset has boxes only (its annotations have no 'segmentation'); reference masks are needed. "
     "Set reference masks from boxes (not implemented yet; the reference pre-computes SAM-H masks from the "
-    "boxes, ALGORITHM 1.5) or use a json with instance masks"
+    "boxes, method.md §1.5) or use a json with instance masks"
 )
 
 
@@ -179,7 +179,7 @@ def normalize_annotation(ann: dict, height: int, width: int) -> dict:
 def filter_coco_gt(
     data: dict, category_ids: Iterable[int], image_ids: Iterable[int] | None = None, *, source: str = "<dict>"
 ) -> dict:
-    """Ground truth for evaluation restricted to some categories (ALGORITHM 6).
+    """Ground truth for evaluation restricted to some categories (method.md §6).
 
     All images are kept (or exactly ``image_ids``, in json order), annotations of other categories are
     removed, and the ``categories`` list still lists every category (so COCOeval averages over the

@@ -1,4 +1,4 @@
-"""Class-split tables (ALGORITHM 1.4) and class-name resolution.
+"""Class-split tables (method.md §1.4) and class-name resolution.
 
 A *class split* is a named list of category names; the dataset selects the json categories whose
 ``name`` matches exactly. Class indices downstream come from the ascending-sorted category ids, so

@@ -21,7 +21,7 @@ earlier ones), ``area`` = visible pixel count, ``bbox`` = tight box of the visib
 Determinism: the same arguments give byte-identical PNGs and jsons (image i is drawn from its own
 generator seeded with ``[seed, i]``, so it does not depend on ``num_images`` either).
 
-Reference validity (ALGORITHM 1.2: box >= 32 px each side, >= 10 px from every border): most instances
+Reference validity (method.md §1.2: box >= 32 px each side, >= 10 px from every border): most instances
 are placed at least 12 px inside the image; about 15 % are deliberately truncated by a border. The
 first instances of each image cycle through the classes, so every class appears in many images.
 

@@ -1,4 +1,4 @@
-"""COCO evaluation (bbox + segm) on the selected classes, per-class AP table (ALGORITHM 6).
+"""COCO evaluation (bbox + segm) on the selected classes, per-class AP table (method.md §6).
 
 Protocol, as in the reference ``COCORefTestDataset.evaluate``:
 
