@@ -1,0 +1,220 @@
+"""The practitioner Python API (ntt.api.Segmenter) with tiny RANDOM models on real images.
+
+Plumbing, not accuracy: random weights make every mask and score meaningless. What is checked: references
+from masks, boxes and clicks each give a bank and predictions in the documented formats; any number of
+references per class without padding; prototypes identical to the benchmark's fill_memory for the same
+references; save -> load -> predict gives identical predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, require_path
+from helpers_backbones import tiny_dinov2, tiny_sam2
+
+from ntt.api import ReferenceBank, Segmenter, compose_config
+from ntt.prompts import normalize_boxes, normalize_points
+
+FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
+FRUITS = DATA / "fruits_nuts" / "data"
+NEU = DATA / "neu-det" / "NEU-DET"
+# a 4x4 grid and no IoU filter: random weights predict near-constant IoUs
+TINY = ["proposer.points_per_side=4", "proposer.points_batch_size=16", "proposer.iou_thr=0.0"]
+
+
+def tiny_segmenter(*overrides: str) -> Segmenter:
+    cfg = compose_config(sam2="tiny_random", dinov2="tiny_random", overrides=[*TINY, *overrides])
+    return Segmenter(cfg, device="cpu", sam2=tiny_sam2(), dinov2=tiny_dinov2())
+
+
+def check_instances(inst, height: int, width: int, names: list[str]) -> None:
+    n = len(inst)
+    assert (inst.height, inst.width) == (height, width)
+    assert inst.masks.dtype == torch.bool and tuple(inst.masks.shape) == (n, height, width)
+    assert tuple(inst.boxes.shape) == (n, 4) and tuple(inst.scores.shape) == (n,)
+    assert inst.labels.dtype == torch.int64 and all(0 <= int(c) < len(names) for c in inst.labels)
+    assert inst.names == names and all(c in names for c in inst.class_names)
+    assert bool(((inst.scores >= 0) & (inst.scores <= 1)).all())  # clamped cosines
+    results = inst.to_coco(image_id=7)
+    assert len(results) == n
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+        assert r["image_id"] == 7 and r["category_id"] in inst.category_ids
+        assert r["segmentation"]["size"] == [height, width] and isinstance(r["segmentation"]["counts"], str)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Without data
+
+
+def test_import_ntt_stays_light_and_exports_the_api():
+    code = "import sys, ntt; assert 'torch' not in sys.modules; ntt.Segmenter; print('sam2' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+
+
+def test_prototype_of_a_class_is_the_mean_of_its_own_references_only():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(2, 3, 8, generator=g)
+    means[1, 1:] = 1e6  # padding rows of class 1 (1 reference): must never be read
+    bank = ReferenceBank(
+        names=["a", "b"],
+        category_ids=[1, 2],
+        instance_means=means,
+        weight_sums=torch.ones(2, 3),
+        counts=torch.tensor([3, 1]),
+        encoder="x",
+        fill_settings={},
+        references=[[{}] * 3, [{}]],
+    )
+    protos = bank.prototypes()
+    want = torch.stack([means[0].mean(0), means[1, 0]])
+    torch.testing.assert_close(protos, want / want.norm(dim=-1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_prompt_normalisation():
+    assert normalize_boxes([1, 2, 3, 4]).tolist() == [[1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="not COCO"):
+        normalize_boxes([[10, 10, 5, 20]])  # x2 < x1: probably xywh
+    one = normalize_points([5, 6])
+    assert len(one) == 1 and one[0][0].tolist() == [[5, 6]] and one[0][1].tolist() == [1]
+    two = normalize_points([[5, 6], [7, 8]])  # [N, 2]: N instances, one click each
+    assert [p.tolist() for p, _ in two] == [[[5, 6]], [[7, 8]]]
+    ragged = normalize_points([[[1, 2], [3, 4]], [[5, 6]]], point_labels=[[1, 0], [1]])
+    assert [lab.tolist() for _, lab in ragged] == [[1, 0], [1]]
+    with pytest.raises(ValueError, match="no positive click"):
+        normalize_points([[1, 2]], point_labels=[0])
+
+
+def test_config_knobs_and_clear_errors():
+    seg = tiny_segmenter("matcher.nms_thr=0.7", "matcher.pooling=adjoint")
+    assert seg.params.points_per_side == 4 and seg.params.nms_thr == 0.7 and seg.params.pooling == "adjoint"
+    with pytest.raises(ValueError, match="exactly one of"):
+        seg.add_reference(np.zeros((8, 8, 3), np.uint8), "x")
+    with pytest.raises(ValueError, match="mask is 4x4"):
+        seg.add_reference(np.zeros((8, 8, 3), np.uint8), "x", masks=np.ones((4, 4), bool))
+    with pytest.raises(ValueError, match="no references"):
+        seg.build()
+    assert seg._call_params({"num_out": 1, "iou_thr": 0.5}).num_out == 1  # predict(..., num_out=1)
+    assert seg.params.num_out == 100  # a per-call setting does not stick
+    with pytest.raises(TypeError, match="unknown setting"):
+        seg._call_params({"nms_threshold": 0.3})
+    cpu_fast = compose_config(sam2="tiny_random", dinov2="tiny_random", proposer="cpu_fast")
+    assert cpu_fast.proposer.points_per_side == 12
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On real images (../shared/data)
+
+
+def test_prototypes_are_exactly_the_benchmark_fill_memory_ones():
+    """Equal references through the API and through the benchmark's fill_memory: bit-identical features."""
+    require_path(FRUITS, "fruits_nuts dataset")
+    from ntt.data.coco import CocoDataset
+    from ntt.memory import fill_memory
+    from ntt.refs import RefEntry
+
+    ds = CocoDataset(FRUITS / "trainval.json", FRUITS / "images")
+    by_cat: dict[int, list[dict]] = {}
+    for a in ds.raw["annotations"]:
+        if len(by_cat.setdefault(a["category_id"], [])) < 3:
+            by_cat[a["category_id"]].append(a)
+    refs = {c: [RefEntry(c, a["image_id"], [a["id"]]) for a in anns] for c, anns in by_cat.items()}
+    dino = tiny_dinov2()
+    bank_ref = fill_memory(
+        refs,
+        dataset_json=ds.raw,
+        image_root=FRUITS / "images",
+        encoder=dino,
+        class_ids=list(refs),
+        progress=False,
+    )
+    seg = tiny_segmenter()
+    for c in sorted(by_cat, reverse=True):  # insertion order of classes does not matter: ids do
+        for a in by_cat[c]:
+            info = ds.image_info(a["image_id"])
+            seg.add_reference(
+                FRUITS / "images" / info["file_name"],
+                ds.name_of(c),
+                masks=ds.mask(a["id"]),
+                bboxes_xywh=[a["bbox"]],
+                category_id=c,
+            )
+    bank = seg.build(progress=False)
+    assert bank.names == bank_ref.category_names and bank.category_ids == bank_ref.category_ids
+    assert bank.counts.tolist() == [3, 3, 3]
+    assert torch.equal(bank.instance_means, bank_ref.instance_means)
+    assert torch.equal(bank.weight_sums, bank_ref.weight_sums)
+    assert torch.equal(bank.prototypes(), bank_ref.prototypes())
+
+
+@pytest.fixture(scope="module")
+def fss_segmenter():
+    """References from a mask, a box and clicks on FSS-1000 sample images (apple: 2 refs, basketball: 1)."""
+    require_path(FSS, "FSS-1000 sample (geti-instant-learn-samples)")
+    seg = tiny_segmenter()
+    assert seg.add_reference(FSS / "images/apple/1.jpg", "apple", masks=FSS / "masks/apple/1.png") == 1
+    assert seg.add_reference(FSS / "images/basketball/1.jpg", "basketball", boxes=[[30, 30, 190, 190]]) == 1
+    assert seg.add_reference(FSS / "images/apple/2.jpg", "apple", points=[[110, 120]]) == 1
+    return seg
+
+
+def test_references_from_mask_box_and_points_give_a_bank_and_predictions(fss_segmenter, tmp_path):
+    seg = fss_segmenter
+    bank = seg.build(progress=False)
+    assert bank.names == ["apple", "basketball"] and bank.category_ids == [1, 2]
+    assert bank.counts.tolist() == [2, 1]  # no padding to a common K
+    assert [r["prompt"] for r in bank.references[0]] == ["mask", "points"]
+    assert bank.references[1][0]["prompt"] == "box" and bank.references[1][0]["bbox"] == [30, 30, 160, 160]
+    assert torch.allclose(bank.prototypes().norm(dim=-1), torch.ones(2))
+    inst = seg.predict(FSS / "images/apple/5.jpg")
+    check_instances(inst, 224, 224, ["apple", "basketball"])
+    assert inst.overlay().size == (224, 224)
+
+
+def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
+    seg = fss_segmenter
+    image = FSS / "images/basketball/6.jpg"
+    before = seg.predict(image)
+    path = seg.save(tmp_path / "refs.ntt")
+    assert path.stat().st_size < 100_000  # features and metadata, never model weights
+    loaded = Segmenter.load(path, device="cpu")
+    assert loaded.params == seg.params and loaded.class_names == ["apple", "basketball"]
+    after = loaded.predict(image)
+    assert torch.equal(before.masks, after.masks) and torch.equal(before.scores, after.scores)
+    assert torch.equal(before.labels, after.labels) and torch.equal(before.boxes, after.boxes)
+    assert json.dumps(before.to_coco(1)) == json.dumps(after.to_coco(1))
+
+
+def test_box_references_from_a_boxes_only_coco_json(tmp_path):
+    """NEU-DET has boxes only: its annotations become references through SAM2 box prompts."""
+    require_path(NEU, "NEU-DET dataset")
+    from ntt.segment import add_references, load_reference_specs
+
+    full = json.loads((NEU / "instances_neu_det_bbox.json").read_text())
+    keep_cats = {1, 6}
+    anns = []
+    for cat in sorted(keep_cats):
+        anns += [a for a in full["annotations"] if a["category_id"] == cat][:1]
+    img_ids = {a["image_id"] for a in anns}
+    sub = {
+        "images": [im for im in full["images"] if im["id"] in img_ids],
+        "annotations": anns,
+        "categories": [c for c in full["categories"] if c["id"] in keep_cats],
+    }
+    (tmp_path / "refs.json").write_text(json.dumps(sub))
+    specs = load_reference_specs(tmp_path / "refs.json", NEU / "IMAGES")
+    assert all(s.boxes is not None and s.masks is None for s in specs)
+    seg = tiny_segmenter()
+    assert add_references(seg, specs) == 2
+    bank = seg.build(progress=False)
+    assert bank.category_ids == [1, 6] and bank.names == ["crazing", "scratches"]
+    assert bank.counts.tolist() == [1, 1] and torch.isfinite(bank.instance_means).all()
+    target = NEU / "IMAGES" / sub["images"][0]["file_name"]
+    check_instances(seg.predict(target), 416, 416, ["crazing", "scratches"])
