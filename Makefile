@@ -12,8 +12,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all lint format demo smoke checkpoints bench clean \
-	prepare-coco prepare-voc prepare-cdfsod prepare-lvis
+.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench clean \
+	prepare-coco prepare-voc prepare-cdfsod prepare-lvis bench-coco bench-voc bench-cdfsod bench-lvis
 
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
@@ -41,6 +41,12 @@ test-slow: setup ## run only the tests marked slow
 
 test-all: setup ## run every test, slow ones included
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+
+parity: setup ## parity with the authors' code on the fixture: default CPU kernels and forced AVX2
+	$(PY) -m pytest -q -s -m parity tests/test_parity.py $(ARGS)
+
+parity-gpu: setup ## the same parity comparisons on CUDA with TF32 off (needs a GPU; skips without one)
+	$(PY) -m pytest -q -s -m gpu tests/test_parity.py $(ARGS)
 
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check ntt tests
@@ -80,6 +86,25 @@ prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and tes
 
 prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
 	$(PY) -m ntt.cli prepare lvis $(ARGS)
+
+# The paper's benchmarks: one study each (experiments/bench/*.yaml), then its tables in
+# $(OUTPUTS)/tables/<study>/ (summary.md). The table is written even when some runs failed (listed there).
+OUTPUTS ?= outputs
+define run_study
+	@status=0; $(PY) -m ntt.run +bench=$(1) $(ARGS) || status=$$?; \
+	 $(PY) -m ntt.cli summarize $(OUTPUTS) --study bench_$(1) --out $(OUTPUTS)/tables/bench_$(1); exit $$status
+endef
+bench-coco: setup ## COCO few-shot: shots 1,2,3,5,10,30 x 10 seeds (60 runs) + table (GPU; paper 36.8 nAP)
+	$(call run_study,coco)
+
+bench-voc: setup ## PASCAL VOC: 3 splits x shots 1,2,3,5,10 + table (GPU; paper 71.2 nAP50)
+	$(call run_study,voc)
+
+bench-cdfsod: setup ## CD-FSOD: 6 datasets x shots 1,5,10 + table (GPU; paper 22.4 nAP)
+	$(call run_study,cdfsod)
+
+bench-lvis: setup ## LVIS v1 val (pycocotools AP, not the official LVIS metric): shots 1,5,10 + table (GPU)
+	$(call run_study,lvis)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
