@@ -725,3 +725,48 @@ def test_pipeline_matches_reference_on_cuda(setting, tmp_path):
         _end_to_end(setting, tmp_path, device="cuda")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checks can fail: a deliberately wrong stage is caught, and the failure names that stage.
+
+from ntt.ops import masks_to_boxes_inclusive as _REAL_BOXES  # noqa: E402  (the originals, before patching)
+from ntt.postprocess import semantic_soft_merge as _REAL_SOFT_MERGE  # noqa: E402
+
+
+def _off_by_one_boxes(masks, dtype=torch.float32):
+    return _REAL_BOXES(masks, dtype) + torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=dtype)
+
+
+def _corner_aligned_upsample(feats, size):
+    x = feats.permute(2, 0, 1)[None]
+    up = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    return up[0].permute(1, 2, 0)
+
+
+def _linear_decay(masks, labels, embeddings, scores):
+    ios, _, areas = _REAL_SOFT_MERGE(masks, labels, embeddings, scores)
+    return ios, scores * (1 - ios), areas
+
+
+def _unstable_top_k(decayed, num_out, *, valid=None):
+    return torch.argsort(decayed.nan_to_num(nan=float("inf")), descending=True)[:num_out].flip(0)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "wrong", "stage"),
+    [
+        ("ntt.matching", "upsample_features", _corner_aligned_upsample, "isolated/img14/pooling"),
+        ("ntt.ops", "masks_to_boxes_inclusive", _off_by_one_boxes, "isolated/img14/lowres_boxes"),
+        ("ntt.postprocess", "semantic_soft_merge", _linear_decay, "isolated/img14/soft_merge"),
+        ("ntt.postprocess", "rank_top_k", _unstable_top_k, "isolated/img14/top_k"),
+    ],
+)
+def test_a_wrong_stage_is_caught_and_named(module, name, wrong, stage, monkeypatch):
+    require_path(PARITY, "parity fixture")
+    require_path(SHARED / "data" / "fruits_nuts", "fruits_nuts dataset")
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), name, wrong)
+    with pytest.raises(Mismatch, match=f"stage `{stage}"):
+        run_isolated_checks("paper")
