@@ -147,7 +147,7 @@ def draw_instances(
 
 
 def side_by_side(left, right, titles: Sequence[str] = ("ground truth", "prediction")):
-    """Two image-sized panels next to each other (``2W x H``), each with a small title in its corner."""
+    """Two image-sized panels next to each other (``2W x H``), each titled in its bottom-left corner."""
     from PIL import Image, ImageDraw
 
     width, height = left.size
@@ -156,10 +156,12 @@ def side_by_side(left, right, titles: Sequence[str] = ("ground truth", "predicti
     page.paste(right.resize((width, height)) if right.size != left.size else right, (width, 0))
     draw = ImageDraw.Draw(page)
     font = _font(height, width)
-    for i, title in enumerate(titles):
-        x0, t, r, b = draw.textbbox((i * width + 4, 4), title, font=font)
+    for i, title in enumerate(titles):  # bottom-left: instance labels sit at the top of their boxes
+        x0, t, r, b = draw.textbbox((0, 0), title, font=font)
+        pos = (i * width + 4, height - 4 - (b - t) - t)
+        x0, t, r, b = draw.textbbox(pos, title, font=font)
         draw.rectangle([x0 - 2, t - 2, r + 2, b + 2], fill=(0, 0, 0))
-        draw.text((i * width + 4, 4), title, fill=(255, 255, 255), font=font)
+        draw.text(pos, title, fill=(255, 255, 255), font=font)
     return page
 
 
