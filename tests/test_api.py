@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,39 @@ def test_config_knobs_and_clear_errors():
         seg._call_params({"nms_threshold": 0.3})
     cpu_fast = compose_config(sam2="tiny_random", dinov2="tiny_random", proposer="cpu_fast")
     assert cpu_fast.proposer.points_per_side == 12
+
+
+def test_cpu_users_are_told_the_expected_time_and_pointed_to_cpu_fast(caplog):
+    from ntt.speed import estimate_seconds_per_image
+
+    caplog.set_level("WARNING")
+    Segmenter(compose_config(sam2="sam2.1_hiera_t", dinov2="vits14"), device="cpu")  # models built lazily
+    assert "proposer=cpu_fast" in caplog.text and "32x32 prompt grid on the CPU" in caplog.text
+    est = {
+        p: estimate_seconds_per_image(
+            sam2="sam2.1_hiera_t", dinov2="dinov2_vits14", points_per_side=p, device="cpu", threads=2
+        )
+        for p in (32, 12)
+    }
+    assert 60 < est[32] < 150 and 8 < est[12] < 25  # benchmarks/README.md, 2 cores: ~86 ms per prompt
+    assert estimate_seconds_per_image(sam2="x", dinov2="y", points_per_side=32, device="cuda") is None
+
+
+def test_images_are_read_upright_and_masks_are_in_the_upright_frame(tmp_path):
+    from PIL import Image
+
+    from ntt.api import read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 200x150, shown rotated by 90 degrees: 150x200
+    Image.new("RGB", (200, 150), (10, 20, 30)).save(tmp_path / "rot.jpg", exif=exif)
+    assert read_image(tmp_path / "rot.jpg")[0].size == (150, 200)
+    seg = tiny_segmenter()
+    with pytest.raises(ValueError, match="upright"):
+        seg.add_reference(tmp_path / "rot.jpg", "x", masks=np.ones((150, 200), bool))  # stored frame
+    mask = np.zeros((200, 150), bool)
+    mask[50:150, 40:110] = True
+    assert seg.add_reference(tmp_path / "rot.jpg", "x", masks=mask) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,3 +252,38 @@ def test_box_references_from_a_boxes_only_coco_json(tmp_path):
     assert bank.counts.tolist() == [1, 1] and torch.isfinite(bank.instance_means).all()
     target = NEU / "IMAGES" / sub["images"][0]["file_name"]
     check_instances(seg.predict(target), 416, 416, ["crazing", "scratches"])
+
+
+def test_predictions_equal_the_benchmark_test_stage_for_its_memory_bank(tmp_path):
+    """A benchmark run's bank through Segmenter.from_memory_bank gives the run's own predictions."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from ntt.api import CONF_DIR
+    from ntt.pipeline import run_pipeline
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="main",
+            overrides=[
+                "debug=smoke",
+                "device=cpu",
+                "eval=none",
+                f"paths.output_dir={tmp_path}",
+                "dataset=synthetic",
+                "dataset.synthetic.num_images=6",
+                "dataset.max_test_images=1",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    run_pipeline(cfg)
+    run_dir = next(p.parent for p in tmp_path.rglob("memory_postprocessed.pt"))
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    seg = Segmenter.from_memory_bank(run_dir / "memory_postprocessed.pt", run_cfg, device="cpu")
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    test = json.loads(Path(run_cfg.dataset.test_json).read_text())
+    image = test["images"][0]
+    inst = seg.predict(Path(run_cfg.dataset.test_image_root) / image["file_name"])
+    assert preds and json.dumps(inst.to_coco(image["id"])) == json.dumps(preds)

@@ -40,13 +40,16 @@ def fss(tmp_path):
     return tmp_path
 
 
-def test_folder_of_images_without_json_gives_results_overlays_and_a_reusable_bank(fss):
+def test_folder_of_images_without_json_gives_results_overlays_and_a_reusable_bank(fss, caplog):
+    caplog.set_level("INFO")
     (fss / "images" / "zz_broken.jpg").write_bytes(b"not a jpeg")
     out = fss / "out"
     rc = main(
         ["--refs", str(fss / "refs"), "--images", str(fss / "images"), "--out", str(out), *MODELS, *GRID]
     )
     assert rc == 1  # one image failed; the others are kept
+    assert "segmenting 2 image(s) on cpu with a 4x4 prompt grid: expect about" in caplog.text
+    assert "first image took" in caplog.text
     failed = json.loads((out / "failed.json").read_text())
     assert [f["file_name"] for f in failed] == ["zz_broken.jpg"] and "zz_broken.jpg" in failed[0]["error"]
     dataset = json.loads((out / "dataset.json").read_text())
