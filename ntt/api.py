@@ -87,17 +87,9 @@ def read_image(image) -> tuple[Any, str | None]:
 
 
 def _read_upright(path: Path):
-    """Read a file as RGB in its upright frame (EXIF orientation applied)."""
-    try:
-        from ntt.data.images import read_image_rgb
-    except ImportError:  # an ntt.data.images without the EXIF option: the same thing here
-        from PIL import Image, ImageOps
+    """Read a file as 8-bit RGB in its upright frame (EXIF orientation applied; errors name the file)."""
+    from ntt.data.images import read_image_rgb
 
-        from ntt.data.images import load_rgb
-
-        load_rgb(path)  # the readable errors for a missing / undecodable file
-        with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
     return read_image_rgb(path, apply_exif=True)
 
 
@@ -614,6 +606,11 @@ class Segmenter:
         """
         from ntt.data.images import pil_to_tensor
 
+        if self.bank is not None and not self._refs:
+            raise ValueError(
+                "add_reference: this segmenter holds a loaded bank (features, not images), so references cannot "
+                "be added to it: build a new Segmenter with all the references"
+            )
         if sum(x is not None for x in (masks, boxes, points)) != 1:
             raise ValueError("add_reference: give exactly one of masks=, boxes=, points=")
         if not isinstance(cls, str) or not cls:
@@ -775,7 +772,13 @@ class Segmenter:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, *, device: str = "auto", overrides: Sequence[str] = ()
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        overrides: Sequence[str] = (),
+        sam2=None,
+        dinov2=None,
     ) -> Segmenter:
         """A segmenter from a saved bank, with the backbones and settings it was saved with.
 
@@ -784,6 +787,8 @@ class Segmenter:
             device: ``auto``, ``cpu``, ``cuda``...
             overrides: Hydra overrides applied on top (e.g. ``proposer.points_per_side=12``,
                 ``paths.checkpoints=/models``); the DINOv2 encoder cannot change (the bank holds its features).
+            sam2: an already built SAM2 backbone (e.g. ``other_segmenter.sam2``) instead of building one.
+            dinov2: an already built DINOv2 encoder of the bank's kind instead of building one.
         """
         from omegaconf import OmegaConf
 
@@ -805,7 +810,7 @@ class Segmenter:
                 f"{path} holds {bank.encoder} features but the config's DINOv2 is {cfg.backbone.dinov2.name}: "
                 "rebuild the bank with that encoder"
             )
-        seg = cls(cfg, device=device)
+        seg = cls(cfg, device=device, sam2=sam2, dinov2=dinov2)
         seg.bank = bank
         seg._category_ids = dict(zip(bank.names, bank.category_ids))
         return seg
@@ -865,7 +870,9 @@ class Segmenter:
                 ``nms_cap_factor``, ``pooling``, ``drop_empty_masks``, ``box_plus_one``).
 
         Returns:
-            :class:`Instances` for one image; a list of them for a list or a folder (in input order).
+            :class:`Instances` for one image; a list of them for a list or a folder (in input order). Each
+            holds full-resolution masks: for many large images prefer :meth:`iter_predict`, which yields
+            them one at a time.
         """
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (str, os.PathLike)) and Path(images).is_dir()

@@ -224,6 +224,8 @@ def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
     assert torch.equal(before.masks, after.masks) and torch.equal(before.scores, after.scores)
     assert torch.equal(before.labels, after.labels) and torch.equal(before.boxes, after.boxes)
     assert json.dumps(before.to_coco(1)) == json.dumps(after.to_coco(1))
+    with pytest.raises(ValueError, match="loaded bank"):  # features only: no image to re-encode
+        loaded.add_reference(image, "apple", boxes=[0, 0, 10, 10])
 
 
 def test_box_references_from_a_boxes_only_coco_json(tmp_path):
