@@ -409,7 +409,9 @@ def compose_config(
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
-    opts = []
+    # main.yaml's second config root (`experiments/`) is relative to the working directory: make it absolute
+    experiments = CONF_DIR.parent / "experiments"
+    opts = [f"hydra.searchpath=[file://{experiments}]" if experiments.is_dir() else "hydra.searchpath=[]"]
     if sam2:
         opts.append(f"backbone/sam2={sam2}")
     if dinov2:

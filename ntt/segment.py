@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             seg = Segmenter.from_config(
                 sam2=args.sam2, dinov2=args.dinov2, device=args.device, overrides=rest
             )
+            _ = seg.sam2, seg.dinov2  # both models are needed: a missing checkpoint fails now, not midway
             add_references(seg, specs)
             seg.build()
             seg.save(Path(args.out) / "bank.ntt")
