@@ -1,5 +1,9 @@
 """ntt: training-free, reference-based instance segmentation (No Time to Train!)."""
 
+from ntt.identity import register_resolver as _register_resolver
+
+_register_resolver()  # `${ntt.config_id:}` in conf/main.yaml's run_name (light: omegaconf only)
+
 __version__ = "0.1.0"
 
 __all__ = ["Segmenter", "Instances", "ReferenceBank", "__version__"]

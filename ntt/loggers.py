@@ -53,8 +53,21 @@ class WandbLogger(NullLogger):
         self._run.config.update(config, allow_val_change=True)
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
-        flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
-        self._run.log(flat)
+        """Scalars as history + summary; the per-class AP and the run's summary row as W&B Tables."""
+        scalars = {k: v for k, v in metrics.items() if k not in ("per_class", "config", "identity")}
+        flat = {k: v for k, v in _flatten(scalars).items() if isinstance(v, (int, float))}
+        tables = {}
+        per_class = [r for r in metrics.get("per_class") or [] if isinstance(r, dict)]
+        if per_class:
+            columns = sorted({k for row in per_class for k in row}, key=lambda k: (k != "name", k))
+            tables["per_class_AP"] = self._wandb.Table(
+                columns=columns, data=[[row.get(c) for c in columns] for row in per_class]
+            )
+        summary_cols = ["dataset", "sam2", "dinov2", "variant", "shots", "seed", "config_id", "num_images"]
+        summary_cols += [k for k in flat if k.startswith(("bbox/", "segm/"))]
+        row = {**{k: metrics.get(k) for k in summary_cols[:8]}, **flat}
+        tables["summary"] = self._wandb.Table(columns=summary_cols, data=[[row.get(c) for c in summary_cols]])
+        self._run.log({**flat, **tables})
         self._run.summary.update(flat)
 
     def finish(self) -> None:
@@ -91,7 +104,7 @@ def build_logger(
         project: W&B project.
         entity: W&B entity (team/user); null = your default.
         mode: W&B mode: `offline` (default; sync later), `online` or `disabled`.
-        group: W&B group (the dataset name by default, so seeds of one setting group together).
+        group: W&B group (the config's `study` by default: one group per study, e.g. bench_coco).
         tags: W&B tags.
         name: run name (the app passes the config-derived run name).
         run_dir: where W&B writes its files (the run directory).

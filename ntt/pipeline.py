@@ -29,6 +29,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ntt import __version__, dist
+from ntt.identity import config_id, identity_keys, portable_config, setting_id
+from ntt.reuse import reuse_sibling_dir
 from ntt.config import (
     DatasetSpec,
     EvalConfig,
@@ -414,6 +416,8 @@ def stage_test(ctx: RunContext) -> Path:
     pred_dir = ctx.path("predictions")
     key = predictions_key(ctx)
     if ctx.is_main:
+        if not pred_dir.exists():  # settings that only change the evaluation have their own dir
+            reuse_sibling_dir(ctx.run_dir, pred_dir, key)
         _reset_stale_predictions(pred_dir, key)
     dist.barrier()
     done = _finished_image_ids(pred_dir)
@@ -581,7 +585,14 @@ def _merge_and_evaluate(ctx: RunContext, test_ds, ids: list[int], pred_dir: Path
         "num_images": len(ids),
         "num_detections": len(results),
         "failed_images": failed,
+        "missing_images": missing,
         "ntt_version": __version__,
+        # what identifies this result (ntt/identity.py): tables group and filter by these
+        "study": str(ctx.cfg.get("study", "adhoc")),
+        "config_id": config_id(ctx.cfg),
+        "setting_id": setting_id(ctx.cfg),
+        "identity": identity_keys(ctx.cfg),
+        "config": portable_config(ctx.cfg),
     }
     if ctx.random_weights:
         metrics["note"] = RANDOM_WEIGHTS_NOTE

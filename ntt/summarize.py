@@ -1,72 +1,271 @@
-"""metrics.json files -> one pandas table: mean +- std over seeds per setting, as CSV and Markdown."""
+"""metrics.json files -> the tables of a paper: `ntt summarize ROOT [--study S] [--out DIR]`.
+
+Writes into ``--out`` (default ROOT):
+
+* ``summary.md``: per benchmark and setting, a paper-style table (rows: shots; columns: datasets or
+  splits; cells ``mean +- std (n seeds)``) of the benchmark's headline metric (COCO: bbox and segm nAP;
+  VOC: nAP50 = COCOeval bbox AP50; CD-FSOD: bbox nAP; LVIS: bbox and segm AP with pycocotools), then the
+  runs left out and why;
+* ``runs.csv`` / ``runs.md``: the long table, one row per run (metrics in percent);
+* ``summary.csv``: mean, std and count over seeds for every setting and metric;
+* ``per_class.csv`` (one row per run and class) and ``per_class_summary.csv`` (mean over seeds).
+
+Rules: a run with failed or missing test images is excluded from every mean and listed; a metric of -1
+(COCOeval's "no ground truth", e.g. an empty test set) is shown as n/a, never as -100; runs are grouped
+by their ``setting_id`` (ntt/identity.py), so different settings are never averaged together; rows from
+random-weight runs are flagged (plumbing and speed only, never accuracy).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 SETTING = ["dataset", "sam2", "dinov2", "variant", "shots"]
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50")]
+GROUP = ["benchmark", "sam2", "dinov2", "variant", "setting_id", "random_weights"]
+# benchmark -> (metric columns of its paper table, what the metric is called)
+HEADLINE = {
+    "coco": [("bbox_AP", "bbox nAP"), ("segm_AP", "segm nAP")],
+    "voc": [("bbox_AP50", "nAP50 (COCOeval bbox AP50)")],
+    "cdfsod": [("bbox_AP", "bbox nAP")],
+    "lvis": [
+        ("bbox_AP", "bbox AP (pycocotools, NOT the official LVIS metric)"),
+        ("segm_AP", "segm AP (pycocotools)"),
+    ],
+    "other": [("bbox_AP", "bbox AP"), ("segm_AP", "segm AP")],
+}
+# what the authors reported, for comparison only (docs/method.md §8): never measured by ntt
+PAPER = {
+    "coco": "Paper (reported by the authors, not measured here): bbox nAP 24.5 +- 1.5 / 29.5 +- 2.0 / "
+    "32.3 +- 1.3 / 34.4 +- 0.8 / 35.9 +- 0.5 / 37.0 +- 0.2 at 1/2/3/5/10/30 shots over 10 seeds (their "
+    "ablation CSV); 36.8 bbox / 34.2 segm nAP at 30 shots, seed 33 (their README).",
+    "voc": "Paper (reported, not measured here): 71.2 nAP50 (abstract).",
+    "cdfsod": "Paper (reported, not measured here): 22.4 nAP (abstract).",
+    "lvis": "LVIS numbers here come from pycocotools COCOeval (as the authors ran it), not the official LVIS API.",
+}
+RANDOM_NOTE = "Rows with random_weights=True come from random-weight models: plumbing and speed only."
 
 
-def collect(root: str | Path):
-    """One row per run under `root` (every metrics.json found), metrics in percent."""
+def benchmark_of(dataset: str) -> str:
+    """The benchmark a dataset name belongs to (coco, voc, cdfsod, lvis or other)."""
+    for prefix, name in (("coco_", "coco"), ("voc_", "voc"), ("cdfsod_", "cdfsod"), ("lvis", "lvis")):
+        if str(dataset).startswith(prefix):
+            return name
+    return "other"
+
+
+def _pct(value: Any) -> float:
+    """Fraction -> percent; -1 (no ground truth) and missing -> NaN (never -100)."""
+    if value is None:
+        return math.nan
+    v = float(value)
+    return 100.0 * v if v >= 0 else math.nan
+
+
+def collect(root: str | Path, study: str | None = None):
+    """One row per run under `root` (every metrics.json found), metrics in percent.
+
+    Args:
+        root: folder searched recursively.
+        study: keep only runs of this study (the config's `study`).
+    """
     import pandas as pd
 
     rows = []
     for path in sorted(Path(root).rglob("metrics.json")):
-        m = json.loads(path.read_text())
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid json: skipped", path)
+            continue
+        if study is not None and m.get("study") != study:
+            continue
         row = {k: m.get(k) for k in SETTING + ["seed", "num_images"]}
+        row["study"] = m.get("study")
+        row["benchmark"] = benchmark_of(row["dataset"])
+        row["setting_id"] = m.get("setting_id", "")
+        row["config_id"] = m.get("config_id", "")
+        row["failed_images"] = len(m.get("failed_images") or [])
+        row["missing_images"] = len(m.get("missing_images") or [])
         for iou_type, name in METRICS:
-            if iou_type in m:
-                row[f"{iou_type}_{name}"] = 100.0 * float(m[iou_type][name])
+            row[f"{iou_type}_{name}"] = _pct(m.get(iou_type, {}).get(name))
+        row["evaluated"] = any(t in m for t in ("bbox", "segm"))
+        row["valid"] = row["evaluated"] and row["failed_images"] == 0 and row["missing_images"] == 0
         row["random_weights"] = "note" in m
         row["run_dir"] = str(path.parent)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def collect_per_class(root: str | Path, study: str | None = None):
+    """One row per run and class (per-class AP in percent; n/a where the class has no ground truth)."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if study is not None and m.get("study") != study:
+            continue
+        for c in m.get("per_class") or []:
+            row = {k: m.get(k) for k in SETTING + ["seed"]}
+            row["setting_id"] = m.get("setting_id", "")
+            row.update(
+                {"category_id": c.get("category_id"), "name": c.get("name"), "num_gt": c.get("num_gt")}
+            )
+            for key, val in c.items():
+                if key.startswith(("bbox_", "segm_")):
+                    row[key] = _pct(val)
+            row["run_dir"] = str(path.parent)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def summarize(runs):
-    """Mean, std and count over seeds for every setting (rows of `collect`)."""
+    """Mean, std and count over seeds for every setting (valid rows of `collect` only)."""
+    import pandas as pd
+
     metric_cols = [c for c in runs.columns if c.startswith(("bbox_", "segm_"))]
-    grouped = runs.groupby(SETTING + ["random_weights"], dropna=False)[metric_cols]
+    valid = runs[runs["valid"]] if "valid" in runs else runs
+    if valid.empty:
+        return pd.DataFrame()
+    keys = SETTING + [k for k in ("setting_id", "random_weights") if k in valid]
+    grouped = valid.groupby(keys, dropna=False)[metric_cols]
     table = grouped.agg(["mean", "std", "count"])
     table.columns = [f"{m}_{stat}" for m, stat in table.columns]
     return table.reset_index()
 
 
+def cell(values) -> str:
+    """``mean +- std (n)`` of the non-NaN values (one decimal); ``n/a`` when there is none."""
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    if not vals:
+        return "n/a"
+    n = len(vals)
+    mean = sum(vals) / n
+    if n == 1:
+        return f"{mean:.1f} (1)"
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))  # sample std, as pandas
+    return f"{mean:.1f} +- {std:.1f} ({n})"
+
+
+def paper_tables(runs) -> list[dict[str, Any]]:
+    """Paper-style tables of the valid runs: one per benchmark x setting x headline metric.
+
+    Returns:
+        Dicts with ``title``, ``benchmark``, ``metric`` and ``table`` (a DataFrame: index shots,
+        columns datasets, string cells ``mean +- std (n)``).
+    """
+    import pandas as pd
+
+    out = []
+    valid = runs[runs["valid"]]
+    if valid.empty:
+        return out
+    for key, group in valid.groupby(GROUP, dropna=False, sort=True):
+        bench, sam2, dinov2, variant, setting, random_weights = key
+        for column, label in HEADLINE[bench]:
+            if column not in group or group[column].isna().all():
+                continue
+            datasets = sorted(group["dataset"].unique())
+            shots = sorted(group["shots"].unique())
+            data = {
+                d: [cell(group[(group.dataset == d) & (group.shots == k)][column]) for k in shots]
+                for d in datasets
+            }
+            table = pd.DataFrame(data, index=pd.Index(shots, name="shots"))
+            title = f"{bench}: {label} - {sam2} + {dinov2}, {variant} (setting {setting or '?'})"
+            if random_weights:
+                title += " - RANDOM WEIGHTS (plumbing only)"
+            out.append({"title": title, "benchmark": bench, "metric": column, "table": table})
+    return out
+
+
+def markdown_table(frame, index: bool = True) -> str:
+    """A GitHub Markdown table (no extra dependency)."""
+    cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in frame.iterrows():
+        cells = ([str(idx)] if index else []) + [_md_value(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _md_value(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.2f}"
+    return str(v).replace("|", "\\|")
+
+
+def render_markdown(runs, tables: list[dict[str, Any]], study: str | None) -> str:
+    """The summary.md text: paper tables, paper references, excluded runs, notes."""
+    parts = [f"# Results{f' - study {study}' if study else ''}", ""]
+    parts.append(
+        "Cells: mean +- sample std over seeds (n seeds), in percent. n/a: no ground truth / no metric."
+    )
+    parts.append("")
+    seen_bench = []
+    for t in tables:
+        parts += [f"## {t['title']}", "", markdown_table(t["table"]), ""]
+        if t["benchmark"] not in seen_bench:
+            seen_bench.append(t["benchmark"])
+    for bench in seen_bench:
+        if bench in PAPER:
+            parts += [f"*{PAPER[bench]}*", ""]
+    excluded = runs[~runs["valid"]]
+    if not excluded.empty:
+        parts += ["## Runs left out of the means", ""]
+        for _, r in excluded.iterrows():
+            why = (
+                f"{r['failed_images']} failed and {r['missing_images']} missing image(s)"
+                if r["evaluated"]
+                else "not evaluated (no metrics)"
+            )
+            parts.append(f"- `{r['run_dir']}`: {why}")
+        parts.append("")
+    if runs["random_weights"].any():
+        parts += [RANDOM_NOTE, ""]
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`ntt summarize ROOT [--out DIR]`: writes runs.csv, summary.csv and summary.md."""
+    """`ntt summarize ROOT [--study S] [--out DIR]`: paper tables, long table, per-class AP, summary.md."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="ntt summarize", description=__doc__)
     ap.add_argument("root", help="folder searched recursively for metrics.json (e.g. outputs)")
     ap.add_argument("--out", default=None, help="where to write the tables (default: ROOT)")
+    ap.add_argument("--study", default=None, help="only runs of this study (e.g. bench_coco)")
     args = ap.parse_args(argv)
-    runs = collect(args.root)
+    runs = collect(args.root, study=args.study)
     if runs.empty:
-        log.error("no metrics.json under %s", args.root)
+        log.error("no metrics.json under %s%s", args.root, f" for study {args.study}" if args.study else "")
         return 1
     out = Path(args.out or args.root)
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(runs)
+    runs = runs.sort_values(["benchmark", "dataset", "shots", "seed"], kind="stable")
     runs.to_csv(out / "runs.csv", index=False)
-    table.to_csv(out / "summary.csv", index=False)
-    md = table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False)
-    note = ""
-    if runs["random_weights"].any():
-        note = "\n\nRows with random_weights=True come from random-weight models: plumbing and speed only.\n"
-    (out / "summary.md").write_text(md + note)
-    print(md + note)  # the table is this command's output
+    (out / "runs.md").write_text(markdown_table(runs.drop(columns=["run_dir"]), index=False) + "\n")
+    summarize(runs).to_csv(out / "summary.csv", index=False)
+    per_class = collect_per_class(args.root, study=args.study)
+    per_class.to_csv(out / "per_class.csv", index=False)
+    if not per_class.empty:
+        valid_dirs = set(runs[runs["valid"]]["run_dir"])
+        pc = per_class[per_class["run_dir"].isin(valid_dirs)]
+        metric_cols = [c for c in pc.columns if c.startswith(("bbox_", "segm_"))]
+        keys = SETTING[:-1] + ["setting_id", "shots", "category_id", "name"]
+        pc.groupby(keys, dropna=False)[metric_cols].mean().reset_index().to_csv(
+            out / "per_class_summary.csv", index=False
+        )
+    text = render_markdown(runs, paper_tables(runs), args.study)
+    (out / "summary.md").write_text(text)
+    print(text)  # the table is this command's output
     return 0
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

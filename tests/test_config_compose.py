@@ -18,6 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, read_write
 
+import ntt  # noqa: F401  registers `${ntt.config_id:}` (run_name)
+
 CONF = REPO / "conf"
 EXPERIMENTS = REPO / "experiments"
 TEST_CONFIGS = REPO / "tests" / "configs"
@@ -123,7 +125,9 @@ def test_option_composes_resolves_and_binds(override, yaml_file):
 
 def test_run_dir_is_derived_from_factors():
     cfg = _compose("shots=5")
-    assert cfg.run_dir.endswith("coco_fewshot/sam2_hiera_l+dinov2_vitl14/5shot_seed33/parity")
+    prefix, config_id = cfg.run_dir.rsplit("-", 1)
+    assert prefix.endswith("coco_fewshot/sam2_hiera_l+dinov2_vitl14/5shot_seed33/parity")
+    assert len(config_id) == 8 and int(config_id, 16) >= 0  # hash of the other result-changing keys
     assert "now" not in OmegaConf.to_yaml(cfg.hydra.run)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,10 @@ def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
     for name in ARTIFACTS:
         assert (run_dir / name).is_file(), f"missing artifact {name}"
     assert (
-        run_dir.relative_to(tmp_path).as_posix()
-        == "synthetic/sam2_tiny_random+dinov2_tiny_random/2shot_seed33/smoke"
+        run_dir.parent.relative_to(tmp_path).as_posix()
+        == "synthetic/sam2_tiny_random+dinov2_tiny_random/2shot_seed33"
     )
+    assert re.fullmatch(r"smoke-[0-9a-f]{8}", run_dir.name)  # variant + config id (ntt/identity.py)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m == metrics
     assert m["note"].startswith("random weights")  # the run says loudly that its numbers are plumbing only
@@ -98,14 +100,19 @@ def test_rerun_skips_finished_stages_and_same_seed_is_byte_identical(tmp_path, c
     run_dir_b, _ = run(
         tmp_path / "b", *SMALL_SYNTH, f"dataset.root={run_dir.parents[3]}/datasets/synthetic_n9_s0"
     )
-    for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
+    for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json"]:
         assert (run_dir_b / name).read_bytes() == before[name], f"{name} differs between identical runs"
+    # metrics.json also records the config, which here differs only by the dataset.root override
+    where = ("config", "identity", "config_id")
+    a, b = json.loads(before["metrics.json"]), json.loads((run_dir_b / "metrics.json").read_text())
+    assert {k: v for k, v in a.items() if k not in where} == {k: v for k, v in b.items() if k not in where}
 
 
 def test_changed_matcher_reruns_only_the_test_stage(tmp_path, caplog):
-    run(tmp_path, *SMALL_SYNTH)
+    same_dir = f"run_dir={tmp_path / 'run'}"  # a matcher change gets its own run dir by default
+    run(tmp_path, *SMALL_SYNTH, same_dir)
     caplog.set_level("INFO")
-    run(tmp_path, *SMALL_SYNTH, "matcher.nms_thr=0.7")
+    run(tmp_path, *SMALL_SYNTH, "matcher.nms_thr=0.7", same_dir)
     skipped = [r.message for r in caplog.records if "skipped" in r.message]
     assert len(skipped) == 3 and not any("stage test" in s for s in skipped)
 
@@ -126,7 +133,7 @@ def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "load_test_image", flaky)
     with pytest.raises(pipeline.StageError, match="1 image\\(s\\) failed"):
         run(tmp_path, *SMALL_SYNTH)
-    run_dir = next(tmp_path.glob("synthetic/*/*/smoke"))
+    run_dir = next(tmp_path.glob("synthetic/*/*/smoke-*"))
     m = json.loads((run_dir / "metrics.json").read_text())
     assert len(m["failed_images"]) == 1 and m["num_detections"] > 0
     # the rerun retries only the failed image and then succeeds
@@ -211,8 +218,9 @@ def test_missing_checkpoint_is_a_clear_error_with_the_fetch_command(tmp_path):
     with pytest.raises(MissingCheckpointError, match=r"ntt download dinov2_vits14") as info:
         run(tmp_path, *SMALL_SYNTH, "backbone/dinov2=vits14", f"paths.checkpoints={tmp_path / 'ckpt'}")
     assert str(tmp_path / "ckpt" / "dinov2_vits14_pretrain.pth") in str(info.value)
-    # the stage before it kept its artifact
-    assert next(tmp_path.glob("synthetic/*/*/smoke/refs.json")).is_file()
+    # reported by the preflight, before any stage ran or config.yaml was written
+    run_dir = next(tmp_path.glob("synthetic/*/*/smoke-*"))
+    assert not (run_dir / "refs.json").exists() and not (run_dir / "config.yaml").exists()
 
 
 def test_missing_dataset_file_names_the_config_key(tmp_path):
@@ -248,7 +256,8 @@ def test_fixed_matcher_runs_in_its_own_directory(tmp_path):
     """matcher=fixed (every fix flag on, adjoint pooling) through every stage, beside the parity run."""
     parity_dir, _ = run(tmp_path, *SMALL_SYNTH)
     fixed_dir, metrics = run(tmp_path, *SMALL_SYNTH, "matcher=fixed", "variant=fixed")
-    assert fixed_dir.name == "fixed" and parity_dir.name == "smoke" and fixed_dir.parent == parity_dir.parent
+    assert fixed_dir.name.startswith("fixed-") and parity_dir.name.startswith("smoke-")
+    assert fixed_dir.parent == parity_dir.parent
     cfg = (fixed_dir / "config.yaml").read_text()
     assert "mask_pooling: area" in cfg and "pooling: adjoint" in cfg and "box_plus_one: true" in cfg
     assert metrics["failed_images"] == []

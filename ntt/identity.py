@@ -1,0 +1,119 @@
+"""What identifies a result: the config values that can change a detection or a metric.
+
+A run directory is ``<dataset>/<sam2>+<dinov2>/<K>shot_seed<S>/<variant>-<config_id>``: the readable
+factors, then :func:`config_id`, a short hash of every other config value that can change a result, so
+two different settings never share (or overwrite) a directory and ``ntt summarize`` never mixes them.
+
+The identity is the composed config *before* interpolation (so ``${paths.data}/coco`` stays that
+string and the id is the same on every machine), without the keys that only say where files live or
+how the job runs (:data:`NON_RESULT_KEYS`). Any key added to the config later is part of the identity
+unless it is listed there. :func:`setting_id` is the same hash without the per-run factors (dataset
+location and classes, shots, seed): the runs of one study that differ only in those share it, which is
+how tables group seeds and shots of one setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+# top-level keys that never change a detection or a metric
+NON_RESULT_KEYS = (
+    "hydra",
+    "paths",
+    "run_name",
+    "run_dir",
+    "device",
+    "stages",
+    "force",
+    "trace",
+    "fail_fast",
+    "logger",
+    "study",
+)
+# per-run factors left out of the setting id (the dataset's own files and classes, shots, seed)
+RUN_FACTORS = ("shots", "seed")
+DATASET_FACTORS = (
+    "name",
+    "root",
+    "ref_json",
+    "ref_image_root",
+    "test_json",
+    "test_image_root",
+    "class_split",
+    "class_names",
+    "refs_file",
+)
+RESOLVER = "ntt.config_id"
+
+
+def identity_keys(cfg: Any) -> dict[str, Any]:
+    """The config values that identify a result (unresolved interpolations kept as written).
+
+    Args:
+        cfg: the composed config (DictConfig, with or without the ``hydra`` node) or a plain dict.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {k: v for k, v in data.items() if k not in NON_RESULT_KEYS}
+
+
+def _digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def config_id(cfg: Any) -> str:
+    """8-hex hash of :func:`identity_keys` (the run directory's suffix)."""
+    return _digest(identity_keys(cfg))
+
+
+def setting_id(cfg: Any) -> str:
+    """8-hex hash of the identity without the per-run factors (dataset files/classes, shots, seed)."""
+    keys = {k: v for k, v in identity_keys(cfg).items() if k not in RUN_FACTORS}
+    if isinstance(keys.get("dataset"), dict):
+        keys["dataset"] = {k: v for k, v in keys["dataset"].items() if k not in DATASET_FACTORS}
+    return _digest(keys)
+
+
+def _resolve_config_id(*, _root_) -> str:
+    return config_id(_root_)
+
+
+def register_resolver() -> None:
+    """Register ``${ntt.config_id:}`` (used by ``run_name`` in conf/main.yaml); idempotent."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, _resolve_config_id)
+
+
+def portable_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as recorded in metrics.json, the same on every machine.
+
+    Location keys (``paths``, ``run_dir``, ``run_name``, ``hydra``) are left out, and resolved strings
+    that start with a ``paths.*`` folder are written back as ``${paths.<key>}/...`` (so the same run in
+    another output folder writes the same bytes).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    prefixes = sorted(
+        ((str(v), k) for k, v in (data.get("paths") or {}).items() if isinstance(v, str) and v),
+        key=lambda kv: -len(kv[0]),
+    )
+
+    def portable(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str):
+            for prefix, key in prefixes:
+                if value == prefix or value.startswith(prefix.rstrip("/") + "/"):
+                    return "${paths." + key + "}" + value[len(prefix.rstrip("/")) :]
+        return value
+
+    return {k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra")}
