@@ -787,26 +787,29 @@ class Segmenter:
         Args:
             path: a file written by :meth:`save`.
             device: ``auto``, ``cpu``, ``cuda``...
-            overrides: Hydra overrides applied on top (e.g. ``proposer.points_per_side=12``,
-                ``paths.checkpoints=/models``); the DINOv2 encoder cannot change (the bank holds its features).
+            overrides: Hydra overrides applied on top (``proposer=cpu_fast``, ``proposer.points_per_side=12``,
+                ``backbone/sam2=sam2_hiera_l``, ``paths.checkpoints=/models``); the DINOv2 encoder cannot change
+                (the bank holds its features).
             sam2: an already built SAM2 backbone (e.g. ``other_segmenter.sam2``) instead of building one.
             dinov2: an already built DINOv2 encoder of the bank's kind instead of building one.
         """
         from omegaconf import OmegaConf
 
         bank = ReferenceBank.load(path)
-        cfg = compose_config()
+        cfg = compose_config(overrides=overrides)
         saved = OmegaConf.create(bank.config)
-        for key in ("backbone", "proposer", "matcher"):
-            if key in saved:
-                cfg[key] = saved[key]
-        if overrides:
-            for ov in overrides:
-                if ov.startswith(("backbone/", "proposer=", "matcher=")) or "=" not in ov:
-                    raise ValueError(
-                        f"Segmenter.load: override {ov!r}: only key=value overrides apply to a saved segmenter"
-                    )
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        keys = [ov.split("=", 1)[0].lstrip("+~") for ov in overrides]
+        dotted = []
+        # each node comes from the bank unless the caller chose another option of its group
+        for group, node in (("backbone/sam2", "backbone.sam2"), ("backbone/dinov2", "backbone.dinov2"),
+                            ("proposer", "proposer"), ("matcher", "matcher")):  # fmt: skip
+            value = OmegaConf.select(saved, node)
+            if group in keys or value is None:
+                continue
+            OmegaConf.update(cfg, node, value, merge=False)
+            dotted += [ov.lstrip("+") for ov, k in zip(overrides, keys) if k.startswith(node + ".")]
+        if dotted:  # the caller's key=value overrides apply on top of the bank's nodes too
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
         if str(cfg.backbone.dinov2.name) != bank.encoder:
             raise ValueError(
                 f"{path} holds {bank.encoder} features but the config's DINOv2 is {cfg.backbone.dinov2.name}: "

@@ -224,6 +224,13 @@ def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
     assert torch.equal(before.masks, after.masks) and torch.equal(before.scores, after.scores)
     assert torch.equal(before.labels, after.labels) and torch.equal(before.boxes, after.boxes)
     assert json.dumps(before.to_coco(1)) == json.dumps(after.to_coco(1))
+    assert Segmenter.load(path, device="cpu", overrides=["proposer=cpu_fast"]).params.points_per_side == 12
+    tuned = Segmenter.load(
+        path, device="cpu", overrides=["proposer.points_per_side=3", "matcher.nms_thr=0.7"]
+    )
+    assert (tuned.params.points_per_side, tuned.params.iou_thr, tuned.params.nms_thr) == (3, 0.0, 0.7)
+    with pytest.raises(ValueError, match="holds dinov2_tiny_random features"):
+        Segmenter.load(path, device="cpu", overrides=["backbone/dinov2=vits14"])
     with pytest.raises(ValueError, match="loaded bank"):  # features only: no image to re-encode
         loaded.add_reference(image, "apple", boxes=[0, 0, 10, 10])
 
