@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -292,22 +291,13 @@ class MemoryBank:
             payload["patch_features"] = self.patch_features.detach().cpu().contiguous()
         if self.patch_weights is not None:
             payload["patch_weights"] = self.patch_weights.detach().cpu().contiguous()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            # torch.save names the zip's root folder after the file it writes to; serialising to memory
-            # first gives the same bytes whatever the (temp) file name, so equal banks are equal files.
-            buf = io.BytesIO()
-            torch.save(payload, buf)
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from ntt.fsutil import write_bytes_atomic
+
+        # torch.save names the zip's root folder after the file it writes to; serialising to memory
+        # first gives the same bytes whatever the (temp) file name, so equal banks are equal files.
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        write_bytes_atomic(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> MemoryBank:

@@ -14,11 +14,8 @@ skipped, never losing the others.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -29,8 +26,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ntt import __version__, dist
-from ntt.identity import config_id, identity_keys, portable_config, setting_id
-from ntt.reuse import reuse_sibling_dir
 from ntt.config import (
     DatasetSpec,
     EvalConfig,
@@ -40,6 +35,13 @@ from ntt.config import (
     config_hash,
     to_plain,
 )
+from ntt.errors import UserError
+from ntt.fileid import CACHE_FILE, FileDigests, sha256_file
+from ntt.fsutil import write_text_atomic
+from ntt.identity import config_id, identity_keys, portable_config, setting_id
+from ntt.preflight import annotation_problems, check_device, check_shots, report_annotations
+from ntt.reuse import reuse_sibling_lines
+from ntt.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ METRICS_FILE = "metrics.json"
 RANDOM_WEIGHTS_NOTE = "random weights: these numbers measure plumbing and speed only, never accuracy"
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage cannot run: the message says which file or config key and what to do."""
 
 
@@ -71,6 +73,12 @@ class RunContext:
     # datasets loaded by `load_split`, kept for the later stages of the same run (COCO train2017's json is
     # ~450 MB: sample_refs and fill_memory should not parse it twice)
     splits: dict[str, Any] = field(default_factory=dict)
+    # content digests of input files (size + mtime fast path, cached in the run directory)
+    files: FileDigests = field(default_factory=FileDigests)
+    # per stage: the files it found through a json, recorded in its manifest (see `mark_stage_done`)
+    inputs: dict[str, dict[str, dict[str, str | None]]] = field(default_factory=dict)
+    # backbones built by the preflight / the first stage that needs them
+    backbones: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -89,9 +97,10 @@ class RunContext:
 def make_context(cfg: DictConfig) -> RunContext:
     """Resolve the config into typed parts and the run directory."""
     st = dist.state()
+    run_dir = Path(str(cfg.run_dir)).resolve()
     return RunContext(
         cfg=cfg,
-        run_dir=Path(str(cfg.run_dir)).resolve(),
+        run_dir=run_dir,
         dataset=build_node(cfg.dataset, DatasetSpec),
         proposer=build_node(cfg.proposer, ProposerConfig),
         matcher=build_node(cfg.matcher, MatcherConfig),
@@ -99,6 +108,7 @@ def make_context(cfg: DictConfig) -> RunContext:
         device=dist.resolve_device(str(cfg.device)),
         rank=st.process_index,
         world_size=st.num_processes,
+        files=FileDigests(run_dir / CACHE_FILE),
     )
 
 
@@ -106,42 +116,66 @@ def make_context(cfg: DictConfig) -> RunContext:
 # Stage bookkeeping
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_json_atomic(path: Path, obj: Any, *, indent: int | None = 1) -> None:
-    """Write JSON through a temp file + rename, so a killed run never leaves a half-written artifact."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON through a temp file + rename (umask file mode): a killed run never leaves half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def _selection(ctx: RunContext) -> dict[str, Any]:
+    return {"class_split": ctx.dataset.class_split, "class_names": to_plain(ctx.dataset.class_names)}
+
+
+def _file_id(ctx: RunContext, path: str | None) -> list[Any] | None:
+    """A config-named input file as (name, content digest): path-free, so equal inputs give equal keys."""
+    return None if not path else [Path(str(path)).name, ctx.files.sha256(path)]
+
+
+def _backbone_identity(ctx: RunContext, which: str) -> dict[str, Any]:
+    """`backbone.<which>` with its checkpoint path replaced by the checkpoint's name and content digest."""
+    node = dict(to_plain(ctx.cfg.backbone[which]))
+    if node.get("checkpoint") and not node.get("random_init"):
+        node["checkpoint"] = _file_id(ctx, str(node["checkpoint"]))
+    return node
 
 
 def stage_key(ctx: RunContext, stage: str) -> str:
-    """Hash of what a stage's artifact depends on: its config parts and its input artifact."""
-    cfg = ctx.cfg
-    data = to_plain(cfg.dataset)
+    """Hash of what a stage's artifact depends on: config values, input artifact and input file contents.
+
+    Files named by the config (jsons, refs file, checkpoints) enter by content digest; the files found
+    through a json (reference and test images) are recorded in the stage manifest instead (`inputs`).
+    No absolute path enters a key, so the same inputs give the same key (and memory bytes) anywhere.
+    """
+    cfg, spec = ctx.cfg, ctx.dataset
     parts: list[Any] = [stage, __version__]
     if stage == "sample_refs":
-        parts += [data, cfg.shots, cfg.seed]
+        parts += [
+            _selection(ctx),
+            cfg.shots,
+            cfg.seed,
+            _file_id(ctx, spec.ref_json),
+            _file_id(ctx, spec.refs_file),
+            spec.refs_format,
+            spec.refs_coco_mode,
+        ]
     elif stage == "fill_memory":
-        parts += [cfg.backbone.dinov2, to_plain(cfg.matcher)["memory"], _artifact_sha(ctx, REFS_FILE)]
+        parts += [
+            _backbone_identity(ctx, "dinov2"),
+            to_plain(cfg.matcher)["memory"],
+            spec.exif_orientation,
+            _file_id(ctx, spec.ref_json),
+            _artifact_sha(ctx, REFS_FILE),
+        ]
     elif stage == "postprocess_memory":
         parts += [to_plain(cfg.matcher)["memory"], _artifact_sha(ctx, MEMORY_FILE)]
     elif stage == "test":
         parts += [
-            data,
-            cfg.backbone,
-            cfg.proposer,
-            cfg.matcher,
+            predictions_key(ctx),
+            _selection(ctx),
+            _file_id(ctx, spec.test_json),
+            spec.max_test_images,
+            to_plain(spec.test_image_ids),
             cfg.eval,
-            _artifact_sha(ctx, PROTOTYPES_FILE),
+            [spec.name, cfg.shots, cfg.seed, cfg.variant],  # written into metrics.json
         ]
     else:
         raise KeyError(stage)
@@ -149,53 +183,96 @@ def stage_key(ctx: RunContext, stage: str) -> str:
 
 
 def predictions_key(ctx: RunContext) -> str:
-    """What one image's detections depend on, and so when the per-image results may be resumed.
+    """The settings one image's detections depend on (besides the image itself, see `image_key`).
 
     Unlike the test stage's key it leaves out which images are evaluated (`dataset.max_test_images`,
-    `dataset.test_image_ids`) and how they are scored (`eval`): changing those re-merges and re-evaluates
-    the images already done instead of segmenting them again.
+    `dataset.test_image_ids`), the test json and how they are scored (`eval`): changing those re-merges and
+    re-evaluates the images already done instead of segmenting them again.
     """
     cfg = ctx.cfg
-    data = dict(to_plain(cfg.dataset))
-    for key in ("max_test_images", "test_image_ids"):
-        data.pop(key, None)
     return config_hash(
         "predictions",
         __version__,
-        data,
-        cfg.backbone,
+        _backbone_identity(ctx, "sam2"),
+        _backbone_identity(ctx, "dinov2"),
         cfg.proposer,
         cfg.matcher,
+        ctx.dataset.exif_orientation,
         _artifact_sha(ctx, PROTOTYPES_FILE),
     )
 
 
+def image_key(settings_key: str, image_sha: str | None, info: dict[str, Any]) -> str:
+    """What one test image's result depends on: the settings, the image file's bytes and its json record.
+
+    Args:
+        settings_key: `predictions_key` of the run.
+        image_sha: sha256 of the image file (None when it is missing).
+        info: the json record (`file_name`, `height`, `width`: masks are produced in that frame).
+    """
+    record = {k: info.get(k) for k in ("file_name", "height", "width")}
+    return config_hash("image", settings_key, image_sha, record)
+
+
 def _artifact_sha(ctx: RunContext, name: str) -> str | None:
-    p = ctx.path(name)
-    return sha256_file(p) if p.exists() else None
+    return ctx.files.sha256(ctx.path(name))
 
 
-def stage_is_current(ctx: RunContext, stage: str, artifact: str) -> bool:
-    """True when `stage_<stage>.json` records the current key and the artifact is unchanged."""
+def stage_status(ctx: RunContext, stage: str, artifact: str, *, honour_force: bool = True) -> str | None:
+    """None when the stage's artifact is current; else why not (for the log and for refusals).
+
+    Current means: `stage_<stage>.json` records the key of the present config and input files, the
+    artifact is unchanged, and every input file recorded in the manifest (the images it read) still has
+    the same content.
+    """
     manifest = ctx.path(f"stage_{stage}.json")
     art = ctx.path(artifact)
-    if ctx.cfg.get("force") or not (manifest.exists() and art.exists()):
-        return False
+    if honour_force and ctx.cfg.get("force"):
+        return "force=true"
+    if not art.exists():
+        return f"{artifact} does not exist"
+    if not manifest.exists():
+        return f"{manifest.name} does not exist (the stage did not finish)"
     try:
         rec = json.loads(manifest.read_text())
     except json.JSONDecodeError:
-        return False
-    return rec.get("key") == stage_key(ctx, stage) and rec.get("sha256") == sha256_file(art)
+        return f"{manifest.name} is unreadable"
+    if rec.get("key") != stage_key(ctx, stage):
+        return "the config or an input file (dataset json, refs file, checkpoint, upstream artifact) changed"
+    if rec.get("sha256") != ctx.files.sha256(art):
+        return f"{artifact} was modified after the stage wrote it"
+    for cfg_key, files in (rec.get("inputs") or {}).items():
+        root = Path(str(OmegaConf.select(ctx.cfg, cfg_key)))
+        for name, sha in files.items():
+            if ctx.files.sha256(root / name) != sha:
+                return f"input file {root / name} changed"
+    return None
 
 
-def mark_stage_done(ctx: RunContext, stage: str, artifact: str) -> None:
+def stage_is_current(ctx: RunContext, stage: str, artifact: str) -> bool:
+    """True when the stage may be skipped (see `stage_status`)."""
+    return stage_status(ctx, stage, artifact) is None
+
+
+def mark_stage_done(
+    ctx: RunContext, stage: str, artifact: str, inputs: dict[str, dict[str, str | None]] | None = None
+) -> None:
+    """Write `stage_<stage>.json`: key, artifact digest and the digests of the files found through a json.
+
+    Args:
+        ctx: the run.
+        stage: stage name.
+        artifact: its artifact's file name in the run directory.
+        inputs: `{config key of a folder: {file name under it: sha256}}` (reference / test images).
+    """
     write_json_atomic(
         ctx.path(f"stage_{stage}.json"),
         {
             "stage": stage,
             "key": stage_key(ctx, stage),
             "artifact": artifact,
-            "sha256": sha256_file(ctx.path(artifact)),
+            "sha256": ctx.files.sha256(ctx.path(artifact)),
+            "inputs": inputs or {},
             "ntt_version": __version__,
         },
     )
@@ -235,9 +312,12 @@ def load_split(ctx: RunContext, which: str):
             f"directory {Path.cwd()}). Put the data there, or point `paths.data` (env NTT_DATA), "
             f"`dataset.root` or `dataset.{key}` at it."
         )
-    ctx.splits[which] = CocoDataset(
-        json_file, root, class_names=spec.class_names, class_split=spec.class_split
-    )
+    try:
+        ctx.splits[which] = CocoDataset(
+            json_file, root, class_names=spec.class_names, class_split=spec.class_split
+        )
+    except (ValueError, KeyError, TypeError) as err:  # malformed json, unknown class names, duplicate ids
+        raise StageError(f"dataset.{key}: {err}") from err
     return ctx.splits[which]
 
 
@@ -263,19 +343,28 @@ def stage_sample_refs(ctx: RunContext) -> Path:
                 "pkl or a COCO json of reference annotations, or set it to null to sample"
             )
         fmt = spec.refs_format
-        if fmt == "auto":
-            fmt = "pkl" if source.endswith(".pkl") else _sniff_json_refs(source)
-        if fmt == "coco":
-            refs = refs_mod.refs_from_coco(
-                json.loads(Path(source).read_text()), ref_ds.category_ids, shots, mode=spec.refs_coco_mode
-            )
-        else:
-            refs = refs_mod.load_refs(source)
+        try:
+            if fmt == "auto":
+                fmt = "pkl" if source.endswith(".pkl") else _sniff_json_refs(source)
+            if fmt == "coco":
+                refs = refs_mod.refs_from_coco(
+                    json.loads(Path(source).read_text()), ref_ds.category_ids, shots, mode=spec.refs_coco_mode
+                )
+            else:
+                refs = refs_mod.load_refs(source)
+        except (ValueError, KeyError, TypeError) as err:  # json errors are ValueErrors
+            raise StageError(f"dataset.refs_file={source} ({fmt}): {type(err).__name__}: {err}") from err
         how = f"loaded from {Path(source).name} ({fmt})"
     else:
-        refs = refs_mod.sample_references(ref_ds.raw, list(ref_ds.category_ids), shots, seed)
+        try:
+            refs = refs_mod.sample_references(ref_ds.raw, list(ref_ds.category_ids), shots, seed)
+        except ValueError as err:
+            raise StageError(f"{spec.ref_json}: {err}") from err
         how = f"sampled from {Path(spec.ref_json).name} with seed {seed}"
-    refs_mod.validate_refs(refs, ref_ds.raw, list(ref_ds.category_ids), shots)
+    try:
+        refs_mod.validate_refs(refs, ref_ds.raw, list(ref_ds.category_ids), shots)
+    except ValueError as err:
+        raise StageError(f"{err}\n(references {how})") from err
     # the json's name and content hash, not its absolute path: the same inputs give the same bytes anywhere
     meta = {
         "shots": shots,
@@ -298,12 +387,19 @@ def _sniff_json_refs(path: str) -> str:
 
 
 def build_backbone(ctx: RunContext, which: str):
-    """Instantiate `backbone.<which>` on this process's device (weights loaded strictly)."""
+    """`backbone.<which>` on this process's device (weights loaded strictly), built once per run.
+
+    The preflight builds the backbones the planned stages need, so a missing or mismatched checkpoint
+    is reported before any stage runs, and the stages reuse those models (each checkpoint read once).
+    """
+    if which in ctx.backbones:
+        return ctx.backbones[which]
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(ctx.cfg.backbone[which], device=ctx.device, _convert_="all")
+        ctx.backbones[which] = instantiate(ctx.cfg.backbone[which], device=ctx.device, _convert_="all")
+        return ctx.backbones[which]
     except InstantiationException as exc:
         # Hydra flattens the builder's own error (e.g. the missing-checkpoint message with the download
         # command) into a one-line repr; surface the original, readable one.
@@ -322,6 +418,10 @@ def stage_fill_memory(ctx: RunContext) -> Path:
         return out  # independent of the number of processes.
     ref_ds = load_split(ctx, "ref")
     refs = refs_mod.load_refs(ctx.path(REFS_FILE))
+    used = [e.ann_ids[0] for lst in refs.values() for e in lst]
+    report_annotations(
+        annotation_problems(ref_ds.raw, used), ctx.dataset.ref_json, fatal=True, what="reference annotations"
+    )
     encoder = build_backbone(ctx, "dinov2")
     mem = ctx.matcher.memory
     bank = fill_memory(
@@ -344,6 +444,9 @@ def stage_fill_memory(ctx: RunContext) -> Path:
     if ctx.cfg.trace:
         _save_memory_trace(ctx, bank)
     bank.save(out)
+    names = sorted({ref_ds.image_info(e.image_id)["file_name"] for lst in refs.values() for e in lst})
+    root = Path(ctx.dataset.ref_image_root)
+    ctx.inputs["fill_memory"] = {"dataset.ref_image_root": {n: ctx.files.sha256(root / n) for n in names}}
     log.info(
         "memory bank [C=%d, K=%d, D=%d] -> %s (%.1f kB)",
         *bank.instance_means.shape,
@@ -399,6 +502,12 @@ def test_image_ids(ctx: RunContext, test_ds) -> list[int]:
         raise StageError(f"dataset.test_image_ids has ids that are not in {spec.test_json}: {unknown[:10]}")
     if spec.max_test_images is not None:
         ids = ids[: int(spec.max_test_images)]
+    if not ids:
+        raise StageError(
+            f"the test set is empty: {spec.test_json} has {len(test_ds.image_ids)} image(s) and "
+            f"dataset.test_image_ids={spec.test_image_ids}, dataset.max_test_images={spec.max_test_images} "
+            "select none. Point dataset.test_json at a json with images."
+        )
     return ids
 
 
@@ -414,18 +523,21 @@ def stage_test(ctx: RunContext) -> Path:
     test_ds = load_split(ctx, "test")
     ids = test_image_ids(ctx, test_ds)
     pred_dir = ctx.path("predictions")
-    key = predictions_key(ctx)
+    keys, files = _image_keys(ctx, test_ds, ids)
+    ctx.inputs["test"] = {"dataset.test_image_root": files}
     if ctx.is_main:
-        if not pred_dir.exists():  # settings that only change the evaluation have their own dir
-            reuse_sibling_dir(ctx.run_dir, pred_dir, key)
-        _reset_stale_predictions(pred_dir, key)
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        if not any(
+            pred_dir.glob("rank*.jsonl")
+        ):  # settings that only change the evaluation have their own dir
+            reuse_sibling_lines(ctx.run_dir, pred_dir, keys)
     dist.barrier()
-    done = _finished_image_ids(pred_dir)
+    done = _finished_image_ids(pred_dir, keys)
     todo = dist.shard([i for i in ids if i not in done], ctx.rank, ctx.world_size)
     log.info(
         "test: %d images, %d already done, %d for this process (%d/%d)",
         len(ids),
-        len(done & set(ids)),
+        len(done),
         len(todo),
         ctx.rank,
         ctx.world_size,
@@ -479,13 +591,16 @@ def stage_test(ctx: RunContext) -> Path:
                     results = detections_to_coco(det, img_id, cat_ids, box_plus_one=params.box_plus_one)
                     if trace is not None:
                         _save_image_trace(ctx, img_id, trace)
-                    line = {"image_id": img_id, "ok": True, "results": results}
+                    line = {"image_id": img_id, "key": keys[img_id], "ok": True, "results": results}
                 except Exception as exc:  # one bad image must not lose the others
                     if ctx.cfg.get("fail_fast"):
                         raise
-                    log.error("image %s failed: %s (recorded; rerun to retry)", img_id, exc)
+                    img_file = str(test_ds.image_path(img_id, check=False))
+                    log.error("image %s (%s) failed: %s (recorded; rerun to retry)", img_id, img_file, exc)
                     line = {
                         "image_id": img_id,
+                        "key": keys[img_id],
+                        "file": img_file,
                         "ok": False,
                         "error": f"{type(exc).__name__}: {exc}",
                         "traceback": traceback.format_exc(),
@@ -506,25 +621,32 @@ def stage_test(ctx: RunContext) -> Path:
     dist.barrier()
     out = ctx.path(PREDICTIONS_FILE)
     if ctx.is_main:
-        _merge_and_evaluate(ctx, test_ds, ids, pred_dir, key)
+        _merge_and_evaluate(ctx, test_ds, ids, pred_dir, keys)
     dist.barrier()
     return out
 
 
-def _reset_stale_predictions(pred_dir: Path, key: str) -> None:
-    """Per-image results of another config must not be resumed: move them aside."""
-    key_file = pred_dir / "key.txt"
-    if pred_dir.exists() and (not key_file.exists() or key_file.read_text().strip() != key):
-        stale = pred_dir.with_name(f"predictions.stale-{int(time.time())}")
-        log.warning("predictions in %s were made with another config; moved to %s", pred_dir, stale)
-        shutil.move(str(pred_dir), stale)
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key + "\n")
+def _image_keys(ctx: RunContext, test_ds, ids: list[int]) -> tuple[dict[int, str], dict[str, str | None]]:
+    """Per evaluated image: the key its result must carry to be reused; and the image files' digests."""
+    settings = predictions_key(ctx)
+    keys: dict[int, str] = {}
+    files: dict[str, str | None] = {}
+    for img_id in ids:
+        info = test_ds.image_info(img_id)
+        sha = ctx.files.sha256(test_ds.image_path(img_id, check=False))
+        keys[img_id] = image_key(settings, sha, info)
+        files[info["file_name"]] = sha
+    return keys, files
 
 
-def _read_lines(pred_dir: Path) -> dict[int, dict]:
-    """Latest record per image id over all shard files (a success supersedes an earlier failure)."""
+def _read_lines(pred_dir: Path, keys: dict[int, str]) -> dict[int, dict]:
+    """Per image id, the latest record made with its current key (a success supersedes a failure).
+
+    Records of other settings, of another version of the image file or of its json record are ignored
+    (they stay in the shard files, harmless): that image is redone and the others are kept.
+    """
     records: dict[int, dict] = {}
+    stale = 0
     for shard_file in sorted(pred_dir.glob("rank*.jsonl")):
         with open(shard_file) as f:
             for raw in f:
@@ -535,16 +657,24 @@ def _read_lines(pred_dir: Path) -> dict[int, dict]:
                     rec = json.loads(raw)
                 except json.JSONDecodeError:  # a line cut by a kill: that image is simply redone
                     continue
-                prev = records.get(rec["image_id"])
+                img_id = rec.get("image_id")
+                if img_id not in keys:
+                    continue
+                if rec.get("key") != keys[img_id]:
+                    stale += 1
+                    continue
+                prev = records.get(img_id)
                 if prev is None or not prev["ok"] or rec["ok"]:
-                    records[rec["image_id"]] = rec
+                    records[img_id] = rec
+    if stale:
+        log.info("test: %d per-image result(s) of other settings or older inputs ignored", stale)
     return records
 
 
-def _finished_image_ids(pred_dir: Path) -> set[int]:
+def _finished_image_ids(pred_dir: Path, keys: dict[int, str]) -> set[int]:
     if not pred_dir.exists():
         return set()
-    return {i for i, r in _read_lines(pred_dir).items() if r["ok"]}
+    return {i for i, r in _read_lines(pred_dir, keys).items() if r["ok"]}
 
 
 def _check_bank_classes(bank, test_ds) -> None:
@@ -569,8 +699,10 @@ def _save_image_trace(ctx: RunContext, img_id: int, trace: dict[str, Any]) -> No
     np.savez(trace_dir / f"img{img_id}.npz", **arrays)
 
 
-def _merge_and_evaluate(ctx: RunContext, test_ds, ids: list[int], pred_dir: Path, key: str) -> None:
-    records = _read_lines(pred_dir)
+def _merge_and_evaluate(
+    ctx: RunContext, test_ds, ids: list[int], pred_dir: Path, keys: dict[int, str]
+) -> None:
+    records = _read_lines(pred_dir, keys)
     failed = [i for i in ids if i in records and not records[i]["ok"]]
     missing = [i for i in ids if i not in records]
     results = [r for i in ids if i in records and records[i]["ok"] for r in records[i]["results"]]
@@ -616,8 +748,7 @@ def _merge_and_evaluate(ctx: RunContext, test_ds, ids: list[int], pred_dir: Path
             f"{(failed + missing)[:5]}); their errors are in {pred_dir}/rank*.jsonl. The other "
             "images are kept: rerun the same command to retry only these."
         )
-    (pred_dir / "key.txt").write_text(key + "\n")
-    mark_stage_done(ctx, "test", PREDICTIONS_FILE)
+    mark_stage_done(ctx, "test", PREDICTIONS_FILE, ctx.inputs.get("test"))
 
 
 def _log_summary(ctx: RunContext, metrics: dict[str, Any]) -> None:
@@ -641,31 +772,58 @@ STAGES: dict[str, tuple[Callable[[RunContext], Path], str]] = {
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run `cfg.stages` in order in `cfg.run_dir`; returns the metrics of the test stage if it ran."""
+    """Run `cfg.stages` in order in `cfg.run_dir`; returns the metrics of the test stage if it ran.
+
+    Before any work (and before `config.yaml` is written): the inputs are validated, the run directory is
+    locked, and a stage whose upstream artifacts were made for another config is refused.
+    """
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise StageError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
     ctx = make_context(cfg)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main:
-        (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # one run per directory at a time (the main process holds the lock; ntt/runlock.py)
+    lock = RunLock(ctx.run_dir) if ctx.is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _run_stages(ctx)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(ctx: RunContext) -> dict[str, Any] | None:
+    cfg = ctx.cfg
     if ctx.random_weights:
         log.warning("RUNNING WITH RANDOM WEIGHTS (%s): %s", ctx.cfg.variant, RANDOM_WEIGHTS_NOTE)
+    prepare_dataset(ctx)
+    _check_upstream(ctx, done=set())
+    preflight(ctx)
+    if ctx.is_main:
+        write_text_atomic(ctx.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger = _build_logger(ctx)
     try:
-        prepare_dataset(ctx)
+        done: set[str] = set()
         for stage in cfg.stages:
             fn, artifact = STAGES[stage]
-            if stage_is_current(ctx, stage, artifact):
-                log.info("stage %s: %s matches the config, skipped", stage, artifact)
+            why = stage_status(ctx, stage, artifact)
+            if why is None:
+                log.info("stage %s: %s matches the config, skipped (input files unchanged)", stage, artifact)
+                done.add(stage)
                 continue
-            _require_inputs(ctx, stage)
+            _check_upstream(ctx, done=done, only=stage)
             t0 = time.perf_counter()
-            log.info("stage %s ...", stage)
+            log.info("stage %s ... (%s)", stage, why)
+            manifest = ctx.path(f"stage_{stage}.json")
+            if ctx.is_main and manifest.exists():
+                manifest.unlink()  # not current: a failure below must not leave an old manifest in place
+            dist.barrier()
             fn(ctx)
             dist.barrier()
             if ctx.is_main and stage != "test":  # test marks itself done only when every image succeeded
-                mark_stage_done(ctx, stage, artifact)
+                mark_stage_done(ctx, stage, artifact, ctx.inputs.get(stage))
+            done.add(stage)
             log.info("stage %s done in %.1f s", stage, time.perf_counter() - t0)
         metrics_path = ctx.path(METRICS_FILE)
         metrics = (
@@ -675,20 +833,85 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any] | None:
             logger.log_metrics(metrics)
         return metrics
     finally:
+        if ctx.is_main:
+            ctx.files.save()
         logger.finish()
 
 
-def _require_inputs(ctx: RunContext, stage: str) -> None:
+def preflight(ctx: RunContext) -> None:
+    """Validate everything the stages that will run need, before the first one runs (ntt/preflight.py).
+
+    Device; dataset jsons present and parseable with the selected class names; enough usable references
+    per class for `shots`; annotations (invalid references are fatal when they are used, the others are
+    reported); a non-empty test set; the backbones' checkpoints present and matching (the models are built
+    here, strictly, and reused by the stages).
+    """
     names = list(STAGES)
-    if names.index(stage) == 0:
-        return
-    prev_stage = names[names.index(stage) - 1]
-    prev_artifact = ctx.path(STAGES[prev_stage][1])
-    if not prev_artifact.exists():
-        raise StageError(
-            f"stage {stage} needs {prev_artifact}, written by stage {prev_stage}: add it to "
-            f"`stages` (e.g. stages=[{prev_stage},{stage}])"
-        )
+    statuses = {s: stage_status(ctx, s, STAGES[s][1]) for s in ctx.cfg.stages}
+    first = next((names.index(s) for s in ctx.cfg.stages if statuses[s] is not None), None)
+    if first is None:
+        return  # every planned stage is current
+    will_run = {s for s in ctx.cfg.stages if names.index(s) >= first}
+    check_device(ctx.device)
+    spec = ctx.dataset
+    if will_run & {"sample_refs", "fill_memory"}:
+        ref_ds = load_split(ctx, "ref")
+        if "sample_refs" in will_run and not spec.refs_file and ctx.is_main:
+            check_shots(
+                ref_ds.raw,
+                list(ref_ds.category_ids),
+                list(ref_ds.category_names),
+                int(ctx.cfg.shots),
+                spec.ref_json,
+            )
+    if "test" in will_run:
+        test_ds = load_split(ctx, "test")
+        ids = test_image_ids(ctx, test_ds)
+        if ctx.eval.enabled and ctx.is_main:
+            wanted = set(ids)
+            anns = [a["id"] for a in test_ds.all_annotations() if a["image_id"] in wanted]
+            problems = annotation_problems(test_ds.raw, anns)
+            crash = [p for p in problems if "polygon" in p] if "segm" in ctx.eval.iou_types else []
+            report_annotations(crash, spec.test_json, fatal=True, what="ground-truth polygons (segm eval)")
+            report_annotations(
+                [p for p in problems if p not in crash], spec.test_json, fatal=False, what="test annotations"
+            )
+    if "fill_memory" in will_run and ctx.is_main:
+        build_backbone(ctx, "dinov2")
+    if "test" in will_run:
+        build_backbone(ctx, "sam2")
+        build_backbone(ctx, "dinov2")
+
+
+def _check_upstream(ctx: RunContext, *, done: set[str], only: str | None = None) -> None:
+    """Refuse a stage whose input artifacts were made for another config (or are missing).
+
+    For each planned stage (or `only`), every earlier stage that this invocation does not run itself must
+    be current for the present config and input files; otherwise the stage would combine old artifacts
+    with new settings and report the result under the new config.
+    """
+    names = list(STAGES)
+    planned = list(ctx.cfg.stages)
+    for stage in [only] if only else planned:
+        for up in names[: names.index(stage)]:
+            if up in done or (only is None and up in planned):
+                continue
+            artifact = STAGES[up][1]
+            why = stage_status(ctx, up, artifact, honour_force=False)
+            if why is None:
+                continue
+            if not ctx.path(artifact).exists():
+                raise StageError(
+                    f"stage {stage} needs {ctx.path(artifact)}, written by stage {up}: add it to "
+                    f"`stages` (e.g. stages=[{up},{stage}])"
+                )
+            chain = ",".join(names[names.index(up) : names.index(stage) + 1])
+            raise StageError(
+                f"stage {stage} would use {artifact} from {ctx.run_dir}, but it does not match the present "
+                f"config ({why}; stage {up} made it).{'' if only else ' Nothing was run; config.yaml is unchanged.'}"
+                f" Add the stages that recompute it (stages=[{chain}], or leave `stages` at its default), or use "
+                "another run_dir."
+            )
 
 
 def _build_logger(ctx: RunContext):

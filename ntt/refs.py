@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import random
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -490,16 +489,9 @@ def save_refs(
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ntt.fsutil import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def refs_to_pkl_layout(refs: Mapping[int, list[RefEntry]]) -> OrderedDict:

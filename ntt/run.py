@@ -5,25 +5,93 @@ Composes `conf/main.yaml` (+ the `experiments/` root) and runs `cfg.stages`. Exa
     python -m ntt.run dataset=synthetic debug=smoke             # random-weight smoke run
     python -m ntt.run +paper=coco_30shot                        # the paper's COCO 30-shot run
     accelerate launch -m ntt.run +paper=coco_30shot             # the same on every GPU of the machine
+
+A user error (bad input or config, `ntt.errors.UserError`) prints one message and exits with status 2;
+`-v` / `--verbose` (or `HYDRA_FULL_ERROR=1`, `NTT_TRACEBACK=1`) shows its traceback too. Any other
+exception is a bug and keeps its traceback. A multirun ends with the list of every failed job and why.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from ntt.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("ntt")
+USER_ERROR_EXIT = 2
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+# (overrides, error) of every failed job of this process's multirun, filled by `FailedJobs`
+FAILED_JOBS: list[tuple[str, str]] = []
+
+
+def _show_traceback() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("NTT_TRACEBACK") == "1"
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra config (called outside the app)
+        return False
+
+
+class FailedJobs(Callback):
+    """Hydra callback (conf/hydra/default.yaml): records every failed job of a multirun.
+
+    Hydra itself stops at the end of the sweep with the first failure only; `main` then prints them all.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if job_return.status != JobStatus.FAILED:
+            return
+        err = getattr(job_return, "_return_value", None)
+        overrides = " ".join(job_return.overrides or []) or "(no overrides)"
+        FAILED_JOBS.append((overrides, f"{type(err).__name__}: {err}"))
+        log.error("job failed [%s]: %s", overrides, err)
+
+
+def _report_failed_jobs() -> None:
+    # Hydra instantiates the callback from `ntt.run`, a different module object than `__main__` under
+    # `python -m ntt.run`: read the list from there
+    import ntt.run as registry
+
+    jobs = registry.FAILED_JOBS
+    if not jobs:
+        return
+    lines = [f"{len(jobs)} job(s) of the multirun failed:"]
+    for overrides, why in jobs:
+        first = why.strip().splitlines()[0] if why.strip() else why
+        lines.append(f"  - {overrides}\n      {first}")
+    lines.append("The other jobs' results are kept; rerun the same command to retry only what is missing.")
+    sys.stderr.write("\n".join(lines) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="main")
 def _app(cfg: DictConfig) -> float | None:
     from ntt.pipeline import run_pipeline
 
-    metrics = run_pipeline(cfg)
+    try:
+        metrics = run_pipeline(cfg)
+    except UserError as err:
+        if _show_traceback() or _in_multirun():
+            raise  # a multirun records it per job (FailedJobs) and goes on
+        log.error("%s", err)
+        sys.exit(USER_ERROR_EXIT)
     # Hydra sweepers (e.g. Optuna) read the return value: the bbox AP when there is one.
     if metrics and "bbox" in metrics:
         return float(metrics["bbox"]["AP"])
@@ -31,8 +99,14 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console-script entry (`ntt-run`): Hydra parses sys.argv."""
-    _app()
+    """Console-script entry (`ntt-run`): Hydra parses sys.argv (after our own `-v` / `--verbose`)."""
+    if any(a in VERBOSE_FLAGS for a in sys.argv[1:]):
+        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in VERBOSE_FLAGS]
+        os.environ["NTT_TRACEBACK"] = "1"
+    try:
+        _app()
+    finally:
+        _report_failed_jobs()
 
 
 if __name__ == "__main__":

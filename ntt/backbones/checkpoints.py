@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ntt.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ENV_CHECKPOINT_DIR = "NTT_CHECKPOINTS"
@@ -32,15 +34,15 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # ----------------------------------------------------------------------------------------------------
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be used (wrong format, keys or shapes do not match)."""
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(UserError, FileNotFoundError):
     """A checkpoint file is not where the config says it is."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download failed (HTTP error, connection dropped with no retries left, size mismatch)."""
 
 

@@ -1,0 +1,168 @@
+"""Validate a run before computing anything: device, dataset files, classes, shots, annotations, weights.
+
+Everything here is cheap next to a stage, and every failure is a `UserError` naming the config key, file,
+image id or annotation id, so a typo costs seconds rather than a finished stage (docs/bad_inputs.md lists
+every check with its message and test).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from ntt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 10
+
+
+class PreflightError(UserError):
+    """A check before the first stage failed."""
+
+
+def check_device(device: str) -> None:
+    """The configured device exists on this machine.
+
+    Args:
+        device: the resolved device string (`cpu`, `cuda`, `cuda:1`, `mps`).
+
+    Raises:
+        PreflightError: naming `device=` and what to use instead.
+    """
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise PreflightError(
+                f"device={device} but this machine has no usable CUDA device (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}): use device=cpu, or device=auto to pick what exists"
+            )
+        if index and int(index) >= torch.cuda.device_count():
+            raise PreflightError(
+                f"device={device} but only {torch.cuda.device_count()} CUDA device(s) exist "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif kind == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise PreflightError(f"device={device} but MPS is not available here: use device=cpu")
+    elif kind != "cpu":
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError) as err:
+            raise PreflightError(f"device={device} is not a valid torch device: {err}") from err
+
+
+def annotation_problems(coco: dict, ann_ids: Iterable[int] | None = None) -> list[str]:
+    """Problems of COCO annotations that would crash or silently spoil a stage.
+
+    Checked: an explicit `area` of 0, a `segmentation` list with an empty or too short polygon
+    (e.g. `[[]]`, pycocotools' "input type is not supported"), an RLE whose `size` is not the image's,
+    a missing or degenerate `bbox` (w or h <= 0), a box outside the image (more than one pixel).
+
+    Args:
+        coco: the parsed json.
+        ann_ids: check only these annotations (default: all).
+
+    Returns:
+        One line per problem: `image <id> annotation <id>: <what>`.
+    """
+    images = {im.get("id"): im for im in coco.get("images", [])}
+    wanted = None if ann_ids is None else {int(a) for a in ann_ids}
+    problems: list[str] = []
+    for ann in coco.get("annotations", []):
+        if wanted is not None and ann.get("id") not in wanted:
+            continue
+        where = f"image {ann.get('image_id')} annotation {ann.get('id')}"
+        im = images.get(ann.get("image_id"), {})
+        h, w = im.get("height"), im.get("width")
+        if ann.get("area") is not None and float(ann["area"]) <= 0:
+            problems.append(f"{where}: area is {ann['area']}")
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):
+            bad = [p for p in seg if not (isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0)]
+            if not seg or bad:
+                problems.append(
+                    f"{where}: empty or degenerate polygon(s) {str(bad or seg)[:60]} (a polygon needs >= 3 points)"
+                )
+        elif isinstance(seg, dict):
+            size = seg.get("size")
+            if h is not None and w is not None and size is not None and list(size) != [int(h), int(w)]:
+                problems.append(
+                    f"{where}: RLE size {list(size)} is not the image's [height, width] [{h}, {w}]"
+                )
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            problems.append(f"{where}: missing or malformed bbox {bbox!r}")
+            continue
+        x, y, bw, bh = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
+            problems.append(f"{where}: empty bbox {bbox} (width and height must be > 0)")
+        elif (
+            h is not None
+            and w is not None
+            and (x < -1 or y < -1 or x + bw > float(w) + 1 or y + bh > float(h) + 1)
+        ):
+            problems.append(f"{where}: bbox {bbox} lies outside the {w}x{h} image")
+    return problems
+
+
+def report_annotations(problems: list[str], source: str, *, fatal: bool, what: str) -> None:
+    """Raise (fatal) or warn about annotation problems, listing the first few.
+
+    Args:
+        problems: lines from `annotation_problems`.
+        source: the json file (named in the message).
+        fatal: raise a `PreflightError` instead of warning.
+        what: which annotations these are (e.g. "reference annotations").
+    """
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    msg = f"{len(problems)} invalid {what} in {source}:\n  {shown}{more}"
+    if fatal:
+        raise PreflightError(msg + "\nFix or remove these annotations.")
+    log.warning("%s\n(they are kept as they are; fix them if results look wrong)", msg)
+
+
+def usable_references_per_class(coco: dict, category_ids: Iterable[int]) -> dict[int, int]:
+    """Per class, how many distinct images hold a reference the sampler accepts (docs/method.md §1.2).
+
+    Args:
+        coco: the reference-pool json.
+        category_ids: the selected classes.
+    """
+    from ntt.refs import is_valid_annotation
+
+    images = {im.get("id"): im for im in coco.get("images", [])}
+    per_class: dict[int, set[Any]] = {int(c): set() for c in category_ids}
+    for ann in coco.get("annotations", []):
+        cat = ann.get("category_id")
+        if cat not in per_class or ann.get("isimpossible") == 1 or "bbox" not in ann:
+            continue
+        im = images.get(ann.get("image_id"))
+        if im is not None and is_valid_annotation(ann, im.get("width", 0), im.get("height", 0)):
+            per_class[cat].add(ann["image_id"])
+    return {c: len(v) for c, v in per_class.items()}
+
+
+def check_shots(coco: dict, category_ids: list[int], names: list[str], shots: int, source: str) -> None:
+    """Every selected class has at least `shots` usable references (all short classes listed at once).
+
+    Raises:
+        PreflightError: naming each class, how many it has and what to do.
+    """
+    counts = usable_references_per_class(coco, category_ids)
+    short = [(c, n, counts[c]) for c, n in zip(category_ids, names, strict=True) if counts[c] < shots]
+    if short:
+        lines = "\n  ".join(f"class {c} ({n}): {k} usable" for c, n, k in short)
+        raise PreflightError(
+            f"shots={shots} but {len(short)} class(es) of {source} have fewer usable references (not crowd, "
+            f"box >= 32x32 and >= 10 px from the border, one per image):\n  {lines}\n"
+            f"Lower `shots` (at most {min(k for _, _, k in short)}), drop these classes "
+            "(dataset.class_names), or give a refs file (dataset.refs_file)."
+        )

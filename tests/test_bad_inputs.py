@@ -1,0 +1,182 @@
+"""Bad inputs give one clear message before any work (docs/bad_inputs.md lists them with these tests).
+
+Tiny RANDOM backbones on synthetic data (plumbing only). Most checks stop in the preflight, so they are fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ntt.errors import RunLockedError, UserError
+
+SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=1"]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            config_name="main",
+            overrides=[
+                "debug=smoke",
+                "device=cpu",
+                f"paths.output_dir={tmp_path}",
+                f"run_dir={tmp_path / 'run'}",
+                *SMALL,
+                *overrides,
+            ],
+        )
+
+
+def run(tmp_path: Path, *overrides: str):
+    from ntt.pipeline import run_pipeline
+
+    return run_pipeline(compose_cfg(tmp_path, *overrides))
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """The synthetic dataset's folder (generated once, no stage run)."""
+    from ntt.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path / "datasets" / "synthetic_n9_s0"
+    generate_synthetic_dataset(root, num_images=9, seed=0)
+    return root
+
+
+def _edit(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_cuda_without_cuda_is_refused_before_any_stage(tmp_path, data):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=r"device=cuda but this machine has no usable CUDA device"):
+        run(tmp_path, "device=cuda")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_empty_polygon_in_a_reference_names_file_image_and_annotation(tmp_path, data):
+    refs = tmp_path / "refs.json"
+
+    def pick(d):  # one reference per class, the first one's polygon emptied
+        d["annotations"] = [next(a for a in d["annotations"] if a["category_id"] == c) for c in (1, 2, 3, 4)]
+        d["annotations"][0]["segmentation"] = [[]]
+
+    train = json.loads((data / "train.json").read_text())
+    pick(train)
+    bad_id = train["annotations"][0]["id"]
+    img_id = train["annotations"][0]["image_id"]
+    refs.write_text(json.dumps(train))
+    # the pool json carries the same broken annotation (the refs point into it)
+    _edit(
+        data / "train.json",
+        lambda d: [a.update(segmentation=[[]]) for a in d["annotations"] if a["id"] == bad_id],
+    )
+    with pytest.raises(
+        UserError, match=rf"train.json:\n  image {img_id} annotation {bad_id}: empty or degenerate"
+    ):
+        run(
+            tmp_path,
+            f"dataset.refs_file={refs}",
+            "dataset.refs_format=coco",
+            "shots=1",
+            "stages=[sample_refs,fill_memory]",
+        )
+
+
+def test_not_enough_shots_lists_every_short_class_with_its_count(tmp_path, data):
+    with pytest.raises(UserError, match=r"shots=5 .*\n  class 2 \(square\): 4 usable"):
+        run(tmp_path, "shots=5")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_unknown_class_name_and_unparseable_json(tmp_path, data):
+    with pytest.raises(UserError, match=r"dataset.ref_json: .*class names \['hexagon'\].*available names"):
+        run(tmp_path, "dataset.class_names=[circle,hexagon]")
+    (data / "test.json").write_text("{ not json")
+    with pytest.raises(UserError, match=r"dataset.test_json: .*test.json is not valid json"):
+        run(tmp_path)
+
+
+def test_empty_test_set_is_an_error_not_ap_minus_one(tmp_path, data):
+    _edit(data / "test.json", lambda d: d.update(images=[], annotations=[]))
+    with pytest.raises(UserError, match=r"the test set is empty: .*test.json has 0 image"):
+        run(tmp_path)
+
+
+def test_second_run_in_the_same_directory_is_refused_with_the_pid(tmp_path, data):
+    from ntt.runlock import RunLock
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".ntt.lock").write_text("pid 999999999 on nowhere\n")  # stale: nobody holds it
+    with RunLock(tmp_path / "run"):
+        assert f"pid {os.getpid()}" in (tmp_path / "run" / ".ntt.lock").read_text()
+        with pytest.raises(RunLockedError, match=rf"in use by another ntt run \(pid {os.getpid()} on"):
+            run(tmp_path)
+    with RunLock(tmp_path / "run"):  # released: can be taken again
+        pass
+
+
+def test_artifacts_follow_the_umask(tmp_path):
+    from ntt.fsutil import write_text_atomic
+    from ntt.refs import save_refs
+
+    old = os.umask(0o022)
+    try:
+        save_refs(tmp_path / "refs.json", {}, {})
+        write_text_atomic(tmp_path / "x.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("refs.json", "x.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), env: dict | None = None):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ntt.run",
+            *flags,
+            "debug=smoke",
+            f"paths.output_dir={tmp_path}",
+            *SMALL,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        timeout=300,
+    )
+
+
+def test_cli_user_error_is_one_message_without_traceback_and_v_shows_it(tmp_path):
+    out = _cli(tmp_path, "dataset.ref_json=/nowhere/train.json")
+    assert out.returncode == 2
+    assert "dataset.ref_json=/nowhere/train.json not found" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+    verbose = _cli(tmp_path, "dataset.ref_json=/nowhere/train.json", "-v")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_multirun_lists_every_failed_job(tmp_path):
+    out = _cli(tmp_path, "dataset.ref_json=/nowhere/a.json,/nowhere/b.json", flags=("--multirun",))
+    assert out.returncode != 0
+    assert "2 job(s) of the multirun failed" in out.stderr
+    assert "/nowhere/a.json not found" in out.stderr and "/nowhere/b.json not found" in out.stderr

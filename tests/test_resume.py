@@ -1,0 +1,221 @@
+"""Input-aware resume: a stage or an image result is reused only when everything it read is unchanged.
+
+Tiny RANDOM backbones on a small synthetic dataset (plumbing only, never accuracy). Every run uses an
+explicit `run_dir`, so these tests do not depend on how run directories are named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9"]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            config_name="main",
+            overrides=[
+                "debug=smoke",
+                "device=cpu",
+                f"paths.output_dir={tmp_path}",
+                f"run_dir={tmp_path / 'run'}",
+                *SMALL,
+                *overrides,
+            ],
+        )
+
+
+def run(tmp_path: Path, *overrides: str):
+    from ntt.pipeline import run_pipeline
+
+    return run_pipeline(compose_cfg(tmp_path, *overrides))
+
+
+def data_root(tmp_path: Path) -> Path:
+    return tmp_path / "datasets" / "synthetic_n9_s0"
+
+
+@pytest.fixture
+def count_images(monkeypatch):
+    """Counts the images actually segmented (calls of infer_image)."""
+    from ntt import inference
+
+    calls: list[int] = []
+    real = inference.infer_image
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "infer_image", counting)
+    return calls
+
+
+def stage_lines(caplog) -> dict[str, str]:
+    out = {}
+    for r in caplog.records:
+        msg = r.getMessage()
+        for stage in ("sample_refs", "fill_memory", "postprocess_memory", "test"):
+            if msg.startswith(f"stage {stage}: ") and "skipped" in msg:
+                out[stage] = "skipped"
+            elif msg.startswith(f"stage {stage} ..."):
+                out[stage] = "ran"
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data))
+
+
+def test_reference_file_edited_in_place_recomputes_the_memory(tmp_path, caplog):
+    """A refs COCO json with two references swapped (same size, same name) -> new refs, memory, results."""
+    run(tmp_path, "stages=[sample_refs]")  # generates the dataset
+    train = json.loads((data_root(tmp_path) / "train.json").read_text())
+    picked = []
+    for cat in (1, 2, 3, 4):
+        picked += [a for a in train["annotations"] if a["category_id"] == cat][:2]
+    refs_file = tmp_path / "references.json"
+    _write_json(refs_file, {**train, "annotations": picked})
+    refs_args = [
+        f"dataset.refs_file={refs_file}",
+        "dataset.refs_format=coco",
+        "dataset.refs_coco_mode=per_annotation",
+    ]
+    memory_only = "stages=[sample_refs,fill_memory,postprocess_memory]"
+    run(tmp_path, *refs_args, memory_only)
+    from ntt.memory import MemoryBank
+
+    before = MemoryBank.load(tmp_path / "run" / "memory.pt").instance_means.clone()
+    size = refs_file.stat().st_size
+    picked[0], picked[1] = picked[1], picked[0]  # two references of class 1 swapped: slots 0 and 1
+    _write_json(refs_file, {**train, "annotations": picked})
+    assert refs_file.stat().st_size == size
+    caplog.set_level("INFO")
+    run(tmp_path, *refs_args)
+    assert stage_lines(caplog) == dict.fromkeys(
+        ["sample_refs", "fill_memory", "postprocess_memory", "test"], "ran"
+    )
+    after = MemoryBank.load(tmp_path / "run" / "memory.pt").instance_means
+    assert np.allclose(after[0, 0].numpy(), before[0, 1].numpy()) and np.allclose(after[1:], before[1:])
+    # unchanged inputs: everything skipped
+    caplog.clear()
+    run(tmp_path, *refs_args, memory_only)
+    assert set(stage_lines(caplog).values()) == {"skipped"}
+
+
+@pytest.mark.slow
+def test_edited_reference_image_recomputes_the_memory_only_from_there(tmp_path, caplog):
+    run(tmp_path)
+    refs = json.loads((tmp_path / "run" / "refs.json").read_text())
+    train = json.loads((data_root(tmp_path) / "train.json").read_text())
+    img_id = refs["refs"]["1"][0]["image_id"]
+    name = next(im["file_name"] for im in train["images"] if im["id"] == img_id)
+    path = data_root(tmp_path) / name
+    arr = np.asarray(Image.open(path)).copy()
+    arr[: arr.shape[0] // 2] = 255 - arr[: arr.shape[0] // 2]
+    Image.fromarray(arr).save(path)
+    caplog.set_level("INFO")
+    run(tmp_path)
+    lines = stage_lines(caplog)
+    assert lines["sample_refs"] == "skipped" and lines["fill_memory"] == "ran" and lines["test"] == "ran"
+    assert any(f"input file {path} changed" in r.getMessage() for r in caplog.records)
+
+
+def test_edited_test_json_redoes_only_the_affected_images(tmp_path, count_images):
+    """A wrong width fails that image (named); fixing it and dropping another redoes only the fixed one."""
+    run(tmp_path, "stages=[sample_refs]")
+    test_json = data_root(tmp_path) / "test.json"
+    good = json.loads(test_json.read_text())
+    assert [im["id"] for im in good["images"]] == [3, 6, 9]
+    bad = json.loads(test_json.read_text())
+    bad["images"][0]["width"] = 641
+    _write_json(test_json, bad)
+    from ntt.pipeline import StageError
+
+    with pytest.raises(StageError, match=r"1 image\(s\) failed"):
+        run(tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["failed_images"] == [3] and len(count_images) == 2  # image 3 failed before inference
+    lines = [
+        json.loads(x) for x in (tmp_path / "run" / "predictions" / "rank0.jsonl").read_text().splitlines()
+    ]
+    failure = next(x for x in lines if not x["ok"])
+    assert "000003.png is 640x480" in failure["error"] and "width=641" in failure["error"]
+    assert failure["file"].endswith("images/000003.png")
+
+    good["images"] = [im for im in good["images"] if im["id"] != 9]
+    good["annotations"] = [a for a in good["annotations"] if a["image_id"] != 9]
+    _write_json(test_json, good)
+    count_images.clear()
+    metrics = run(tmp_path)
+    assert len(count_images) == 1  # the fixed image only; image 6 kept, image 9 dropped
+    assert metrics["num_images"] == 2 and metrics["failed_images"] == []
+
+
+@pytest.mark.slow
+def test_edited_test_image_is_redone_and_the_others_kept(tmp_path, count_images):
+    run(tmp_path)
+    assert len(count_images) == 3
+    path = data_root(tmp_path) / "images" / "000006.png"
+    arr = np.asarray(Image.open(path)).copy()
+    arr[::2] = 0
+    Image.fromarray(arr).save(path)
+    count_images.clear()
+    run(tmp_path)
+    assert len(count_images) == 1
+
+
+def test_finished_run_asked_for_another_config_refuses_before_touching_anything(tmp_path):
+    run(tmp_path)
+    run_dir = tmp_path / "run"
+    before = {
+        p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "file_hashes.json"
+    }
+    from ntt.pipeline import StageError
+
+    with pytest.raises(
+        StageError, match=r"stage test would use .* does not match the present config.*sample_refs"
+    ):
+        run(tmp_path, "shots=3", "stages=[test]")
+    after = {
+        p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "file_hashes.json"
+    }
+    assert after == before  # config.yaml, metrics, manifests untouched
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["predictions"]
+    # a setting of the test stage alone recomputes it (images re-segmented, upstream kept)
+    metrics = run(tmp_path, "matcher.nms_thr=0.7", "stages=[test]")
+    assert metrics["failed_images"] == [] and "nms_thr: 0.7" in (run_dir / "config.yaml").read_text()
+
+
+def test_file_digests_fast_path_and_change_detection(tmp_path):
+    from ntt.fileid import FileDigests, sha256_file
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"one")
+    cache = tmp_path / "hashes.json"
+    digests = FileDigests(cache)
+    assert digests.sha256(f) == sha256_file(f) and digests.sha256(tmp_path / "missing") is None
+    digests.save()
+    f.write_bytes(b"two")  # same size, new content
+    assert FileDigests(cache).sha256(f) == sha256_file(f)
+    # an old, unchanged file is served from the cache without reading it
+    old = 1_000_000_000
+    os.utime(f, ns=(old, old))
+    d = FileDigests(cache)
+    d.sha256(f)
+    d.save()
+    d._entries[str(f.resolve())]["sha256"] = "cached"
+    assert d.sha256(f) == "cached"
+    os.utime(f, ns=(old + 1, old + 1))  # a touched file is hashed again
+    assert d.sha256(f) == sha256_file(f)
