@@ -999,10 +999,6 @@ def _as_mask_list(masks, height: int, width: int, source: str) -> list[torch.Ten
 
 
 def _fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "unknown"
-    if s < 90:
-        return f"{s:.1f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
+    from ntt.speed import format_seconds
+
+    return format_seconds(s)

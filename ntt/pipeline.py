@@ -560,6 +560,20 @@ def stage_test(ctx: RunContext) -> Path:
             drop_empty_masks=ctx.matcher.drop_empty_masks,
             box_plus_one=ctx.matcher.box_plus_one,
         )
+        if ctx.is_main:
+            from ntt.speed import expected_time_message
+
+            log.info(
+                "test: %s",
+                expected_time_message(
+                    sam2=str(ctx.cfg.backbone.sam2.name),
+                    dinov2=str(ctx.cfg.backbone.dinov2.name),
+                    points_per_side=params.points_per_side,
+                    device=str(ctx.device),
+                    n_images=len(todo),
+                    cpu_hint="proposer=cpu_fast",
+                ),
+            )
         cat_ids = list(test_ds.category_ids)
         shard_file = pred_dir / f"rank{ctx.rank}.jsonl"
         timings: list[float] = []

@@ -11,7 +11,7 @@ is logged after it. No GPU figure is known here (none was measured), so on a GPU
 
 from __future__ import annotations
 
-__all__ = ["estimate_seconds_per_image"]
+__all__ = ["estimate_seconds_per_image", "expected_time_message", "format_seconds"]
 
 DECODER_S_PER_PROMPT = 0.086
 POSTPROCESS_S_PER_PROMPT = 0.003  # pooling + NMS + soft merging, ~0.7 s per 256 proposals at 600x800
@@ -62,3 +62,46 @@ def estimate_seconds_per_image(
         + prompts * (DECODER_S_PER_PROMPT + POSTPROCESS_S_PER_PROMPT)
     )
     return seconds * (REFERENCE_THREADS / max(1, int(threads))) ** 0.7
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``"45 s"``, ``"3.2 min"``, ``"1.5 h"``; ``"unknown"`` for None.
+
+    Args:
+        seconds: a duration.
+    """
+    if seconds is None:
+        return "unknown"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def expected_time_message(
+    *, sam2: str, dinov2: str, points_per_side: int, device: str, n_images: int, cpu_hint: str
+) -> str:
+    """The line logged before a per-image loop: the expected time, and on a CPU with a large grid a pointer
+    to the CPU preset.
+
+    Args:
+        sam2: SAM2 config name.
+        dinov2: DINOv2 config name.
+        points_per_side: prompt grid side.
+        device: ``cpu``, ``cuda``...
+        n_images: images in the loop.
+        cpu_hint: how to switch to the CPU preset in the caller's interface (e.g. ``proposer=cpu_fast``).
+    """
+    est = estimate_seconds_per_image(sam2=sam2, dinov2=dinov2, points_per_side=points_per_side, device=device)
+    grid = f"{points_per_side}x{points_per_side} prompt grid on {device}"
+    if est is None:
+        return f"{n_images} image(s), {grid}: the time per image is logged after the first one"
+    msg = (
+        f"{n_images} image(s), {grid}: expect about {format_seconds(est)} per image, "
+        f"{format_seconds(est * n_images)} in all (rough estimate; the measured time follows the first image)"
+    )
+    if str(device).startswith("cpu") and points_per_side > 16:
+        fast = estimate_seconds_per_image(sam2=sam2, dinov2=dinov2, points_per_side=12, device=device)
+        msg += f". For a quick look on a CPU, {cpu_hint} (12x12 grid) takes about {format_seconds(fast)} per image"
+    return msg
