@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers_pipeline import compose_smoke, run_smoke
 
 from ntt.errors import RunLockedError, UserError
 
@@ -23,25 +22,11 @@ SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_tes
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            config_name="main",
-            overrides=[
-                "debug=smoke",
-                "device=cpu",
-                f"paths.output_dir={tmp_path}",
-                f"run_dir={tmp_path / 'run'}",
-                *SMALL,
-                *overrides,
-            ],
-        )
+    return compose_smoke(tmp_path, *overrides, small=tuple(SMALL))
 
 
 def run(tmp_path: Path, *overrides: str):
-    from ntt.pipeline import run_pipeline
-
-    return run_pipeline(compose_cfg(tmp_path, *overrides))
+    return run_smoke(tmp_path, *overrides, small=tuple(SMALL))
 
 
 @pytest.fixture

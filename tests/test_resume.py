@@ -12,34 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers_pipeline import compose_smoke, run_smoke
 from PIL import Image
 
 SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9"]
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            config_name="main",
-            overrides=[
-                "debug=smoke",
-                "device=cpu",
-                f"paths.output_dir={tmp_path}",
-                f"run_dir={tmp_path / 'run'}",
-                *SMALL,
-                *overrides,
-            ],
-        )
+    return compose_smoke(tmp_path, *overrides, small=tuple(SMALL))
 
 
 def run(tmp_path: Path, *overrides: str):
-    from ntt.pipeline import run_pipeline
-
-    return run_pipeline(compose_cfg(tmp_path, *overrides))
+    return run_smoke(tmp_path, *overrides, small=tuple(SMALL))
 
 
 def data_root(tmp_path: Path) -> Path:

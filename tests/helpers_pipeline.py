@@ -1,0 +1,39 @@
+"""Compose and run the Hydra pipeline with the smoke settings (tiny RANDOM backbones: plumbing only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+
+def compose_smoke(tmp_path: Path, *overrides: str, small: tuple[str, ...] = ()):
+    """``conf/main.yaml`` + ``debug=smoke`` on CPU, outputs and the run directory (``run``) under ``tmp_path``.
+
+    Args:
+        tmp_path: folder for outputs; the run directory is ``tmp_path / "run"``.
+        overrides: further Hydra overrides (applied last).
+        small: overrides that shrink the dataset (applied before ``overrides``).
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            config_name="main",
+            overrides=[
+                "debug=smoke",
+                "device=cpu",
+                f"paths.output_dir={tmp_path}",
+                f"run_dir={tmp_path / 'run'}",
+                *small,
+                *overrides,
+            ],
+        )
+
+
+def run_smoke(tmp_path: Path, *overrides: str, small: tuple[str, ...] = ()):
+    """Run the pipeline on :func:`compose_smoke`'s config; returns what ``run_pipeline`` returns."""
+    from ntt.pipeline import run_pipeline
+
+    return run_pipeline(compose_smoke(tmp_path, *overrides, small=small))
