@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from helpers_pipeline import compose_smoke, run_smoke
 from PIL import Image
 
@@ -203,3 +204,45 @@ def test_file_digests_fast_path_and_change_detection(tmp_path):
     assert d.sha256(f) == "cached"
     os.utime(f, ns=(old + 1, old + 1))  # a touched file is hashed again
     assert d.sha256(f) == sha256_file(f)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_test_stage_then_rerun_is_byte_identical(tmp_path):
+    """A run killed with SIGKILL after some test images resumes and ends byte-identical to an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "ntt.run",
+            "debug=smoke",
+            "device=cpu",
+            f"paths.output_dir={out}",
+            f"run_dir={out / 'run'}",
+            *SMALL,
+            "dataset.max_test_images=6",
+        ]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = killed / "run" / "predictions" / "rank0.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if shard.exists() and shard.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail("the run finished before it could be killed mid test stage")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = shard.read_text().count("\n")
+    assert 2 <= done_before < 6 and not (killed / "run" / "metrics.json").exists()
+    subprocess.run(cmd(killed), cwd=REPO, check=True, capture_output=True, timeout=600)
+    clean = tmp_path / "clean"
+    subprocess.run(cmd(clean), cwd=REPO, check=True, capture_output=True, timeout=600)
+    for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
+        assert (killed / "run" / name).read_bytes() == (clean / "run" / name).read_bytes(), name
