@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,16 @@ from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections
 from ntt.proposals import generate_proposals
 
-__all__ = ["InferenceParams", "detect_from_proposals", "dino_features", "infer_image"]
+__all__ = [
+    "ImageProposals",
+    "InferenceParams",
+    "classify_and_postprocess",
+    "detect_from_proposals",
+    "dino_features",
+    "infer_image",
+    "propose_image",
+    "proposal_embeddings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,64 @@ def infer_image(
         ``(detections, trace_dict or None)``.
     """
     p = params or InferenceParams()
+    shared = propose_image(image1024, sam2=sam2, dino=dino, params=p)
+    det, tr = classify_and_postprocess(shared, prototypes, height=height, width=width, params=p)
+    log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(shared.props), len(det))
+    return det, (shared.trace(tr) if trace else None)
+
+
+@dataclass
+class ImageProposals:
+    """The memory-independent part of one image's test path (method.md §5.1-5.3): everything up to the
+    pooled mask embeddings. Computed once per image and reused by every memory bank of a study pass.
+
+    Attributes:
+        props: SAM2 proposals after the IoU filter (``ntt.proposals.Proposals``).
+        feats_dino: ``[h, w, D]`` DINOv2 grid of the target.
+        masks256: ``[n, 256, 256]`` bool low-res masks (``logits > 0``).
+        embeddings: ``[n, D]`` L2-normalised pooled mask embeddings.
+        boxes256: ``[n, 4]`` inclusive low-res boxes of ``masks256``.
+    """
+
+    props: Any
+    feats_dino: Tensor
+    masks256: Tensor
+    embeddings: Tensor
+    boxes256: Tensor
+
+    def trace(self, bank_trace: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The full per-image trace (CPU tensors, parity fixture key names) given one bank's part.
+
+        Args:
+            bank_trace: the trace returned by :func:`classify_and_postprocess`.
+        """
+        props = self.props
+        tr = dict(bank_trace)
+        tr.update(
+            {
+                "dino_feats": self.feats_dino,
+                "grid_points": props.grid_points,
+                "grid_pred_ious_all4": props.grid_ious_all,
+                "grid_best_index": props.grid_best_index,
+                "grid_pred_ious": props.grid_pred_ious,
+                "points": props.points,
+                "grid_index": props.grid_index,
+            }
+        )
+        return {k: _cpu(v) for k, v in tr.items()}
+
+
+@torch.inference_mode()
+def propose_image(image1024: Tensor, *, sam2, dino, params: InferenceParams | None = None) -> ImageProposals:
+    """DINOv2 features, SAM2 encoding + prompt decoding + IoU filter, masks and their pooled embeddings.
+
+    Args:
+        image1024: ``[3, 1024, 1024]`` stretched image in [0, 1] on the models' device.
+        sam2: backbone with ``encode_image`` and ``decode``.
+        dino: patch-grid encoder.
+        params: settings (paper defaults when None); only the proposer fields and ``pooling`` are read.
+    """
+    p = params or InferenceParams()
     feats_dino = dino_features(dino, image1024)
     sam_feats = sam2.encode_image(image1024[None])
     props = generate_proposals(
@@ -112,24 +180,58 @@ def infer_image(
         image_size=image1024.shape[-1],
     )
     del sam_feats
-    det, tr = detect_from_proposals(
-        props.logits, props.pred_ious, feats_dino, prototypes, height=height, width=width, params=p
+    masks256, embeddings, boxes256 = proposal_embeddings(props.logits, feats_dino, pooling=p.pooling)
+    return ImageProposals(props, feats_dino, masks256, embeddings, boxes256)
+
+
+def proposal_embeddings(logits: Tensor, feats_dino: Tensor, *, pooling: str = "dense") -> tuple[Tensor, ...]:
+    """Low-res masks, their pooled DINOv2 embeddings and inclusive boxes (method.md §5.3).
+
+    Args:
+        logits: ``[n, 256, 256]`` low-res logits.
+        feats_dino: ``[h, w, D]`` DINOv2 grid.
+        pooling: ``dense`` (parity) or ``adjoint``.
+
+    Returns:
+        ``(masks256 [n, 256, 256] bool, embeddings [n, D], boxes256 [n, 4])``.
+    """
+    masks256 = logits > 0
+    embeddings = mask_embeddings(masks256, feats_dino, method=pooling)
+    return masks256, embeddings, masks_to_boxes_inclusive(masks256)
+
+
+def classify_and_postprocess(
+    shared: ImageProposals,
+    prototypes: Tensor,
+    *,
+    height: int,
+    width: int,
+    params: InferenceParams | None = None,
+) -> tuple[Detections, dict[str, Tensor]]:
+    """The memory-dependent part (method.md §5.4-5.8) on an image's shared proposals: classification, NMS,
+    soft merging, top-k. Called once per memory bank.
+
+    Args:
+        shared: the image's :class:`ImageProposals`.
+        prototypes: ``[C, D]`` L2-normalised class prototypes.
+        height: original (annotation) height ``H``.
+        width: original (annotation) width ``W``.
+        params: settings (paper defaults when None).
+
+    Returns:
+        ``(detections, trace)`` as :func:`detect_from_proposals`.
+    """
+    return _detect(
+        shared.props.logits,
+        shared.props.pred_ious,
+        shared.masks256,
+        shared.embeddings,
+        shared.boxes256,
+        prototypes,
+        height=height,
+        width=width,
+        params=params or InferenceParams(),
     )
-    log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(props), len(det))
-    if not trace:
-        return det, None
-    tr.update(
-        {
-            "dino_feats": feats_dino,
-            "grid_points": props.grid_points,
-            "grid_pred_ious_all4": props.grid_ious_all,
-            "grid_best_index": props.grid_best_index,
-            "grid_pred_ious": props.grid_pred_ious,
-            "points": props.points,
-            "grid_index": props.grid_index,
-        }
-    )
-    return det, {k: _cpu(v) for k, v in tr.items()}
 
 
 def detect_from_proposals(
@@ -161,11 +263,27 @@ def detect_from_proposals(
         device), under the parity fixture's key names.
     """
     p = params or InferenceParams()
-    masks256 = logits > 0
-    embeddings = mask_embeddings(masks256, feats_dino, method=p.pooling)
+    masks256, embeddings, boxes256 = proposal_embeddings(logits, feats_dino, pooling=p.pooling)
+    return _detect(
+        logits, pred_ious, masks256, embeddings, boxes256, prototypes, height=height, width=width, params=p
+    )
+
+
+def _detect(
+    logits: Tensor,
+    pred_ious: Tensor,
+    masks256: Tensor,
+    embeddings: Tensor,
+    boxes256: Tensor,
+    prototypes: Tensor,
+    *,
+    height: int,
+    width: int,
+    params: InferenceParams,
+) -> tuple[Detections, dict[str, Tensor]]:
+    p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
     sim, labels, scores = classify(embeddings, prototypes)
-    boxes256 = masks_to_boxes_inclusive(masks256)
     det, post = postprocess_detections(
         logits,
         pred_ious,
