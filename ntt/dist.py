@@ -65,8 +65,11 @@ def _submitit_world() -> None:
 
     if submitit.JobEnvironment().num_tasks <= 1:
         return
-    # CUDA_VISIBLE_DEVICES stays as the scheduler set it: Accelerate picks cuda:<LOCAL_RANK> itself
-    world = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # CUDA_VISIBLE_DEVICES stays as the scheduler set it: Accelerate picks cuda:<LOCAL_RANK> itself.
+    # overwrite: a MASTER_ADDR exported by a setup line names the same first host; MASTER_PORT is kept.
+    world = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True
+    )
     log.info(
         "submitit job: task %d of %d (local rank %d), master %s:%d",
         world.rank,
