@@ -32,15 +32,28 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _still_valid(entry: dict | None, st: os.stat_result) -> bool:
+    """A cached digest is trusted when size and mtime match and it was hashed well after the last write."""
+    return (
+        entry is not None
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+        and entry.get("hashed_at_ns", 0) - st.st_mtime_ns > _RACY_NS
+    )
+
+
 class FileDigests:
     """sha256 of files with a size + mtime fast path, optionally persisted in a json cache.
 
     Args:
         cache_file: where the cache is kept between runs (None: in memory only).
+        shared: a dict shared by several instances in one process (the run directories of a study pass):
+            a file hashed for one of them is not read again for the others (same size + mtime rules).
     """
 
-    def __init__(self, cache_file: str | os.PathLike | None = None) -> None:
+    def __init__(self, cache_file: str | os.PathLike | None = None, *, shared: dict | None = None) -> None:
         self.cache_file = Path(cache_file) if cache_file is not None else None
+        self._shared = shared
         self._entries: dict[str, dict] = {}
         self._dirty = False
         if self.cache_file is not None and self.cache_file.is_file():
@@ -68,13 +81,15 @@ class FileDigests:
             return None
         key = str(p.resolve())
         entry = self._entries.get(key)
-        if (
-            entry is not None
-            and entry.get("size") == st.st_size
-            and entry.get("mtime_ns") == st.st_mtime_ns
-            and entry.get("hashed_at_ns", 0) - st.st_mtime_ns > _RACY_NS
-        ):
+        if _still_valid(entry, st):
+            if self._shared is not None:
+                self._shared.setdefault(key, entry)
             return str(entry["sha256"])
+        shared = self._shared.get(key) if self._shared is not None else None
+        if _still_valid(shared, st):  # hashed for another run directory of this process
+            self._entries[key] = dict(shared)
+            self._dirty = True
+            return str(shared["sha256"])
         digest = sha256_file(p)
         self._entries[key] = {
             "size": st.st_size,
@@ -82,6 +97,8 @@ class FileDigests:
             "hashed_at_ns": time.time_ns(),
             "sha256": digest,
         }
+        if self._shared is not None:
+            self._shared[key] = self._entries[key]
         self._dirty = True
         return digest
 

@@ -511,15 +511,27 @@ def test_image_ids(ctx: RunContext, test_ds) -> list[int]:
     return ids
 
 
-def stage_test(ctx: RunContext) -> Path:
-    """Segment every test image (sharded over processes), merge, evaluate (method.md §5-6)."""
-    import torch
+@dataclass
+class TestPlan:
+    """What the test stage of one run has to do (`plan_test`).
 
-    from ntt.data.images import load_test_image
-    from ntt.inference import InferenceParams, infer_image
-    from ntt.memory import MemoryBank
-    from ntt.results import detections_to_coco
+    Attributes:
+        test_ds: the test split.
+        ids: the evaluated image ids, in order.
+        pred_dir: the run's ``predictions/`` folder.
+        keys: image id -> the key its per-image line must carry (`image_key`).
+        todo: the ids this process segments (not done yet, this process's shard).
+    """
 
+    test_ds: Any
+    ids: list[int]
+    pred_dir: Path
+    keys: dict[int, str]
+    todo: list[int]
+
+
+def plan_test(ctx: RunContext, *, shard: bool = True) -> TestPlan:
+    """Image keys, sibling reuse and the images still to segment (this process's shard when `shard`)."""
     test_ds = load_split(ctx, "test")
     ids = test_image_ids(ctx, test_ds)
     pred_dir = ctx.path("predictions")
@@ -533,7 +545,9 @@ def stage_test(ctx: RunContext) -> Path:
             reuse_sibling_lines(ctx.run_dir, pred_dir, keys)
     dist.barrier()
     done = _finished_image_ids(pred_dir, keys)
-    todo = dist.shard([i for i in ids if i not in done], ctx.rank, ctx.world_size)
+    todo = [i for i in ids if i not in done]
+    if shard:
+        todo = dist.shard(todo, ctx.rank, ctx.world_size)
     log.info(
         "test: %d images, %d already done, %d for this process (%d/%d)",
         len(ids),
@@ -542,55 +556,142 @@ def stage_test(ctx: RunContext) -> Path:
         ctx.rank,
         ctx.world_size,
     )
+    return TestPlan(test_ds, ids, pred_dir, keys, todo)
 
-    if todo:
-        bank = MemoryBank.load(ctx.path(PROTOTYPES_FILE), expect=_bank_expectation(ctx))
-        _check_bank_classes(bank, test_ds)
-        prototypes = bank.prototypes().to(ctx.device)
+
+def inference_params(ctx: RunContext):
+    """The run's `ntt.inference.InferenceParams` (proposer + matcher settings)."""
+    from ntt.inference import InferenceParams
+
+    return InferenceParams(
+        points_per_side=ctx.proposer.points_per_side,
+        points_batch_size=ctx.proposer.points_batch_size,
+        iou_thr=ctx.proposer.iou_thr,
+        nms_thr=ctx.matcher.nms_thr,
+        num_out=ctx.matcher.num_out,
+        nms_cap_factor=ctx.matcher.nms_cap_factor,
+        pooling=ctx.matcher.pooling,
+        drop_empty_masks=ctx.matcher.drop_empty_masks,
+        box_plus_one=ctx.matcher.box_plus_one,
+    )
+
+
+def log_expected_time(ctx: RunContext, n_images: int) -> None:
+    """Log the expected time of `n_images` images with this run's backbones, grid and device (main)."""
+    if not ctx.is_main:
+        return
+    from ntt.speed import expected_time_message
+
+    log.info(
+        "test: %s",
+        expected_time_message(
+            sam2=str(ctx.cfg.backbone.sam2.name),
+            dinov2=str(ctx.cfg.backbone.dinov2.name),
+            points_per_side=ctx.proposer.points_per_side,
+            device=str(ctx.device),
+            n_images=n_images,
+            cpu_hint="proposer=cpu_fast",
+        ),
+    )
+
+
+def load_prototypes(ctx: RunContext, test_ds):
+    """The run's `[C, D]` class prototypes on its device (bank checked against the test set's classes)."""
+    from ntt.memory import MemoryBank
+
+    bank = MemoryBank.load(ctx.path(PROTOTYPES_FILE), expect=_bank_expectation(ctx))
+    _check_bank_classes(bank, test_ds)
+    return bank.prototypes().to(ctx.device)
+
+
+def load_image_of(ctx: RunContext, test_ds, img_id: int):
+    """One test image stretched to 1024 on the run's device, checked against its json record."""
+    from ntt.data.images import load_test_image
+
+    info = test_ds.image_info(img_id)
+    return load_test_image(
+        test_ds.image_path(img_id),
+        1024,
+        height=int(info["height"]),
+        width=int(info["width"]),
+        apply_exif=ctx.dataset.exif_orientation,
+    ).to(ctx.device)
+
+
+def success_line(ctx: RunContext, plan: TestPlan, img_id: int, det, trace) -> dict[str, Any]:
+    """The per-image JSONL record of a segmented image (and its trace file when tracing)."""
+    from ntt.results import detections_to_coco
+
+    results = detections_to_coco(
+        det, img_id, list(plan.test_ds.category_ids), box_plus_one=ctx.matcher.box_plus_one
+    )
+    if trace is not None:
+        _save_image_trace(ctx, img_id, trace)
+    return {"image_id": img_id, "key": plan.keys[img_id], "ok": True, "results": results}
+
+
+def failure_line(ctx: RunContext, plan: TestPlan, img_id: int, exc: BaseException) -> dict[str, Any]:
+    """The per-image JSONL record of a failed image (error and traceback; a rerun retries it)."""
+    img_file = str(plan.test_ds.image_path(img_id, check=False))
+    log.error("image %s (%s) failed: %s (recorded; rerun to retry)", img_id, img_file, exc)
+    return {
+        "image_id": img_id,
+        "key": plan.keys[img_id],
+        "file": img_file,
+        "ok": False,
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": traceback.format_exc(),
+    }
+
+
+def write_timing(ctx: RunContext, plan: TestPlan, timings: list[float], **extra: Any) -> None:
+    """`predictions/timing_rank<r>.json`: seconds per image of this process (information only)."""
+    if timings:
+        write_json_atomic(
+            plan.pred_dir / f"timing_rank{ctx.rank}.json",
+            {
+                "images": len(timings),
+                "seconds_total": sum(timings),
+                "seconds_per_image": sum(timings) / len(timings),
+                "device": ctx.device,
+                **extra,
+            },
+        )
+
+
+def finish_test(ctx: RunContext, plan: TestPlan) -> Path:
+    """After every process wrote its lines: merge them in image order and evaluate (main process)."""
+    dist.barrier()
+    out = ctx.path(PREDICTIONS_FILE)
+    if ctx.is_main:
+        _merge_and_evaluate(ctx, plan.test_ds, plan.ids, plan.pred_dir, plan.keys)
+    dist.barrier()
+    return out
+
+
+def stage_test(ctx: RunContext) -> Path:
+    """Segment every test image (sharded over processes), merge, evaluate (method.md §5-6)."""
+    import torch
+
+    from ntt.inference import infer_image
+
+    plan = plan_test(ctx)
+    if plan.todo:
+        prototypes = load_prototypes(ctx, plan.test_ds)
         sam2 = build_backbone(ctx, "sam2")
         dino = build_backbone(ctx, "dinov2")
-        params = InferenceParams(
-            points_per_side=ctx.proposer.points_per_side,
-            points_batch_size=ctx.proposer.points_batch_size,
-            iou_thr=ctx.proposer.iou_thr,
-            nms_thr=ctx.matcher.nms_thr,
-            num_out=ctx.matcher.num_out,
-            nms_cap_factor=ctx.matcher.nms_cap_factor,
-            pooling=ctx.matcher.pooling,
-            drop_empty_masks=ctx.matcher.drop_empty_masks,
-            box_plus_one=ctx.matcher.box_plus_one,
-        )
-        if ctx.is_main:
-            from ntt.speed import expected_time_message
-
-            log.info(
-                "test: %s",
-                expected_time_message(
-                    sam2=str(ctx.cfg.backbone.sam2.name),
-                    dinov2=str(ctx.cfg.backbone.dinov2.name),
-                    points_per_side=params.points_per_side,
-                    device=str(ctx.device),
-                    n_images=len(todo),
-                    cpu_hint="proposer=cpu_fast",
-                ),
-            )
-        cat_ids = list(test_ds.category_ids)
-        shard_file = pred_dir / f"rank{ctx.rank}.jsonl"
+        params = inference_params(ctx)
+        log_expected_time(ctx, len(plan.todo))
+        shard_file = plan.pred_dir / f"rank{ctx.rank}.jsonl"
         timings: list[float] = []
         from tqdm import tqdm
 
         with open(shard_file, "a") as sink:
-            for img_id in tqdm(todo, desc="test", disable=not ctx.is_main, unit="img"):
+            for img_id in tqdm(plan.todo, desc="test", disable=not ctx.is_main, unit="img"):
                 t0 = time.perf_counter()
                 try:
-                    info = test_ds.image_info(img_id)
-                    image = load_test_image(
-                        test_ds.image_path(img_id),
-                        1024,
-                        height=int(info["height"]),
-                        width=int(info["width"]),
-                        apply_exif=ctx.dataset.exif_orientation,
-                    ).to(ctx.device)
+                    info = plan.test_ds.image_info(img_id)
+                    image = load_image_of(ctx, plan.test_ds, img_id)
                     with torch.inference_mode():
                         det, trace = infer_image(
                             image,
@@ -602,42 +703,16 @@ def stage_test(ctx: RunContext) -> Path:
                             params=params,
                             trace=bool(ctx.cfg.trace),
                         )
-                    results = detections_to_coco(det, img_id, cat_ids, box_plus_one=params.box_plus_one)
-                    if trace is not None:
-                        _save_image_trace(ctx, img_id, trace)
-                    line = {"image_id": img_id, "key": keys[img_id], "ok": True, "results": results}
+                    line = success_line(ctx, plan, img_id, det, trace)
                 except Exception as exc:  # one bad image must not lose the others
                     if ctx.cfg.get("fail_fast"):
                         raise
-                    img_file = str(test_ds.image_path(img_id, check=False))
-                    log.error("image %s (%s) failed: %s (recorded; rerun to retry)", img_id, img_file, exc)
-                    line = {
-                        "image_id": img_id,
-                        "key": keys[img_id],
-                        "file": img_file,
-                        "ok": False,
-                        "error": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(),
-                    }
+                    line = failure_line(ctx, plan, img_id, exc)
                 sink.write(json.dumps(line) + "\n")
                 sink.flush()
                 timings.append(time.perf_counter() - t0)
-        if timings:
-            write_json_atomic(
-                pred_dir / f"timing_rank{ctx.rank}.json",
-                {
-                    "images": len(timings),
-                    "seconds_total": sum(timings),
-                    "seconds_per_image": sum(timings) / len(timings),
-                    "device": ctx.device,
-                },
-            )
-    dist.barrier()
-    out = ctx.path(PREDICTIONS_FILE)
-    if ctx.is_main:
-        _merge_and_evaluate(ctx, test_ds, ids, pred_dir, keys)
-    dist.barrier()
-    return out
+        write_timing(ctx, plan, timings)
+    return finish_test(ctx, plan)
 
 
 def _image_keys(ctx: RunContext, test_ds, ids: list[int]) -> tuple[dict[int, str], dict[str, str | None]]:
@@ -808,48 +883,74 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _run_stages(ctx: RunContext) -> dict[str, Any] | None:
-    cfg = ctx.cfg
+    logger = open_run(ctx)
+    try:
+        done: set[str] = set()
+        for stage in ctx.cfg.stages:
+            if begin_stage(ctx, stage, done):
+                t0 = time.perf_counter()
+                STAGES[stage][0](ctx)
+                end_stage(ctx, stage, done, t0)
+        return close_run(ctx, logger)
+    finally:
+        release_run(ctx, logger)
+
+
+def open_run(ctx: RunContext, *, with_logger: bool = True):
+    """Everything before the first stage: dataset, upstream check, preflight, `config.yaml`; the logger
+    (None when not `with_logger`: a study pass builds each run's logger only when that run ends)."""
     if ctx.random_weights:
         log.warning("RUNNING WITH RANDOM WEIGHTS (%s): %s", ctx.cfg.variant, RANDOM_WEIGHTS_NOTE)
     prepare_dataset(ctx)
     _check_upstream(ctx, done=set())
     preflight(ctx)
     if ctx.is_main:
-        write_text_atomic(ctx.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    logger = _build_logger(ctx)
-    try:
-        done: set[str] = set()
-        for stage in cfg.stages:
-            fn, artifact = STAGES[stage]
-            why = stage_status(ctx, stage, artifact)
-            if why is None:
-                log.info("stage %s: %s matches the config, skipped (input files unchanged)", stage, artifact)
-                done.add(stage)
-                continue
-            _check_upstream(ctx, done=done, only=stage)
-            t0 = time.perf_counter()
-            log.info("stage %s ... (%s)", stage, why)
-            manifest = ctx.path(f"stage_{stage}.json")
-            if ctx.is_main and manifest.exists():
-                manifest.unlink()  # not current: a failure below must not leave an old manifest in place
-            dist.barrier()
-            fn(ctx)
-            dist.barrier()
-            if ctx.is_main and stage != "test":  # test marks itself done only when every image succeeded
-                mark_stage_done(ctx, stage, artifact, ctx.inputs.get(stage))
-            done.add(stage)
-            log.info("stage %s done in %.1f s", stage, time.perf_counter() - t0)
-        metrics_path = ctx.path(METRICS_FILE)
-        metrics = (
-            json.loads(metrics_path.read_text()) if metrics_path.exists() and "test" in cfg.stages else None
-        )
-        if metrics is not None:
-            logger.log_metrics(metrics)
-        return metrics
-    finally:
-        if ctx.is_main:
-            ctx.files.save()
-        logger.finish()
+        write_text_atomic(ctx.run_dir / "config.yaml", OmegaConf.to_yaml(ctx.cfg, resolve=True))
+    return build_logger(ctx) if with_logger else None
+
+
+def begin_stage(ctx: RunContext, stage: str, done: set[str]) -> bool:
+    """False (and `stage` added to `done`) when its artifact is current; else prepare it to run: True."""
+    artifact = STAGES[stage][1]
+    why = stage_status(ctx, stage, artifact)
+    if why is None:
+        log.info("stage %s: %s matches the config, skipped (input files unchanged)", stage, artifact)
+        done.add(stage)
+        return False
+    _check_upstream(ctx, done=done, only=stage)
+    log.info("stage %s ... (%s)", stage, why)
+    manifest = ctx.path(f"stage_{stage}.json")
+    if ctx.is_main and manifest.exists():
+        manifest.unlink()  # not current: a failure below must not leave an old manifest in place
+    dist.barrier()
+    return True
+
+
+def end_stage(ctx: RunContext, stage: str, done: set[str], t0: float) -> None:
+    """After a stage ran: its manifest (test marks itself done only when every image succeeded)."""
+    dist.barrier()
+    if ctx.is_main and stage != "test":
+        mark_stage_done(ctx, stage, STAGES[stage][1], ctx.inputs.get(stage))
+    done.add(stage)
+    log.info("stage %s done in %.1f s", stage, time.perf_counter() - t0)
+
+
+def close_run(ctx: RunContext, logger) -> dict[str, Any] | None:
+    """The test stage's metrics (logged to the run's logger), or None when the run has no test stage."""
+    metrics_path = ctx.path(METRICS_FILE)
+    metrics = (
+        json.loads(metrics_path.read_text()) if metrics_path.exists() and "test" in ctx.cfg.stages else None
+    )
+    if metrics is not None:
+        logger.log_metrics(metrics)
+    return metrics
+
+
+def release_run(ctx: RunContext, logger) -> None:
+    """Always, at the end: save the file-digest cache, close the logger."""
+    if ctx.is_main:
+        ctx.files.save()
+    logger.finish()
 
 
 def preflight(ctx: RunContext) -> None:
@@ -928,7 +1029,8 @@ def _check_upstream(ctx: RunContext, *, done: set[str], only: str | None = None)
             )
 
 
-def _build_logger(ctx: RunContext):
+def build_logger(ctx: RunContext):
+    """The run's metrics logger (`logger` config group), with the config logged."""
     from hydra.utils import instantiate
 
     logger = instantiate(

@@ -1,0 +1,186 @@
+"""`ntt study`: one pass over the test images for many memory banks equals separate runs, byte for byte.
+
+Tiny RANDOM backbones on the synthetic dataset (plumbing only, never accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+# 3 test images (ids 3, 6, 9); two banks (1 and 2 shots) of one seed
+BASE = ["dataset=synthetic", "dataset.synthetic.num_images=9", "debug=smoke", "device=cpu"]
+ARTIFACTS = [
+    "refs.json",
+    "memory.pt",
+    "memory_postprocessed.pt",
+    "predictions.json",
+    "metrics.json",
+    "stage_sample_refs.json",
+    "stage_fill_memory.json",
+    "stage_postprocess_memory.json",
+    "stage_test.json",
+]
+
+
+def compose_cfg(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="main", overrides=[*BASE, *overrides])
+
+
+def study_cfgs(out: Path, data: Path, shots=(1, 2), seed=5, *extra: str):
+    return [
+        compose_cfg(f"paths.output_dir={out}", f"dataset.root={data}", f"shots={k}", f"seed={seed}", *extra)
+        for k in shots
+    ]
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    from ntt.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path / "data"
+    generate_synthetic_dataset(root, num_images=9, seed=0)
+    return root
+
+
+@pytest.fixture
+def count_passes(monkeypatch):
+    """Counts the memory-independent per-image computations (calls of propose_image)."""
+    from ntt import inference
+
+    calls: list[int] = []
+    real = inference.propose_image
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "propose_image", counting)
+    return calls
+
+
+def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, count_passes, caplog):
+    from ntt.pipeline import run_pipeline
+    from ntt.study import run_study
+
+    banks = run_study(study_cfgs(tmp_path / "study", data_root))
+    assert [b.error for b in banks] == [None, None]
+    assert len(count_passes) == 3  # once per image, not once per image and bank
+    for bank in banks:
+        single_cfg = compose_cfg(
+            f"paths.output_dir={tmp_path / 'single'}",
+            f"dataset.root={data_root}",
+            f"shots={bank.cfg.shots}",
+            "seed=5",
+        )
+        run_pipeline(single_cfg)
+        single = Path(str(single_cfg.run_dir))
+        study = Path(str(bank.cfg.run_dir))
+        assert study.relative_to(tmp_path / "study") == single.relative_to(tmp_path / "single")
+        for name in ARTIFACTS:
+            assert (study / name).read_bytes() == (single / name).read_bytes(), f"{name} differs ({study})"
+        # config.yaml differs only by the output folder
+        text = (study / "config.yaml").read_text().replace(str(tmp_path / "study"), str(tmp_path / "single"))
+        assert text == (single / "config.yaml").read_text()
+        assert bank.metrics == json.loads((study / "metrics.json").read_text())
+    # a later normal run of a study job finds every stage done and segments nothing
+    count_passes.clear()
+    caplog.set_level("INFO")
+    run_pipeline(banks[1].cfg)
+    assert sum("matches the config, skipped" in r.getMessage() for r in caplog.records) == 4
+    assert count_passes == []
+
+
+def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_root, count_passes, monkeypatch):
+    from ntt.data import images
+    from ntt.runlock import RunLock
+    from ntt.study import run_study
+
+    real = images.load_test_image
+
+    def broken_six(path, size=1024, **kwargs):
+        if Path(path).name == "000006.png":
+            raise OSError(f"cannot read {path}")
+        return real(path, size, **kwargs)
+
+    monkeypatch.setattr(images, "load_test_image", broken_six)
+    cfgs = study_cfgs(tmp_path, data_root)
+    banks = run_study(cfgs)
+    # the shared part failed on image 6: recorded in both banks, the other images kept
+    assert all("1 image(s) failed" in b.error for b in banks) and len(count_passes) == 2
+    for bank in banks:
+        metrics = json.loads((Path(str(bank.cfg.run_dir)) / "metrics.json").read_text())
+        assert metrics["failed_images"] == [6] and metrics["num_images"] == 3
+    monkeypatch.setattr(images, "load_test_image", real)
+
+    # a third bank joins; the second bank's directory is held by another run
+    cfgs = study_cfgs(tmp_path, data_root, (1, 2, 3))
+    held = RunLock(Path(str(cfgs[1].run_dir)))
+    held.acquire()
+    try:
+        count_passes.clear()
+        banks = run_study(cfgs)
+    finally:
+        held.release()
+    assert banks[0].error is None and banks[2].error is None
+    assert "is in use by another ntt run" in banks[1].error
+    assert len(count_passes) == 3  # bank 3 needs every image; bank 1 only image 6 (shared with bank 3)
+
+    count_passes.clear()
+    banks = run_study(cfgs)
+    assert [b.error for b in banks] == [None, None, None]
+    assert len(count_passes) == 1  # only the second bank's image 6 was left
+    assert banks[1].metrics["failed_images"] == [] and banks[1].metrics["num_images"] == 3
+
+
+def test_sweep_expansion_follows_hydras_basic_sweeper():
+    from ntt.study import expand_sweep
+
+    jobs = expand_sweep(["+bench=coco"])
+    assert len(jobs) == 60
+    assert jobs[0] == ["shots=1", "seed=42", "+bench=coco"]
+    assert jobs[-1] == ["shots=30", "seed=99", "+bench=coco"]
+    # a command-line sweep replaces the config's, in place
+    jobs = expand_sweep(["+bench=coco", "shots=1,5", "seed=7"])
+    assert jobs == [["shots=1", "seed=7", "+bench=coco"], ["shots=5", "seed=7", "+bench=coco"]]
+    assert expand_sweep(["dataset=synthetic", "seed=1,2"]) == [
+        ["dataset=synthetic", "seed=1"],
+        ["dataset=synthetic", "seed=2"],
+    ]
+
+
+def test_jobs_that_cannot_share_the_per_image_work_get_their_own_pass(tmp_path, data_root):
+    from ntt.pipeline import make_context
+    from ntt.study import pass_key
+
+    same = [make_context(c) for c in study_cfgs(tmp_path, data_root, (1, 2, 3))]
+    assert len({pass_key(c) for c in same}) == 1
+    # the matcher's NMS / output settings are per bank; the proposer, pooling and backbones are not
+    other = [
+        make_context(c)
+        for c in (
+            study_cfgs(tmp_path, data_root, (1,), 5, "matcher.nms_thr=0.7")
+            + study_cfgs(tmp_path, data_root, (1,), 5, "proposer.points_per_side=2")
+            + study_cfgs(tmp_path, data_root, (1,), 5, "matcher.pooling=adjoint")
+            + study_cfgs(tmp_path, data_root, (1,), 5, "backbone/dinov2=vits14")
+        )
+    ]
+    keys = [pass_key(c) for c in other]
+    assert keys[0] == pass_key(same[0]) and len(set(keys[1:]) | {keys[0]}) == 4
+
+
+def test_cli_lists_the_jobs_and_their_run_directories(tmp_path, capsys):
+    from ntt.study import main
+
+    assert main(["--list", *BASE, f"paths.output_dir={tmp_path}", "shots=1,2", "seed=3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{tmp_path}/synthetic/sam2_tiny_random+dinov2_tiny_random/1shot_seed3/smoke-")
+    assert lines[1].split("\t")[1].endswith("shots=2 seed=3")
