@@ -89,9 +89,13 @@ prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not
 
 # The paper's benchmarks: one study each (experiments/bench/*.yaml), then its tables in
 # $(OUTPUTS)/tables/<study>/ (summary.md). The table is written even when some runs failed (listed there).
+# `ntt study` runs every job of the sweep with ONE pass over the test images for all their memory banks
+# (results byte-identical to separate runs, ntt/study.py). BENCH_RUN="$(PY) -m ntt.run" runs the jobs one
+# by one as a Hydra multirun instead (e.g. on SLURM with ARGS=hydra/launcher=slurm).
 OUTPUTS ?= outputs
+BENCH_RUN ?= $(PY) -m ntt.cli study
 define run_study
-	@status=0; $(PY) -m ntt.run +bench=$(1) $(ARGS) || status=$$?; \
+	@status=0; $(BENCH_RUN) +bench=$(1) $(ARGS) || status=$$?; \
 	 $(PY) -m ntt.cli summarize $(OUTPUTS) --study bench_$(1) --out $(OUTPUTS)/tables/bench_$(1); exit $$status
 endef
 bench-coco: setup ## COCO few-shot: shots 1,2,3,5,10,30 x 10 seeds (60 runs) + table (GPU; paper 36.8 nAP)
