@@ -1,6 +1,7 @@
 """`ntt` command: run the pipeline, fetch checkpoints, summarise runs, make the synthetic dataset.
 
 ntt run [hydra overrides]        same as `python -m ntt.run ...`
+ntt study [hydra overrides]      every job of a sweep with ONE pass over the test images (ntt study --help)
 ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
 ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
@@ -18,6 +19,11 @@ COMMANDS = ("run", "download", "summarize", "synth", "segment", "visualize")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "study":  # many memory banks, one pass over the test images (ntt/study.py)
+        from ntt.study import main as study_main
+
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        return study_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
