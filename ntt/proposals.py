@@ -1,7 +1,9 @@
 """SAM2 point-grid proposals (method.md §5.2): grid prompts, best-of-3 selection, IoU filter.
 
-The SAM2 backbone is only used through its ``decode(feats, *, image_index, points, point_labels)`` method
-(see ``ntt.backbones.sam2``), so tests can pass any object with that method.
+The SAM2 backbone is used through ``decode(feats, *, image_index, points, point_labels)`` (see
+``ntt.backbones.sam2``), so tests can pass any object with that method. When it also has
+``prepare_decoder`` and ``decode_best`` (``SAM2Backbone``), the decoder's prompt-independent state is
+computed once per image and only the chosen output's logits are materialised (same numbers).
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ def generate_proposals(
 
     Prompts are decoded in ``ceil(G / points_batch_size)`` batches (the reference's floor division silently
     dropped a remainder; method.md §9.2 item 4). Per batch only the chosen 256x256 logits of the prompts
-    passing the filter are kept, so peak memory is one decoder batch ``[b, 4, 256, 256]`` plus the kept
-    proposals.
+    passing the filter are kept, so peak memory is one decoder call (``SAM2Backbone.decoder_chunk`` prompts)
+    plus one batch of chosen logits ``[b, 256, 256]`` plus the kept proposals.
 
     Args:
         sam2: object with ``decode(feats, *, image_index, points [b, 1, 2], point_labels [b, 1])``
@@ -138,19 +140,27 @@ def generate_proposals(
     n_batches = math.ceil(g / points_batch_size)
     kept_logits, kept_ious, kept_index = [], [], []
     all_ious, all_best = [], []
+    fast = callable(getattr(sam2, "decode_best", None)) and callable(getattr(sam2, "prepare_decoder", None))
+    cache = sam2.prepare_decoder(feats, image_index) if fast else None
     for b in range(n_batches):
         pts = grid[b * points_batch_size : (b + 1) * points_batch_size]
         labels = torch.ones(pts.shape[0], 1, dtype=torch.int64, device=dev)
-        logits4, ious4 = sam2.decode(
-            feats, image_index=image_index, points=pts[:, None, :], point_labels=labels
-        )
-        best_logits, best_ious, best_idx = select_best_multimask(logits4, ious4)
-        del logits4  # the largest tensor of the loop: drop it before the next decode
+        if fast:
+            best_logits, ious4, best_idx = sam2.decode_best(
+                feats, image_index=image_index, points=pts[:, None, :], point_labels=labels, cache=cache
+            )
+            best_ious = ious4[torch.arange(ious4.shape[0], device=ious4.device), best_idx]
+        else:
+            logits4, ious4 = sam2.decode(
+                feats, image_index=image_index, points=pts[:, None, :], point_labels=labels
+            )
+            best_logits, best_ious, best_idx = select_best_multimask(logits4, ious4)
+            del logits4  # the largest tensor of the loop: drop it before the next decode
         all_ious.append(ious4)
         all_best.append(best_idx)
         sel = torch.ones_like(best_ious, dtype=torch.bool) if keep_all else best_ious > iou_thr
         idx = torch.nonzero(sel, as_tuple=True)[0]
-        kept_logits.append(best_logits[idx])
+        kept_logits.append(best_logits if keep_all or len(idx) == len(best_ious) else best_logits[idx])
         kept_ious.append(best_ious[idx])
         kept_index.append(idx + b * points_batch_size)
         del best_logits
@@ -159,7 +169,7 @@ def generate_proposals(
     rows = torch.arange(g, device=grid_ious_all.device)
     grid_index = torch.cat(kept_index)
     props = Proposals(
-        logits=torch.cat(kept_logits),
+        logits=kept_logits[0] if len(kept_logits) == 1 else torch.cat(kept_logits),
         pred_ious=torch.cat(kept_ious),
         points=grid[grid_index.to(grid.device)],
         grid_index=grid_index,

@@ -13,6 +13,14 @@ instantiated with ``hydra.utils.instantiate``. Parity with the reference (method
 * ``exact_attention``: on CPU the decoder's attention runs with PyTorch's flash kernel disabled
   (``sdpa_kernel([MATH, EFFICIENT_ATTENTION])``), which is what the reference's attention context does on
   CPU and what makes the outputs bit-identical to it. CUDA keeps PyTorch's default kernels.
+* ``cached_decoder`` (default on): the decoder's prompt-independent part (image embedding + dense
+  no-mask embedding, positional encoding, block 0's image-side attention projections) is computed once
+  per image (:mod:`ntt.backbones.sam2_decoder`); same operations, bit-identical outputs on the CPU.
+* ``decoder_chunk``: prompts go through the decoder in chunks of exactly this many (the last chunk padded
+  with copies of its last prompt), so memory per call is bounded and every call has the same shapes:
+  results do not depend on the grid size or ``points_batch_size``. Chunks of >= 8 prompts give the same
+  bits as the reference's batches of 64 / 256 on our CPUs (a single-prompt call takes other matmul kernels
+  and differs by ~4e-7).
 """
 
 from __future__ import annotations
@@ -27,13 +35,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ntt.allocator import tune_malloc
 from ntt.backbones.checkpoints import CheckpointError, load_state_dict_strict, resolve_checkpoint, torch_load
+from ntt.backbones.sam2_decoder import CachedSAM2Decoder, DecoderImageCache
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_WARNING = "random weights: outputs are meaningless; plumbing/speed only"
+# Prompts per decoder call: >= 8 gives the same bits as the reference's big batches on our CPUs, and 16
+# keeps the per-call temporaries near 0.7 GB (they grow ~45 MB per prompt).
+DEFAULT_DECODER_CHUNK = 16
 
 # ntt ships a few model yamls of its own (tiny random models for tests and smoke runs).
 NTT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -104,6 +117,11 @@ class SAM2Backbone(nn.Module):
         exact_attention: True: on CPU, run the decoder attention without the flash SDPA kernel (bit-exact
             with the reference; CUDA keeps PyTorch's default kernels); ``"always"``: on every device;
             False: PyTorch's default kernels everywhere.
+        cached_decoder: compute the decoder's prompt-independent part once per image (exact; default).
+            False = the official ``predict_masks`` on image features expanded per prompt (slower; kept to
+            check and measure the cached path).
+        decoder_chunk: prompts per decoder call (the last chunk is padded to this size). >= 8 keeps CPU
+            results bit-identical to the reference's batches of 64; memory per call grows ~45 MB per prompt.
     """
 
     def __init__(
@@ -113,6 +131,8 @@ class SAM2Backbone(nn.Module):
         name: str,
         add_no_mem_embed: bool = False,
         exact_attention: bool | str = True,
+        cached_decoder: bool = True,
+        decoder_chunk: int = DEFAULT_DECODER_CHUNK,
     ):
         super().__init__()
         self.model = model
@@ -120,6 +140,10 @@ class SAM2Backbone(nn.Module):
         self.add_no_mem_embed = bool(add_no_mem_embed)
         exact_sdpa_context(torch.device("cpu"), exact_attention)  # validates the value
         self.exact_attention = exact_attention
+        if int(decoder_chunk) < 1:
+            raise ValueError(f"{name}: decoder_chunk must be >= 1, got {decoder_chunk}")
+        self.cached_decoder = bool(cached_decoder)
+        self.decoder_chunk = int(decoder_chunk)
         self.image_size: int = int(model.image_size)
         self.embed_dim: int = int(model.sam_prompt_embed_dim)
         self.embed_size: int = int(model.sam_image_embedding_size)
@@ -156,31 +180,25 @@ class SAM2Backbone(nn.Module):
         return SAM2ImageFeatures(image_embed=image_embed, high_res_feats=levels[:-1])
 
     # ------------------------------------------------------------------------------------------------
-    def decode(
-        self,
-        features: SAM2ImageFeatures,
-        *,
-        image_index: int = 0,
-        points: Tensor | None = None,
-        point_labels: Tensor | None = None,
-        boxes: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Decode P prompts on one image: all 4 mask logits and predicted IoUs.
+    def prepare_decoder(self, features: SAM2ImageFeatures, image_index: int = 0) -> DecoderImageCache:
+        """The decoder's prompt-independent state for one image of ``features`` (reuse it for all prompts).
 
         Args:
             features: output of :meth:`encode_image`.
-            image_index: which image of ``features`` the prompts belong to.
-            points: [P, n, 2] (x, y) in 1024-frame pixels (the prompt encoder adds 0.5 and normalises).
-            point_labels: [P, n], 1 positive / 0 negative (default: all positive).
-            boxes: [P, 4] xyxy in 1024-frame pixels. As in SAM2ImagePredictor, a box becomes two corner
-                points (labels 2, 3) placed before the points.
+            image_index: which image of ``features``.
 
         Returns:
-            (low-res logits [P, 4, 256, 256], predicted IoUs [P, 4]); index 0 = the single-mask token.
+            A :class:`~ntt.backbones.sam2_decoder.DecoderImageCache`.
         """
+        image_embed = features.image_embed[image_index : image_index + 1]
+        high_res = [f[image_index : image_index + 1] for f in features.high_res_feats]
+        with exact_sdpa_context(image_embed.device, self.exact_attention):
+            return CachedSAM2Decoder(self.model).prepare(image_embed, high_res)
+
+    def _prompts(self, device, points, point_labels, boxes) -> tuple[Tensor, Tensor]:
+        """Validated prompt-encoder inputs: (coords [P, n, 2] float32, labels [P, n] int32)."""
         if points is None and boxes is None:
             raise ValueError(f"{self.name}: decode needs points and/or boxes")
-        device = features.image_embed.device
         coords_list, labels_list = [], []
         n_prompts = None
         if boxes is not None:
@@ -209,27 +227,145 @@ class SAM2Backbone(nn.Module):
             labels_list.append(point_labels)
         coords = torch.cat(coords_list, dim=1) if len(coords_list) > 1 else coords_list[0]
         labels = torch.cat(labels_list, dim=1) if len(labels_list) > 1 else labels_list[0]
+        return coords, labels
 
-        image_embed = features.image_embed[image_index : image_index + 1]
-        high_res = [f[image_index : image_index + 1] for f in features.high_res_feats]
-        # The reference pre-expands the image features along the prompt batch (repeat_image=False).
-        src = image_embed.expand(n_prompts, -1, -1, -1)
-        high_res = [f.expand(n_prompts, -1, -1, -1) for f in high_res]
+    def _official_chunk(self, features, image_index, coords, labels) -> tuple[Tensor, Tensor]:
+        """The official ``predict_masks`` on features expanded along the chunk (``repeat_image=False``)."""
+        n = coords.shape[0]
+        src = features.image_embed[image_index : image_index + 1].expand(n, -1, -1, -1)
+        high_res = [f[image_index : image_index + 1].expand(n, -1, -1, -1) for f in features.high_res_feats]
+        sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        masks, iou_pred, _, _ = self.model.sam_mask_decoder.predict_masks(
+            image_embeddings=src,
+            image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            repeat_image=False,
+            high_res_features=high_res if high_res else None,
+        )
+        return masks, iou_pred
 
-        with exact_sdpa_context(device, self.exact_attention):
-            sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            masks, iou_pred, _, _ = self.model.sam_mask_decoder.predict_masks(
-                image_embeddings=src,
-                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                repeat_image=False,
-                high_res_features=high_res if high_res else None,
+    def _decode_chunks(self, features, cache, image_index, coords, labels, *, best_only: bool):
+        """Decode all prompts in chunks of exactly ``decoder_chunk`` (the last one padded).
+
+        Yields ``(start, stop, ious [k, 4], masks [k, 4, h, w] or best [k, h, w], best_index or None)``.
+        """
+        n, chunk = coords.shape[0], self.decoder_chunk
+        dec = CachedSAM2Decoder(self.model) if self.cached_decoder else None
+        if dec is not None and cache is None:
+            cache = dec.prepare(
+                features.image_embed[image_index : image_index + 1],
+                [f[image_index : image_index + 1] for f in features.high_res_feats],
             )
-        return masks.float(), iou_pred.float()
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            c, lab = coords[start:stop], labels[start:stop]
+            if stop - start < chunk:  # same shapes in every call: results independent of n
+                pad = chunk - (stop - start)
+                c = torch.cat([c, c[-1:].expand(pad, -1, -1)])
+                lab = torch.cat([lab, lab[-1:].expand(pad, -1)])
+            k = stop - start
+            if dec is None:
+                masks, ious = self._official_chunk(features, image_index, c, lab)
+            else:
+                sparse, _ = self.model.sam_prompt_encoder(points=(c, lab), boxes=None, masks=None)
+                out = dec.decode(cache, sparse)
+                masks, ious = out.masks, out.ious
+            masks, ious = masks[:k], ious[:k]
+            if not best_only:
+                yield start, stop, ious, masks, None
+                continue
+            # the 4-output product is computed in full: one output alone takes another matmul kernel
+            # (last-bit differences) and the product is < 1% of the decoder's work
+            best = 1 + torch.argmax(ious[:, 1:], dim=1)
+            yield start, stop, ious, masks[torch.arange(k, device=best.device), best], best
+            del masks
+
+    def decode(
+        self,
+        features: SAM2ImageFeatures,
+        *,
+        image_index: int = 0,
+        points: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes: Tensor | None = None,
+        cache: DecoderImageCache | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Decode P prompts on one image: all 4 mask logits and predicted IoUs.
+
+        Args:
+            features: output of :meth:`encode_image`.
+            image_index: which image of ``features`` the prompts belong to.
+            points: [P, n, 2] (x, y) in 1024-frame pixels (the prompt encoder adds 0.5 and normalises).
+            point_labels: [P, n], 1 positive / 0 negative (default: all positive).
+            boxes: [P, 4] xyxy in 1024-frame pixels. As in SAM2ImagePredictor, a box becomes two corner
+                points (labels 2, 3) placed before the points.
+            cache: :meth:`prepare_decoder` of this image (computed here when None).
+
+        Returns:
+            (low-res logits [P, 4, 256, 256], predicted IoUs [P, 4]); index 0 = the single-mask token.
+        """
+        device = features.image_embed.device
+        coords, labels = self._prompts(device, points, point_labels, boxes)
+        masks_out, ious_out = None, None
+        with exact_sdpa_context(device, self.exact_attention):
+            for start, stop, ious, masks, _ in self._decode_chunks(
+                features, cache, image_index, coords, labels, best_only=False
+            ):
+                if masks_out is None:
+                    masks_out = masks.new_empty((coords.shape[0], *masks.shape[1:]))
+                    ious_out = ious.new_empty((coords.shape[0], *ious.shape[1:]))
+                masks_out[start:stop] = masks
+                ious_out[start:stop] = ious
+        return masks_out.float(), ious_out.float()
+
+    def decode_best(
+        self,
+        features: SAM2ImageFeatures,
+        *,
+        image_index: int = 0,
+        points: Tensor,
+        point_labels: Tensor | None = None,
+        cache: DecoderImageCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Decode P point prompts keeping only the chosen multimask output (docs/method.md §5.2).
+
+        Same numbers as :meth:`decode` followed by ``ntt.proposals.select_best_multimask``, without holding
+        the [P, 4, 256, 256] logits of all outputs.
+
+        Args:
+            features: output of :meth:`encode_image`.
+            image_index: which image of ``features``.
+            points: [P, n, 2] (x, y) in 1024-frame pixels.
+            point_labels: [P, n] (default: all positive).
+            cache: :meth:`prepare_decoder` of this image (computed here when None).
+
+        Returns:
+            (logits of the chosen output [P, 256, 256], IoUs of all 4 outputs [P, 4], chosen index [P] in
+            1..3 = ``1 + argmax(ious[:, 1:])``, ties to the first).
+        """
+        device = features.image_embed.device
+        coords, labels = self._prompts(device, points, point_labels, None)
+        n = coords.shape[0]
+        best_out, ious_out, index_out = None, None, torch.empty(n, dtype=torch.int64, device=device)
+        with exact_sdpa_context(device, self.exact_attention):
+            for start, stop, ious, best, index in self._decode_chunks(
+                features, cache, image_index, coords, labels, best_only=True
+            ):
+                if best_out is None:
+                    best_out = best.new_empty((n, *best.shape[1:]))
+                    ious_out = ious.new_empty((n, *ious.shape[1:]))
+                best_out[start:stop] = best
+                ious_out[start:stop] = ious
+                index_out[start:stop] = index
+        return best_out.float(), ious_out.float(), index_out
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, add_no_mem_embed={self.add_no_mem_embed}, exact_attention={self.exact_attention}"
+        return (
+            f"name={self.name!r}, add_no_mem_embed={self.add_no_mem_embed}, "
+            f"exact_attention={self.exact_attention}, cached_decoder={self.cached_decoder}, "
+            f"decoder_chunk={self.decoder_chunk}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,6 +475,8 @@ def build_sam2(
     random_init: bool = False,
     add_no_mem_embed: bool = False,
     exact_attention: bool | str = True,
+    cached_decoder: bool = True,
+    decoder_chunk: int = DEFAULT_DECODER_CHUNK,
     init_seed: int | None = 0,
     device: str | torch.device = "cpu",
 ) -> SAM2Backbone:
@@ -359,6 +497,8 @@ def build_sam2(
             (bit-exact with the reference; the image encoder keeps the default kernels, as in the reference);
             CUDA keeps PyTorch's default kernels. ``"always"``: that kernel choice on every device. False:
             PyTorch's defaults (on CPU within ~4e-7 of the reference).
+        cached_decoder: compute the decoder's prompt-independent part once per image (exact; default true).
+        decoder_chunk: prompts per decoder call, last chunk padded (default 16; see :class:`SAM2Backbone`).
         init_seed: seed of the random initialisation (same weights in every process); None = global RNG.
         device: where the model lives.
 
@@ -370,6 +510,9 @@ def build_sam2(
         CheckpointError: the checkpoint's format, keys or shapes do not match.
         FileNotFoundError: unknown config.
     """
+    # the decoder loop's big temporaries are reused instead of being page-faulted in again per call
+    # (ntt/allocator.py; numbers unchanged; NTT_MALLOC_TUNING=0 turns it off)
+    tune_malloc()
     config_path = resolve_sam2_config(config)
     if random_init:
         if checkpoint:
@@ -386,7 +529,12 @@ def build_sam2(
         log.info("SAM2 '%s': loaded %s (config %s)", name, ckpt, config_path)
     model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     backbone = SAM2Backbone(
-        model, name=name, add_no_mem_embed=add_no_mem_embed, exact_attention=exact_attention
+        model,
+        name=name,
+        add_no_mem_embed=add_no_mem_embed,
+        exact_attention=exact_attention,
+        cached_decoder=cached_decoder,
+        decoder_chunk=decoder_chunk,
     )
     return backbone.eval()
 
