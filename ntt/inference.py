@@ -207,6 +207,7 @@ def classify_and_postprocess(
     height: int,
     width: int,
     params: InferenceParams | None = None,
+    full_masks=None,
 ) -> tuple[Detections, dict[str, Tensor]]:
     """The memory-dependent part (method.md §5.4-5.8) on an image's shared proposals: classification, NMS,
     soft merging, top-k. Called once per memory bank.
@@ -217,6 +218,8 @@ def classify_and_postprocess(
         height: original (annotation) height ``H``.
         width: original (annotation) width ``W``.
         params: settings (paper defaults when None).
+        full_masks: optional cache of the proposals' full-resolution masks shared by the banks
+            (``ntt.maskcache.ProposalMasks``; bit-identical to computing them here).
 
     Returns:
         ``(detections, trace)`` as :func:`detect_from_proposals`.
@@ -231,6 +234,7 @@ def classify_and_postprocess(
         height=height,
         width=width,
         params=params or InferenceParams(),
+        full_masks=full_masks,
     )
 
 
@@ -280,6 +284,7 @@ def _detect(
     height: int,
     width: int,
     params: InferenceParams,
+    full_masks=None,
 ) -> tuple[Detections, dict[str, Tensor]]:
     p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
@@ -298,6 +303,7 @@ def _detect(
         drop_empty_masks=p.drop_empty_masks,
         box_plus_one=p.box_plus_one,
         lowres_boxes=boxes256,
+        full_masks=full_masks,
     )
     tr = {
         "pred_ious": pred_ious,

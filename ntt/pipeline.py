@@ -618,12 +618,15 @@ def load_image_of(ctx: RunContext, test_ds, img_id: int):
     ).to(ctx.device)
 
 
-def success_line(ctx: RunContext, plan: TestPlan, img_id: int, det, trace) -> dict[str, Any]:
-    """The per-image JSONL record of a segmented image (and its trace file when tracing)."""
+def success_line(
+    ctx: RunContext, plan: TestPlan, img_id: int, det, trace, rles: list[dict] | None = None
+) -> dict[str, Any]:
+    """The per-image JSONL record of a segmented image (and its trace file when tracing); `rles`: the
+    detections' mask RLEs when already encoded."""
     from ntt.results import detections_to_coco
 
     results = detections_to_coco(
-        det, img_id, list(plan.test_ds.category_ids), box_plus_one=ctx.matcher.box_plus_one
+        det, img_id, list(plan.test_ds.category_ids), box_plus_one=ctx.matcher.box_plus_one, rles=rles
     )
     if trace is not None:
         _save_image_trace(ctx, img_id, trace)

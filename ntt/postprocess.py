@@ -247,6 +247,7 @@ def postprocess_detections(
     box_plus_one: bool = False,
     lowres_boxes: Tensor | None = None,
     chunk_size: int = 32,
+    full_masks: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Detections, dict[str, Tensor]]:
     """Class-aware NMS, ``score > 0``, full-resolution masks, soft merging and top-``num_out``.
 
@@ -270,6 +271,9 @@ def postprocess_detections(
         box_plus_one: fix flag: NMS boxes use exclusive extents (``x2 + 1``, ``y2 + 1``) (parity: False).
         lowres_boxes: precomputed inclusive ``[n, 4]`` boxes of ``logits > 0`` (computed when None).
         chunk_size: masks upsampled at once.
+        full_masks: optional ``proposal indices -> [m, H, W] bool`` full-resolution masks of these rows of
+            ``logits`` (e.g. a cache shared by the memory banks of a study pass, ``ntt.maskcache``); must equal
+            :func:`resize_masks_to_image` of those rows (it is per mask, so a cache is bit-identical).
 
     Returns:
         ``(detections, trace)``; ``trace`` holds ``lowres_boxes_xyxy``, ``nms_keep``, ``nms_keep_pos``, ``ios``,
@@ -291,9 +295,14 @@ def postprocess_detections(
         trace.update(_trace_empty(device))
         return Detections.empty(height, width, device), trace
 
+    if full_masks is None:
+
+        def full_masks(rows: Tensor) -> Tensor:
+            return resize_masks_to_image(logits[rows], height, width, chunk_size=chunk_size)
+
     lab_pos = labels[keep_pos]
     ios, decayed, areas = semantic_soft_merge(
-        lambda idx: resize_masks_to_image(logits[keep_pos[idx]], height, width, chunk_size=chunk_size),
+        lambda idx: full_masks(keep_pos[idx]),
         lab_pos,
         embeddings[keep_pos],
         scores[keep_pos],
@@ -301,7 +310,7 @@ def postprocess_detections(
 
     final_order = rank_top_k(decayed, num_out, valid=areas > 0 if drop_empty_masks else None)
     final_proposal = keep_pos[final_order]
-    final_masks = resize_masks_to_image(logits[final_proposal], height, width, chunk_size=chunk_size)
+    final_masks = full_masks(final_proposal)
     final_boxes = masks_to_boxes_inclusive(final_masks)
     det = Detections(
         masks=final_masks,

@@ -42,7 +42,12 @@ def encode_masks_rle(masks: torch.Tensor) -> list[dict]:
 
 
 def detections_to_coco(
-    det, image_id: int, category_ids: Sequence[int], *, box_plus_one: bool = False
+    det,
+    image_id: int,
+    category_ids: Sequence[int],
+    *,
+    box_plus_one: bool = False,
+    rles: Sequence[dict] | None = None,
 ) -> list[dict]:
     """COCO result dicts of one image's detections, in rank order (the reference's format).
 
@@ -52,6 +57,8 @@ def detections_to_coco(
         category_ids: ascending-sorted selected category ids (class index -> category id).
         box_plus_one: fix flag: width/height ``x2 - x1 + 1`` (mask extent) instead of the reference's
             ``x2 - x1``. Empty masks keep ``[0, 0, 0, 0]``.
+        rles: the masks' RLEs when already encoded (a study pass encodes each proposal once for all banks);
+            :func:`encode_masks_rle` of ``det.masks`` otherwise.
 
     Returns:
         list of ``{"image_id", "category_id", "bbox" (ints), "score", "segmentation"}``.
@@ -63,7 +70,7 @@ def detections_to_coco(
     boxes = det.boxes_xyxy.detach().cpu().round().to(torch.int64).numpy()
     scores = det.scores.detach().cpu().double().numpy()
     labels = det.labels.detach().cpu().numpy()
-    rles = encode_masks_rle(det.masks)
+    rles = encode_masks_rle(det.masks) if rles is None else [dict(r) for r in rles]
     out = []
     for k in range(n):
         x1, y1, x2, y2 = (int(v) for v in boxes[k])

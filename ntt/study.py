@@ -36,6 +36,9 @@ from ntt.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# full-resolution proposal masks kept per image for the banks (recomputed beyond it: same bits, bounded memory)
+MASK_CACHE_BYTES = 1 << 30
+
 USAGE = """usage: ntt study [-v] [--list] [hydra overrides, sweeps included]
 
 Run every job of a sweep with ONE pass over the test images for all memory banks that share the test
@@ -314,6 +317,7 @@ def _test_pass(banks: list[Bank], gi: int, n_groups: int) -> None:
 
     from ntt import pipeline
     from ntt.inference import classify_and_postprocess, propose_image
+    from ntt.maskcache import ProposalMasks
 
     first = banks[0]
     ctx0 = first.ctx
@@ -359,22 +363,30 @@ def _test_pass(banks: list[Bank], gi: int, n_groups: int) -> None:
                 _write(bank, pipeline.failure_line(bank.ctx, bank.plan, img_id, exc))
             continue
         t_shared = (time.perf_counter() - t0) / len(needing)
+        # a proposal's full-resolution mask and RLE are the same in every bank: computed once per image
+        masks = ProposalMasks(shared.props.logits, height, width, max_bytes=MASK_CACHE_BYTES)
         for bank in needing:
             t1 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     det, tr = classify_and_postprocess(
-                        shared, bank.prototypes, height=height, width=width, params=bank.params
+                        shared,
+                        bank.prototypes,
+                        height=height,
+                        width=width,
+                        params=bank.params,
+                        full_masks=masks,
                     )
+                    rles = masks.rles(det.proposal_index, det.masks)
                 trace = shared.trace(tr) if bank.ctx.cfg.trace else None
-                line = pipeline.success_line(bank.ctx, bank.plan, img_id, det, trace)
+                line = pipeline.success_line(bank.ctx, bank.plan, img_id, det, trace, rles=rles)
             except Exception as exc:
                 if fail_fast:
                     raise
                 line = pipeline.failure_line(bank.ctx, bank.plan, img_id, exc)
             _write(bank, line)
             bank.seconds[img_id] = t_shared + time.perf_counter() - t1
-        del shared
+        del shared, masks
     for bank in banks:
         bank.sink.close()
         bank.sink = None

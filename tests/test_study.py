@@ -184,3 +184,44 @@ def test_cli_lists_the_jobs_and_their_run_directories(tmp_path, capsys):
     assert len(lines) == 2
     assert lines[0].startswith(f"{tmp_path}/synthetic/sam2_tiny_random+dinov2_tiny_random/1shot_seed3/smoke-")
     assert lines[1].split("\t")[1].endswith("shots=2 seed=3")
+
+
+def _blob_logits(n: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    centers = torch.rand(n, 2, generator=g) * 256
+    radii = 8 + torch.rand(n, generator=g) * 60
+    dist = ((xx - centers[:, 0, None, None]) ** 2 + (yy - centers[:, 1, None, None]) ** 2).sqrt()
+    return radii[:, None, None] - dist  # overlapping discs, positive inside
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 5 * 90 * 120])  # everything cached / only 5 masks kept
+def test_shared_proposal_masks_give_the_same_bits_in_every_bank(max_bytes):
+    """Two banks (different labels and scores) post-processing the same proposals with one shared
+    ProposalMasks equal each bank computed alone: detections, trace and COCO results (RLE included)."""
+    import torch
+
+    from ntt.maskcache import ProposalMasks
+    from ntt.postprocess import postprocess_detections
+    from ntt.results import detections_to_coco
+
+    n, height, width = 120, 90, 120
+    logits = _blob_logits(n)
+    g = torch.Generator().manual_seed(1)
+    pred_ious = torch.rand(n, generator=g)
+    emb = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+    shared = ProposalMasks(logits, height, width, max_bytes=max_bytes, chunk_size=7)
+    for bank in range(2):
+        labels = torch.randint(0, 3, (n,), generator=g)
+        scores = torch.rand(n, generator=g) * 0.9 + 0.05
+        kwargs = dict(height=height, width=width, nms_thr=0.7, num_out=40, nms_cap_factor=2)
+        alone, tr_alone = postprocess_detections(logits, pred_ious, labels, scores, emb, **kwargs)
+        det, tr = postprocess_detections(logits, pred_ious, labels, scores, emb, full_masks=shared, **kwargs)
+        assert len(det) > 10
+        assert torch.equal(det.masks, alone.masks) and torch.equal(det.scores, alone.scores)
+        assert all(torch.equal(tr[k], tr_alone[k]) for k in tr_alone)
+        rles = shared.rles(det.proposal_index, det.masks)
+        cat_ids = [1, 2, 3]
+        assert detections_to_coco(det, 7, cat_ids, rles=rles) == detections_to_coco(alone, 7, cat_ids)
