@@ -92,24 +92,27 @@ class SamViTHMasker:
         checkpoint: ``sam_vit_h_4b8939.pth`` (``ntt download sam_vit_h``).
         model_type: ``vit_h`` (paper), ``vit_l`` or ``vit_b``.
         device: torch device.
-        max_boxes: boxes per forward (chunks of an image's boxes; results do not depend on it).
+        max_boxes: boxes per mask-decoder call (the authors' 50; the image is encoded once per image).
     """
 
     def __init__(
         self, checkpoint: str | Path, *, model_type: str = "vit_h", device: str = "cpu", max_boxes: int = 50
     ):
+        if max_boxes < 1:
+            raise PrepareError(f"max_boxes must be >= 1, got {max_boxes}")
         try:
             from segment_anything import sam_model_registry
             from segment_anything.utils.transforms import ResizeLongestSide
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or RuntimeError from a torchvision built for another torch
             raise PrepareError(
                 "mask model sam_vit_h needs the `segment-anything` package and torchvision (which ntt does "
                 "not install): `pip install segment-anything torchvision` with a torchvision that matches "
-                f"your torch ({exc}). Or use an ntt SAM2 backbone: --mask-model sam2:sam2_hiera_l"
+                f"your torch ({type(exc).__name__}: {exc}). Or use an ntt SAM2 backbone: "
+                "--mask-model sam2:sam2_hiera_l"
             ) from exc
         from ntt.backbones.checkpoints import resolve_checkpoint
 
-        path = resolve_checkpoint(checkpoint, name="sam_vit_h" if model_type == "vit_h" else model_type)
+        path = resolve_checkpoint(checkpoint, name=f"sam_{model_type}")
         self._sam = sam_model_registry[model_type](checkpoint=str(path)).to(device).eval()
         self._resize = ResizeLongestSide(self._sam.image_encoder.img_size)
         self.device = device
@@ -126,19 +129,31 @@ class SamViTHMasker:
     ) -> np.ndarray:
         import torch
 
+        sam = self._sam
         image = _read_rgb_uint8(image_path)
         size = image.shape[:2]
         tensor = torch.as_tensor(self._resize.apply_image(image), device=self.device)
         tensor = tensor.permute(2, 0, 1).contiguous()
         masks = []
-        for start in range(0, len(boxes_xywh), self.max_boxes):
-            xyxy = [[x, y, x + w, y + h] for x, y, w, h in boxes_xywh[start : start + self.max_boxes]]
-            boxes = self._resize.apply_boxes_torch(torch.tensor(xyxy, device=self.device), size)
-            with torch.no_grad():
-                out = self._sam(
-                    [{"image": tensor, "boxes": boxes, "original_size": size}], multimask_output=False
+        with torch.no_grad():
+            # The body of `Sam.forward` for one image, with the image encoded ONCE: the authors called
+            # `sam([...], multimask_output=False)` per chunk of `max_boxes` boxes, which re-encodes the
+            # same image for every chunk (same embedding, so the same masks; checked against Sam.forward
+            # in tests/test_prepare_masks_sam.py).
+            embedding = sam.image_encoder(torch.stack([sam.preprocess(tensor)], dim=0))[0]
+            for start in range(0, len(boxes_xywh), self.max_boxes):
+                xyxy = [[x, y, x + w, y + h] for x, y, w, h in boxes_xywh[start : start + self.max_boxes]]
+                boxes = self._resize.apply_boxes_torch(torch.tensor(xyxy, device=self.device), size)
+                sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+                low_res, _ = sam.mask_decoder(
+                    image_embeddings=embedding.unsqueeze(0),
+                    image_pe=sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
                 )
-            masks.append(out[0]["masks"][:, 0].cpu().numpy())
+                full = sam.postprocess_masks(low_res, input_size=tensor.shape[-2:], original_size=size)
+                masks.append((full > sam.mask_threshold)[:, 0].cpu().numpy())
         return np.concatenate(masks, axis=0)
 
 
@@ -234,10 +249,11 @@ def _read_rgb_uint8(path: Path) -> np.ndarray:
         if image is None:
             raise PrepareError(f"cannot read image {path}")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    from PIL import Image
+    from PIL import Image, ImageOps
 
+    # cv2.imread applies the EXIF orientation: so does this fallback (same pixels on JPEGs we compared)
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 # --------------------------------------------------------------------------------------------------
