@@ -302,3 +302,12 @@ def test_sam_vit_h_without_segment_anything_is_a_clear_error(tmp_path):
 def test_missing_sam_vit_h_checkpoint_names_the_download(tiny_sam_vit_h, tmp_path):
     with pytest.raises(FileNotFoundError, match="ntt download sam_vit_h"):
         build_masker("sam_vit_h", checkpoint_dir=tmp_path / "nowhere")
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_sam_vit_h):
+    ckpt_dir, model = tiny_sam_vit_h
+    state = model.state_dict()
+    state.pop("mask_decoder.iou_token.weight")
+    torch.save(state, ckpt_dir / CKPT_NAME)
+    with pytest.raises(PrepareError, match="not a SAM vit_h checkpoint"):
+        build_masker("sam_vit_h", checkpoint_dir=ckpt_dir)

@@ -113,7 +113,15 @@ class SamViTHMasker:
         from ntt.backbones.checkpoints import resolve_checkpoint
 
         path = resolve_checkpoint(checkpoint, name=f"sam_{model_type}")
-        self._sam = sam_model_registry[model_type](checkpoint=str(path)).to(device).eval()
+        try:  # segment-anything's builder: torch.load + strict load_state_dict
+            sam = sam_model_registry[model_type](checkpoint=str(path))
+        except Exception as exc:
+            raise PrepareError(
+                f"{path} is not a SAM {model_type} checkpoint that segment-anything can load "
+                f"({type(exc).__name__}: {str(exc)[:300]}); the official file is sam_{model_type}_*.pth "
+                "(`ntt download sam_vit_h` for ViT-H)"
+            ) from exc
+        self._sam = sam.to(device).eval()
         self._resize = ResizeLongestSide(self._sam.image_encoder.img_size)
         self.device = device
         self.max_boxes = int(max_boxes)
