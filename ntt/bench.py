@@ -307,6 +307,89 @@ def bench_sam2_decoder(sam2, feats, *, batch: int, timer: Timer) -> dict[str, An
     return res
 
 
+def _rusage() -> tuple[float, int]:
+    """(user + system CPU seconds, minor page faults) of this process so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
+def bench_decoder_paths(sam2, feats, *, batch: int, timer: Timer) -> dict[str, Any]:
+    """Official vs cached decoder on the same prompts, interleaved (A B A B ...), with page faults.
+
+    A = ``cached_decoder=False`` with one call of ``batch`` prompts (the pre-cache code path: official
+    ``predict_masks`` on features expanded per prompt, all 4 outputs); B = the default cached path
+    (``prepare_decoder`` once, then ``decode_best`` in ``decoder_chunk`` chunks). Both run in this process, so
+    both get the same malloc setting (``NTT_MALLOC_TUNING``); ``benchmarks/ab_per_image.py`` compares
+    whole processes of two source trees. Also checks that both give the same bits.
+    """
+    from ntt.proposals import point_grid, select_best_multimask
+
+    device = timer.device
+    side = math.ceil(math.sqrt(batch))
+    points = point_grid(side, int(sam2.image_size))[:batch, None, :].to(device)
+    saved = sam2.cached_decoder, sam2.decoder_chunk
+
+    def official():
+        sam2.cached_decoder, sam2.decoder_chunk = False, batch
+        try:
+            return sam2.decode(feats, points=points)
+        finally:
+            sam2.cached_decoder, sam2.decoder_chunk = saved
+
+    def cached():
+        cache = sam2.prepare_decoder(feats, 0)  # once per image: timed with it
+        return sam2.decode_best(feats, points=points, cache=cache)
+
+    runs: dict[str, list[dict[str, float]]] = {"official": [], "cached": []}
+    outs = {}
+    for name, fn in (("official", official), ("cached", cached)):
+        outs[name] = fn()  # warm-up (allocator, caches)
+    for _ in range(max(1, timer.repeats)):
+        for name, fn in (("official", official), ("cached", cached)):
+            load = _loadavg()
+            _sync(device)
+            cpu0, flt0 = _rusage()
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            wall = time.perf_counter() - t0
+            cpu1, flt1 = _rusage()
+            runs[name].append(
+                {
+                    "wall_s": wall,
+                    "cpu_s": cpu1 - cpu0,
+                    "minflt": flt1 - flt0,
+                    "load1": load[0] if load else None,
+                }
+            )
+    want_best, _, want_idx = select_best_multimask(*outs["official"])
+    got_best, got_ious, got_idx = outs["cached"]
+    res: dict[str, Any] = {"batch_prompts": batch, "decoder_chunk": saved[1], "runs": runs}
+    for name, rs in runs.items():
+        res[name] = {
+            "median_s": statistics.median(r["wall_s"] for r in rs),
+            "min_s": min(r["wall_s"] for r in rs),
+            "per_prompt_median_s": statistics.median(r["wall_s"] for r in rs) / batch,
+            "cpu_per_prompt_median_s": statistics.median(r["cpu_s"] for r in rs) / batch,
+            "minflt_per_prompt_median": statistics.median(r["minflt"] for r in rs) / batch,
+            "repeats": len(rs),
+            "times_s": [r["wall_s"] for r in rs],
+            "cpu_time_per_wall": round(sum(r["cpu_s"] for r in rs) / sum(r["wall_s"] for r in rs), 2),
+            "other_load_cores": None,  # see load1 of each run (1-min load average, this process included)
+        }
+    res["speedup_wall"] = res["official"]["median_s"] / res["cached"]["median_s"]
+    res["speedup_cpu"] = res["official"]["cpu_per_prompt_median_s"] / res["cached"]["cpu_per_prompt_median_s"]
+    res["bit_identical"] = bool(
+        torch.equal(got_best, want_best)
+        and torch.equal(got_idx, want_idx)
+        and torch.equal(got_ious, outs["official"][1])
+    )
+    res["max_abs_diff_logits"] = float((got_best - want_best).abs().max())
+    return res
+
+
 def bench_pooling(*, n: int, grid: int, dim: int, timer: Timer, gen) -> dict[str, Any]:
     from ntt.matching import mask_embeddings
 
@@ -445,6 +528,27 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             f"batch {s['batch_prompts']}",
         )
     )
+    if "sam2_decoder_paths" in r:
+        dp = r["sam2_decoder_paths"]
+        for name in ("official", "cached"):
+            t = dp[name]
+            loads = [x["load1"] for x in dp["runs"][name] if x["load1"] is not None]
+            rows.append(
+                (
+                    f"SAM2 decoder {name}, per prompt",
+                    _fmt_s(t["per_prompt_median_s"]),
+                    _fmt_s(t["min_s"] / dp["batch_prompts"]),
+                    str(t["repeats"]),
+                    *_load_cells(t),
+                    f"cpu {_fmt_s(t['cpu_per_prompt_median_s'])}/prompt, {t['minflt_per_prompt_median']:.0f} "
+                    f"faults/prompt, load1 {max(loads, default=float('nan')):.1f}"
+                    + (
+                        f", x{dp['speedup_wall']:.2f}, bit-identical {dp['bit_identical']}"
+                        if name == "cached"
+                        else ""
+                    ),
+                )
+            )
     p = r["mask_pooling"]
     shp = f"masks {p['shapes']['masks']}, feats {p['shapes']['feats']}"
     add("mask pooling dense", p["dense"], shp)
@@ -562,21 +666,21 @@ def main(argv: list[str] | None = None) -> Path:
         dim = int(dino.embed_dim)
         results: dict[str, Any] = {}
 
-        log.info("1/6 DINOv2 forward")
+        log.info("1/7 DINOv2 forward")
         results["dinov2_forward"] = bench_dinov2(dino, timer=timer, gen=gen)
         results["dinov2_forward"]["model"] = dino_kw["name"]
-        log.info("2/6 SAM2 image encoder")
+        log.info("2/7 SAM2 image encoder")
         results["sam2_image_encoder"], feats = bench_sam2_encoder(sam2, timer=timer, gen=gen)
         results["sam2_image_encoder"]["model"] = sam2_kw["name"]
-        log.info("3/6 SAM2 decoder (batch %d)", args.decoder_batch)
+        log.info("3/7 SAM2 decoder (batch %d)", args.decoder_batch)
         results["sam2_decoder"] = bench_sam2_decoder(sam2, feats, batch=args.decoder_batch, timer=timer)
         results["sam2_decoder"]["model"] = sam2_kw["name"]
         del feats
-        log.info("4/6 mask pooling dense vs adjoint (%d masks, D=%d)", args.pool_masks, dim)
+        log.info("4/7 mask pooling dense vs adjoint (%d masks, D=%d)", args.pool_masks, dim)
         results["mask_pooling"] = bench_pooling(
             n=args.pool_masks, grid=int(dino.grid_size), dim=dim, timer=timer, gen=gen
         )
-        log.info("5/6 soft merging (%d masks at %dx%d)", args.merge_masks, args.height, args.width)
+        log.info("5/7 soft merging (%d masks at %dx%d)", args.merge_masks, args.height, args.width)
         results["soft_merge"] = bench_soft_merge(
             n=args.merge_masks,
             height=args.height,
@@ -585,7 +689,14 @@ def main(argv: list[str] | None = None) -> Path:
             timer=timer,
             gen=gen,
         )
-        log.info("6/6 infer_image (%dx%d grid)", args.grid, args.grid)
+        log.info("6/7 SAM2 decoder: official vs cached path (batch %d)", args.decoder_batch)
+        feats = sam2.encode_image(smooth_images(1, int(sam2.image_size), generator=gen, device=device))
+        results["sam2_decoder_paths"] = bench_decoder_paths(
+            sam2, feats, batch=args.decoder_batch, timer=timer
+        )
+        results["sam2_decoder_paths"]["model"] = sam2_kw["name"]
+        del feats
+        log.info("7/7 infer_image (%dx%d grid)", args.grid, args.grid)
         results["infer_image"] = bench_infer_image(
             sam2,
             dino,

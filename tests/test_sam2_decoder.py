@@ -163,3 +163,26 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     from ntt.allocator import tune_malloc
 
     assert tune_malloc(False) is False
+
+
+def test_fast_path_flags_validate_and_bf16_stays_close(sam2_and_feats):
+    """bf16 autocast is a fast path, not parity: only close (random tiny weights: a plumbing bound)."""
+    from ntt.backbones.sam2 import SAM2Backbone
+
+    model, feats = sam2_and_feats
+    with pytest.raises(ValueError, match="decoder_autocast"):
+        SAM2Backbone(model.model, name="x", decoder_autocast="int8")
+    points = _points(16, seed=6)
+    with torch.inference_mode():
+        cache = model.prepare_decoder(feats, 0)
+        want, want_ious, _ = model.decode_best(feats, points=points, cache=cache)
+        model.decoder_autocast = "bfloat16"
+        try:
+            got, got_ious, _ = model.decode_best(feats, points=points, cache=cache)
+        finally:
+            model.decoder_autocast = None
+    assert got.dtype == torch.float32 and not torch.equal(got, want)  # it did run in bf16
+    inter = ((got > 0) & (want > 0)).flatten(1).sum(1)
+    union = ((got > 0) | (want > 0)).flatten(1).sum(1).clamp(min=1)
+    assert float((inter / union).min()) > 0.95
+    assert float((got_ious - want_ious).abs().max()) < 0.02

@@ -122,6 +122,14 @@ class SAM2Backbone(nn.Module):
             check and measure the cached path).
         decoder_chunk: prompts per decoder call (the last chunk is padded to this size). >= 8 keeps CPU
             results bit-identical to the reference's batches of 64; memory per call grows ~45 MB per prompt.
+            A chunk >= the grid size decodes all prompts in one call (the "one batch" fast path on a GPU).
+        decoder_autocast: FAST PATH, not parity: ``"bfloat16"`` or ``"float16"`` runs the per-prompt
+            decoder under ``torch.autocast`` (the per-image cache stays float32; outputs are float32).
+            None (default) = float32.
+        tf32: FAST PATH, not parity: allow TF32 matmuls/convolutions in the decoder on CUDA (no effect
+            on the CPU). Default off.
+        compile_decoder: FAST PATH: ``torch.compile`` the cached decoder's per-chunk step (static shapes:
+            every call has ``decoder_chunk`` prompts). Meant for GPUs; default off.
     """
 
     def __init__(
@@ -133,6 +141,9 @@ class SAM2Backbone(nn.Module):
         exact_attention: bool | str = True,
         cached_decoder: bool = True,
         decoder_chunk: int = DEFAULT_DECODER_CHUNK,
+        decoder_autocast: str | None = None,
+        tf32: bool = False,
+        compile_decoder: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -144,6 +155,14 @@ class SAM2Backbone(nn.Module):
             raise ValueError(f"{name}: decoder_chunk must be >= 1, got {decoder_chunk}")
         self.cached_decoder = bool(cached_decoder)
         self.decoder_chunk = int(decoder_chunk)
+        if decoder_autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(
+                f"{name}: decoder_autocast must be null, bfloat16 or float16, got {decoder_autocast!r}"
+            )
+        self.decoder_autocast = decoder_autocast
+        self.tf32 = bool(tf32)
+        self.compile_decoder = bool(compile_decoder)
+        self._compiled_step = None
         self.image_size: int = int(model.image_size)
         self.embed_dim: int = int(model.sam_prompt_embed_dim)
         self.embed_size: int = int(model.sam_image_embedding_size)
@@ -245,6 +264,22 @@ class SAM2Backbone(nn.Module):
         )
         return masks, iou_pred
 
+    def _fast_paths(self, device: torch.device) -> contextlib.ExitStack:
+        """The opt-in fast paths (``decoder_autocast``, ``tf32``) as one context; empty by default."""
+        stack = contextlib.ExitStack()
+        if self.decoder_autocast:
+            dtype = getattr(torch, self.decoder_autocast)
+            stack.enter_context(torch.autocast(device_type=torch.device(device).type, dtype=dtype))
+        if self.tf32 and torch.device(device).type == "cuda":
+            saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+            def restore() -> None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+            stack.callback(restore)
+        return stack
+
     def _decode_chunks(self, features, cache, image_index, coords, labels, *, best_only: bool):
         """Decode all prompts in chunks of exactly ``decoder_chunk`` (the last one padded).
 
@@ -252,6 +287,11 @@ class SAM2Backbone(nn.Module):
         """
         n, chunk = coords.shape[0], self.decoder_chunk
         dec = CachedSAM2Decoder(self.model) if self.cached_decoder else None
+        step = dec.decode if dec is not None else None
+        if dec is not None and self.compile_decoder:
+            if self._compiled_step is None:
+                self._compiled_step = torch.compile(CachedSAM2Decoder.decode, dynamic=False)
+            step = lambda cache_, sparse_: self._compiled_step(dec, cache_, sparse_)  # noqa: E731
         if dec is not None and cache is None:
             cache = dec.prepare(
                 features.image_embed[image_index : image_index + 1],
@@ -265,13 +305,14 @@ class SAM2Backbone(nn.Module):
                 c = torch.cat([c, c[-1:].expand(pad, -1, -1)])
                 lab = torch.cat([lab, lab[-1:].expand(pad, -1)])
             k = stop - start
-            if dec is None:
-                masks, ious = self._official_chunk(features, image_index, c, lab)
-            else:
-                sparse, _ = self.model.sam_prompt_encoder(points=(c, lab), boxes=None, masks=None)
-                out = dec.decode(cache, sparse)
-                masks, ious = out.masks, out.ious
-            masks, ious = masks[:k], ious[:k]
+            with self._fast_paths(coords.device):
+                if dec is None:
+                    masks, ious = self._official_chunk(features, image_index, c, lab)
+                else:
+                    sparse, _ = self.model.sam_prompt_encoder(points=(c, lab), boxes=None, masks=None)
+                    out = step(cache, sparse)
+                    masks, ious = out.masks, out.ious
+            masks, ious = masks[:k].float(), ious[:k].float()
             if not best_only:
                 yield start, stop, ious, masks, None
                 continue
@@ -364,7 +405,8 @@ class SAM2Backbone(nn.Module):
         return (
             f"name={self.name!r}, add_no_mem_embed={self.add_no_mem_embed}, "
             f"exact_attention={self.exact_attention}, cached_decoder={self.cached_decoder}, "
-            f"decoder_chunk={self.decoder_chunk}"
+            f"decoder_chunk={self.decoder_chunk}, decoder_autocast={self.decoder_autocast}, tf32={self.tf32}, "
+            f"compile_decoder={self.compile_decoder}"
         )
 
 
@@ -477,6 +519,9 @@ def build_sam2(
     exact_attention: bool | str = True,
     cached_decoder: bool = True,
     decoder_chunk: int = DEFAULT_DECODER_CHUNK,
+    decoder_autocast: str | None = None,
+    tf32: bool = False,
+    compile_decoder: bool = False,
     init_seed: int | None = 0,
     device: str | torch.device = "cpu",
 ) -> SAM2Backbone:
@@ -499,6 +544,9 @@ def build_sam2(
             PyTorch's defaults (on CPU within ~4e-7 of the reference).
         cached_decoder: compute the decoder's prompt-independent part once per image (exact; default true).
         decoder_chunk: prompts per decoder call, last chunk padded (default 16; see :class:`SAM2Backbone`).
+        decoder_autocast: fast path (not parity): ``bfloat16`` / ``float16`` decoder; None = float32.
+        tf32: fast path (not parity): TF32 in the decoder on CUDA.
+        compile_decoder: fast path: ``torch.compile`` the cached decoder (static shapes).
         init_seed: seed of the random initialisation (same weights in every process); None = global RNG.
         device: where the model lives.
 
@@ -535,6 +583,9 @@ def build_sam2(
         exact_attention=exact_attention,
         cached_decoder=cached_decoder,
         decoder_chunk=decoder_chunk,
+        decoder_autocast=decoder_autocast,
+        tf32=tf32,
+        compile_decoder=compile_decoder,
     )
     return backbone.eval()
 

@@ -83,6 +83,18 @@ def _attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attn.out_proj(attn._recombine_heads(out))
 
 
+def _layer_norm_2d(ln: nn.Module, x: Tensor) -> Tensor:
+    """``sam2.modeling.sam2_utils.LayerNorm2d.forward`` with ``x - u`` computed once and in-place updates
+    (the same element-wise operations in the same order: same values). ``x`` is overwritten."""
+    if type(ln).__name__ != "LayerNorm2d" or not hasattr(ln, "eps"):  # another norm: run it as it is
+        return ln(x)
+    u = x.mean(1, keepdim=True)
+    d = x.sub_(u)
+    s = d.pow(2).mean(1, keepdim=True)
+    d.div_(torch.sqrt(s + ln.eps))
+    return d.mul_(ln.weight[:, None, None]).add_(ln.bias[:, None, None])
+
+
 class CachedSAM2Decoder:
     """Runs a built SAM2 model's prompt encoder + mask decoder with per-image caching.
 
@@ -241,8 +253,9 @@ class CachedSAM2Decoder:
         else:
             dc1, ln1, act1, dc2, act2 = md.output_upscaling
             feat_s0, feat_s1 = cache.high_res
-            upscaled = act1(ln1(dc1(src) + feat_s1))
-            upscaled = act2(dc2(upscaled) + feat_s0)
+            # `dc1(src) + feat_s1` etc. of the official code, summed in place (same values, less memory)
+            upscaled = act1(_layer_norm_2d(ln1, dc1(src).add_(feat_s1)))
+            upscaled = act2(dc2(upscaled).add_(feat_s0))
 
         hyper_in = torch.stack(
             [md.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(md.num_mask_tokens)],
