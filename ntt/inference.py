@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -136,6 +137,11 @@ class ImageProposals:
     embeddings: Tensor
     boxes256: Tensor
 
+    @cached_property
+    def n_pos256(self) -> Tensor:
+        """``[n]`` positive pixels of each low-res mask (a trace entry; computed once for all banks)."""
+        return self.masks256.flatten(1).sum(dim=1)
+
     def trace(self, bank_trace: dict[str, Tensor]) -> dict[str, Tensor]:
         """The full per-image trace (CPU tensors, parity fixture key names) given one bank's part.
 
@@ -235,6 +241,7 @@ def classify_and_postprocess(
         width=width,
         params=params or InferenceParams(),
         full_masks=full_masks,
+        n_pos256=shared.n_pos256,
     )
 
 
@@ -285,6 +292,7 @@ def _detect(
     width: int,
     params: InferenceParams,
     full_masks=None,
+    n_pos256: Tensor | None = None,
 ) -> tuple[Detections, dict[str, Tensor]]:
     p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
@@ -308,7 +316,7 @@ def _detect(
     tr = {
         "pred_ious": pred_ious,
         "logits": logits,
-        "n_pos_256": masks256.flatten(1).sum(dim=1),
+        "n_pos_256": masks256.flatten(1).sum(dim=1) if n_pos256 is None else n_pos256,
         "lowres_boxes_xyxy": boxes256,
         "sim": sim,
         "embeddings": embeddings,
