@@ -98,6 +98,7 @@ def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, coun
     assert count_passes == []
 
 
+@pytest.mark.slow  # three study runs (~1 min on 2 cores)
 def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_root, count_passes, monkeypatch):
     from ntt.data import images
     from ntt.runlock import RunLock
@@ -213,7 +214,7 @@ def test_shared_proposal_masks_give_the_same_bits_in_every_bank(max_bytes):
     pred_ious = torch.rand(n, generator=g)
     emb = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
     shared = ProposalMasks(logits, height, width, max_bytes=max_bytes, chunk_size=7)
-    for bank in range(2):
+    for _bank in range(2):
         labels = torch.randint(0, 3, (n,), generator=g)
         scores = torch.rand(n, generator=g) * 0.9 + 0.05
         kwargs = dict(height=height, width=width, nms_thr=0.7, num_out=40, nms_cap_factor=2)
