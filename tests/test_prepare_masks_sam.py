@@ -11,6 +11,7 @@ contours, <= 2-point contours dropped, box rectangle when nothing survives, area
 Random weights: the masks mean nothing; this checks the procedure, formats, fallback and resume only.
 segment-anything imports torchvision, which ntt does not install (no torchvision imports beside the CPU
 torch of `make setup`): these tests skip there, and run in an environment that has both.
+The last test (resume across contour tracers) uses a fake mask model and runs everywhere.
 """
 
 from __future__ import annotations
@@ -311,3 +312,39 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_sam_vit_h):
     torch.save(state, ckpt_dir / CKPT_NAME)
     with pytest.raises(PrepareError, match="not a SAM vit_h checkpoint"):
         build_masker("sam_vit_h", checkpoint_dir=ckpt_dir)
+
+
+def test_resume_with_another_contour_tracer_starts_afresh(tmp_path):
+    """The partial file records the tracer, so polygons of two tracers never share one record: crash with
+    the Python tracer, rerun with ``auto`` (OpenCV where installed, else the Python tracer again)."""
+    from ntt.prepare.contours import opencv_available
+
+    images = _write_images(tmp_path / "img", [(20, 30), (20, 30)])
+    _box_json(tmp_path / "b.json", images, [[[2, 2, 10, 8]], [[5, 5, 10, 10]]])
+    calls = []
+
+    def rectangle_masks(image_path, boxes, h, w):
+        calls.append(image_path.name)
+        if calls == ["im1.png", "im2.png"]:
+            raise RuntimeError("simulated crash")
+        m = np.zeros((len(boxes), h, w), dtype=bool)
+        m[:, 4:9, 3:7] = True
+        return m
+
+    rectangle_masks.info = {"model": "fake"}
+    with pytest.raises(PrepareError):
+        add_masks(
+            tmp_path / "b.json", tmp_path / "img", rectangle_masks, contour_backend="python", progress=False
+        )
+    out = add_masks(
+        tmp_path / "b.json", tmp_path / "img", rectangle_masks, contour_backend="auto", progress=False
+    )
+    data = json.loads(out.read_text())
+    if opencv_available():
+        assert calls == ["im1.png", "im2.png", "im1.png", "im2.png"]  # started afresh
+        assert data["ntt_masks"]["contours"] == "opencv"
+    else:
+        assert calls == ["im1.png", "im2.png", "im2.png"]  # same tracer: im1 kept
+        assert data["ntt_masks"]["contours"] == "python"
+    for a in data["annotations"]:
+        assert a["segmentation"] == [[3, 4, 3, 8, 6, 8, 6, 4]] and a["area"] == 20.0

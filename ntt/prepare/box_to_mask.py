@@ -24,7 +24,7 @@ Two mask models (:func:`build_masker`):
   does), logits upsampled bilinearly to full resolution. Not what the paper used: its masks differ.
 
 The step is resumable: each finished image is a line in ``<output>.partial.jsonl``; a rerun skips them
-(if the input json and the mask model are unchanged) and an image that fails is recorded and retried on
+(if the input json, the mask model and the contour tracer are unchanged) and an image that fails is recorded and retried on
 the next run, never losing the others. The output json records what made the masks under
 ``"ntt_masks"`` (model, checkpoint, contour backend, source json and its sha256).
 """
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ntt.prepare.contours import external_contours, opencv_available
+from ntt.prepare.contours import BACKENDS, external_contours, opencv_available
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +322,18 @@ def add_masks(
         raise PrepareError(f"box annotations not found: {input_json}")
     if not image_dir.is_dir():
         raise PrepareError(f"image folder not found: {image_dir} (the images of {input_json.name})")
+    if contour_backend not in BACKENDS:
+        raise PrepareError(f"contour backend {contour_backend!r} is not one of {BACKENDS}")
     data = json.loads(input_json.read_text())
     source_sha = sha256_file(input_json)
-    header = {"source_sha256": source_sha, "model": masker.info}
+    contours = (
+        "opencv"
+        if contour_backend == "opencv" or (contour_backend == "auto" and opencv_available())
+        else "python"
+    )
+    # the tracer is part of what made the stored polygons: a resume with another one starts afresh, so the
+    # recorded "contours" is true of every polygon
+    header = {"source_sha256": source_sha, "model": masker.info, "contours": contours}
     by_image: dict[int, list[dict]] = {}
     for ann in data.get("annotations", []):
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -395,9 +404,7 @@ def add_masks(
     data["images"] = with_anns + [im for im in data["images"] if im["id"] not in by_image]
     data["ntt_masks"] = {
         **masker.info,
-        "contours": "opencv"
-        if contour_backend == "opencv" or (contour_backend == "auto" and opencv_available())
-        else "python",
+        "contours": contours,
         "source_json": input_json.name,
         "source_sha256": source_sha,
         "created": time.strftime("%Y-%m-%d"),
