@@ -24,8 +24,8 @@ Two mask models (:func:`build_masker`):
   does), logits upsampled bilinearly to full resolution. Not what the paper used: its masks differ.
 
 The step is resumable: each finished image is a line in ``<output>.partial.jsonl``; a rerun skips them
-(if the input json, the mask model and the contour tracer are unchanged) and an image that fails is recorded and retried on
-the next run, never losing the others. The output json records what made the masks under
+(if the input json, the mask model and the contour tracer are unchanged) and an image that fails is
+recorded and retried on the next run, never losing the others. The output json records what made the masks under
 ``"ntt_masks"`` (model, checkpoint, contour backend, source json and its sha256).
 """
 
