@@ -289,9 +289,9 @@ class SAM2Backbone(nn.Module):
         dec = CachedSAM2Decoder(self.model) if self.cached_decoder else None
         step = dec.decode if dec is not None else None
         if dec is not None and self.compile_decoder:
-            if self._compiled_step is None:
-                self._compiled_step = torch.compile(CachedSAM2Decoder.decode, dynamic=False)
-            step = lambda cache_, sparse_: self._compiled_step(dec, cache_, sparse_)  # noqa: E731
+            if self._compiled_step is None:  # one compiled step per backbone (static shapes: one graph)
+                self._compiled_step = torch.compile(CachedSAM2Decoder(self.model).decode, dynamic=False)
+            step = self._compiled_step
         if dec is not None and cache is None:
             cache = dec.prepare(
                 features.image_embed[image_index : image_index + 1],
