@@ -186,3 +186,23 @@ def test_fast_path_flags_validate_and_bf16_stays_close(sam2_and_feats):
     union = ((got > 0) | (want > 0)).flatten(1).sum(1).clamp(min=1)
     assert float((inter / union).min()) > 0.95
     assert float((got_ious - want_ious).abs().max()) < 0.02
+
+
+@pytest.mark.slow
+def test_compile_decoder_fast_path_stays_within_parity_tolerance(sam2_and_feats):
+    """torch.compile (inductor, ~1 min to compile on 2 CPU cores) fuses ops: not bit-identical, but close."""
+    model, feats = sam2_and_feats
+    points = _points(8, seed=7)
+    saved = model.decoder_chunk
+    try:
+        with torch.inference_mode():
+            model.decoder_chunk = 8
+            cache = model.prepare_decoder(feats, 0)
+            want = model.decode_best(feats, points=points, cache=cache)
+            model.compile_decoder = True
+            got = model.decode_best(feats, points=points, cache=cache)
+    finally:
+        model.compile_decoder, model.decoder_chunk, model._compiled_step = False, saved, None
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
