@@ -158,8 +158,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         )
         assert out.returncode == 0, out.stderr[-2000:]
         res[mode] = int(out.stdout.strip().splitlines()[-1])
-    assert res["off"] > 100_000, res  # 2 calls x 16 prompts x ~44,000 faults
-    assert res["on"] < res["off"] / 20, res
+    # Without the tuning glibc's churn depends on its adaptive mmap threshold (it rises after frees of
+    # mmapped blocks), so the count without it is only compared when the churn is there (2 calls x 16
+    # prompts x ~44,000 faults on our machines); with the tuning the loop must fault (almost) nothing.
+    assert res["on"] < 20_000, res
+    if res["off"] > 100_000:
+        assert res["on"] < res["off"] / 20, res
     from ntt.allocator import tune_malloc
 
     assert tune_malloc(False) is False
