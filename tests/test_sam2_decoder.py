@@ -161,7 +161,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     # Without the tuning glibc's churn depends on its adaptive mmap threshold (it rises after frees of
     # mmapped blocks), so the count without it is only compared when the churn is there (2 calls x 16
     # prompts x ~44,000 faults on our machines); with the tuning the loop must fault (almost) nothing.
-    assert res["on"] < 20_000, res
+    assert res["on"] < 50_000, res  # usually 0; a one-off arena or thread stack can add ~16,000
     if res["off"] > 100_000:
         assert res["on"] < res["off"] / 20, res
     from ntt.allocator import tune_malloc
