@@ -142,41 +142,165 @@ def _semantic_similarity(embeddings: Tensor) -> Tensor:
     return (embeddings @ embeddings.T).clamp(min=0)
 
 
-def _class_ios(masks: Tensor, sem: Tensor) -> tuple[Tensor, Tensor]:
-    """Semantic IoS of the masks of one class, given in ranking order (method.md §5.7).
+def _ios_from_counts(inter: Tensor, area: Tensor, sem: Tensor) -> Tensor:
+    """Semantic IoS of one class from exact pairwise counts (only the strict lower triangle of ``inter`` is
+    read) and areas, masks in ranking order (method.md §5.7). Returns ``[n]`` float32."""
+    n = area.shape[0]
+    # float64 division of exact counts rounded to float32 equals the reference's float32 division
+    # (double rounding is harmless for p' >= 2p + 2), and stays exact beyond 2**24 pixels.
+    ios_mat = (inter / area[:, None]).float()
+    lower = torch.ones(n, n, dtype=torch.bool, device=area.device).tril(diagonal=-1)
+    vals = torch.where(lower, ios_mat * sem, torch.zeros((), dtype=torch.float32, device=area.device))
+    ios = vals.amax(dim=1) if n > 0 else vals.new_zeros(0)
+    # Parity (method.md §12b item 3): an empty mask divides 0 by 0 in every entry of its row -> NaN.
+    return torch.where(area == 0, torch.full_like(ios, float("nan")), ios)
+
+
+def _class_ios(masks: Tensor, sem: Tensor, max_elements: int = 1 << 26) -> tuple[Tensor, Tensor]:
+    """Semantic IoS of the ``[n, H, W]`` masks of one class, given in ranking order (method.md §5.7).
 
     ``sem`` is the class's ``[n, n]`` block of :func:`_semantic_similarity`.
     Returns ``(ios [n] float32, areas [n] float64)``.
     """
-    n = masks.shape[0]
-    inter, area = _intersections(masks)
-    # float64 division of exact counts rounded to float32 equals the reference's float32 division
-    # (double rounding is harmless for p' >= 2p + 2), and stays exact beyond 2**24 pixels.
-    ios_mat = (inter / area[:, None]).float()
-    lower = torch.ones(n, n, dtype=torch.bool, device=masks.device).tril(diagonal=-1)
-    vals = torch.where(lower, ios_mat * sem, torch.zeros((), dtype=torch.float32, device=masks.device))
-    ios = vals.amax(dim=1) if n > 0 else vals.new_zeros(0)
-    # Parity (method.md §12b item 3): an empty mask divides 0 by 0 in every entry of its row -> NaN.
-    ios = torch.where(area == 0, torch.full_like(ios, float("nan")), ios)
-    return ios, area
+    inter, area = _intersections(masks, max_elements)
+    return _ios_from_counts(inter, area, sem), area
+
+
+# Default byte budget of the soft merging's full-resolution buffers (see semantic_soft_merge).
+SOFT_MERGE_MAX_BYTES = 512 << 20
+
+
+@dataclass
+class _Crop:
+    """A full-resolution mask cut to its tight box ``[y0, y1) x [x0, x1)`` (``bits`` None if not kept)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    bits: Tensor | None
+
+
+def _crop(mask: Tensor, keep: bool) -> tuple[_Crop | None, int]:
+    """Tight-box crop of one ``[H, W]`` bool mask and its area; ``None`` for an empty mask."""
+    rows = torch.nonzero(mask.any(dim=1), as_tuple=True)[0]
+    if rows.numel() == 0:
+        return None, 0
+    cols = torch.nonzero(mask.any(dim=0), as_tuple=True)[0]
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    bits = mask[y0:y1, x0:x1].clone()
+    return _Crop(y0, y1, x0, x1, bits if keep else None), int(bits.sum())
+
+
+def _crop_intersection(a: _Crop, b: _Crop) -> int:
+    """Exact pixel count of ``a & b`` over the intersection of their boxes (both with ``bits``)."""
+    y0, y1, x0, x1 = max(a.y0, b.y0), min(a.y1, b.y1), max(a.x0, b.x0), min(a.x1, b.x1)
+    if y0 >= y1 or x0 >= x1:
+        return 0
+    pa = a.bits[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0]
+    pb = b.bits[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]
+    return int((pa & pb).sum())
+
+
+def _boxes_overlap(a: _Crop | None, b: _Crop | None) -> bool:
+    return (
+        a is not None
+        and b is not None
+        and max(a.y0, b.y0) < min(a.y1, b.y1)
+        and max(a.x0, b.x0) < min(a.x1, b.x1)
+    )
+
+
+def _class_counts_cropped(
+    produce: Callable[[Tensor], Tensor], n: int, hw: int, block: int, cache_bytes: int, device
+) -> tuple[Tensor, Tensor]:
+    """Exact counts ``(inter [n, n], area [n])`` (float64) of one class's masks, memory-bounded.
+
+    Masks are produced ``block`` at a time and kept as tight-box crops while the crops total at most
+    ``cache_bytes``; the others are produced again (same bits: upsampling is per mask) in blocks of ``block``
+    when their pairs are counted, at most two blocks alive. Only pairs with overlapping boxes are counted.
+    """
+    crops: list[_Crop | None] = [None] * n
+    area = torch.zeros(n, dtype=torch.float64, device=device)
+    inter = torch.zeros(n, n, dtype=torch.float64, device=device)
+    used = 0
+    for s in range(0, n, block):
+        full = produce(torch.arange(s, min(n, s + block), device=device))
+        for k in range(full.shape[0]):
+            crop, a = _crop(full[k], keep=True)
+            if crop is not None and used + crop.bits.numel() > cache_bytes:
+                crop.bits = None
+            elif crop is not None:
+                used += crop.bits.numel()
+            crops[s + k], area[s + k] = crop, float(a)
+        del full
+    kept = [i for i in range(n) if crops[i] is not None and crops[i].bits is not None]
+    lost = [i for i in range(n) if crops[i] is not None and crops[i].bits is None]
+
+    def count(i: int, j: int, ci: _Crop, cj: _Crop) -> None:
+        if _boxes_overlap(ci, cj):
+            inter[i, j] = inter[j, i] = float(_crop_intersection(ci, cj))
+
+    for a_pos, i in enumerate(kept):
+        for j in kept[:a_pos]:
+            count(i, j, crops[i], crops[j])
+
+    def refetch(ids: list[int]) -> dict[int, _Crop]:
+        full = produce(torch.tensor(ids, dtype=torch.int64, device=device))
+        return {i: _crop(full[k], keep=True)[0] for k, i in enumerate(ids)}
+
+    lost_blocks = [lost[s : s + block] for s in range(0, len(lost), block)]
+    for b, ids in enumerate(lost_blocks):
+        mine = refetch(ids)
+        for a_pos, i in enumerate(ids):
+            for j in kept:
+                count(i, j, mine[i], crops[j])
+            for j in ids[:a_pos]:
+                count(i, j, mine[i], mine[j])
+        for other in lost_blocks[b + 1 :]:
+            if not any(_boxes_overlap(crops[i], crops[j]) for i in ids for j in other):
+                continue
+            theirs = refetch(other)
+            for i in ids:
+                for j in other:
+                    count(i, j, mine[i], theirs[j])
+            del theirs
+        del mine
+    return inter, area
 
 
 def semantic_soft_merge(
-    masks: Tensor | Callable[[Tensor], Tensor], labels: Tensor, embeddings: Tensor, scores: Tensor
+    masks: Tensor | Callable[[Tensor], Tensor],
+    labels: Tensor,
+    embeddings: Tensor,
+    scores: Tensor,
+    *,
+    max_bytes: int = SOFT_MERGE_MAX_BYTES,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Semantic-aware soft merging (score decay) over masks given in ranking (NMS) order (method.md §5.7).
 
     ``ios_i = max(0, max_{j < i, label_j == label_i} |m_i & m_j| / |m_i| * max(0, e_i . e_j))`` and
-    ``decayed_i = score_i * (1 - ios_i) ** 0.5``. Intersections are counted exactly per class (chunked over
-    pixels), never between classes; the cosines come from one ``[P, P]`` product as in the reference (bit-exact
-    on the fixture). An empty mask gets ``ios = NaN`` and so a NaN score (parity).
+    ``decayed_i = score_i * (1 - ios_i) ** 0.5``. Intersections are counted exactly per class, never between
+    classes; the cosines come from one ``[P, P]`` product as in the reference (bit-exact on the fixture). An
+    empty mask gets ``ios = NaN`` and so a NaN score (parity).
+
+    Memory bound (method.md §10 item 4): the full-resolution buffers this function holds stay below
+    ``max_bytes`` (or about ``14 H W`` bytes if one mask alone needs more), whatever the class size ``n_c``:
+    masks are asked from the producer at most ``block = max(1, max_bytes // (16 H W))`` at a time (its float
+    upsampling buffer included: ~7 bytes per pixel per mask). A class with ``n_c H W <= max_bytes / 4`` is
+    held whole and counted by chunked float32 matmuls (chunks of ``max_bytes / 4`` bytes); a larger class is
+    kept as tight-box crops (at most ``max_bytes / 4`` bytes; masks beyond are produced again, two blocks at a
+    time, when their pairs are counted) and only pairs with overlapping boxes are counted. Plus ``O(n_c^2)``
+    float64 count matrices (a caching producer's own cache, e.g. ``ntt.maskcache``, is its own). Every count
+    is an exact integer, so all paths give bit-identical results.
 
     Args:
-        masks: ``[P, H, W]`` bool full-resolution masks, or a function that returns the ``[n_c, H, W]`` masks
-            of the given entry indices (one class at a time: the caller never holds all ``P`` masks).
+        masks: ``[P, H, W]`` bool full-resolution masks, or a function that returns the ``[m, H, W]`` masks
+            of the given entry indices (asked per class, in blocks: the caller never holds all ``P`` masks).
         labels: ``[P]`` class indices.
         embeddings: ``[P, D]`` mask embeddings.
         scores: ``[P]`` scores before decay.
+        max_bytes: byte budget of the full-resolution buffers (see above).
 
     Returns:
         ``(ios [P] float32, decayed [P] float32, areas [P] float64 mask pixel counts)``.
@@ -188,9 +312,27 @@ def semantic_soft_merge(
     sem = _semantic_similarity(embeddings.float())
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c, as_tuple=True)[0]
-        masks_c = masks_of(idx)
-        ios[idx], areas[idx] = _class_ios(masks_c, sem[idx][:, idx])
-        del masks_c
+        n = idx.shape[0]
+        first = masks_of(idx[:1])  # learns H, W
+        height, width = first.shape[-2:]
+        hw = max(1, height * width)
+        block = max(1, max_bytes // (16 * hw))
+        if n * hw <= max_bytes // 4:
+            masks_c = torch.empty(n, height, width, dtype=torch.bool, device=first.device)
+            masks_c[:1] = first
+            del first
+            for s in range(1, n, block):
+                masks_c[s : s + block] = masks_of(idx[s : s + block])
+            ios[idx], areas[idx] = _class_ios(masks_c, sem[idx][:, idx], max(1, max_bytes // 16))
+            del masks_c
+        else:
+            del first
+
+            def produce(rows: Tensor, idx=idx) -> Tensor:
+                return masks_of(idx[rows])
+
+            inter, area = _class_counts_cropped(produce, n, hw, block, max_bytes // 4, device)
+            ios[idx], areas[idx] = _ios_from_counts(inter, area, sem[idx][:, idx]), area
     return ios, scores * (1 - ios) ** 0.5, areas
 
 
