@@ -130,7 +130,8 @@ def _intersections(masks: Tensor, max_elements: int = 1 << 26) -> tuple[Tensor, 
         part = flat[:, s : s + chunk].float()
         # 0/1 products with partial sums < 2**24: every float32 partial result is an exact integer.
         inter += (part @ part.T).double()
-    return inter, flat.sum(dim=1).double()
+    # Areas are the (exact) diagonal: a bool sum over dim 1 would materialise an int64 copy (8 bytes/pixel).
+    return inter, inter.diagonal().clone()
 
 
 def _semantic_similarity(embeddings: Tensor) -> Tensor:
@@ -189,7 +190,7 @@ def _crop(mask: Tensor, keep: bool) -> tuple[_Crop | None, int]:
     cols = torch.nonzero(mask.any(dim=0), as_tuple=True)[0]
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     bits = mask[y0:y1, x0:x1].clone()
-    return _Crop(y0, y1, x0, x1, bits if keep else None), int(bits.sum())
+    return _Crop(y0, y1, x0, x1, bits if keep else None), int(torch.count_nonzero(bits))
 
 
 def _crop_intersection(a: _Crop, b: _Crop) -> int:
@@ -199,7 +200,7 @@ def _crop_intersection(a: _Crop, b: _Crop) -> int:
         return 0
     pa = a.bits[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0]
     pb = b.bits[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]
-    return int((pa & pb).sum())
+    return int(torch.count_nonzero(pa & pb))
 
 
 def _boxes_overlap(a: _Crop | None, b: _Crop | None) -> bool:
@@ -258,11 +259,12 @@ def _class_counts_cropped(
             for j in ids[:a_pos]:
                 count(i, j, mine[i], mine[j])
         for other in lost_blocks[b + 1 :]:
-            if not any(_boxes_overlap(crops[i], crops[j]) for i in ids for j in other):
+            needed = [j for j in other if any(_boxes_overlap(crops[i], crops[j]) for i in ids)]
+            if not needed:
                 continue
-            theirs = refetch(other)
+            theirs = refetch(needed)
             for i in ids:
-                for j in other:
+                for j in needed:
                     count(i, j, mine[i], theirs[j])
             del theirs
         del mine
@@ -290,7 +292,8 @@ def semantic_soft_merge(
     upsampling buffer included: ~7 bytes per pixel per mask). A class with ``n_c H W <= max_bytes / 4`` is
     held whole and counted by chunked float32 matmuls (chunks of ``max_bytes / 4`` bytes); a larger class is
     kept as tight-box crops (at most ``max_bytes / 4`` bytes; masks beyond are produced again, two blocks at a
-    time, when their pairs are counted) and only pairs with overlapping boxes are counted. Plus ``O(n_c^2)``
+    time, when their pairs are counted: time traded for memory, up to ~n_c^2 / (2 block) extra upsamplings when
+    many large masks overlap) and only pairs with overlapping boxes are counted. Plus ``O(n_c^2)``
     float64 count matrices (a caching producer's own cache, e.g. ``ntt.maskcache``, is its own). Every count
     is an exact integer, so all paths give bit-identical results.
 
