@@ -1,4 +1,4 @@
-"""`ntt` command: run the pipeline, fetch checkpoints, summarise runs, make the synthetic dataset.
+"""`ntt` command: run the pipeline or a study, fetch checkpoints, prepare benchmarks, summarise, segment.
 
 ntt run [hydra overrides]        same as `python -m ntt.run ...`
 ntt study [hydra overrides]      every job of a sweep with ONE pass over the test images (ntt study --help)
@@ -7,6 +7,7 @@ ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
 ntt segment --refs R --images D --out O [overrides]   segment your own images (ntt segment --help)
 ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of a benchmark run
+ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks)
 """
 
 from __future__ import annotations
@@ -14,16 +15,11 @@ from __future__ import annotations
 import logging
 import sys
 
-COMMANDS = ("run", "download", "summarize", "synth", "segment", "visualize")
+COMMANDS = ("run", "study", "download", "summarize", "synth", "segment", "visualize", "prepare")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "study":  # many memory banks, one pass over the test images (ntt/study.py)
-        from ntt.study import main as study_main
-
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
-        return study_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -35,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["ntt run", *rest]
         run.main()
         return 0
+    if cmd == "study":  # many memory banks, one pass over the test images (ntt/study.py)
+        from ntt.study import main as study_main
+
+        return study_main(rest)
     if cmd == "download":
         from ntt.backbones.checkpoints import download_main
 
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from ntt.summarize import main as summarize_main
 
         return summarize_main(rest)
+    if cmd == "prepare":
+        from ntt.prepare import main as prepare_main
+
+        return prepare_main(rest)
     if cmd == "segment":
         from ntt.segment import main as segment_main
 

@@ -73,6 +73,22 @@ def test_ntt_command_help_and_download_list():
     assert bad.returncode == 2
 
 
+@pytest.mark.parametrize(
+    "cmd", ["study", "download", "summarize", "synth", "segment", "visualize", "prepare"]
+)
+def test_every_ntt_subcommand_is_dispatched(cmd, capsys):
+    """Each subcommand the `ntt` usage lists reaches its own parser (its --help), not the top-level usage."""
+    from ntt import cli
+
+    assert cmd in cli.COMMANDS and f"ntt {cmd}" in cli.__doc__
+    with pytest.raises(SystemExit) as exit_info:
+        code = cli.main([cmd, "--help"])
+        raise SystemExit(code)
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "usage:" in out and "ntt run [hydra overrides]" not in out, out[:300]
+
+
 def test_wandb_logger_disabled_mode_logs_without_network(tmp_path):
     from ntt.loggers import NullLogger, build_logger
 
