@@ -437,17 +437,7 @@ def _params_from_cfg(cfg) -> InferenceParams:
 
     prop = build_node(cfg.proposer, ProposerConfig)
     mat = build_node(cfg.matcher, MatcherConfig)
-    return InferenceParams(
-        points_per_side=prop.points_per_side,
-        points_batch_size=prop.points_batch_size,
-        iou_thr=prop.iou_thr,
-        nms_thr=mat.nms_thr,
-        num_out=mat.num_out,
-        nms_cap_factor=mat.nms_cap_factor,
-        pooling=mat.pooling,
-        drop_empty_masks=mat.drop_empty_masks,
-        box_plus_one=mat.box_plus_one,
-    )
+    return InferenceParams.from_settings(prop, mat)
 
 
 def _resolve_device(device: str) -> str:

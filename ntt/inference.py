@@ -60,6 +60,26 @@ class InferenceParams:
     drop_empty_masks: bool = False
     box_plus_one: bool = False
 
+    @classmethod
+    def from_settings(cls, proposer, matcher) -> InferenceParams:
+        """The test-time settings of a run's ``proposer`` and ``matcher`` config nodes.
+
+        Args:
+            proposer: ``ntt.config.ProposerConfig`` (or any object with its fields).
+            matcher: ``ntt.config.MatcherConfig`` (or any object with its fields).
+        """
+        return cls(
+            points_per_side=proposer.points_per_side,
+            points_batch_size=proposer.points_batch_size,
+            iou_thr=proposer.iou_thr,
+            nms_thr=matcher.nms_thr,
+            num_out=matcher.num_out,
+            nms_cap_factor=matcher.nms_cap_factor,
+            pooling=matcher.pooling,
+            drop_empty_masks=matcher.drop_empty_masks,
+            box_plus_one=matcher.box_plus_one,
+        )
+
     def to_dict(self) -> dict:
         """Plain dict of the fields (for configs / manifests)."""
         return asdict(self)

@@ -563,17 +563,7 @@ def inference_params(ctx: RunContext):
     """The run's `ntt.inference.InferenceParams` (proposer + matcher settings)."""
     from ntt.inference import InferenceParams
 
-    return InferenceParams(
-        points_per_side=ctx.proposer.points_per_side,
-        points_batch_size=ctx.proposer.points_batch_size,
-        iou_thr=ctx.proposer.iou_thr,
-        nms_thr=ctx.matcher.nms_thr,
-        num_out=ctx.matcher.num_out,
-        nms_cap_factor=ctx.matcher.nms_cap_factor,
-        pooling=ctx.matcher.pooling,
-        drop_empty_masks=ctx.matcher.drop_empty_masks,
-        box_plus_one=ctx.matcher.box_plus_one,
-    )
+    return InferenceParams.from_settings(ctx.proposer, ctx.matcher)
 
 
 def log_expected_time(ctx: RunContext, n_images: int) -> None:

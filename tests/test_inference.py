@@ -176,3 +176,14 @@ def test_fixture_image14_end_to_end_with_real_backbones(parity_dir, setting, nms
     assert compared >= 20
     results = json.loads((parity_dir / setting / "coco_results.json").read_text())
     assert detections_to_coco(det, 14, [1, 2, 3]) == [r for r in results if r["image_id"] == 14]
+
+
+def test_params_from_settings_take_every_field_from_the_config_nodes():
+    from types import SimpleNamespace
+
+    proposer = SimpleNamespace(points_per_side=7, points_batch_size=5, iou_thr=0.3)
+    matcher = SimpleNamespace(
+        nms_thr=0.6, num_out=9, nms_cap_factor=3, pooling="adjoint", drop_empty_masks=True, box_plus_one=True
+    )
+    got = InferenceParams.from_settings(proposer, matcher).to_dict()
+    assert got == {**vars(proposer), **vars(matcher)}
