@@ -2,8 +2,8 @@
 
 Basis: ``benchmarks/README.md`` (CPU, 2026-11-24, 2 cores / 2 torch threads, random weights, timings
 only): SAM2.1 Hiera-T image encoder 1.97 s, DINOv2 ViT-S/14 forward 0.89 s, SAM2 prompt decoder 86 ms per
-point prompt. The decoder is the same for every SAM2 size, so on a CPU the prompt grid dominates (a 32x32
-grid: ~90 s of decoding per image). Encoder costs of other sizes are scaled by their approximate compute
+point prompt, 0.48x that since the 2026-11-29 decoder speedups (~41 ms). The decoder is the same for every
+SAM2 size, so on a CPU the prompt grid dominates (a 32x32 grid: ~42 s of decoding per image). Encoder costs of other sizes are scaled by their approximate compute
 relative to the measured ones; other thread counts by ``(2 / threads) ** 0.7`` (sub-linear: the measured
 machine used 2 cores). It is an order of magnitude, not a measurement: the measured time of the first image
 is logged after it. No GPU figure is known here (none was measured), so on a GPU the estimate is None.
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 __all__ = ["estimate_seconds_per_image", "expected_time_message", "format_seconds"]
 
-DECODER_S_PER_PROMPT = 0.086
+# 86 ms per prompt measured on 2026-11-24 with the official decoder path; the 2026-11-29 A/B
+# (benchmarks/README.md: malloc tuning + cached decoder) cut decoder CPU time per prompt to 0.48x.
+DECODER_S_PER_PROMPT = 0.086 * 0.48
 POSTPROCESS_S_PER_PROMPT = 0.003  # pooling + NMS + soft merging, ~0.7 s per 256 proposals at 600x800
 SAM2_ENCODER_S = 1.97
 DINOV2_S = 0.89
