@@ -24,7 +24,6 @@ __all__ = [
     "ImageProposals",
     "InferenceParams",
     "classify_and_postprocess",
-    "detect_from_proposals",
     "dino_features",
     "infer_image",
     "propose_image",
@@ -248,7 +247,8 @@ def classify_and_postprocess(
             (``ntt.maskcache.ProposalMasks``; bit-identical to computing them here).
 
     Returns:
-        ``(detections, trace)`` as :func:`detect_from_proposals`.
+        ``(detections, trace)``; the trace holds the intermediates from ``pred_ious`` on (tensors on the input
+        device), under the parity fixture's key names.
     """
     return _detect(
         shared.props.logits,
@@ -262,41 +262,6 @@ def classify_and_postprocess(
         params=params or InferenceParams(),
         full_masks=full_masks,
         n_pos256=shared.n_pos256,
-    )
-
-
-def detect_from_proposals(
-    logits: Tensor,
-    pred_ious: Tensor,
-    feats_dino: Tensor,
-    prototypes: Tensor,
-    *,
-    height: int,
-    width: int,
-    params: InferenceParams | None = None,
-) -> tuple[Detections, dict[str, Tensor]]:
-    """Everything after the SAM2 decoder (method.md §5.3-5.8): pooling, classification, NMS, soft merging, top-k.
-
-    Split from :func:`infer_image` so a caller (the parity tests' counterfactual check, a multi-bank pass) can run
-    the memory-dependent part on given proposals.
-
-    Args:
-        logits: ``[n, 256, 256]`` low-res logits of the IoU-filtered proposals, in grid order.
-        pred_ious: ``[n]`` their predicted IoUs.
-        feats_dino: ``[h, w, D]`` DINOv2 grid of the target.
-        prototypes: ``[C, D]`` L2-normalised class prototypes.
-        height: original (annotation) height ``H``.
-        width: original (annotation) width ``W``.
-        params: settings (paper defaults when None).
-
-    Returns:
-        ``(detections, trace)``; the trace holds the intermediates from ``pred_ious`` on (tensors on the input
-        device), under the parity fixture's key names.
-    """
-    p = params or InferenceParams()
-    masks256, embeddings, boxes256 = proposal_embeddings(logits, feats_dino, pooling=p.pooling)
-    return _detect(
-        logits, pred_ious, masks256, embeddings, boxes256, prototypes, height=height, width=width, params=p
     )
 
 
