@@ -32,6 +32,10 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 
 # (overrides, error) of every failed job of this process's multirun, filled by `FailedJobs`
 FAILED_JOBS: list[tuple[str, str]] = []
+# Jobs that run in other processes (Hydra's submitit/SLURM launcher) report into this folder under the sweep
+# dir (a shared filesystem on a cluster); its path reaches them through the environment variable.
+FAILURES_ENV = "NTT_MULTIRUN_FAILURES"
+FAILURES_DIR: list[Path] = []
 
 
 def _show_traceback() -> bool:
@@ -51,26 +55,74 @@ def _in_multirun() -> bool:
 class FailedJobs(Callback):
     """Hydra callback (conf/hydra/default.yaml): records every failed job of a multirun.
 
-    Hydra itself stops at the end of the sweep with the first failure only; `main` then prints them all.
+    Hydra itself stops at the end of the sweep with the first failure only; `main` then prints them all. Jobs
+    run in this process append to `FAILED_JOBS`; jobs run elsewhere (submitit) write one json file each into
+    the folder that `on_multirun_start` made and announced in ``NTT_MULTIRUN_FAILURES``.
     """
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import time
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        folder = sweep_dir / ".ntt_multirun" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[FAILURES_ENV] = str(folder)
+        import ntt.run as registry  # see _report_failed_jobs: the module object `main` reads
+
+        registry.FAILURES_DIR[:] = [folder]
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        import hashlib
+        import json
+
         from hydra.core.utils import JobStatus
 
         if job_return.status != JobStatus.FAILED:
             return
         err = getattr(job_return, "_return_value", None)
         overrides = " ".join(job_return.overrides or []) or "(no overrides)"
-        FAILED_JOBS.append((overrides, f"{type(err).__name__}: {err}"))
+        why = f"{type(err).__name__}: {err}"
+        FAILED_JOBS.append((overrides, why))
         log.error("job failed [%s]: %s", overrides, err)
+        folder = os.environ.get(FAILURES_ENV)
+        if folder and Path(folder).is_dir():
+            name = hashlib.sha256(overrides.encode()).hexdigest()[:16] + ".json"
+            (Path(folder) / name).write_text(json.dumps({"overrides": overrides, "error": why}))
+
+
+def _collect_failed_jobs() -> list[tuple[str, str]]:
+    """This process's failed jobs, then those other processes reported, each once, in a stable order."""
+    import json
+    import shutil
+
+    import ntt.run as registry
+
+    jobs = list(registry.FAILED_JOBS)
+    for folder in registry.FAILURES_DIR:
+        for f in sorted(folder.glob("*.json")):
+            try:
+                rec = json.loads(f.read_text())
+                jobs.append((str(rec["overrides"]), str(rec["error"])))
+            except (OSError, ValueError, KeyError):
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.rmdir()  # .ntt_multirun, when no other multirun uses it
+        except OSError:
+            pass
+    seen: set[str] = set()
+    unique = []
+    for overrides, why in jobs:
+        if overrides not in seen:
+            seen.add(overrides)
+            unique.append((overrides, why))
+    return unique
 
 
 def _report_failed_jobs() -> None:
     # Hydra instantiates the callback from `ntt.run`, a different module object than `__main__` under
-    # `python -m ntt.run`: read the list from there
-    import ntt.run as registry
-
-    jobs = registry.FAILED_JOBS
+    # `python -m ntt.run`: `_collect_failed_jobs` reads the lists from there
+    jobs = _collect_failed_jobs()
     if not jobs:
         return
     lines = [f"{len(jobs)} job(s) of the multirun failed:"]

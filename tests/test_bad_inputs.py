@@ -165,3 +165,22 @@ def test_multirun_lists_every_failed_job(tmp_path):
     assert out.returncode != 0
     assert "2 job(s) of the multirun failed" in out.stderr
     assert "/nowhere/a.json not found" in out.stderr and "/nowhere/b.json not found" in out.stderr
+
+
+def test_multirun_on_the_submitit_launcher_lists_every_failed_job(tmp_path):
+    """Jobs of Hydra's submitit launcher (the SLURM path, here its local twin) run in other processes: they
+    report their failures through a folder under the sweep dir, which the launching process reads and removes."""
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed"
+    )
+    out = _cli(
+        tmp_path,
+        "dataset.ref_json=/nowhere/a.json,/nowhere/b.json",
+        "hydra/launcher=slurm_local",
+        "hydra.launcher.timeout_min=5",
+        flags=("--multirun",),
+    )
+    assert out.returncode != 0
+    assert "2 job(s) of the multirun failed" in out.stderr, out.stderr[-2000:]
+    assert "/nowhere/a.json not found" in out.stderr and "/nowhere/b.json not found" in out.stderr
+    assert not (tmp_path / ".ntt_multirun").exists()
