@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ntt.inference import InferenceParams
+from ntt.speed import format_seconds
 
 __all__ = ["Segmenter", "Instances", "ReferenceBank", "IMAGE_EXTENSIONS", "list_images", "read_image"]
 
@@ -507,7 +508,7 @@ class Segmenter:
                 "`ntt segment ... proposer=cpu_fast`)",
                 self.params.points_per_side,
                 self.params.points_per_side,
-                _fmt_seconds(self.estimate_seconds_per_image()),
+                format_seconds(self.estimate_seconds_per_image()),
             )
 
     # -------------------------------------------------------------------------------------------------
@@ -910,7 +911,7 @@ class Segmenter:
             self.device,
             p.points_per_side,
             p.points_per_side,
-            f"expect about {_fmt_seconds(est)} per image (rough estimate; the measured time follows the first "
+            f"expect about {format_seconds(est)} per image (rough estimate; the measured time follows the first "
             "image)"
             if est is not None
             else "the time per image is logged after the first one",
@@ -928,8 +929,8 @@ class Segmenter:
                 dt = time.perf_counter() - t0
                 log.info(
                     "first image took %s%s",
-                    _fmt_seconds(dt),
-                    f"; the remaining {len(items) - 1} should take about {_fmt_seconds(dt * (len(items) - 1))}"
+                    format_seconds(dt),
+                    f"; the remaining {len(items) - 1} should take about {format_seconds(dt * (len(items) - 1))}"
                     if len(items) > 1
                     else "",
                 )
@@ -986,9 +987,3 @@ def _as_mask_list(masks, height: int, width: int, source: str) -> list[torch.Ten
     if isinstance(masks, (list, tuple)):
         return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
     return [read_mask(masks, height, width, f"{source}: mask")]
-
-
-def _fmt_seconds(s: float | None) -> str:
-    from ntt.speed import format_seconds
-
-    return format_seconds(s)

@@ -249,11 +249,6 @@ def stage_status(ctx: RunContext, stage: str, artifact: str, *, honour_force: bo
     return None
 
 
-def stage_is_current(ctx: RunContext, stage: str, artifact: str) -> bool:
-    """True when the stage may be skipped (see `stage_status`)."""
-    return stage_status(ctx, stage, artifact) is None
-
-
 def mark_stage_done(
     ctx: RunContext, stage: str, artifact: str, inputs: dict[str, dict[str, str | None]] | None = None
 ) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,20 +53,3 @@ def reuse_sibling_lines(run_dir: Path, pred_dir: Path, keys: dict[int, str]) -> 
         log.info("test: reused %d image result(s) from sibling run directories", len(found))
     return len(found)
 
-
-def reuse_sibling_dir(run_dir: Path, pred_dir: Path, key: str) -> bool:
-    """Copy the shard files of a sibling whose ``predictions/key.txt`` equals `key` (whole-folder keys).
-
-    Returns:
-        True when a sibling's results were copied.
-    """
-    for sib in _siblings(run_dir):
-        key_file = sib / "key.txt"
-        if key_file.is_file() and key_file.read_text().strip() == key:
-            pred_dir.mkdir(parents=True, exist_ok=True)
-            for shard in sorted(sib.glob("rank*.jsonl")):
-                shutil.copyfile(shard, pred_dir / shard.name)
-            (pred_dir / "key.txt").write_text(key + "\n")
-            log.info("test: reused the per-image results of %s", sib.parent)
-            return True
-    return False
