@@ -50,6 +50,7 @@ kernel are exercised whichever machine CI gets. ``test_pipeline_matches_referenc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -242,8 +243,9 @@ class Fixture:
     def image_results(self, img: int) -> list[dict]:
         return [r for r in self.results if r["image_id"] == img]
 
+    @functools.cache  # noqa: B019  (one Fixture per test: the cache lives as long as the test)
     def final_masks(self, img: int) -> np.ndarray:
-        """``[F, H, W]`` full-resolution masks of the final detections, in rank order."""
+        """``[F, H, W]`` full-resolution masks of the final detections, in rank order (decoded once)."""
         return _decode(self.image_results(img))
 
     def merge_masks(self, img: int) -> np.ndarray:
@@ -566,10 +568,10 @@ def _check_image(c: Checker, run: Path, fx: Fixture, img: int, prototypes: np.nd
     c.equal(f"{st}/top_k", "final_proposal", got["final_proposal"], post["final_proposal"])
     c.equal(f"{st}/top_k", "final_labels", got["final_labels"], post["final_labels"])
     c.equal(f"{st}/top_k", "final_boxes_xyxy", got["final_boxes_xyxy"], post["final_boxes_xyxy"])
-    ntt_final = _decode(results)
+    ntt_final, want_final = _decode(results), fx.final_masks(img)
     up = upsample_logits(_t(logits[got["final_proposal"]]), 600, 800).numpy()
-    flip_final = c.near_tie_masks(f"{st}/resize", "final masks", ntt_final, fx.final_masks(img), up)
-    c.mask_iou(f"{st}/resize", "final masks", ntt_final, fx.final_masks(img))
+    flip_final = c.near_tie_masks(f"{st}/resize", "final masks", ntt_final, want_final, up)
+    c.mask_iou(f"{st}/resize", "final masks", ntt_final, want_final)
 
     # Soft merging: entry i is affected when its mask or an earlier same-class one flipped (at 256 or full res).
     flip_pos = flip256[keep_pos].copy()
