@@ -8,6 +8,19 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+# Every artifact of a finished run (the run directory's contract, docs/ARCHITECTURE.md), config.yaml aside.
+RUN_ARTIFACTS = [
+    "refs.json",
+    "memory.pt",
+    "memory_postprocessed.pt",
+    "predictions.json",
+    "metrics.json",
+    "stage_sample_refs.json",
+    "stage_fill_memory.json",
+    "stage_postprocess_memory.json",
+    "stage_test.json",
+]
+
 
 def compose_smoke(tmp_path: Path, *overrides: str, small: tuple[str, ...] = ()):
     """``conf/main.yaml`` + ``debug=smoke`` on CPU, outputs and the run directory (``run``) under ``tmp_path``.

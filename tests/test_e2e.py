@@ -15,21 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA, REPO, require_path
+from helpers_pipeline import RUN_ARTIFACTS
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-ARTIFACTS = [
-    "config.yaml",
-    "refs.json",
-    "memory.pt",
-    "memory_postprocessed.pt",
-    "predictions.json",
-    "metrics.json",
-    "stage_sample_refs.json",
-    "stage_fill_memory.json",
-    "stage_postprocess_memory.json",
-    "stage_test.json",
-]
+ARTIFACTS = ["config.yaml", *RUN_ARTIFACTS]
 
 
 def compose_cfg(out_dir: Path, *overrides: str):

@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers_pipeline import RUN_ARTIFACTS
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 # 3 test images (ids 3, 6, 9); two banks (1 and 2 shots) of one seed
 BASE = ["dataset=synthetic", "dataset.synthetic.num_images=9", "debug=smoke", "device=cpu"]
-ARTIFACTS = [
-    "refs.json",
-    "memory.pt",
-    "memory_postprocessed.pt",
-    "predictions.json",
-    "metrics.json",
-    "stage_sample_refs.json",
-    "stage_fill_memory.json",
-    "stage_postprocess_memory.json",
-    "stage_test.json",
-]
+ARTIFACTS = RUN_ARTIFACTS
 
 
 def compose_cfg(*overrides: str):
