@@ -42,6 +42,8 @@ def measure(fn):
 
 with torch.inference_mode():
     sam2, dino, _, _ = build_models(sam2_opt, dino_opt, torch.device("cpu"))
+    if os.environ.get("AB_CACHED_DECODER") == "0":  # the official per-prompt decoder path, one call per batch
+        sam2.cached_decoder, sam2.decoder_chunk = False, batch
     g = torch.Generator().manual_seed(0)
     low = torch.rand(1, 3, 16, 16, generator=g)
     image = torch.nn.functional.interpolate(low, size=(1024, 1024), mode="bilinear")[0].clamp(0, 1)
@@ -50,6 +52,9 @@ with torch.inference_mode():
     warm = InferenceParams(points_per_side=2, points_batch_size=batch)
     infer_image(image, 600, 800, sam2=sam2, dino=dino, prototypes=protos, params=warm)  # warm-up
     (det, _), whole = measure(lambda: infer_image(image, 600, 800, sam2=sam2, dino=dino, prototypes=protos, params=params))
+    if os.environ.get("AB_WHOLE_ONLY") == "1":
+        print("AB-RESULT " + json.dumps(dict(infer_image=whole, prompts=grid * grid)))
+        raise SystemExit(0)
     feats, enc = measure(lambda: sam2.encode_image(image[None]))
     props, dec = measure(lambda: generate_proposals(sam2, feats, points_per_side=grid, points_batch_size=batch, iou_thr=0.0))
     print("AB-RESULT " + json.dumps(dict(infer_image=whole, sam2_encoder=enc, proposals=dec, prompts=grid * grid,
@@ -67,10 +72,31 @@ def main() -> None:
     ap.add_argument("--sam2", default="sam2_hiera_l")
     ap.add_argument("--dinov2", default="vitl14")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=SRC[:KEY=VAL,...]",
+        help="an extra tree/environment to run after A and B in each round, e.g. 'C=.:NTT_MALLOC_TUNING=0' "
+        "(allocator off) or 'D=.:AB_CACHED_DECODER=0' (official decoder path, one call per batch)",
+    )
+    ap.add_argument(
+        "--whole-only",
+        action="store_true",
+        help="time only infer_image (skip the separate encoder/proposals runs)",
+    )
     args = ap.parse_args()
+    runs: list[tuple[str, str, dict[str, str]]] = [("A", args.a, {}), ("B", args.b, {})]
+    for spec in args.variant:
+        label, _, rest = spec.partition("=")
+        src, _, envs = rest.partition(":")
+        extra = dict(kv.split("=", 1) for kv in envs.split(",") if kv)
+        runs.append((label, src or ".", extra))
     for r in range(args.rounds):
-        for label, src in (("A", args.a), ("B", args.b)):
-            env = dict(os.environ, AB_SRC=str(Path(src).resolve()))
+        for label, src, extra in runs:
+            env = dict(os.environ, AB_SRC=str(Path(src).resolve()), **extra)
+            if args.whole_only:
+                env["AB_WHOLE_ONLY"] = "1"
             proc = subprocess.run(
                 [sys.executable, "-c", CHILD, str(args.grid), str(args.batch), args.sam2, args.dinov2],
                 env=env,
@@ -85,6 +111,7 @@ def main() -> None:
                 round=r,
                 tree=label,
                 src=str(src),
+                env=extra,
                 grid=args.grid,
                 batch=args.batch,
                 sam2=args.sam2,

@@ -3,7 +3,9 @@
 Basis: ``benchmarks/README.md`` (CPU, 2026-11-24, 2 cores / 2 torch threads, random weights, timings
 only): SAM2.1 Hiera-T image encoder 1.97 s, DINOv2 ViT-S/14 forward 0.89 s, SAM2 prompt decoder 86 ms per
 point prompt, 0.48x that since the 2026-11-29 decoder speedups (~41 ms). The decoder is the same for every
-SAM2 size, so on a CPU the prompt grid dominates (a 32x32 grid: ~42 s of decoding per image). Encoder costs of other sizes are scaled by their approximate compute
+SAM2 size, so on a CPU the prompt grid dominates (a 32x32 grid: ~42 s of decoding per image). Check against a
+whole-image measurement (2026-11-29, quiet 2 cores): SAM2 Hiera-L + DINOv2 ViT-L/14 at 32x32 took 55 s per
+image; this estimate gives ~71 s for that pair, on the safe side. Encoder costs of other sizes are scaled by their approximate compute
 relative to the measured ones; other thread counts by ``(2 / threads) ** 0.7`` (sub-linear: the measured
 machine used 2 cores). It is an order of magnitude, not a measurement: the measured time of the first image
 is logged after it. No GPU figure is known here (none was measured), so on a GPU the estimate is None.
