@@ -40,7 +40,7 @@ from ntt.fileid import CACHE_FILE, FileDigests, sha256_file
 from ntt.fsutil import write_text_atomic
 from ntt.identity import config_id, identity_keys, portable_config, setting_id
 from ntt.preflight import annotation_problems, check_device, check_shots, report_annotations
-from ntt.reuse import reuse_sibling_lines
+from ntt.reuse import adopt_sibling_artifact, find_sibling_lines, reuse_sibling_lines
 from ntt.runlock import RunLock
 
 log = logging.getLogger(__name__)
@@ -241,12 +241,7 @@ def stage_status(ctx: RunContext, stage: str, artifact: str, *, honour_force: bo
         return "the config or an input file (dataset json, refs file, checkpoint, upstream artifact) changed"
     if rec.get("sha256") != ctx.files.sha256(art):
         return f"{artifact} was modified after the stage wrote it"
-    for cfg_key, files in (rec.get("inputs") or {}).items():
-        root = Path(str(OmegaConf.select(ctx.cfg, cfg_key)))
-        for name, sha in files.items():
-            if ctx.files.sha256(root / name) != sha:
-                return f"input file {root / name} changed"
-    return None
+    return _inputs_unchanged(ctx, rec)
 
 
 def mark_stage_done(
@@ -890,11 +885,48 @@ def open_run(ctx: RunContext, *, with_logger: bool = True):
     if ctx.random_weights:
         log.warning("RUNNING WITH RANDOM WEIGHTS (%s): %s", ctx.cfg.variant, RANDOM_WEIGHTS_NOTE)
     prepare_dataset(ctx)
+    adopt_sibling_stages(ctx)
     _check_upstream(ctx, done=set())
     preflight(ctx)
     if ctx.is_main:
         write_text_atomic(ctx.run_dir / "config.yaml", OmegaConf.to_yaml(ctx.cfg, resolve=True))
     return build_logger(ctx) if with_logger else None
+
+
+def _inputs_unchanged(ctx: RunContext, rec: dict[str, Any]) -> str | None:
+    """None when every input file a stage manifest records still has its recorded content; else which not."""
+    for cfg_key, files in (rec.get("inputs") or {}).items():
+        root = Path(str(OmegaConf.select(ctx.cfg, cfg_key)))
+        for name, sha in files.items():
+            if ctx.files.sha256(root / name) != sha:
+                return f"input file {root / name} changed"
+    return None
+
+
+def adopt_sibling_stages(ctx: RunContext) -> None:
+    """Copy the planned memory stages' artifacts from a sibling run directory made under the same stage keys.
+
+    A change that only affects the test stage (e.g. `eval`) gives a new run directory (ntt/identity.py);
+    its memory stages would compute the same bytes again. Stages are taken in order, so a reused `refs.json`
+    makes the `fill_memory` key match in turn. Not with `force` or `trace` (a traced run writes more files).
+    """
+    if ctx.cfg.get("force") or ctx.cfg.trace:
+        return
+    if ctx.is_main:
+        for stage in [s for s in STAGES if s != "test" and s in ctx.cfg.stages]:
+            artifact = STAGES[stage][1]
+            if stage_status(ctx, stage, artifact) is None:
+                continue
+
+            def current(sib: Path, rec: dict[str, Any], artifact: str = artifact) -> bool:
+                return (
+                    rec.get("sha256") == ctx.files.sha256(sib / artifact)
+                    and _inputs_unchanged(ctx, rec) is None
+                )
+
+            if adopt_sibling_artifact(ctx.run_dir, stage, artifact, stage_key(ctx, stage), current) is None:
+                break  # the later stages' keys depend on this artifact
+    dist.barrier()
 
 
 def begin_stage(ctx: RunContext, stage: str, done: set[str]) -> bool:
@@ -981,9 +1013,23 @@ def preflight(ctx: RunContext) -> None:
             )
     if "fill_memory" in will_run and ctx.is_main:
         build_backbone(ctx, "dinov2")
-    if "test" in will_run:
+    if "test" in will_run and _images_to_segment(ctx, will_run, test_ds, ids):
         build_backbone(ctx, "sam2")
         build_backbone(ctx, "dinov2")
+
+
+def _images_to_segment(ctx: RunContext, will_run: set[str], test_ds, ids: list[int]) -> bool:
+    """Whether the test stage may segment an image: False only when the memory is not recomputed and every
+    evaluated image already has a result line with its current key (a rerun that only merges and evaluates,
+    e.g. after an `eval` change, then needs no model)."""
+    if will_run & {"sample_refs", "fill_memory", "postprocess_memory"}:
+        return True  # a new bank changes every image key
+    pred_dir = ctx.path("predictions")
+    keys, _ = _image_keys(ctx, test_ds, ids)
+    done = _finished_image_ids(pred_dir, keys)
+    if len(done) < len(ids):
+        done |= set(find_sibling_lines(ctx.run_dir, {i: k for i, k in keys.items() if i not in done}))
+    return len(done) < len(ids)
 
 
 def _check_upstream(ctx: RunContext, *, done: set[str], only: str | None = None) -> None:

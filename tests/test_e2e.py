@@ -255,7 +255,7 @@ def test_fixed_matcher_runs_in_its_own_directory(tmp_path):
 
 def test_changing_what_is_evaluated_reuses_the_segmented_images(tmp_path, caplog, monkeypatch):
     """eval backend and image count are not inputs of an image's detections: no image is segmented twice."""
-    from ntt import inference
+    from ntt import inference, pipeline
 
     run(tmp_path, *SMALL_SYNTH)
     calls = {"n": 0}
@@ -266,8 +266,26 @@ def test_changing_what_is_evaluated_reuses_the_segmented_images(tmp_path, caplog
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "infer_image", counting)
+    built: list[str] = []
+    real_build = pipeline.build_backbone
+
+    def counting_build(ctx, which):
+        built.append(which)
+        return real_build(ctx, which)
+
+    monkeypatch.setattr(pipeline, "build_backbone", counting_build)
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "eval=coco_fast")
-    assert calls["n"] == 0 and metrics["num_images"] == 2 and "bbox" in metrics
-    _, metrics = run(tmp_path, *SMALL_SYNTH, "dataset.max_test_images=3")
+    # only merged and evaluated again: no image segmented, and no model built (not even by the preflight)
+    assert calls["n"] == 0 and built == [] and metrics["num_images"] == 2 and "bbox" in metrics
+    run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "dataset.max_test_images=3")
     assert calls["n"] == 1 and metrics["num_images"] == 3  # only the new image
-    assert not list(run_dir.glob("predictions.stale-*"))
+    assert sorted(set(built)) == ["dinov2", "sam2"]  # the new image needs both models
+    lines = [
+        json.loads(x)
+        for f in sorted((run_dir / "predictions").glob("rank*.jsonl"))
+        for x in f.read_text().splitlines()
+    ]
+    assert sorted(x["image_id"] for x in lines) == sorted(
+        {x["image_id"] for x in lines}
+    )  # none segmented twice
+    assert len(lines) == 3

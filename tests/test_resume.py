@@ -99,6 +99,52 @@ def test_reference_file_edited_in_place_recomputes_the_memory(tmp_path, caplog):
     assert set(stage_lines(caplog).values()) == {"skipped"}
 
 
+def test_memory_stages_are_adopted_from_a_sibling_only_under_the_same_inputs(tmp_path, caplog):
+    """A new run dir beside a finished one copies its memory stages when the stage keys, the artifacts and
+    the recorded input files all match (e.g. a change of `eval` only); a modified artifact or an edited
+    reference image is never adopted."""
+    memory_only = "stages=[sample_refs,fill_memory,postprocess_memory]"
+    runs = tmp_path / "runs"
+    run(tmp_path, memory_only, f"run_dir={runs / 'a'}")
+    caplog.set_level("INFO")
+
+    def adopted() -> dict[str, str]:
+        out = {}
+        for r in caplog.records:
+            msg = r.getMessage()
+            if msg.startswith("stage ") and "reused from" in msg:
+                out[msg.split()[1].rstrip(":")] = Path(msg.rsplit(" from ", 1)[1].split(" (")[0]).name
+        return out
+
+    run(tmp_path, memory_only, f"run_dir={runs / 'b'}")
+    stages = ["sample_refs", "fill_memory", "postprocess_memory"]
+    assert adopted() == dict.fromkeys(stages, "a")
+    assert set(stage_lines(caplog).values()) == {"skipped"}  # nothing computed
+    for name in ["refs.json", "memory.pt", "memory_postprocessed.pt"] + [f"stage_{s}.json" for s in stages]:
+        assert (runs / "b" / name).read_bytes() == (runs / "a" / name).read_bytes(), name
+
+    mem_a = runs / "a" / "memory.pt"
+    mem_a.write_bytes(mem_a.read_bytes() + b"\0")  # a's memory modified after its stage wrote it
+    caplog.clear()
+    run(tmp_path, memory_only, f"run_dir={runs / 'c'}")
+    assert adopted() == {"sample_refs": "a", "fill_memory": "b", "postprocess_memory": "a"}
+
+    refs = json.loads((runs / "a" / "refs.json").read_text())
+    train = json.loads((data_root(tmp_path) / "train.json").read_text())
+    img_id = refs["refs"]["1"][0]["image_id"]
+    path = data_root(tmp_path) / next(im["file_name"] for im in train["images"] if im["id"] == img_id)
+    arr = np.asarray(Image.open(path)).copy()
+    Image.fromarray(255 - arr).save(path)  # a reference image edited: no sibling's memory is current
+    caplog.clear()
+    run(tmp_path, memory_only, f"run_dir={runs / 'd'}")
+    assert adopted() == {"sample_refs": "a"}
+    assert stage_lines(caplog) == {
+        "sample_refs": "skipped",
+        "fill_memory": "ran",
+        "postprocess_memory": "ran",
+    }
+
+
 @pytest.mark.slow
 def test_edited_reference_image_recomputes_the_memory_only_from_there(tmp_path, caplog):
     run(tmp_path)
