@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench clean \
+.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis bench-coco bench-voc bench-cdfsod bench-lvis
 
 help: ## list the targets
@@ -68,8 +68,12 @@ smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are
 checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
 	$(PY) -m ntt.cli download sam2_hiera_l dinov2_vitl14
 
-bench: setup ## time the hot spots (CPU; ARGS="--device cuda ..." on a GPU); writes benchmarks/results-*.json
+bench: setup ## hot spots (ARGS=, e.g. "--device cuda ...") + the 60-bank study ratio (STUDY_ARGS=) -> benchmarks/
 	$(PY) -m ntt.bench $(ARGS)
+	$(PY) -m ntt.bench_study $(STUDY_ARGS)
+
+bench-study: setup ## only the N-bank study ratio: one run vs `ntt study` of 60 banks (~4 min on 2 CPU cores)
+	$(PY) -m ntt.bench_study $(STUDY_ARGS)
 
 # Benchmark data: public downloads -> the jsons conf/dataset/* read (README, "Benchmark data").
 MASK_MODEL ?= sam_vit_h
