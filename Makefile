@@ -70,7 +70,7 @@ checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) i
 
 bench: setup ## hot spots (ARGS=, e.g. "--device cuda ...") + the 60-bank study ratio (STUDY_ARGS=) -> benchmarks/
 	$(PY) -m ntt.bench $(ARGS)
-	$(PY) -m ntt.bench_study $(STUDY_ARGS)
+	$(PY) -m ntt.bench_study $(if $(findstring --quick,$(ARGS)),--quick) $(STUDY_ARGS)
 
 bench-study: setup ## only the N-bank study ratio: one run vs `ntt study` of 60 banks (~4 min on 2 CPU cores)
 	$(PY) -m ntt.bench_study $(STUDY_ARGS)
