@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench clean \
+.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis bench-coco bench-voc bench-cdfsod bench-lvis
 
 help: ## list the targets
@@ -70,6 +70,9 @@ checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) i
 
 bench: setup ## time the hot spots (CPU; ARGS="--device cuda ..." on a GPU); writes benchmarks/results-*.json
 	$(PY) -m ntt.bench $(ARGS)
+
+bench-fastpaths: setup ## fast paths vs parity mode: images/s, memory, agreement (random weights); benchmarks/fastpaths-*
+	$(PY) -m ntt.fastpaths $(ARGS)
 
 # Benchmark data: public downloads -> the jsons conf/dataset/* read (README, "Benchmark data").
 MASK_MODEL ?= sam_vit_h

@@ -38,6 +38,7 @@ import os
 import re
 import resource
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -228,6 +229,15 @@ def build_prototypes(data: EvalData, dino, *, shots: int, seed: int, device) -> 
 # ----------------------------------------------------------------------------------------------------
 
 
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from ``timeout``) during the measurement: stop and report what was measured so far.
+    A BaseException so that the per-mode error handling does not take it for a failing mode."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -253,6 +263,7 @@ class ModeRun:
     status: str = "ok"
     warmup_s: float | None = None
     times_s: list[float] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
     load1: list[float] = field(default_factory=list)
     peak_mem_mib: float = 0.0
     rss_growth_mib: float = 0.0
@@ -348,40 +359,45 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
             return None
 
-    image, info = load(ids[0])
-    for run in runs:  # warm-up: first call (compilation, allocator, cuDNN autotuning) untimed
-        log.info("warm-up of mode %s on image %d", run.mode.name, ids[0])
-        out = attempt(run, image, info)
-        if out is not None:
-            run.warmup_s = out[0]
-        del out
+    interrupted = None
     bar = tqdm(ids, desc="images x modes", unit="img", disable=not args.progress)
-    for img_id in bar:
-        image, info = load(img_id)
-        ref = None
-        for run in runs:
+    try:
+        image, info = load(ids[0])
+        for run in runs:  # warm-up: first call (compilation, allocator, cuDNN autotuning) untimed
+            log.info("warm-up of mode %s on image %d", run.mode.name, ids[0])
             out = attempt(run, image, info)
-            if out is None:
-                continue
-            seconds, shared, det = out
-            load1 = _loadavg()
-            run.times_s.append(seconds)
-            run.load1.append(load1[0] if load1 else float("nan"))
-            snap = (ProposalSnapshot.of(shared), DetectionSnapshot.of(det, shared))
-            run.coco += detections_to_coco(det, img_id, cat_ids)
-            del shared, det
-            if run.mode.name == "parity":
-                ref = snap
-            elif ref is not None:
-                run.agreement.add(compare_proposals(ref[0], snap[0]), compare_detections(ref[1], snap[1]))
-        del image
+            if out is not None:
+                run.warmup_s = out[0]
+            del out
+        for img_id in bar:
+            image, info = load(img_id)
+            ref = None
+            for run in runs:
+                out = attempt(run, image, info)
+                if out is None:
+                    continue
+                seconds, shared, det = out
+                load1 = _loadavg()
+                run.times_s.append(seconds)
+                run.image_ids.append(img_id)
+                run.load1.append(load1[0] if load1 else float("nan"))
+                snap = (ProposalSnapshot.of(shared), DetectionSnapshot.of(det, shared))
+                run.coco += detections_to_coco(det, img_id, cat_ids)
+                del shared, det
+                if run.mode.name == "parity":
+                    ref = snap
+                elif ref is not None:
+                    run.agreement.add(compare_proposals(ref[0], snap[0]), compare_detections(ref[1], snap[1]))
+            del image
+    except Interrupted as err:  # keep what was measured: the report below covers the images done
+        interrupted = str(err)
+        log.warning("interrupted (%s): reporting the images measured so far", err)
     bar.close()
 
     parity = next((r for r in runs if r.mode.name == "parity" and r.status == "ok"), None)
-    images = [data.test_ds.image_info(i) for i in ids]
     modes_out: dict[str, Any] = {}
     for run in runs:
-        modes_out[run.mode.name] = mode_report(run, parity, images, data.test_ds.categories, args, device)
+        modes_out[run.mode.name] = mode_report(run, parity, data.test_ds, args, device)
     for name, why in skipped.items():
         modes_out[name] = {
             "flags": MODES[name].flag_text(),
@@ -411,12 +427,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
         "modes": modes_out,
+        "interrupted": interrupted,
         "total_wall_s": time.perf_counter() - t_all,
     }
 
 
-def mode_report(run: ModeRun, parity: ModeRun | None, images, categories, args, device) -> dict[str, Any]:
-    """JSON-ready figures of one mode."""
+def mode_report(run: ModeRun, parity: ModeRun | None, test_ds, args, device) -> dict[str, Any]:
+    """JSON-ready figures of one mode (AP over the images both it and parity mode completed)."""
     out: dict[str, Any] = {"flags": run.mode.flag_text(), "what": run.mode.what, "status": run.status}
     if not run.times_s:
         return out
@@ -444,8 +461,13 @@ def mode_report(run: ModeRun, parity: ModeRun | None, images, categories, args, 
         return out
     if run is not parity:  # parity is the reference; its AP against itself checks the AP computation (1.0)
         out["agreement"] = run.agreement.summary()
+    common = set(parity.image_ids) & set(run.image_ids)
     out["ap_vs_parity"] = ap_against_reference(
-        parity.coco, run.coco, images=images, categories=categories, score_thr=args.gt_score_thr
+        [r for r in parity.coco if r["image_id"] in common],
+        [r for r in run.coco if r["image_id"] in common],
+        images=[test_ds.image_info(i) for i in sorted(common)],
+        categories=test_ds.categories,
+        score_thr=args.gt_score_thr,
     )
     return out
 
@@ -642,7 +664,11 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     started = dt.datetime.now(dt.timezone.utc)
     log.warning(RANDOM_WEIGHTS_NOTE)
-    report = measure(args)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        report = measure(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report["timestamp_utc"] = started.isoformat(timespec="seconds")
     report["command"] = _command_line(argv)
     report["load_average_1_5_15_at_end"] = _loadavg()
