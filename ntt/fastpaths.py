@@ -377,13 +377,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if out is None:
                     continue
                 seconds, shared, det = out
+                del out  # nothing of this run may stay alive into the next mode's (peak memory)
                 load1 = _loadavg()
                 run.times_s.append(seconds)
                 run.image_ids.append(img_id)
                 run.load1.append(load1[0] if load1 else float("nan"))
                 snap = (ProposalSnapshot.of(shared), DetectionSnapshot.of(det, shared))
                 run.coco += detections_to_coco(det, img_id, cat_ids)
-                del shared, det
+                del shared, det  # before the next mode runs
                 if run.mode.name == "parity":
                     ref = snap
                 elif ref is not None:
