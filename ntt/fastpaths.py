@@ -19,10 +19,11 @@ proposal level (same chosen multimask output, IoU-score differences, mask IoU of
 detection level (matched by source prompt: score difference, mask IoU, counts) and the AP of the mode's
 detections with the parity detections above ``--gt-score-thr`` as the ground truth.
 
-Random weights predict near-constant IoUs and near-identical masks, so with the paper's ``iou_thr=0.4`` /
-``nms_thr=0.5`` almost nothing reaches the end (~1 detection per image). The defaults here therefore keep
-every prompt (``--iou-thr -1``) and let NMS remove only near-duplicates (``--nms-thr 0.9``), so there are
-enough proposals and detections to compare; both are recorded in the output.
+Random weights predict near-constant IoUs and masks that overlap each other by more than 0.9, so with the
+paper's ``iou_thr=0.4`` / ``nms_thr=0.5`` (and even ``nms_thr=0.9``) one detection per image is left. The
+defaults here therefore keep every prompt (``--iou-thr -1``) and turn NMS off (``--nms-thr 1.0``: a box
+is removed only above IoU 1), so every proposal reaches soft merging and top-k (``--num-out 100``) and
+there are proposals and detections to compare; all settings are recorded in the output.
 
 Output: ``<out>/fastpaths-<YYYYmmdd>-<cpu|gpu-name>[-<tag>].json`` and ``.md`` (table, command, hardware,
 load averages, the random-weights warning).
@@ -133,18 +134,22 @@ MODES: dict[str, FastMode] = {
 DEFAULT_MODES = "parity,parity_rerun,bf16,fp16,tf32,one_batch,compile,combo"
 
 
-def mode_backbone(base, mode: FastMode, grid_prompts: int):
+def mode_backbone(base, mode: FastMode, grid_prompts: int, decoder_chunk: int | None = None):
     """A ``SAM2Backbone`` sharing ``base``'s model (same weights, no copy) with ``mode``'s flags.
 
     Args:
         base: the built ``ntt.backbones.sam2.SAM2Backbone`` (its own fast-path flags are ignored).
         mode: the mode.
         grid_prompts: ``P * P`` (the decoder chunk of a one-batch mode).
+        decoder_chunk: prompts per decoder call of the other modes (default: parity's 16).
     """
     from ntt.backbones.sam2 import DEFAULT_DECODER_CHUNK, SAM2Backbone
 
     kw: dict[str, Any] = dict(
-        decoder_chunk=DEFAULT_DECODER_CHUNK, decoder_autocast=None, tf32=False, compile_decoder=False
+        decoder_chunk=decoder_chunk or DEFAULT_DECODER_CHUNK,
+        decoder_autocast=None,
+        tf32=False,
+        compile_decoder=False,
     )
     kw.update(mode.flags)
     if mode.one_batch:
@@ -336,7 +341,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if mode.cuda_only and device.type != "cuda" and name not in args.force:
             skipped[name] = mode.cuda_only
             continue
-        runs.append(ModeRun(mode, mode_backbone(sam2, mode, g)))
+        runs.append(ModeRun(mode, mode_backbone(sam2, mode, g, args.decoder_chunk)))
     cat_ids = list(data.test_ds.category_ids)
 
     def load(img_id: int):
@@ -363,7 +368,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(ids, desc="images x modes", unit="img", disable=not args.progress)
     try:
         image, info = load(ids[0])
-        for run in runs:  # warm-up: first call (compilation, allocator, cuDNN autotuning) untimed
+        for run in (
+            runs if args.warmup else []
+        ):  # warm-up: first call (compilation, allocator, cuDNN autotuning) untimed
             log.info("warm-up of mode %s on image %d", run.mode.name, ids[0])
             out = attempt(run, image, info)
             if out is not None:
@@ -422,6 +429,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "shots": args.shots,
             "seed": args.seed,
             "params": params.to_dict(),
+            "decoder_chunk": runs[0].backbone.decoder_chunk if runs else None,
+            "warmup": args.warmup,
             "gt_score_thr": args.gt_score_thr,
             "modes": args.modes,
             "cuda_tf32_outside_tf32_modes": False if device.type == "cuda" else None,
@@ -565,7 +574,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{hw['torch']}; load average (1/5/15 min) at start {hw.get('load_average_1_5_15_at_start')}, at end "
         f"{report.get('load_average_1_5_15_at_end')}",
         f"- Models (random init): SAM2 `{s['sam2_option']}` + DINOv2 `{s['dinov2_option']}`; data: {s['data']}, "
-        f"{len(s['image_ids'])} images (+1 warm-up run per mode), {s['shots']} shots, seed {s['seed']}",
+        f"{len(s['image_ids'])} images (+{s['warmup']} warm-up run per mode), {s['shots']} shots, seed {s['seed']}",
         f"- Settings: {p['points_per_side']}x{p['points_per_side']} grid, iou_thr {p['iou_thr']}, nms_thr "
         f"{p['nms_thr']}, num_out {p['num_out']}; AP ground truth = parity detections with score > "
         f"{s['gt_score_thr']}",
@@ -606,8 +615,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--points-batch-size", type=int, default=256, help="prompts per proposer batch (paper 256)"
     )
+    p.add_argument(
+        "--decoder-chunk", type=int, default=None, help="prompts per decoder call except one_batch/combo (16)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="one untimed first-image run per mode (default 1)",
+    )
     p.add_argument("--iou-thr", type=float, default=-1.0, help="proposal IoU filter (default -1: keep all)")
-    p.add_argument("--nms-thr", type=float, default=0.9, help="NMS IoU threshold (default 0.9; paper 0.5)")
+    p.add_argument(
+        "--nms-thr", type=float, default=1.0, help="NMS IoU threshold (default 1.0: none removed; paper 0.5)"
+    )
     p.add_argument("--num-out", type=int, default=100, help="final detections per image (paper 100)")
     p.add_argument(
         "--gt-score-thr",

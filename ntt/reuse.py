@@ -52,4 +52,3 @@ def reuse_sibling_lines(run_dir: Path, pred_dir: Path, keys: dict[int, str]) -> 
             sink.write("".join(line + "\n" for line in found.values()))
         log.info("test: reused %d image result(s) from sibling run directories", len(found))
     return len(found)
-

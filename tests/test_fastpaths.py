@@ -121,8 +121,10 @@ def test_tool_end_to_end_tiny(tmp_path):
     path = main(
         [
             "--modes", "parity,parity_rerun,bf16,tf32",
-            "--grid", "3",
-            "--max-images", "2",
+            "--grid", "2",
+            "--decoder-chunk", "4",
+            "--warmup", "0",
+            "--max-images", "1",
             "--synthetic-images", "12",
             "--shots", "1",
             "--data-root", str(tmp_path / "data"),
@@ -140,11 +142,11 @@ def test_tool_end_to_end_tiny(tmp_path):
 
     rerun = modes["parity_rerun"]
     a = rerun["agreement"]
-    assert rerun["status"] == "ok" and a["images"] == 2 and a["proposals"]["prompts"] == 18
+    assert rerun["status"] == "ok" and a["images"] == 1 and a["proposals"]["prompts"] == 4
     assert a["proposals"]["same_chosen_output"] == 1.0 and a["proposals"]["mask_iou"]["min"] == 1.0
     assert a["proposals"]["iou_score_abs_diff_all4"]["max"] == 0.0
     assert a["detections"]["parity_only"] == a["detections"]["fast_only"] == 0
-    assert a["detections"]["parity"] > 2  # the settings leave detections to compare
+    assert a["detections"]["parity"] >= 3  # the settings (nms_thr 1.0) leave detections to compare
     assert a["detections"]["score_abs_diff"]["max"] == 0.0 and rerun["ap_vs_parity"]["segm_AP"] == 1.0
 
     bf16 = modes["bf16"]
@@ -152,5 +154,5 @@ def test_tool_end_to_end_tiny(tmp_path):
     assert bf16["status"] == "ok" and b["proposals"]["iou_score_abs_diff_all4"]["max"] > 0  # not exact
     assert 0.5 < b["proposals"]["mask_iou"]["mean"] <= 1.0
     assert 0.0 <= bf16["ap_vs_parity"]["segm_AP"] <= 1.0
-    assert bf16["timing"]["images"] == 2 and bf16["timing"]["images_per_s"] > 0
+    assert bf16["timing"]["images"] == 1 and bf16["timing"]["images_per_s"] > 0
     assert len(report["table_markdown"]) == 2 + 4  # header, separator, one row per mode
