@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a session that has a GPU (H100/H200; no internet needed), run from the repository root:
 #
-#   bash benchmarks/gpu_session.sh                # ~5-9 min of device time (every part is time-limited)
+#   bash benchmarks/gpu_session.sh                # <= ~8 min of device time (every part is time-limited)
 #   bash benchmarks/gpu_session.sh --cpu-dry-run  # the same parts on the CPU with tiny models (plumbing)
 #
 # Parts (each in its own process with its own time limit; one failing or timing out never loses the
@@ -43,12 +43,12 @@ if [ "$DRY" = 1 ]; then
   BENCH=(--quick)
   T_EAGER=120; T_COMPILE=60; T_BENCH=60; T_PARITY=60
 else
-  DEV=(--device cuda --sam2 sam2_hiera_l --dinov2 vitl14 --grid 32 --max-images 4 --no-progress
+  DEV=(--device cuda --sam2 sam2_hiera_l --dinov2 vitl14 --grid 32 --max-images 3 --no-progress
        --data-root "$DATA_ROOT")
   EAGER_MODES=parity,parity_rerun,bf16,fp16,tf32,one_batch
   COMPILE_MODES=parity,compile,combo
   BENCH=(--device cuda --sam2 sam2_hiera_l --dinov2 vitl14 --repeats 5)
-  T_EAGER=150; T_COMPILE=210; T_BENCH=150; T_PARITY=90
+  T_EAGER=130; T_COMPILE=190; T_BENCH=110; T_PARITY=60
 fi
 
 SUMMARY="$DEST/summary.txt"
