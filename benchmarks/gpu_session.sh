@@ -41,7 +41,7 @@ if [ "$DRY" = 1 ]; then
   EAGER_MODES=parity,parity_rerun,bf16,fp16,tf32,one_batch
   COMPILE_MODES=parity,parity_rerun   # torch.compile takes minutes on 2 CPU cores: not in the dry run
   BENCH=(--quick)
-  T_EAGER=120; T_COMPILE=60; T_BENCH=60; T_PARITY=60
+  T_EAGER=150; T_COMPILE=120; T_BENCH=90; T_PARITY=60
 else
   DEV=(--device cuda --sam2 sam2_hiera_l --dinov2 vitl14 --grid 32 --max-images 3 --no-progress
        --data-root "$DATA_ROOT")

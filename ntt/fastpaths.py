@@ -579,6 +579,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"{p['nms_thr']}, num_out {p['num_out']}; AP ground truth = parity detections with score > "
         f"{s['gt_score_thr']}",
         f"- Total wall time {report['total_wall_s']:.0f} s",
+        *(
+            [f"- **Interrupted ({report['interrupted']})**: the figures cover only the images finished"]
+            if report.get("interrupted")
+            else []
+        ),
         "",
         format_table(table_rows(report)),
         "",
