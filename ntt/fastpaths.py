@@ -403,6 +403,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     bar.close()
 
     parity = next((r for r in runs if r.mode.name == "parity" and r.status == "ok"), None)
+    if parity is not None and parity.times_s and not parity.coco:
+        log.warning(
+            "parity mode kept no detection on the %d image(s): detection agreement and AP are n/a (with random "
+            "weights every semantic score can be <= 0, and those are dropped; try more images or the synthetic set)",
+            len(parity.times_s),
+        )
     modes_out: dict[str, Any] = {}
     for run in runs:
         modes_out[run.mode.name] = mode_report(run, parity, data.test_ds, args, device)
