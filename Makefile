@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study clean \
+.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis bench-coco bench-voc bench-cdfsod bench-lvis
 
 help: ## list the targets
@@ -74,6 +74,9 @@ bench: setup ## hot spots (ARGS=, e.g. "--device cuda ...") + the 60-bank study 
 
 bench-study: setup ## only the N-bank study ratio: one run vs `ntt study` of 60 banks (~4 min on 2 CPU cores)
 	$(PY) -m ntt.bench_study $(STUDY_ARGS)
+
+bench-fastpaths: setup ## fast paths vs parity mode: images/s, memory, agreement (random weights); benchmarks/fastpaths-*
+	$(PY) -m ntt.fastpaths $(ARGS)
 
 # Benchmark data: public downloads -> the jsons conf/dataset/* read (README, "Benchmark data").
 MASK_MODEL ?= sam_vit_h
