@@ -113,6 +113,30 @@ def barrier() -> None:
         st.wait_for_everyone()
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's `obj` (picklable), in rank order, on every process (`[obj]` in a single process)."""
+    st = state()
+    if st.num_processes == 1:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * st.num_processes
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every process's `obj` in rank order on the main process; None on the others."""
+    st = state()
+    if st.num_processes == 1:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] | None = [None] * st.num_processes if st.is_main_process else None
+    tdist.gather_object(obj, out, dst=0)
+    return out
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> this process's accelerator device (cuda:<local rank>) or cpu; anything else as given."""
     if device != "auto":

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ntt.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,6 +38,13 @@ __all__ = [
     "mask_patch_weights",
     "instance_mean",
     "compute_prototypes",
+    "BadReferenceError",
+    "FillPlan",
+    "EncodedReferences",
+    "reference_batches",
+    "plan_fill",
+    "encode_references",
+    "assemble_bank",
     "fill_memory",
     "postprocess_memory",
 ]
@@ -382,7 +391,12 @@ def _normalise(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fill_memory
+# fill_memory: plan -> encode (all batches, or one process's share) -> assemble
+
+
+class BadReferenceError(UserError, ValueError):
+    """A reference that cannot fill its memory slot (unreadable image, empty crop, all-zero mask); the
+    message names its class, shot, annotation and image."""
 
 
 def _encoder_device(encoder: Any) -> torch.device:
@@ -392,6 +406,327 @@ def _encoder_device(encoder: Any) -> torch.device:
         for t in encoder.buffers():
             return t.device
     return torch.device(getattr(encoder, "device", "cpu"))
+
+
+def reference_batches(n_jobs: int, batch_size: int) -> list[range]:
+    """The encoder batches of ``fill_memory``: consecutive runs of ``batch_size`` jobs (the last may be short).
+
+    They depend on the job count and ``batch_size`` only, never on how many processes share them: a
+    batched forward's bits can depend on the batch's composition, so equal batches give equal banks.
+
+    Args:
+        n_jobs: number of reference jobs (C * K).
+        batch_size: crops per encoder call.
+    """
+    if batch_size < 1:
+        raise ValueError(f"fill_memory: batch_size must be >= 1, got {batch_size}")
+    return [range(s, min(s + batch_size, n_jobs)) for s in range(0, n_jobs, batch_size)]
+
+
+@dataclass
+class FillPlan:
+    """What ``fill_memory`` derives from its inputs before encoding (validated; identical on every process).
+
+    Args:
+        class_ids: selected category ids, ascending (class index = position).
+        shots: K.
+        jobs: ``(class index, shot, RefEntry)`` in the canonical order (class ascending, then shot).
+        batches: ``reference_batches(len(jobs), batch_size)``.
+        images: image id -> json record.
+        annotations: annotation id -> json record.
+        category_names: category id -> name.
+        image_root: folder of the images.
+        size: encoder input side.
+        grid: encoder patch grid side.
+        dim: feature dimension D.
+        context_ratio: crop context.
+        mask_pooling: ``"nearest"`` or ``"area"``.
+        keep_patch_features: also keep raw patch features and weights.
+        apply_exif: EXIF-transpose the images.
+    """
+
+    class_ids: list[int]
+    shots: int
+    jobs: list[tuple[int, int, Any]]
+    batches: list[range]
+    images: dict
+    annotations: dict
+    category_names: dict[int, str]
+    image_root: Path
+    size: int
+    grid: int
+    dim: int
+    context_ratio: float
+    mask_pooling: str
+    keep_patch_features: bool
+    apply_exif: bool
+
+    def describe(self, job: int) -> str:
+        """``class <id> (<name>), shot <k>: annotation <a> on image <i>`` of job index ``job``."""
+        ci, k, entry = self.jobs[job]
+        cat_id = self.class_ids[ci]
+        return (
+            f"class {cat_id} ({self.category_names.get(cat_id, '?')}), shot {k}: annotation {entry.ann_ids[0]} "
+            f"on image {entry.image_id}"
+        )
+
+
+def plan_fill(
+    refs: Mapping[int, list],
+    *,
+    dataset_json: Mapping,
+    image_root: str | os.PathLike,
+    encoder: Any,
+    class_ids: Iterable[int],
+    context_ratio: float = 0.2,
+    mask_pooling: str = "nearest",
+    batch_size: int = 8,
+    keep_patch_features: bool = False,
+    shots: int | None = None,
+    apply_exif: bool = False,
+) -> FillPlan:
+    """Validate ``fill_memory``'s inputs and fix its jobs and batches (arguments as ``fill_memory``)."""
+    from ntt.refs import validate_refs
+
+    if mask_pooling not in MASK_POOLING:
+        raise ValueError(f"fill_memory: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
+    if batch_size < 1:
+        raise ValueError(f"fill_memory: batch_size must be >= 1, got {batch_size}")
+    class_ids = sorted(int(c) for c in class_ids)
+    if not class_ids:
+        raise ValueError("fill_memory: no classes selected")
+    if shots is None:
+        lengths = {len(refs[c]) for c in class_ids if c in refs}
+        shots = max(lengths) if lengths else 0
+    validate_refs(refs, dataset_json, class_ids, shots)
+    jobs = [(ci, k, refs[cat_id][k]) for ci, cat_id in enumerate(class_ids) for k in range(shots)]
+    return FillPlan(
+        class_ids=class_ids,
+        shots=int(shots),
+        jobs=jobs,
+        batches=reference_batches(len(jobs), batch_size),
+        images={im["id"]: im for im in dataset_json.get("images", [])},
+        annotations={a["id"]: a for a in dataset_json.get("annotations", [])},
+        category_names={
+            int(c["id"]): str(c.get("name", c["id"])) for c in dataset_json.get("categories", [])
+        },
+        image_root=Path(image_root),
+        size=int(encoder.img_size),
+        grid=int(encoder.grid_size),
+        dim=int(encoder.embed_dim),
+        context_ratio=float(context_ratio),
+        mask_pooling=mask_pooling,
+        keep_patch_features=bool(keep_patch_features),
+        apply_exif=bool(apply_exif),
+    )
+
+
+@dataclass
+class EncodedReferences:
+    """The encoded results of some jobs of a ``FillPlan`` (all of them, or one process's batches).
+
+    Args:
+        jobs: job indices; row i of every tensor is job ``jobs[i]``.
+        instance_means: ``[n, D]`` float32.
+        weight_sums: ``[n]`` float32.
+        patch_features: ``[n, N, D]`` (``keep_patch_features``) or None.
+        patch_weights: ``[n, N]`` (``keep_patch_features``) or None.
+    """
+
+    jobs: list[int]
+    instance_means: torch.Tensor
+    weight_sums: torch.Tensor
+    patch_features: torch.Tensor | None = None
+    patch_weights: torch.Tensor | None = None
+
+
+def _zero_mask_message(plan: FillPlan, job: int) -> str:
+    grid, pooling = plan.grid, plan.mask_pooling
+    return (
+        f"fill_memory: {plan.describe(job)} has an all-zero mask on the {grid}x{grid} "
+        f"patch grid (mask_pooling={pooling!r}"
+        + (", which samples the top-left pixel of each patch" if pooling == "nearest" else "")
+        + "). Its instance mean would be NaN, and so would the class prototype (the reference "
+        "code fails on this too). Use mask_pooling='area' or choose another reference for this "
+        "class."
+    )
+
+
+def encode_references(
+    plan: FillPlan, encoder: Any, batches: Iterable[int] | None = None, *, progress: bool = True
+) -> EncodedReferences:
+    """Load, crop, encode and pool the jobs of the given batches of ``plan`` (default: every batch).
+
+    Each batch is encoded exactly as in a one-process run (same crops in the same order), so its rows are
+    bit-identical whichever process encodes it.
+
+    Args:
+        plan: from ``plan_fill``.
+        encoder: the ``fill_memory`` encoder.
+        batches: indices into ``plan.batches``.
+        progress: show a tqdm bar.
+
+    Raises:
+        BadReferenceError: a reference's image cannot be loaded, its crop is empty or its mask is all zero
+            on the patch grid (the message names class, shot, annotation and image).
+    """
+    from tqdm import tqdm
+
+    from ntt.data.images import load_reference_image
+    from ntt.data.masks import ann_to_mask
+
+    chosen = list(range(len(plan.batches))) if batches is None else list(batches)
+    jobs = [j for b in chosen for j in plan.batches[b]]
+    n, grid, dim, size = len(jobs), plan.grid, plan.dim, plan.size
+    n_patches = grid * grid
+    device = _encoder_device(encoder)
+    keep = plan.keep_patch_features
+    means = torch.zeros((n, dim), dtype=torch.float32)
+    sums = torch.zeros((n,), dtype=torch.float32)
+    patch_features = torch.zeros((n, n_patches, dim), dtype=torch.float32) if keep else None
+    patch_weights = torch.zeros((n, n_patches), dtype=torch.float32) if keep else None
+    cache: OrderedDict[Any, torch.Tensor] = OrderedDict()
+
+    def _image(img_id):
+        if img_id in cache:
+            cache.move_to_end(img_id)
+            return cache[img_id]
+        info = plan.images[img_id]
+        img = load_reference_image(
+            plan.image_root / info["file_name"], info["height"], info["width"], apply_exif=plan.apply_exif
+        )
+        cache[img_id] = img
+        if len(cache) > 4:
+            cache.popitem(last=False)
+        return img
+
+    row = 0
+    bar = tqdm(total=n, desc="fill_memory", unit="ref", disable=not progress)
+    with torch.inference_mode():
+        for b in chosen:
+            batch = plan.batches[b]
+            crops, masks = [], []
+            for j in batch:
+                _ci, _k, entry = plan.jobs[j]
+                info = plan.images[entry.image_id]
+                ann = plan.annotations[entry.ann_ids[0]]
+                try:
+                    image = _image(entry.image_id)
+                    mask = torch.from_numpy(ann_to_mask(ann, info["height"], info["width"])).to(torch.float32)
+                    crop, soft = crop_reference(
+                        image, mask, ann["bbox"], context_ratio=plan.context_ratio, size=size
+                    )
+                except (OSError, ValueError) as err:  # unreadable / missing image, empty crop
+                    raise BadReferenceError(f"fill_memory: {plan.describe(j)}: {err}") from err
+                w = mask_patch_weights(soft, grid, mask_pooling=plan.mask_pooling)
+                if not bool((w != 0).any()):
+                    raise BadReferenceError(_zero_mask_message(plan, j))
+                crops.append(crop)
+                masks.append(w)
+            x = torch.stack(crops).to(device)
+            feats = encoder(x)
+            if feats.dim() != 4 or tuple(feats.shape[1:]) != (grid, grid, dim):
+                raise ValueError(
+                    f"fill_memory: encoder returned {tuple(feats.shape)}, expected [B, {grid}, {grid}, {dim}]"
+                )
+            feats = feats.reshape(len(batch), n_patches, dim)
+            for i in range(len(batch)):
+                f_b = feats[i].to(torch.float32)
+                w_b = masks[i].to(f_b.device)
+                means[row] = instance_mean(f_b, w_b).cpu()
+                sums[row] = w_b.sum().cpu()
+                if keep:
+                    patch_features[row] = f_b.cpu()
+                    patch_weights[row] = w_b.cpu()
+                row += 1
+            bar.update(len(batch))
+    bar.close()
+    return EncodedReferences(jobs, means, sums, patch_features, patch_weights)
+
+
+def _assemble(plan: FillPlan, parts: list[EncodedReferences], name: str) -> torch.Tensor | None:
+    """``[C, K, ...]`` from the parts' rows of tensor ``name``, placed by job index (copies only)."""
+    tensors = [getattr(p, name) for p in parts]
+    if any(t is None for t in tensors):
+        return None
+    n_jobs = len(plan.jobs)
+    if len(parts) == 1 and parts[0].jobs == list(range(n_jobs)):
+        flat = tensors[0]  # one process encoded everything in job order: no copy
+    else:
+        flat = torch.empty((n_jobs, *tensors[0].shape[1:]), dtype=tensors[0].dtype)
+        for part, t in zip(parts, tensors):
+            flat[torch.as_tensor(part.jobs, dtype=torch.long)] = t
+    return flat.reshape(len(plan.class_ids), plan.shots, *flat.shape[1:])
+
+
+def assemble_bank(
+    plan: FillPlan,
+    parts: Iterable[EncodedReferences],
+    *,
+    encoder_name: str,
+    seed: int | None = None,
+    config_hash: str = "",
+) -> MemoryBank:
+    """The ``MemoryBank`` of ``plan`` from encoded parts that together cover every job exactly once.
+
+    Rows are placed by job index, so the bank's bytes do not depend on how the jobs were split.
+
+    Args:
+        plan: from ``plan_fill``.
+        parts: ``EncodedReferences`` in any order.
+        encoder_name: encoder name to record.
+        seed: the sampling seed to record.
+        config_hash: config hash to record.
+
+    Raises:
+        ValueError: a job is missing or encoded twice.
+    """
+    parts = [p for p in parts if p.jobs]
+    covered = sorted(j for p in parts for j in p.jobs)
+    if covered != list(range(len(plan.jobs))):
+        missing = sorted(set(range(len(plan.jobs))) - set(covered))
+        raise ValueError(
+            f"fill_memory: the encoded parts cover {len(covered)} jobs for {len(plan.jobs)} references "
+            f"(missing {missing[:10]}, duplicates {len(covered) - len(set(covered))})"
+        )
+    if not parts:  # no references at all (shots=0): empty tensors of the right shape
+        parts = [EncodedReferences([], torch.zeros((0, plan.dim)), torch.zeros((0,)))]
+    ref_list = [
+        [
+            {"image_id": int(entry.image_id), "ann_id": int(entry.ann_ids[0])}
+            for ci_, _k, entry in plan.jobs
+            if ci_ == ci
+        ]
+        for ci in range(len(plan.class_ids))
+    ]
+    return MemoryBank(
+        instance_means=_assemble(plan, parts, "instance_means"),
+        weight_sums=_assemble(plan, parts, "weight_sums"),
+        category_ids=list(plan.class_ids),
+        category_names=[plan.category_names.get(c, str(c)) for c in plan.class_ids],
+        shots=plan.shots,
+        seed=seed,
+        encoder=encoder_name,
+        feature_dim=plan.dim,
+        config_hash=config_hash,
+        refs=ref_list,
+        postprocessed=False,
+        fill_settings={
+            "context_ratio": float(plan.context_ratio),
+            "mask_pooling": plan.mask_pooling,
+            "img_size": plan.size,
+            "grid_size": plan.grid,
+        },
+        patch_features=_assemble(plan, parts, "patch_features") if plan.keep_patch_features else None,
+        patch_weights=_assemble(plan, parts, "patch_weights") if plan.keep_patch_features else None,
+    )
+
+
+def encoder_name_of(encoder: Any, encoder_name: str | None = None) -> str:
+    """The encoder name a bank records: ``encoder_name``, else ``encoder.name``, else its class name."""
+    if encoder_name is not None:
+        return encoder_name
+    return str(getattr(encoder, "name", type(encoder).__name__))
 
 
 def fill_memory(
@@ -416,7 +751,8 @@ def fill_memory(
 
     For each class in ascending id order and each slot k in refs order: load the image at the json
     height/width, decode ``ann_ids[0]``, crop with context, resize to the encoder size, encode (batched),
-    pool with the patch-grid soft mask.
+    pool with the patch-grid soft mask. ``ntt.memory_shard.fill_memory_sharded`` splits the same batches
+    over processes and gives the same bank.
 
     Args:
         refs: ``{category_id: [RefEntry]}`` (``ntt.refs``); validated against ``dataset_json`` first.
@@ -441,147 +777,26 @@ def fill_memory(
         A ``MemoryBank`` (``postprocessed=False``).
 
     Raises:
-        ValueError: invalid references, or a reference whose mask is all zero on the patch grid (the
-            message names the class, image and annotation).
+        ValueError: invalid references.
+        BadReferenceError: a reference whose image cannot be read, whose crop is empty or whose mask is all
+            zero on the patch grid (the message names the class, shot, annotation and image).
     """
-    from tqdm import tqdm
-
-    from ntt.data.images import load_reference_image
-    from ntt.data.masks import ann_to_mask
-    from ntt.refs import validate_refs
-
-    if mask_pooling not in MASK_POOLING:
-        raise ValueError(f"fill_memory: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
-    if batch_size < 1:
-        raise ValueError(f"fill_memory: batch_size must be >= 1, got {batch_size}")
-    class_ids = sorted(int(c) for c in class_ids)
-    if not class_ids:
-        raise ValueError("fill_memory: no classes selected")
-    if shots is None:
-        lengths = {len(refs[c]) for c in class_ids if c in refs}
-        shots = max(lengths) if lengths else 0
-    validate_refs(refs, dataset_json, class_ids, shots)
-
-    imgs = {im["id"]: im for im in dataset_json.get("images", [])}
-    anns = {a["id"]: a for a in dataset_json.get("annotations", [])}
-    cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in dataset_json.get("categories", [])}
-    image_root = Path(image_root)
-
-    size = int(encoder.img_size)
-    grid = int(encoder.grid_size)
-    dim = int(encoder.embed_dim)
-    n_patches = grid * grid
-    device = _encoder_device(encoder)
-    n_cls = len(class_ids)
-
-    instance_means = torch.zeros((n_cls, shots, dim), dtype=torch.float32)
-    weight_sums = torch.zeros((n_cls, shots), dtype=torch.float32)
-    patch_features = (
-        torch.zeros((n_cls, shots, n_patches, dim), dtype=torch.float32) if keep_patch_features else None
+    plan = plan_fill(
+        refs,
+        dataset_json=dataset_json,
+        image_root=image_root,
+        encoder=encoder,
+        class_ids=class_ids,
+        context_ratio=context_ratio,
+        mask_pooling=mask_pooling,
+        batch_size=batch_size,
+        keep_patch_features=keep_patch_features,
+        shots=shots,
+        apply_exif=apply_exif,
     )
-    patch_weights = (
-        torch.zeros((n_cls, shots, n_patches), dtype=torch.float32) if keep_patch_features else None
-    )
-
-    jobs = [(ci, k, refs[cat_id][k]) for ci, cat_id in enumerate(class_ids) for k in range(shots)]
-    cache: OrderedDict[Any, torch.Tensor] = OrderedDict()
-
-    def _image(img_id):
-        if img_id in cache:
-            cache.move_to_end(img_id)
-            return cache[img_id]
-        info = imgs[img_id]
-        img = load_reference_image(
-            image_root / info["file_name"], info["height"], info["width"], apply_exif=apply_exif
-        )
-        cache[img_id] = img
-        if len(cache) > 4:
-            cache.popitem(last=False)
-        return img
-
-    def _describe(ci, k, entry):
-        cat_id = class_ids[ci]
-        return (
-            f"class {cat_id} ({cat_names.get(cat_id, '?')}), shot {k}: annotation {entry.ann_ids[0]} "
-            f"on image {entry.image_id}"
-        )
-
-    bar = tqdm(total=len(jobs), desc="fill_memory", unit="ref", disable=not progress)
-    with torch.inference_mode():
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            crops, masks = [], []
-            for ci, k, entry in batch:
-                info = imgs[entry.image_id]
-                ann = anns[entry.ann_ids[0]]
-                image = _image(entry.image_id)
-                mask = torch.from_numpy(ann_to_mask(ann, info["height"], info["width"])).to(torch.float32)
-                try:
-                    crop, soft = crop_reference(
-                        image, mask, ann["bbox"], context_ratio=context_ratio, size=size
-                    )
-                except ValueError as err:
-                    raise ValueError(f"fill_memory: {_describe(ci, k, entry)}: {err}") from err
-                w = mask_patch_weights(soft, grid, mask_pooling=mask_pooling)
-                if not bool((w != 0).any()):
-                    raise ValueError(
-                        f"fill_memory: {_describe(ci, k, entry)} has an all-zero mask on the {grid}x{grid} "
-                        f"patch grid (mask_pooling={mask_pooling!r}"
-                        + (
-                            ", which samples the top-left pixel of each patch"
-                            if mask_pooling == "nearest"
-                            else ""
-                        )
-                        + "). Its instance mean would be NaN, and so would the class prototype (the reference "
-                        "code fails on this too). Use mask_pooling='area' or choose another reference for this "
-                        "class."
-                    )
-                crops.append(crop)
-                masks.append(w)
-            x = torch.stack(crops).to(device)
-            feats = encoder(x)
-            if feats.dim() != 4 or tuple(feats.shape[1:]) != (grid, grid, dim):
-                raise ValueError(
-                    f"fill_memory: encoder returned {tuple(feats.shape)}, expected [B, {grid}, {grid}, {dim}]"
-                )
-            feats = feats.reshape(len(batch), n_patches, dim)
-            for b, (ci, k, _entry) in enumerate(batch):
-                f_b = feats[b].to(torch.float32)
-                w_b = masks[b].to(f_b.device)
-                instance_means[ci, k] = instance_mean(f_b, w_b).cpu()
-                weight_sums[ci, k] = w_b.sum().cpu()
-                if keep_patch_features:
-                    patch_features[ci, k] = f_b.cpu()
-                    patch_weights[ci, k] = w_b.cpu()
-            bar.update(len(batch))
-    bar.close()
-
-    ref_list = [
-        [{"image_id": int(e.image_id), "ann_id": int(e.ann_ids[0])} for e in refs[cat_id][:shots]]
-        for cat_id in class_ids
-    ]
-    if encoder_name is None:
-        encoder_name = str(getattr(encoder, "name", type(encoder).__name__))
-    return MemoryBank(
-        instance_means=instance_means,
-        weight_sums=weight_sums,
-        category_ids=class_ids,
-        category_names=[cat_names.get(c, str(c)) for c in class_ids],
-        shots=int(shots),
-        seed=seed,
-        encoder=encoder_name,
-        feature_dim=dim,
-        config_hash=config_hash,
-        refs=ref_list,
-        postprocessed=False,
-        fill_settings={
-            "context_ratio": float(context_ratio),
-            "mask_pooling": mask_pooling,
-            "img_size": size,
-            "grid_size": grid,
-        },
-        patch_features=patch_features,
-        patch_weights=patch_weights,
+    part = encode_references(plan, encoder, progress=progress)
+    return assemble_bank(
+        plan, [part], encoder_name=encoder_name_of(encoder, encoder_name), seed=seed, config_hash=config_hash
     )
 
 

@@ -399,23 +399,28 @@ def build_backbone(ctx: RunContext, which: str):
 
 
 def stage_fill_memory(ctx: RunContext) -> Path:
-    """Encode every reference crop with DINOv2 and store per-instance mean features (method.md §3)."""
+    """Encode every reference crop with DINOv2 and store per-instance mean features (method.md §3).
+
+    With several processes each encodes a share of the encoder batches and the main process assembles
+    and writes the bank (`ntt.memory_shard`): the same bytes as one process.
+    """
     from ntt import refs as refs_mod
-    from ntt.memory import fill_memory
+    from ntt.memory_shard import fill_memory_sharded
 
     out = ctx.path(MEMORY_FILE)
-    if not ctx.is_main:  # a few hundred crops: one process is enough, and the bank is then trivially
-        return out  # independent of the number of processes.
     ref_ds = load_split(ctx, "ref")
     refs = refs_mod.load_refs(ctx.path(REFS_FILE))
     used = [e.ann_ids[0] for lst in refs.values() for e in lst]
+    # on every process (same inputs, same verdict): none goes on to wait for a process that raised here
     report_annotations(
         annotation_problems(ref_ds.raw, used), ctx.dataset.ref_json, fatal=True, what="reference annotations"
     )
     encoder = build_backbone(ctx, "dinov2")
     mem = ctx.matcher.memory
-    bank = fill_memory(
+    bank = fill_memory_sharded(
         refs,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
         dataset_json=ref_ds.raw,
         image_root=ctx.dataset.ref_image_root,
         encoder=encoder,
@@ -424,13 +429,15 @@ def stage_fill_memory(ctx: RunContext) -> Path:
         mask_pooling=mem.mask_pooling,
         batch_size=mem.batch_size,
         keep_patch_features=bool(ctx.cfg.trace),
-        progress=True,
+        progress=ctx.is_main,
         shots=int(ctx.cfg.shots),
         seed=int(ctx.cfg.seed),
         encoder_name=str(ctx.cfg.backbone.dinov2.name),
         config_hash=stage_key(ctx, "fill_memory"),
         apply_exif=ctx.dataset.exif_orientation,
     )
+    if bank is None:  # not the main process: its share is in the main process's bank
+        return out
     if ctx.cfg.trace:
         _save_memory_trace(ctx, bank)
     bank.save(out)
@@ -438,10 +445,11 @@ def stage_fill_memory(ctx: RunContext) -> Path:
     root = Path(ctx.dataset.ref_image_root)
     ctx.inputs["fill_memory"] = {"dataset.ref_image_root": {n: ctx.files.sha256(root / n) for n in names}}
     log.info(
-        "memory bank [C=%d, K=%d, D=%d] -> %s (%.1f kB)",
+        "memory bank [C=%d, K=%d, D=%d] -> %s (%.1f kB, %d process(es))",
         *bank.instance_means.shape,
         out,
         out.stat().st_size / 1e3,
+        ctx.world_size,
     )
     return out
 
@@ -1011,7 +1019,7 @@ def preflight(ctx: RunContext) -> None:
             report_annotations(
                 [p for p in problems if p not in crash], spec.test_json, fatal=False, what="test annotations"
             )
-    if "fill_memory" in will_run and ctx.is_main:
+    if "fill_memory" in will_run:  # every process encodes a share of the references
         build_backbone(ctx, "dinov2")
     if "test" in will_run and _images_to_segment(ctx, will_run, test_ds, ids):
         build_backbone(ctx, "sam2")

@@ -14,7 +14,8 @@ a normal run with its own run directory, lock, stages and manifests: the memory 
 results. The per-image lines carry the same keys as a single run's, so a job's directory ends exactly as if
 it had been run alone (same predictions.json, metrics.json, manifests: a later `ntt run` of that config
 finds it done), a killed study resumes per job and per image, and a failing job or image never loses the
-others. Images are sharded over processes (torchrun / accelerate), results do not depend on their number.
+others. Images (and each job's memory batches) are sharded over processes (torchrun / accelerate), results do
+not depend on their number.
 """
 
 from __future__ import annotations

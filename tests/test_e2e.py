@@ -178,8 +178,12 @@ def test_fruits_nuts_random_weights_plumbing(tmp_path):
 
 
 def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
-    """Two real CPU processes (torchrun, gloo) give the same bytes as one."""
-    one, _ = run(tmp_path / "one", *SMALL_SYNTH, "dataset.max_test_images=3")
+    """Two real CPU processes (torchrun, gloo) give the same bytes as one.
+
+    Memory batches of 2 crops (4 classes x 2 shots: 4 batches): each process encodes two of them
+    (ntt/memory_shard.py), the test images are sharded too."""
+    small = [*SMALL_SYNTH, "dataset.max_test_images=3", "matcher.memory.batch_size=2"]
+    one, _ = run(tmp_path / "one", *small)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -192,13 +196,13 @@ def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
         "debug=smoke",
         "device=cpu",
         f"paths.output_dir={tmp_path / 'two'}",
-        *SMALL_SYNTH,
-        "dataset.max_test_images=3",
+        *small,
     ]
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert "kB, 2 process(es))" in proc.stdout  # the bank was filled by both processes
     two = tmp_path / "two" / one.relative_to(tmp_path / "one")
     assert (two / "predictions" / "rank1.jsonl").exists()
-    for name in ["refs.json", "memory.pt", "predictions.json", "metrics.json"]:
+    for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
 

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers_memory import FakeEncoder, toy_dataset
 
 from ntt.data.images import load_reference_image
 from ntt.data.masks import ann_to_mask
+from ntt.errors import UserError
 from ntt.memory import (
+    BadReferenceError,
     MemoryBank,
     compute_prototypes,
     context_crop_box,
@@ -234,47 +236,6 @@ def test_postprocess_k1_has_no_nan():
 # ------------------------------------------------------------------------------------------------ fill
 
 
-class FakeEncoder(torch.nn.Module):
-    """A fixed random stride-14 conv: [B, 3, S, S] -> [B, S/14, S/14, D]."""
-
-    def __init__(self, img_size=56, dim=8):
-        super().__init__()
-        self.img_size, self.patch_size, self.embed_dim = img_size, 14, dim
-        self.grid_size = img_size // 14
-        self.conv = torch.nn.Conv2d(3, dim, 14, 14)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.05)
-            self.conv.bias.copy_(torch.randn(dim, generator=g))
-        self.calls = []
-
-    def forward(self, x):
-        self.calls.append(x.shape[0])
-        return self.conv(x).permute(0, 2, 3, 1)
-
-
-def _toy_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    images = []
-    for i, (w, h) in enumerate([(80, 60), (70, 90)]):
-        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
-
-    def rect(ann_id, cat, img, x, y, w, h):
-        poly = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-        return {"id": ann_id, "image_id": img, "category_id": cat, "bbox": [x, y, w, h], "segmentation": poly}
-
-    anns = [
-        rect(1, 4, 0, 10, 10, 30, 20),
-        rect(2, 4, 1, 15, 20, 40, 50),
-        rect(3, 2, 0, 40.5, 5.5, 30, 40),
-        rect(4, 2, 1, 5, 5, 20, 20),
-        rect(5, 2, 1, 30, 60, 2.0, 25),  # 2 px wide, centred in its crop: missed by a 3x3 "nearest" grid
-    ]
-    cats = [{"id": 4, "name": "four"}, {"id": 2, "name": "two"}]
-    return {"images": images, "annotations": anns, "categories": cats}
-
-
 def _expected_mean(coco, root, enc, ann_id, pooling="nearest"):
     ann = next(a for a in coco["annotations"] if a["id"] == ann_id)
     info = next(im for im in coco["images"] if im["id"] == ann["image_id"])
@@ -288,7 +249,7 @@ def _expected_mean(coco, root, enc, ann_id, pooling="nearest"):
 
 
 def test_fill_memory_order_batching_and_metadata(tmp_path):
-    coco = _toy_dataset(tmp_path)
+    coco = toy_dataset(tmp_path)
     refs = {4: [RefEntry(4, 0, [1]), RefEntry(4, 1, [2])], 2: [RefEntry(2, 1, [4]), RefEntry(2, 0, [3])]}
     enc = FakeEncoder()
     bank = fill_memory(
@@ -335,12 +296,13 @@ def test_fill_memory_order_batching_and_metadata(tmp_path):
 
 
 def test_fill_memory_all_zero_mask_error_and_area_fix(tmp_path):
-    coco = _toy_dataset(tmp_path)
+    coco = toy_dataset(tmp_path)
     refs = {2: [RefEntry(2, 1, [4]), RefEntry(2, 1, [5])]}
     enc = FakeEncoder(img_size=42)  # 3x3 grid samples crop columns 0, 14, 28; the line is at ~21
     with pytest.raises(ValueError) as err:
         fill_memory(refs, dataset_json=coco, image_root=tmp_path, encoder=enc, class_ids=[2], progress=False)
     msg = str(err.value)
+    assert isinstance(err.value, UserError)  # the CLI prints it as one message
     assert "class 2 (two), shot 1: annotation 5 on image 1" in msg and "all-zero" in msg
     assert "mask_pooling='area'" in msg
     bank = fill_memory(
@@ -358,7 +320,7 @@ def test_fill_memory_all_zero_mask_error_and_area_fix(tmp_path):
 
 
 def test_fill_memory_validates_refs_and_images(tmp_path):
-    coco = _toy_dataset(tmp_path)
+    coco = toy_dataset(tmp_path)
     enc = FakeEncoder()
     with pytest.raises(ValueError, match="class 2 .* has 1 references but shots=2"):
         fill_memory(
@@ -371,7 +333,7 @@ def test_fill_memory_validates_refs_and_images(tmp_path):
             progress=False,
         )
     (tmp_path / "1.png").unlink()
-    with pytest.raises(FileNotFoundError, match="1.png"):
+    with pytest.raises(BadReferenceError, match=r"class 2 \(two\), shot 0: annotation 4 on image 1: .*1.png"):
         fill_memory(
             {2: [RefEntry(2, 1, [4])]},
             dataset_json=coco,

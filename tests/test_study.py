@@ -132,6 +132,32 @@ def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_roo
     assert banks[1].metrics["failed_images"] == [] and banks[1].metrics["num_images"] == 3
 
 
+@pytest.mark.slow  # two processes + one (~1 min on 2 cores)
+def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
+    """`torchrun --nproc_per_node 2 -m ntt.study`: each job's memory batches and the test images are split
+    over the processes (ntt/memory_shard.py); every job's artifacts equal the one-process study's."""
+    import os
+    import subprocess
+    import sys
+
+    from ntt.study import run_study
+
+    extra = "matcher.memory.batch_size=1"  # 4 classes x 1-2 shots: 4-8 batches, both processes encode some
+    banks = run_study(study_cfgs(tmp_path / "one", data_root, (1, 2), 5, extra))
+    assert [b.error for b in banks] == [None, None]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ntt.study", *BASE]
+    cmd += [f"paths.output_dir={tmp_path / 'two'}", f"dataset.root={data_root}", "shots=1,2", "seed=5", extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for bank in banks:
+        one = Path(str(bank.cfg.run_dir))
+        two = tmp_path / "two" / one.relative_to(tmp_path / "one")
+        assert (two / "predictions" / "rank1.jsonl").exists()
+        for name in ARTIFACTS:
+            assert (two / name).read_bytes() == (one / name).read_bytes(), f"{name} differs ({two})"
+
+
 def test_sweep_expansion_follows_hydras_basic_sweeper():
     from ntt.study import expand_sweep
 
