@@ -58,6 +58,9 @@ def test_loader_gives_the_loop_s_tensors_in_order_and_failures_as_items(tmp_path
     images._warned_exif.clear()
     caplog.set_level(logging.WARNING)
     items = list(prefetch_images(specs, device="cpu", num_workers=workers, prefetch_factor=1, size=64))
+    # the EXIF warning logged in a worker reaches this process's loggers (once)
+    exif = [r for r in caplog.records if "EXIF orientation 6" in r.getMessage()]
+    assert len(exif) == 1 and exif[0].name == "ntt.data.images"
     assert [i.img_id for i in items] == [1, 9, 2, 3]
     for spec, item in zip(specs, items):
         if spec.img_id == 9:
@@ -69,9 +72,6 @@ def test_loader_gives_the_loop_s_tensors_in_order_and_failures_as_items(tmp_path
         assert item.error is None and item.wait_s >= 0
         want = load_test_image(spec.path, 64, height=spec.height, width=spec.width)
         assert item.image.dtype == want.dtype and torch.equal(item.image, want)  # same bytes in a worker
-    # the EXIF warning logged in the worker reaches this process's loggers (once)
-    exif = [r for r in caplog.records if "EXIF orientation 6" in r.getMessage()]
-    assert len(exif) == 1 and exif[0].name == "ntt.data.images"
 
 
 def test_num_workers_auto_and_bad_values():
@@ -136,10 +136,12 @@ def _artifacts(run_dir: Path) -> dict[str, bytes]:
 
 
 def test_workers_and_async_writing_give_the_same_bytes_and_a_timing_file(tmp_path):
-    run_smoke(tmp_path / "sync", *SYNC, small=SYNTH)
-    run_smoke(
-        tmp_path / "async", *ASYNC, f"dataset.root={tmp_path / 'sync'}/datasets/synthetic_n9_s0", small=SYNTH
-    )
+    from ntt.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path / "data"
+    generate_synthetic_dataset(root, num_images=9, seed=0)
+    run_smoke(tmp_path / "sync", *SYNC, f"dataset.root={root}", small=SYNTH)
+    run_smoke(tmp_path / "async", *ASYNC, f"dataset.root={root}", small=SYNTH)
     a, b = _artifacts(_run_dir(tmp_path / "sync")), _artifacts(_run_dir(tmp_path / "async"))
     for name in a:
         assert a[name] == b[name], f"{name} differs between io settings"
@@ -159,7 +161,7 @@ def test_a_corrupt_image_among_good_ones_is_its_own_failure_with_workers(tmp_pat
 
     root = tmp_path / "data"
     generate_synthetic_dataset(root, num_images=9, seed=0)
-    (root / "000006.png").write_bytes(b"\x89PNG truncated")
+    (root / "images" / "000006.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(StageError, match="1 image\\(s\\) failed"):
         run_smoke(tmp_path, *ASYNC, f"dataset.root={root}", small=SYNTH)
     run_dir = _run_dir(tmp_path)
@@ -168,7 +170,10 @@ def test_a_corrupt_image_among_good_ones_is_its_own_failure_with_workers(tmp_pat
     lines = [json.loads(x) for x in (run_dir / "predictions" / "rank0.jsonl").read_text().splitlines()]
     assert [x["image_id"] for x in lines] == [3, 6, 9] and [x["ok"] for x in lines] == [True, False, True]
     bad = lines[1]
-    assert bad["file"] == str(root / "000006.png") and str(root / "000006.png") in bad["error"]
+    assert (
+        bad["file"] == str(root / "images" / "000006.png")
+        and str(root / "images" / "000006.png") in bad["error"]
+    )
     assert bad["error"].startswith("ImageError") and "Traceback" in bad["traceback"]
 
 
