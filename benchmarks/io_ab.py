@@ -33,7 +33,15 @@ SETTINGS = {
 
 def run_once(name: str, overrides: list[str], out_root: Path) -> dict:
     out = out_root / name
-    cmd = [sys.executable, "-m", "ntt.run", "device=cpu", f"paths.output_dir={out}", *overrides, *SETTINGS[name]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ntt.run",
+        "device=cpu",
+        f"paths.output_dir={out}",
+        *overrides,
+        *SETTINGS[name],
+    ]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -64,7 +72,9 @@ def main() -> None:
                 row.update(round=r, overrides=args.overrides, date=time.strftime("%Y-%m-%d"))
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(json.dumps({k: row[k] for k in ("setting", "round", "seconds_per_image", "load1_before")}))
+                print(
+                    json.dumps({k: row[k] for k in ("setting", "round", "seconds_per_image", "load1_before")})
+                )
 
 
 if __name__ == "__main__":

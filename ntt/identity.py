@@ -118,4 +118,6 @@ def portable_config(cfg: Any) -> dict[str, Any]:
                     return "${paths." + key + "}" + value[len(prefix.rstrip("/")) :]
         return value
 
-    return {k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra", "io")}
+    return {
+        k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra", "io")
+    }
