@@ -754,7 +754,9 @@ def stage_test(ctx: RunContext) -> Path:
         first = next(images, None)  # the loader's workers start before the writer's thread
         items = itertools.chain([first] if first is not None else [], images)
         with closing(images), open(shard_file, "a") as sink, result_writer(ctx) as writer, timing(timer):
-            for spec, item in tqdm(zip(specs, items), total=len(specs), desc="test", disable=not ctx.is_main):
+            for spec, item in tqdm(
+                zip(specs, items), total=len(specs), desc="test", disable=not ctx.is_main, unit="img"
+            ):
                 t0 = time.perf_counter()
                 if timer is not None:
                     timer.add("load", item.wait_s)

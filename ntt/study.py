@@ -357,7 +357,9 @@ def _test_pass(banks: list[Bank], gi: int, n_groups: int) -> None:
     head = next(images, None)  # the loader's workers start before the writer's thread
     items = itertools.chain([head] if head is not None else [], images)
     with closing(images), pipeline.result_writer(ctx0) as writer, timing(timer):
-        for spec, item in tqdm(zip(specs, items), total=len(specs), desc="study", disable=not ctx0.is_main):
+        for spec, item in tqdm(
+            zip(specs, items), total=len(specs), desc="study", disable=not ctx0.is_main, unit="img"
+        ):
             t0 = time.perf_counter()
             if timer is not None:
                 timer.add("load", item.wait_s)
