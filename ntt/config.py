@@ -144,6 +144,40 @@ class EvalConfig:
     iou_types: tuple[str, ...] = ("bbox", "segm")
 
 
+@dataclass(frozen=True)
+class IOConfig:
+    """How the test loops read images and write results (`io` node); never changes a result.
+
+    Args:
+        num_workers: DataLoader worker processes decoding and resizing the next test images while the
+            models run (`auto`: 2 on CUDA, 0 on CPU; 0 = in the loop's process).
+        prefetch_factor: images each worker keeps ready.
+        async_write: RLE-encode and append the per-image result lines in a background thread, in image
+            order (false: in the loop).
+        write_queue: finished images waiting for the writer at most (bounds the memory they hold).
+        timing: per-section seconds per image in `predictions/timing_rank<r>.json` (on CUDA the sections
+            synchronise the device).
+    """
+
+    num_workers: int | str = "auto"
+    prefetch_factor: int = 2
+    async_write: bool = True
+    write_queue: int = 2
+    timing: bool = True
+
+    def __post_init__(self) -> None:
+        if int(self.prefetch_factor) < 1:
+            raise ValueError(f"io.prefetch_factor={self.prefetch_factor}: use a number of images >= 1")
+        if int(self.write_queue) < 1:
+            raise ValueError(f"io.write_queue={self.write_queue}: use a number of images >= 1")
+
+    def workers(self, device: str) -> int:
+        """`num_workers` as a number for this device."""
+        from ntt.data.prefetch import resolve_num_workers
+
+        return resolve_num_workers(self.num_workers, device)
+
+
 def to_plain(cfg: Any) -> Any:
     """Resolve an OmegaConf node (or pass through plain data) to JSON-able Python objects."""
     from omegaconf import DictConfig, ListConfig, OmegaConf

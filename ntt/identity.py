@@ -31,6 +31,7 @@ NON_RESULT_KEYS = (
     "fail_fast",
     "logger",
     "study",
+    "io",  # image loading workers, asynchronous writing, timing: same bytes either way (tests/test_io.py)
 )
 # per-run factors left out of the setting id (the dataset's own files and classes, shots, seed)
 RUN_FACTORS = ("shots", "seed")
@@ -93,7 +94,8 @@ def register_resolver() -> None:
 def portable_config(cfg: Any) -> dict[str, Any]:
     """The resolved config as recorded in metrics.json, the same on every machine.
 
-    Location keys (``paths``, ``run_dir``, ``run_name``, ``hydra``) are left out, and resolved strings
+    Location keys (``paths``, ``run_dir``, ``run_name``, ``hydra``) and the host's I/O tuning (``io``:
+    loader workers, asynchronous writing; the same bytes either way) are left out, and resolved strings
     that start with a ``paths.*`` folder are written back as ``${paths.<key>}/...`` (so the same run in
     another output folder writes the same bytes).
     """
@@ -116,4 +118,6 @@ def portable_config(cfg: Any) -> dict[str, Any]:
                     return "${paths." + key + "}" + value[len(prefix.rstrip("/")) :]
         return value
 
-    return {k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra")}
+    return {
+        k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra", "io")
+    }

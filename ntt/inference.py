@@ -19,6 +19,7 @@ from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections
 from ntt.proposals import generate_proposals
+from ntt.timing import section
 
 __all__ = [
     "ImageProposals",
@@ -194,16 +195,20 @@ def propose_image(image1024: Tensor, *, sam2, dino, params: InferenceParams | No
         params: settings (paper defaults when None); only the proposer fields and ``pooling`` are read.
     """
     p = params or InferenceParams()
-    feats_dino = dino_features(dino, image1024)
-    sam_feats = sam2.encode_image(image1024[None])
-    props = generate_proposals(
-        sam2,
-        sam_feats,
-        points_per_side=p.points_per_side,
-        points_batch_size=p.points_batch_size,
-        iou_thr=p.iou_thr,
-        image_size=image1024.shape[-1],
-    )
+    # sections: the models' share of a test loop's time (ntt/timing.py; no-op outside a timed loop)
+    with section("dinov2"):
+        feats_dino = dino_features(dino, image1024)
+    with section("sam2_encoder"):
+        sam_feats = sam2.encode_image(image1024[None])
+    with section("sam2_decoder"):  # prompt decoding, best-of-3 selection, IoU filter
+        props = generate_proposals(
+            sam2,
+            sam_feats,
+            points_per_side=p.points_per_side,
+            points_batch_size=p.points_batch_size,
+            iou_thr=p.iou_thr,
+            image_size=image1024.shape[-1],
+        )
     del sam_feats
     masks256, embeddings, boxes256 = proposal_embeddings(props.logits, feats_dino, pooling=p.pooling)
     return ImageProposals(props, feats_dino, masks256, embeddings, boxes256)

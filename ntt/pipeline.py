@@ -14,12 +14,15 @@ skipped, never losing the others.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from ntt import __version__, dist
 from ntt.config import (
     DatasetSpec,
     EvalConfig,
+    IOConfig,
     MatcherConfig,
     ProposerConfig,
     build_node,
@@ -42,6 +46,7 @@ from ntt.identity import config_id, identity_keys, portable_config, setting_id
 from ntt.preflight import annotation_problems, check_device, check_shots, report_annotations
 from ntt.reuse import adopt_sibling_artifact, find_sibling_lines, reuse_sibling_lines
 from ntt.runlock import RunLock
+from ntt.timing import SectionTimer, section, timing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,8 @@ class RunContext:
     inputs: dict[str, dict[str, dict[str, str | None]]] = field(default_factory=dict)
     # backbones built by the preflight / the first stage that needs them
     backbones: dict[str, Any] = field(default_factory=dict)
+    # how the test loop reads images and writes results (`io` node; never changes a result)
+    io: IOConfig = field(default_factory=IOConfig)
 
     @property
     def is_main(self) -> bool:
@@ -109,6 +116,7 @@ def make_context(cfg: DictConfig) -> RunContext:
         rank=st.process_index,
         world_size=st.num_processes,
         files=FileDigests(run_dir / CACHE_FILE),
+        io=build_node(cfg.get("io") or {}, IOConfig),
     )
 
 
@@ -592,18 +600,37 @@ def load_prototypes(ctx: RunContext, test_ds):
     return bank.prototypes().to(ctx.device)
 
 
-def load_image_of(ctx: RunContext, test_ds, img_id: int):
-    """One test image stretched to 1024 on the run's device, checked against its json record."""
-    from ntt.data.images import load_test_image
+def image_spec(test_ds, img_id: int):
+    """What the image loader needs of one test image: id, file, the json's height and width."""
+    from ntt.data.prefetch import ImageSpec
 
     info = test_ds.image_info(img_id)
-    return load_test_image(
-        test_ds.image_path(img_id),
-        1024,
-        height=int(info["height"]),
-        width=int(info["width"]),
+    return ImageSpec(
+        img_id, str(test_ds.image_path(img_id, check=False)), int(info["height"]), int(info["width"])
+    )
+
+
+def load_images(ctx: RunContext, specs: list):
+    """The test images of `specs`, in order, stretched to 1024 and checked against their json records, on
+    the run's device: decoded ahead in `io.num_workers` processes (`ntt.data.prefetch`)."""
+    from ntt.data.prefetch import prefetch_images
+
+    return prefetch_images(
+        specs,
+        device=ctx.device,
+        num_workers=ctx.io.workers(ctx.device),
+        prefetch_factor=ctx.io.prefetch_factor,
         apply_exif=ctx.dataset.exif_orientation,
-    ).to(ctx.device)
+    )
+
+
+def result_writer(ctx: RunContext):
+    """The test loop's `ntt.writer.ResultWriter` (`io.async_write`, `io.write_queue`, `fail_fast`)."""
+    from ntt.writer import ResultWriter
+
+    return ResultWriter(
+        async_write=ctx.io.async_write, depth=ctx.io.write_queue, fail_fast=bool(ctx.cfg.get("fail_fast"))
+    )
 
 
 def success_line(
@@ -622,21 +649,46 @@ def success_line(
 
 
 def failure_line(ctx: RunContext, plan: TestPlan, img_id: int, exc: BaseException) -> dict[str, Any]:
-    """The per-image JSONL record of a failed image (error and traceback; a rerun retries it)."""
+    """The per-image JSONL record of a failed image (error and traceback; a rerun retries it); called
+    while `exc` is being handled."""
+    return failure_record(ctx, plan, img_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def failure_record(
+    ctx: RunContext, plan: TestPlan, img_id: int, error: str, tb: str | None
+) -> dict[str, Any]:
+    """`failure_line` from the error text and traceback (of an image that failed to load in a worker).
+
+    Args:
+        ctx: the run.
+        plan: its test plan.
+        img_id: the image.
+        error: ``"<ExceptionType>: <message>"``.
+        tb: the formatted traceback.
+    """
     img_file = str(plan.test_ds.image_path(img_id, check=False))
-    log.error("image %s (%s) failed: %s (recorded; rerun to retry)", img_id, img_file, exc)
+    log.error(
+        "image %s (%s) failed: %s (recorded; rerun to retry)", img_id, img_file, error.split(": ", 1)[-1]
+    )
     return {
         "image_id": img_id,
         "key": plan.keys[img_id],
         "file": img_file,
         "ok": False,
-        "error": f"{type(exc).__name__}: {exc}",
-        "traceback": traceback.format_exc(),
+        "error": error,
+        "traceback": tb,
     }
 
 
 def write_timing(ctx: RunContext, plan: TestPlan, timings: list[float], **extra: Any) -> None:
-    """`predictions/timing_rank<r>.json`: seconds per image of this process (information only)."""
+    """`predictions/timing_rank<r>.json`: seconds per image of this process (information only).
+
+    Args:
+        ctx: the run.
+        plan: its test plan.
+        timings: wall seconds of each image this process did.
+        extra: further entries (`loop_timing`'s sections, the study pass's note).
+    """
     if timings:
         write_json_atomic(
             plan.pred_dir / f"timing_rank{ctx.rank}.json",
@@ -648,6 +700,27 @@ def write_timing(ctx: RunContext, plan: TestPlan, timings: list[float], **extra:
                 **extra,
             },
         )
+
+
+def loop_timing(ctx: RunContext, timer, writer, total: float, images: int) -> dict[str, Any]:
+    """Where a test loop's time went (`ntt.timing`), for `write_timing`: seconds per image per section
+    (`load`: waiting for the image; the three models; `write`: handing the result to the writer, which
+    is encoding and writing itself when `io.async_write` is off; `other`: pooling, classification, NMS,
+    resizing, soft merging), `outside_models_fraction`, and the writer's own seconds per image."""
+    from ntt.timing import section_report
+
+    if timer is None or not images:
+        return {}
+    return {
+        **section_report(timer.seconds, total, images),
+        "writer_seconds_per_image": writer.busy_s / images,
+        "io": {
+            "num_workers": ctx.io.workers(ctx.device),
+            "prefetch_factor": ctx.io.prefetch_factor,
+            "async_write": ctx.io.async_write,
+            "write_queue": ctx.io.write_queue,
+        },
+    }
 
 
 def finish_test(ctx: RunContext, plan: TestPlan) -> Path:
@@ -675,34 +748,62 @@ def stage_test(ctx: RunContext) -> Path:
         log_expected_time(ctx, len(plan.todo))
         shard_file = plan.pred_dir / f"rank{ctx.rank}.jsonl"
         timings: list[float] = []
+        timer = SectionTimer(ctx.device) if ctx.io.timing else None
+        fail_fast = bool(ctx.cfg.get("fail_fast"))
+        specs = [image_spec(plan.test_ds, i) for i in plan.todo]
         from tqdm import tqdm
 
-        with open(shard_file, "a") as sink:
-            for img_id in tqdm(plan.todo, desc="test", disable=not ctx.is_main, unit="img"):
+        images = load_images(ctx, specs)
+        first = next(images, None)  # the loader's workers start before the writer's thread
+        items = itertools.chain([first] if first is not None else [], images)
+        with closing(images), open(shard_file, "a") as sink, result_writer(ctx) as writer, timing(timer):
+            for spec, item in tqdm(
+                zip(specs, items), total=len(specs), desc="test", disable=not ctx.is_main, unit="img"
+            ):
                 t0 = time.perf_counter()
-                try:
-                    info = plan.test_ds.image_info(img_id)
-                    image = load_image_of(ctx, plan.test_ds, img_id)
-                    with torch.inference_mode():
-                        det, trace = infer_image(
-                            image,
-                            int(info["height"]),
-                            int(info["width"]),
-                            sam2=sam2,
-                            dino=dino,
-                            prototypes=prototypes,
-                            params=params,
-                            trace=bool(ctx.cfg.trace),
+                if timer is not None:
+                    timer.add("load", item.wait_s)
+                if item.error is not None:  # the image could not be read: its failure, the others go on
+                    if fail_fast:
+                        item.raise_error()
+                    with section("write"):
+                        writer.write_now(
+                            sink, failure_record(ctx, plan, spec.img_id, item.error, item.traceback)
                         )
-                    line = success_line(ctx, plan, img_id, det, trace)
-                except Exception as exc:  # one bad image must not lose the others
-                    if ctx.cfg.get("fail_fast"):
-                        raise
-                    line = failure_line(ctx, plan, img_id, exc)
-                sink.write(json.dumps(line) + "\n")
-                sink.flush()
-                timings.append(time.perf_counter() - t0)
-        write_timing(ctx, plan, timings)
+                else:
+                    try:
+                        with torch.inference_mode():
+                            det, trace = infer_image(
+                                item.image,
+                                spec.height,
+                                spec.width,
+                                sam2=sam2,
+                                dino=dino,
+                                prototypes=prototypes,
+                                params=params,
+                                trace=bool(ctx.cfg.trace),
+                            )
+                    except Exception as exc:  # one bad image must not lose the others
+                        if fail_fast:
+                            raise
+                        with section("write"):
+                            writer.write_now(sink, failure_line(ctx, plan, spec.img_id, exc))
+                    else:
+                        with section("write"):  # encoding + writing, or only the hand-off when async
+                            writer.submit(
+                                sink,
+                                partial(success_line, ctx, plan, spec.img_id, det, trace),
+                                partial(failure_line, ctx, plan, spec.img_id),
+                            )
+                        del det, trace
+                timings.append(item.wait_s + time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with section("write"):
+                writer.close()  # the last queued lines
+            drain = time.perf_counter() - t0
+        write_timing(
+            ctx, plan, timings, **loop_timing(ctx, timer, writer, sum(timings) + drain, len(timings))
+        )
     return finish_test(ctx, plan)
 
 

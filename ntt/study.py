@@ -20,12 +20,14 @@ not depend on their number.
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import sys
 import time
 import traceback
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from omegaconf import DictConfig
 from ntt import dist
 from ntt.config import config_hash, to_plain
 from ntt.errors import UserError
+from ntt.timing import SectionTimer, section, timing
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class Bank:
     sink: Any = None
     t_test: float = 0.0
     seconds: dict[int, float] = field(default_factory=dict)
+    pass_timing: dict[str, Any] = field(default_factory=dict)  # sections of the whole pass (ntt/timing.py)
     error: str | None = None
     metrics: dict[str, Any] | None = None
 
@@ -248,7 +252,11 @@ def _run_group(group: list[Bank], gi: int, n_groups: int) -> None:
                     bank.ctx,
                     bank.plan,
                     list(bank.seconds.values()),
-                    study_pass={"banks": len(active), "note": "shared per-image work split evenly"},
+                    study_pass={
+                        "banks": len(active),
+                        "note": "shared per-image work split evenly; sections: the whole pass",
+                        **bank.pass_timing,
+                    },
                 )
                 pipeline.finish_test(bank.ctx, bank.plan)  # merge + evaluate + manifest (raises on failures)
                 pipeline.end_stage(bank.ctx, "test", bank.done, bank.t_test)
@@ -313,15 +321,11 @@ def _prepare(bank: Bank) -> None:
 def _test_pass(banks: list[Bank], gi: int, n_groups: int) -> None:
     """Per image (this process's shard of the union of the banks' images): the memory-independent part
     once, then each bank that needs the image: its detections, appended to its own `rank<r>.jsonl`."""
-    import torch
     from tqdm import tqdm
 
     from ntt import pipeline
-    from ntt.inference import classify_and_postprocess, propose_image
-    from ntt.maskcache import ProposalMasks
 
-    first = banks[0]
-    ctx0 = first.ctx
+    ctx0 = banks[0].ctx
     union: list[int] = []
     seen: set[int] = set()
     for bank in banks:  # each bank's images in its own order; first occurrence wins
@@ -346,56 +350,105 @@ def _test_pass(banks: list[Bank], gi: int, n_groups: int) -> None:
     for bank in banks:
         bank.sink = open(bank.plan.pred_dir / f"rank{bank.ctx.rank}.jsonl", "a")
     fail_fast = any(bool(b.ctx.cfg.get("fail_fast")) for b in banks)
-    for img_id in tqdm(mine, desc="study", disable=not ctx0.is_main, unit="img"):
-        needing = [b for b in banks if img_id in b.todo]
+    # every bank of a pass group reads the same test images (pass_key): the first bank needing one names it
+    specs = [pipeline.image_spec(_owner(banks, i).plan.test_ds, i) for i in mine]
+    timer = SectionTimer(ctx0.device) if ctx0.io.timing else None
+    timings: list[float] = []
+    images = pipeline.load_images(ctx0, specs)
+    head = next(images, None)  # the loader's workers start before the writer's thread
+    items = itertools.chain([head] if head is not None else [], images)
+    with closing(images), pipeline.result_writer(ctx0) as writer, timing(timer):
+        for spec, item in tqdm(
+            zip(specs, items), total=len(specs), desc="study", disable=not ctx0.is_main, unit="img"
+        ):
+            t0 = time.perf_counter()
+            if timer is not None:
+                timer.add("load", item.wait_s)
+            _pass_image(banks, spec, item, sam2, dino, writer, fail_fast)
+            timings.append(item.wait_s + time.perf_counter() - t0)
         t0 = time.perf_counter()
-        owner = needing[0]
-        try:
-            info = owner.plan.test_ds.image_info(img_id)
-            height, width = int(info["height"]), int(info["width"])
-            image = pipeline.load_image_of(owner.ctx, owner.plan.test_ds, img_id)
-            with torch.inference_mode():
-                shared = propose_image(image, sam2=sam2, dino=dino, params=owner.params)
-            del image
-        except Exception as exc:  # one bad image must not lose the others (in any bank)
-            if fail_fast:
-                raise
-            for bank in needing:
-                _write(bank, pipeline.failure_line(bank.ctx, bank.plan, img_id, exc))
-            continue
-        t_shared = (time.perf_counter() - t0) / len(needing)
-        # a proposal's full-resolution mask and RLE are the same in every bank: computed once per image
-        masks = ProposalMasks(shared.props.logits, height, width, max_bytes=MASK_CACHE_BYTES)
-        for bank in needing:
-            t1 = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    det, tr = classify_and_postprocess(
-                        shared,
-                        bank.prototypes,
-                        height=height,
-                        width=width,
-                        params=bank.params,
-                        full_masks=masks,
-                    )
-                    rles = masks.rles(det.proposal_index, det.masks)
-                trace = shared.trace(tr) if bank.ctx.cfg.trace else None
-                line = pipeline.success_line(bank.ctx, bank.plan, img_id, det, trace, rles=rles)
-            except Exception as exc:
-                if fail_fast:
-                    raise
-                line = pipeline.failure_line(bank.ctx, bank.plan, img_id, exc)
-            _write(bank, line)
-            bank.seconds[img_id] = t_shared + time.perf_counter() - t1
-        del shared, masks
+        with section("write"):
+            writer.close()  # the last queued lines
+        drain = time.perf_counter() - t0
     for bank in banks:
         bank.sink.close()
         bank.sink = None
+        bank.pass_timing = pipeline.loop_timing(ctx0, timer, writer, sum(timings) + drain, len(timings))
 
 
-def _write(bank: Bank, line: dict[str, Any]) -> None:
-    bank.sink.write(json.dumps(line) + "\n")
-    bank.sink.flush()
+def _owner(banks: list[Bank], img_id: int) -> Bank:
+    return next(b for b in banks if img_id in b.todo)
+
+
+def _pass_image(banks: list[Bank], spec, item, sam2, dino, writer, fail_fast: bool) -> None:
+    """One image of a study pass: the memory-independent part once, then each bank needing it."""
+    import torch
+
+    from ntt import pipeline
+    from ntt.inference import classify_and_postprocess, propose_image
+    from ntt.maskcache import ProposalMasks
+
+    img_id = spec.img_id
+    needing = [b for b in banks if img_id in b.todo]
+    t0 = time.perf_counter()
+    owner = needing[0]
+    try:
+        if item.error is not None:
+            item.raise_error()  # the image could not be read (in a loader worker)
+        with torch.inference_mode():
+            shared = propose_image(item.image, sam2=sam2, dino=dino, params=owner.params)
+        item.image = None
+    except Exception as exc:  # one bad image must not lose the others (in any bank)
+        if fail_fast:
+            raise
+        with section("write"):
+            for bank in needing:
+                if item.error is not None:
+                    line = pipeline.failure_record(bank.ctx, bank.plan, img_id, item.error, item.traceback)
+                else:
+                    line = pipeline.failure_line(bank.ctx, bank.plan, img_id, exc)
+                writer.write_now(bank.sink, line)
+        return
+    t_shared = (item.wait_s + time.perf_counter() - t0) / len(needing)
+    # a proposal's full-resolution mask and RLE are the same in every bank: computed once per image
+    masks = ProposalMasks(shared.props.logits, spec.height, spec.width, max_bytes=MASK_CACHE_BYTES)
+    for bank in needing:
+        t1 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                det, tr = classify_and_postprocess(
+                    shared,
+                    bank.prototypes,
+                    height=spec.height,
+                    width=spec.width,
+                    params=bank.params,
+                    full_masks=masks,
+                )
+        except Exception as exc:
+            if fail_fast:
+                raise
+            with section("write"):
+                writer.write_now(bank.sink, pipeline.failure_line(bank.ctx, bank.plan, img_id, exc))
+        else:
+            with section("write"):  # encoding + writing, or only the hand-off when async
+                writer.submit(
+                    bank.sink,
+                    partial(_bank_line, bank, img_id, det, tr, shared, masks),
+                    partial(pipeline.failure_line, bank.ctx, bank.plan, img_id),
+                )
+        bank.seconds[img_id] = t_shared + time.perf_counter() - t1
+
+
+def _bank_line(bank: Bank, img_id: int, det, tr, shared, masks) -> dict[str, Any]:
+    """One bank's record of an image: RLEs (each proposal's encoded once for all banks), trace, line."""
+    import torch
+
+    from ntt import pipeline
+
+    with torch.inference_mode():
+        rles = masks.rles(det.proposal_index, det.masks)
+    trace = shared.trace(tr) if bank.ctx.cfg.trace else None
+    return pipeline.success_line(bank.ctx, bank.plan, img_id, det, trace, rles=rles)
 
 
 # --------------------------------------------------------------------------------------------------
