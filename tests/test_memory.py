@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DATA, PARITY
 from helpers_memory import FakeEncoder, toy_dataset
 
 from ntt.data.images import load_reference_image
@@ -29,9 +30,7 @@ from ntt.memory import (
 )
 from ntt.refs import RefEntry, load_refs
 
-ROOT = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY = ROOT / "parity"
-FRUITS = ROOT / "data" / "fruits_nuts" / "data"
+FRUITS = DATA / "fruits_nuts" / "data"  # NTT_SHARED is honoured (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------------ crops
