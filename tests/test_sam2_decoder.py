@@ -126,10 +126,10 @@ def test_decoder_chunk_must_be_positive():
 
 
 def test_tune_malloc_stops_page_faults_of_the_decoder_loop():
-    """In fresh processes: after a warm-up call, decoder calls page-fault ~nothing with the tuning on
-    (~44,000 minor faults per prompt without it)."""
+    """In fresh processes: once the heap has grown to its peak, decoder calls page-fault ~nothing with the
+    tuning on (~44,000 minor faults per prompt without it)."""
     code = r"""
-import resource, sys, torch
+import resource, statistics, sys, torch
 sys.path.insert(0, sys.argv[2])
 from ntt.allocator import tune_malloc
 assert tune_malloc(sys.argv[1] == "on") is (sys.argv[1] == "on")
@@ -139,14 +139,15 @@ with torch.inference_mode():
     feats = model.encode_image(random_images(1, 1024))
     points = torch.rand(16, 1, 2) * 1023
     cache = model.prepare_decoder(feats)
-    model.decode_best(feats, points=points, cache=cache)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(2):
+    per_call = []
+    for _ in range(5):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model.decode_best(feats, points=points, cache=cache)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(statistics.median(per_call[1:]), per_call)
 """
     tests_dir = str(Path(__file__).resolve().parent)
-    res = {}
+    res, calls = {}, {}
     for mode in ("on", "off"):
         env = dict(os.environ, NTT_MALLOC_TUNING="1" if mode == "on" else "0")
         out = subprocess.run(
@@ -157,13 +158,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             env=env,
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        res[mode] = int(out.stdout.strip().splitlines()[-1])
-    # Without the tuning glibc's churn depends on its adaptive mmap threshold (it rises after frees of
-    # mmapped blocks), so the count without it is only compared when the churn is there (2 calls x 16
-    # prompts x ~44,000 faults on our machines); with the tuning the loop must fault (almost) nothing.
-    assert res["on"] < 50_000, res  # usually 0; a one-off arena or thread stack can add ~16,000
+        last = out.stdout.strip().splitlines()[-1]
+        res[mode], calls[mode] = float(last.split(" ", 1)[0]), last.split(" ", 1)[1]
+    # Steady state = the median over calls 2-5: with the tuning the heap still grows in the first call or two
+    # (first touch of new pages: 8,000-130,000 faults seen in calls 1-2, more with the AVX2 kernels), then
+    # stays; a median ignores one such call. Without the tuning glibc's churn depends on its adaptive mmap
+    # threshold, so that count is only compared when the churn is there (~420,000 per 16-prompt call here).
+    assert res["on"] < 1_000, calls  # 0 or 1 in every run seen
     if res["off"] > 100_000:
-        assert res["on"] < res["off"] / 20, res
+        assert res["on"] < res["off"] / 20, calls
     from ntt.allocator import tune_malloc
 
     assert tune_malloc(False) is False
