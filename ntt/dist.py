@@ -137,6 +137,22 @@ def gather_object(obj: Any) -> list[Any] | None:
     return out
 
 
+def shutdown() -> None:
+    """Destroy the default torch.distributed process group, if any (before a distributed process exits).
+
+    Left to interpreter exit, the group's background threads can be torn down while a peer that has already
+    exited (e.g. after a user error on every process) closes its connections: the C++ runtime then aborts
+    ("terminate called without an active exception") and the exit status becomes -6 instead of ours.
+    """
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception as err:  # never mask the exit status or the error being reported
+        log.debug("destroy_process_group failed: %s", err)
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> this process's accelerator device (cuda:<local rank>) or cpu; anything else as given."""
     if device != "auto":

@@ -23,6 +23,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ntt import dist
 from ntt.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -143,6 +144,7 @@ def _app(cfg: DictConfig) -> float | None:
         if _show_traceback() or _in_multirun():
             raise  # a multirun records it per job (FailedJobs) and goes on
         log.error("%s", err)
+        dist.shutdown()
         sys.exit(USER_ERROR_EXIT)
     # Hydra sweepers (e.g. Optuna) read the return value: the bbox AP when there is one.
     if metrics and "bbox" in metrics:
@@ -158,6 +160,7 @@ def main() -> None:
     try:
         _app()
     finally:
+        dist.shutdown()
         _report_failed_jobs()
 
 

@@ -498,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cfg.run_dir}\t{' '.join(job)}")
         return 0
     log.info("study: %d job(s)", len(jobs))
-    banks = run_study([cfg for _, cfg in jobs], [" ".join(job) or "(no overrides)" for job, _ in jobs])
+    try:
+        banks = run_study([cfg for _, cfg in jobs], [" ".join(job) or "(no overrides)" for job, _ in jobs])
+    finally:
+        dist.shutdown()  # torchrun: leave the process group before exiting (ntt.dist.shutdown)
     return _report(banks)
 
 
