@@ -50,3 +50,17 @@ def run_smoke(tmp_path: Path, *overrides: str, small: tuple[str, ...] = ()):
     from ntt.pipeline import run_pipeline
 
     return run_pipeline(compose_smoke(tmp_path, *overrides, small=small))
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[tuple]:
+    """Wrap ``owner.<name>`` so each call's positional arguments are appended to the returned list (the
+    function still runs); undone by ``monkeypatch`` at the end of the test."""
+    calls: list[tuple] = []
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA, REPO, require_path
-from helpers_pipeline import RUN_ARTIFACTS
+from helpers_pipeline import RUN_ARTIFACTS, count_calls
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -262,28 +262,14 @@ def test_changing_what_is_evaluated_reuses_the_segmented_images(tmp_path, caplog
     from ntt import inference, pipeline
 
     run(tmp_path, *SMALL_SYNTH)
-    calls = {"n": 0}
-    real = inference.infer_image
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "infer_image", counting)
-    built: list[str] = []
-    real_build = pipeline.build_backbone
-
-    def counting_build(ctx, which):
-        built.append(which)
-        return real_build(ctx, which)
-
-    monkeypatch.setattr(pipeline, "build_backbone", counting_build)
+    segmented = count_calls(monkeypatch, inference, "infer_image")
+    built = count_calls(monkeypatch, pipeline, "build_backbone")  # (ctx, which) per call
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "eval=coco_fast")
     # only merged and evaluated again: no image segmented, and no model built (not even by the preflight)
-    assert calls["n"] == 0 and built == [] and metrics["num_images"] == 2 and "bbox" in metrics
+    assert segmented == [] and built == [] and metrics["num_images"] == 2 and "bbox" in metrics
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "dataset.max_test_images=3")
-    assert calls["n"] == 1 and metrics["num_images"] == 3  # only the new image
-    assert sorted(set(built)) == ["dinov2", "sam2"]  # the new image needs both models
+    assert len(segmented) == 1 and metrics["num_images"] == 3  # only the new image
+    assert sorted({which for _, which in built}) == ["dinov2", "sam2"]  # the new image needs both models
     lines = [
         json.loads(x)
         for f in sorted((run_dir / "predictions").glob("rank*.jsonl"))

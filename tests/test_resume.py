@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers_pipeline import compose_smoke, run_smoke
+from helpers_pipeline import compose_smoke, count_calls, run_smoke
 from PIL import Image
 
 SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9"]
@@ -36,15 +36,7 @@ def count_images(monkeypatch):
     """Counts the images actually segmented (calls of infer_image)."""
     from ntt import inference
 
-    calls: list[int] = []
-    real = inference.infer_image
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "infer_image", counting)
-    return calls
+    return count_calls(monkeypatch, inference, "infer_image")
 
 
 def stage_lines(caplog) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from helpers_pipeline import RUN_ARTIFACTS
+from helpers_pipeline import RUN_ARTIFACTS, count_calls
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -46,15 +46,7 @@ def count_passes(monkeypatch):
     """Counts the memory-independent per-image computations (calls of propose_image)."""
     from ntt import inference
 
-    calls: list[int] = []
-    real = inference.propose_image
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "propose_image", counting)
-    return calls
+    return count_calls(monkeypatch, inference, "propose_image")
 
 
 def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, count_passes, caplog):
