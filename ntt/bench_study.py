@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ntt.bench import _machine_busy_s, hardware_info
+
 log = logging.getLogger(__name__)
 
 WARNING = (
@@ -83,12 +87,6 @@ def clean_test_outputs(output_dir: Path) -> int:
                 path.unlink()
                 n += 1
     return n
-
-
-def _machine_busy_s() -> float | None:
-    from ntt.bench import _machine_busy_s as busy
-
-    return busy()
 
 
 def timed(cmd: list[str], env: dict[str, str], log_file: Path) -> dict[str, Any]:
@@ -186,10 +184,6 @@ def main(argv: list[str] | None = None) -> Path:
     env = dict(os.environ, NTT_OUTPUT=str(work / "outputs"), HYDRA_FULL_ERROR="1")
     log.warning(WARNING)
     started = dt.datetime.now(dt.timezone.utc)
-    import torch
-
-    from ntt.bench import hardware_info
-
     hardware = hardware_info(torch.device(args.device))
     log.info("memory stages of every job (one single run, then the study; %d banks)", len(shots) * len(seeds))
     setup = {
