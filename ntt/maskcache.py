@@ -51,9 +51,11 @@ class ProposalMasks:
                 self.width,
                 chunk_size=self.chunk_size,
             )
+            keep_all = len(self._masks) + len(missing) <= self.capacity
             for k, i in enumerate(missing):
                 if len(self._masks) < self.capacity:
-                    self._masks[i] = up[k]
+                    # a view would keep the whole batch `up` alive, beyond max_bytes: copy unless all is kept
+                    self._masks[i] = up[k] if keep_all else up[k].clone()
                 else:
                     fresh[i] = up[k]
         out = torch.empty(len(ids), self.height, self.width, dtype=torch.bool, device=self.logits.device)

@@ -235,3 +235,6 @@ def test_shared_proposal_masks_give_the_same_bits_in_every_bank(max_bytes):
         rles = shared.rles(det.proposal_index, det.masks)
         cat_ids = [1, 2, 3]
         assert detections_to_coco(det, 7, cat_ids, rles=rles) == detections_to_coco(alone, 7, cat_ids)
+    # the cache's memory stays within max_bytes: what it holds owns no more storage than its masks
+    held = {m.untyped_storage().data_ptr(): m.untyped_storage().nbytes() for m in shared._masks.values()}
+    assert sum(held.values()) <= max_bytes
