@@ -40,7 +40,7 @@ from ntt.config import (
     to_plain,
 )
 from ntt.errors import UserError
-from ntt.fileid import CACHE_FILE, FileDigests, sha256_file
+from ntt.fileid import CACHE_FILE, FileDigests
 from ntt.fsutil import write_text_atomic
 from ntt.identity import config_id, identity_keys, portable_config, setting_id
 from ntt.preflight import annotation_problems, check_device, check_shots, report_annotations
@@ -369,7 +369,7 @@ def stage_sample_refs(ctx: RunContext) -> Path:
         "seed": seed,
         "source": how,
         "ref_json": Path(spec.ref_json).name,
-        "ref_json_sha256": sha256_file(Path(spec.ref_json)),
+        "ref_json_sha256": ctx.files.sha256(spec.ref_json),
         "category_ids": list(ref_ds.category_ids),
         "category_names": list(ref_ds.category_names),
         "ntt_version": __version__,
@@ -545,10 +545,12 @@ def plan_test(ctx: RunContext, *, shard: bool = True) -> TestPlan:
     ctx.inputs["test"] = {"dataset.test_image_root": files}
     if ctx.is_main:
         pred_dir.mkdir(parents=True, exist_ok=True)
-        if not any(
-            pred_dir.glob("rank*.jsonl")
-        ):  # settings that only change the evaluation have their own dir
-            reuse_sibling_lines(ctx.run_dir, pred_dir, keys)
+        # settings that only change the evaluation have their own dir: take the images not done here from a
+        # sibling's lines with the same keys (the same rule as the preflight's `_images_to_segment`)
+        here = _finished_image_ids(pred_dir, keys)
+        missing = {i: k for i, k in keys.items() if i not in here}
+        if missing:
+            reuse_sibling_lines(ctx.run_dir, pred_dir, missing)
     dist.barrier()
     done = _finished_image_ids(pred_dir, keys)
     todo = [i for i in ids if i not in done]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from ntt.fsutil import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ def find_sibling_lines(run_dir: Path, keys: dict[int, str]) -> dict[int, str]:
     """Per image id, a finished sibling result line (raw JSON) that carries the key ``keys[id]``."""
     found: dict[int, str] = {}
     for sib in _siblings(run_dir):
+        if len(found) == len(keys):
+            break
         for shard in sorted(sib.glob("rank*.jsonl")):
             with open(shard) as f:
                 for raw in f:
@@ -97,9 +99,7 @@ def adopt_sibling_artifact(
             continue
         # artifact first, manifest last (each atomically): an interruption leaves no manifest without its file
         for name in (artifact, manifest.name):
-            tmp = run_dir / f".{name}.adopt-{os.getpid()}"
-            shutil.copyfile(sib / name, tmp)
-            os.replace(tmp, run_dir / name)
+            write_bytes_atomic(run_dir / name, (sib / name).read_bytes())
         log.info("stage %s: %s reused from %s (same stage key)", stage, artifact, sib)
         return sib
     return None
