@@ -21,7 +21,7 @@ from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ntt import dist
 from ntt.errors import UserError
@@ -77,8 +77,13 @@ class FailedJobs(Callback):
         import json
 
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
 
-        if job_return.status != JobStatus.FAILED:
+        # Hydra calls this for a single run too: only a multirun's jobs are listed at its end
+        if (
+            job_return.status != JobStatus.FAILED
+            or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN
+        ):
             return
         err = getattr(job_return, "_return_value", None)
         overrides = " ".join(job_return.overrides or []) or "(no overrides)"
@@ -144,8 +149,7 @@ def _app(cfg: DictConfig) -> float | None:
         if _show_traceback() or _in_multirun():
             raise  # a multirun records it per job (FailedJobs) and goes on
         log.error("%s", err)
-        dist.shutdown()
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(USER_ERROR_EXIT)  # `main` leaves the process group on the way out
     # Hydra sweepers (e.g. Optuna) read the return value: the bbox AP when there is one.
     if metrics and "bbox" in metrics:
         return float(metrics["bbox"]["AP"])

@@ -158,6 +158,7 @@ def test_cli_user_error_is_one_message_without_traceback_and_v_shows_it(tmp_path
     assert "Traceback" not in out.stderr
     verbose = _cli(tmp_path, "dataset.ref_json=/nowhere/train.json", "-v")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+    assert "multirun" not in verbose.stderr  # a single run's failure is not listed as a multirun job
 
 
 def test_multirun_lists_every_failed_job(tmp_path):
