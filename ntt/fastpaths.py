@@ -549,9 +549,9 @@ TABLE_HEADER = (
     "peak memory",
     "same chosen output",
     "proposal mask IoU mean / min",
-    "IoU-score |diff| mean / max",
+    "IoU-score abs diff mean / max",
     "detections (fast vs parity)",
-    "matched det. score |diff| max / mask IoU min",
+    "matched det. score abs diff max / mask IoU min",
     "AP vs parity segm / bbox",
 )
 
