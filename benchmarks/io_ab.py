@@ -8,7 +8,7 @@ load average before and after. Used for benchmarks/README.md ("Data path").
     python benchmarks/io_ab.py --rounds 3 --out /tmp/io_ab.jsonl -- debug=smoke dataset=fruits_nuts \
         paths.data=/path/to/data dataset.max_test_images=null
     python benchmarks/io_ab.py --settings default --rounds 1 -- dataset=fruits_nuts paths.data=... \
-        backbone/sam2=sam2_hiera_l +backbone.sam2.random_init=true ...   # paper size (minutes per image)
+        backbone/sam2=sam2_hiera_l backbone.sam2.random_init=true ...   # paper size (minutes per image)
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ntt.bench import _machine_busy_s, hardware_info
+from ntt.bench import _machine_busy_s, device_slug, hardware_info
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,7 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    out = (
-        out_dir
-        / f"study-ratio-{started:%Y%m%d}-{re.sub(r'[^a-z0-9]+', '', args.device.lower())}{suffix}.json"
-    )
+    out = out_dir / f"study-ratio-{started:%Y%m%d}-{device_slug(torch.device(args.device))}{suffix}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     log.info(
         "%d banks vs one run: test stage %sx, whole command %sx -> %s",
