@@ -23,11 +23,11 @@ CACHE_FILE = "file_hashes.json"
 _RACY_NS = 2_000_000_000
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file's bytes (read in 1 MiB chunks)."""
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes (read in chunks of `chunk_size` bytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(chunk_size), b""):
             h.update(chunk)
     return h.hexdigest()
 

@@ -11,7 +11,6 @@ an unknown hash is ``None``. For those the downloader computes the hash, writes 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ntt.errors import UserError
+from ntt.fileid import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -357,15 +357,6 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
 # ----------------------------------------------------------------------------------------------------
 # Download
 # ----------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _target(name_or_url: str, url: str | None, sha256: str | None) -> tuple[str, str, str | None, str]:

@@ -31,7 +31,6 @@ recorded and retried on the next run, never losing the others. The output json r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ntt.fileid import sha256_file
 from ntt.prepare.contours import BACKENDS, external_contours, opencv_available
 
 log = logging.getLogger(__name__)
@@ -266,14 +266,6 @@ def _read_rgb_uint8(path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------
 # A whole json
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def with_segm_path(input_json: str | Path) -> Path:
