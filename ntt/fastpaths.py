@@ -57,6 +57,7 @@ from ntt.agreement import (
     compare_detections,
     compare_proposals,
 )
+from ntt.bench import _loadavg, _sync
 
 __all__ = ["MODES", "FastMode", "main", "mode_backbone"]
 
@@ -243,20 +244,8 @@ def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(f"signal {signum}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 @dataclass

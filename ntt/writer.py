@@ -46,7 +46,6 @@ class ResultWriter:
         self.async_write = bool(async_write)
         self.fail_fast = bool(fail_fast)
         self.busy_s = 0.0  # seconds spent building and writing records (in whichever thread ran them)
-        self.lines = 0
         self._queue: queue.Queue = queue.Queue(maxsize=int(depth))
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -113,7 +112,6 @@ class ResultWriter:
                 record = on_error(exc)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-            self.lines += 1
         except BaseException as exc:  # noqa: BLE001 - in the writer thread: kept for the loop, which raises it
             if self._thread is None:
                 raise

@@ -13,14 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers_pipeline import compose_smoke, count_calls, run_smoke
+from helpers_pipeline import count_calls, run_smoke
 from PIL import Image
 
 SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9"]
-
-
-def compose_cfg(tmp_path: Path, *overrides: str):
-    return compose_smoke(tmp_path, *overrides, small=tuple(SMALL))
 
 
 def run(tmp_path: Path, *overrides: str):
