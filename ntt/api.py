@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ntt.fsutil import write_bytes_atomic
 from ntt.inference import InferenceParams
 from ntt.speed import format_seconds
 
@@ -310,21 +310,9 @@ class ReferenceBank:
             "counts": self.counts.detach().to("cpu", torch.int64).contiguous(),
         }
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()  # bytes independent of the file name (see MemoryBank.save)
         torch.save(payload, buf)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the bank unreadable to others
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes_atomic(path, buf.getvalue())  # with the umask's mode (mkstemp's 0600 would hide it)
         return path
 
     @classmethod
