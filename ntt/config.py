@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ntt.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -144,6 +146,24 @@ class EvalConfig:
     iou_types: tuple[str, ...] = ("bbox", "segm")
 
 
+def resolve_num_workers(num_workers: int | str, device: str) -> int:
+    """``io.num_workers`` as a number: ``auto`` is 2 on CUDA and 0 on CPU (see conf/main.yaml for why).
+
+    Args:
+        num_workers: ``auto`` or a count >= 0.
+        device: the run's device.
+    """
+    if num_workers == "auto":
+        return 2 if str(device).startswith("cuda") else 0
+    try:
+        n = int(num_workers)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise ValueError(f"io.num_workers={num_workers!r}: use `auto` or a number of processes >= 0")
+    return n
+
+
 @dataclass(frozen=True)
 class IOConfig:
     """How the test loops read images and write results (`io` node); never changes a result.
@@ -166,6 +186,7 @@ class IOConfig:
     timing: bool = True
 
     def __post_init__(self) -> None:
+        resolve_num_workers(self.num_workers, "cpu")  # `auto` or a count >= 0, checked before any stage runs
         if int(self.prefetch_factor) < 1:
             raise ValueError(f"io.prefetch_factor={self.prefetch_factor}: use a number of images >= 1")
         if int(self.write_queue) < 1:
@@ -173,8 +194,6 @@ class IOConfig:
 
     def workers(self, device: str) -> int:
         """`num_workers` as a number for this device."""
-        from ntt.data.prefetch import resolve_num_workers
-
         return resolve_num_workers(self.num_workers, device)
 
 
@@ -194,7 +213,12 @@ def build_node(node: Any, cls: type, **overrides: Any) -> Any:
     data.update(overrides)
     if cls is EvalConfig and "iou_types" in data:
         data["iou_types"] = tuple(data["iou_types"])
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a value check in __post_init__: the user's to fix, one message, exit 2
+        raise ConfigError(str(err)) from err
 
 
 def config_hash(*parts: Any) -> str:

@@ -13,6 +13,10 @@ class UserError(Exception):
     """Bad input or config: the message names the file / annotation / config key and what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (the message names the key, e.g. ``io.write_queue=0``)."""
+
+
 class ImageError(UserError, OSError):
     """An image file that cannot be used: missing, undecodable, truncated, or of the wrong size."""
 

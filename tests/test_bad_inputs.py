@@ -161,6 +161,14 @@ def test_cli_user_error_is_one_message_without_traceback_and_v_shows_it(tmp_path
     assert "multirun" not in verbose.stderr  # a single run's failure is not listed as a multirun job
 
 
+def test_bad_io_setting_is_one_message_before_any_stage(tmp_path):
+    for arg, msg in (("io.num_workers=-2", "io.num_workers=-2"), ("io.write_queue=0", "io.write_queue=0")):
+        out = _cli(tmp_path, arg)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert msg in out.stderr + out.stdout and "Traceback" not in out.stderr + out.stdout
+        assert not list(tmp_path.rglob("stage_*.json"))  # refused before the first stage
+
+
 def test_multirun_lists_every_failed_job(tmp_path):
     out = _cli(tmp_path, "dataset.ref_json=/nowhere/a.json,/nowhere/b.json", flags=("--multirun",))
     assert out.returncode != 0

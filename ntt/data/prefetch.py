@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ntt.config import resolve_num_workers  # re-exported: the loop's worker count
+
 __all__ = ["ImageSpec", "LoadedImage", "TestImageDataset", "prefetch_images", "resolve_num_workers"]
 
 log = logging.getLogger(__name__)
@@ -149,24 +151,6 @@ class TestImageDataset(torch.utils.data.Dataset):
 
 def _as_is(item: LoadedImage) -> LoadedImage:
     return item
-
-
-def resolve_num_workers(num_workers: int | str, device: str) -> int:
-    """``io.num_workers`` as a number: ``auto`` is 2 on CUDA and 0 on CPU (see conf/main.yaml for why).
-
-    Args:
-        num_workers: ``auto`` or a count >= 0.
-        device: the run's device.
-    """
-    if num_workers == "auto":
-        return 2 if str(device).startswith("cuda") else 0
-    try:
-        n = int(num_workers)
-    except (TypeError, ValueError):
-        n = -1
-    if n < 0:
-        raise ValueError(f"io.num_workers={num_workers!r}: use `auto` or a number of processes >= 0")
-    return n
 
 
 def prefetch_images(
