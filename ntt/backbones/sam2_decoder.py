@@ -14,11 +14,8 @@ the rest with the official modules' weights and the *same* tensor operations on 
 its outputs equal the official decoder's bit for bit on the CPU (tests/test_sam2_decoder.py checks this;
 docs: benchmarks/README.md). Later blocks depend on the prompts (``keys`` is updated at the end of block 0)
 and are run as in the official code, except that ``keys + key_pe``, computed twice per block there, is
-computed once (an element-wise sum: same values).
-
-``decode(..., best_only=True)`` also skips work whose result is unused by the grid proposer: it computes the
-predicted IoUs first and multiplies the upscaled embedding only with the hypernetwork vector of the chosen
-output (``1 + argmax`` of outputs 1..3) instead of all four.
+computed once (an element-wise sum: same values). All four outputs are always computed: one output alone
+takes another matmul kernel on the CPU, which changes the last bits (the caller keeps only the chosen one).
 """
 
 from __future__ import annotations
@@ -66,15 +63,11 @@ class DecoderOutput:
 
     Attributes:
         ious: ``[b, 4]`` predicted IoUs of all outputs (index 0 = the single-mask token).
-        masks: ``[b, 4, 4H, 4W]`` logits of all outputs, or None with ``best_only``.
-        best_index: ``[b]`` ``1 + argmax(ious[:, 1:])`` (ties: first), only with ``best_only``.
-        best_masks: ``[b, 4H, 4W]`` logits of the chosen output, only with ``best_only``.
+        masks: ``[b, 4, 4H, 4W]`` logits of all outputs.
     """
 
     ious: Tensor
-    masks: Tensor | None = None
-    best_index: Tensor | None = None
-    best_masks: Tensor | None = None
+    masks: Tensor
 
 
 def _attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -218,14 +211,12 @@ class CachedSAM2Decoder:
         return queries, keys
 
     # ------------------------------------------------------------------------------------------------
-    def decode(self, cache: DecoderImageCache, sparse: Tensor, *, best_only: bool = False) -> DecoderOutput:
+    def decode(self, cache: DecoderImageCache, sparse: Tensor) -> DecoderOutput:
         """``MaskDecoder.predict_masks`` for a batch of prompts on the cached image.
 
         Args:
             cache: from :meth:`prepare`.
             sparse: ``[b, n, C]`` sparse prompt embeddings (``sam_prompt_encoder(...)[0]``).
-            best_only: return only the chosen output's logits (``1 + argmax`` of the IoUs of outputs 1..3)
-                instead of all four; the IoUs of all four are always returned.
 
         Returns:
             A :class:`DecoderOutput`.
@@ -263,11 +254,5 @@ class CachedSAM2Decoder:
         )
         b, c, h, w = upscaled.shape
         ious = md.iou_prediction_head(iou_token_out)
-        flat = upscaled.view(b, c, h * w)
-        if not best_only:
-            masks = (hyper_in @ flat).view(b, -1, h, w)
-            return DecoderOutput(ious=ious, masks=masks)
-        best = 1 + torch.argmax(ious[:, 1:], dim=1)
-        rows = torch.arange(b, device=best.device)
-        best_masks = (hyper_in[rows, best].unsqueeze(1) @ flat).view(b, h, w)
-        return DecoderOutput(ious=ious, best_index=best, best_masks=best_masks)
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        return DecoderOutput(ious=ious, masks=masks)
