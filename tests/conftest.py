@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,26 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return require_path(DATA, "shared datasets")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the body with ``n`` torch threads (then restore the count).
+
+    Comparisons of 1 against 2 processes must hold the threads per process equal: `torchrun` gives each
+    process OMP_NUM_THREADS=1, and on some CPUs the BLAS kernels' float results depend on the thread count
+    (measured on an Intel Xeon with AVX-512: SAM2 decoder logits moved by 3e-7 and final scores in the last
+    bit between 1 and 2 threads of ONE process). That is a property of the kernels, not of the sharding
+    these tests check.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="session")

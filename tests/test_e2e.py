@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, require_path
+from conftest import DATA, REPO, require_path, torch_threads
 from helpers_pipeline import RUN_ARTIFACTS, count_calls
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -183,7 +183,8 @@ def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
     Memory batches of 2 crops (4 classes x 2 shots: 4 batches): each process encodes two of them
     (ntt/memory_shard.py), the test images are sharded too."""
     small = [*SMALL_SYNTH, "dataset.max_test_images=3", "matcher.memory.batch_size=2"]
-    one, _ = run(tmp_path / "one", *small)
+    with torch_threads(1):  # as each torchrun process below (conftest.torch_threads says why)
+        one, _ = run(tmp_path / "one", *small)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,

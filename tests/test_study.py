@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, torch_threads
 from helpers_pipeline import RUN_ARTIFACTS, count_calls
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -135,7 +135,8 @@ def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
     from ntt.study import run_study
 
     extra = "matcher.memory.batch_size=1"  # 4 classes x 1-2 shots: 4-8 batches, both processes encode some
-    banks = run_study(study_cfgs(tmp_path / "one", data_root, (1, 2), 5, extra))
+    with torch_threads(1):  # as each torchrun process below (conftest.torch_threads says why)
+        banks = run_study(study_cfgs(tmp_path / "one", data_root, (1, 2), 5, extra))
     assert [b.error for b in banks] == [None, None]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ntt.study", *BASE]
     cmd += [f"paths.output_dir={tmp_path / 'two'}", f"dataset.root={data_root}", "shots=1,2", "seed=5", extra]
