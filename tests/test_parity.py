@@ -31,8 +31,16 @@ Two kinds of test, per setting:
      applied to the 256x256 masks (logits from the trace) and to the final full-resolution masks (ntt's
      upsampled logits; bilinear antialiased weights are non-negative and sum to 1, so the upsampled values obey
      the same 1e-5 bound). The number of flipped pixels and the largest |logit| among them are reported.
-   * *Discrete outcomes* (labels, NMS keep lists, final order and proposals, boxes, COCO bbox/category ids,
-     number of detections) must be identical, flips or not: that is what "same detections" means.
+   * *Discrete outcomes* (labels, NMS keep lists, final order and proposals, COCO category ids, number of
+     detections) must be identical, flips or not: that is what "same detections" means.
+   * *Decayed and final scores* are ``score * (1 - ios) ** 0.5``: they are held to the 1e-5 of ``ios`` carried
+     through that square root (``_decay_tolerance``), which amplifies rounding for near-duplicate masks.
+   * *Final boxes* (trace and COCO ``bbox``) must be identical, except for a detection whose final mask has a
+     near-tie flip on its extent: a box is the inclusive extent of its own mask, so two near-tie pixels on an
+     outer row move it by one pixel (seen with the AVX2 kernels forced on an Intel Xeon: 2 pixels with
+     |logit| < 1e-5 on row 7 of one of 64 masks in ``nms_off``). Such a box is accepted only if the box of
+     ntt's mask is ntt's box and the box of the fixture's mask is the fixture's box (the counterfactual), for
+     every detection.
    * *Float quantities downstream of a mask* (embeddings, sim, scores, ios, decayed/final scores) must be within
      1e-5, except an entry whose inputs include a mask with a near-tie flip (its own mask; for soft merging
      also any earlier same-class mask it is compared with). Such an entry is accepted only if the
@@ -140,13 +148,14 @@ class Checker:
             self.fail(
                 stage,
                 what,
-                f"entry {i}: max abs diff {diff[i].max():.3g} > {atol} and no near-tie mask flip feeds it "
+                f"entry {i}: max abs diff {diff[i].max():.3g} > tolerance and no near-tie mask flip feeds it "
                 f"(got {got[i]!r}, expected {want[i]!r})",
             )
         if rows_bad.any():
+            within = f"{atol}" if np.isscalar(atol) else f"the per-entry bound, at most {np.max(atol):.3g}"
             self.report.append(
                 f"{stage}:{what}: {int(rows_bad.sum())} entries off by up to {diff.max():.3g}, each explained by "
-                f"near-tie mask flips (counterfactual within {atol})"
+                f"near-tie mask flips (counterfactual within {within})"
             )
         self.checked.append(f"{stage}:{what}")
 
@@ -158,6 +167,27 @@ class Checker:
                 what,
                 f"got {got.tolist() if got.size < 40 else got.shape}, "
                 f"expected {want.tolist() if want.size < 40 else want.shape}",
+            )
+        self.checked.append(f"{stage}:{what}")
+
+    def equal_or_explained(self, stage, what, got, want, *, affected, own, counterfactual):
+        """Identical, or (row flagged in ``affected``, ``got`` row == ``own`` row, and the counterfactual
+        row == ``want`` row). ``own`` is the quantity recomputed from ntt's own masks and ``counterfactual``
+        from the fixture's masks; both must hold for every row (checked first)."""
+        self.equal(f"{stage} (from ntt's own masks)", what, got, own)
+        self.equal(f"{stage} (counterfactual: fixture masks)", what, counterfactual, want)
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape:
+            self.fail(stage, what, f"shape {got.shape} != expected {want.shape}")
+        rows_bad = (got != want).reshape(len(got), -1).any(axis=1)
+        unexplained = rows_bad & ~np.asarray(affected, bool)
+        if unexplained.any():
+            i = int(np.argwhere(unexplained)[0, 0])
+            self.fail(stage, what, f"entry {i}: got {got[i].tolist()}, expected {want[i].tolist()}, no near-tie flip")
+        if rows_bad.any():
+            self.report.append(
+                f"{stage}:{what}: {int(rows_bad.sum())} entries differ, each the extent of a mask with near-tie "
+                "flips (counterfactual identical)"
             )
         self.checked.append(f"{stage}:{what}")
 
@@ -567,11 +597,19 @@ def _check_image(c: Checker, run: Path, fx: Fixture, img: int, prototypes: np.nd
     c.equal(f"{st}/top_k", "final_order", order, post["final_order"])
     c.equal(f"{st}/top_k", "final_proposal", got["final_proposal"], post["final_proposal"])
     c.equal(f"{st}/top_k", "final_labels", got["final_labels"], post["final_labels"])
-    c.equal(f"{st}/top_k", "final_boxes_xyxy", got["final_boxes_xyxy"], post["final_boxes_xyxy"])
     ntt_final, want_final = _decode(results), fx.final_masks(img)
     up = upsample_logits(_t(logits[got["final_proposal"]]), 600, 800).numpy()
     flip_final = c.near_tie_masks(f"{st}/resize", "final masks", ntt_final, want_final, up)
     c.mask_iou(f"{st}/resize", "final masks", ntt_final, want_final)
+    c.equal_or_explained(
+        f"{st}/top_k",
+        "final_boxes_xyxy",
+        got["final_boxes_xyxy"],
+        post["final_boxes_xyxy"],
+        affected=flip_final,
+        own=_mask_boxes(ntt_final),
+        counterfactual=_mask_boxes(want_final),
+    )
 
     # Soft merging: entry i is affected when its mask or an earlier same-class one flipped (at 256 or full res).
     flip_pos = flip256[keep_pos].copy()
@@ -583,6 +621,7 @@ def _check_image(c: Checker, run: Path, fx: Fixture, img: int, prototypes: np.nd
     c.close_or_explained(
         f"{st}/soft_merge", "ios", got["ios"], post["ios"], affected=affected, counterfactual=ios_cf
     )
+    dec_tol = _decay_tolerance(post["scores_decayed"], post["ios"])
     c.close_or_explained(
         f"{st}/soft_merge",
         "scores_decayed",
@@ -590,6 +629,7 @@ def _check_image(c: Checker, run: Path, fx: Fixture, img: int, prototypes: np.nd
         post["scores_decayed"],
         affected=affected,
         counterfactual=dec_cf,
+        atol=dec_tol,
     )
     c.close_or_explained(
         f"{st}/top_k",
@@ -598,19 +638,55 @@ def _check_image(c: Checker, run: Path, fx: Fixture, img: int, prototypes: np.nd
         post["final_scores"],
         affected=affected[order],
         counterfactual=dec_cf[_t(order)],
+        atol=dec_tol[order],
     )
-    return affected[order]
+    return affected[order], flip_final, dec_tol[order]
 
 
-def _check_results(c: Checker, run: Path, fx: Fixture, affected_final: np.ndarray):
+def _decay_tolerance(decayed: np.ndarray, ios: np.ndarray) -> np.ndarray:
+    """Per-entry bound of a decayed score: the README's 1e-5 on ``ios`` carried through ``(1 - ios) ** 0.5``.
+
+    ``decayed = score * (1 - ios) ** 0.5``, so an ``ios`` error ``e`` moves it by ``decayed * e / (2 (1 - ios))``
+    to first order: near-duplicates (``ios`` close to 1) amplify rounding that is within tolerance upstream.
+    Seen with the AVX2 kernels forced on an Intel Xeon: an entry with ``1 - ios`` of about 3.5e-5 moved by
+    1.1e-5 while its ``ios`` was within 1e-7. ``1 - ios`` is floored at 1e-5 (the ``ios`` tolerance itself).
+    """
+    decayed, ios = np.asarray(decayed, np.float64), np.asarray(ios, np.float64)
+    gap = np.maximum(1.0 - np.nan_to_num(ios, nan=0.0), ATOL)
+    return ATOL * (1.0 + np.nan_to_num(np.abs(decayed), nan=0.0) / (2.0 * gap))
+
+
+def _mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """Inclusive ``x1, y1, x2, y2`` extents of binary masks (ntt's final-box function)."""
+    from ntt.ops import masks_to_boxes_inclusive
+
+    return masks_to_boxes_inclusive(torch.from_numpy(np.ascontiguousarray(masks))).numpy()
+
+
+def _xywh(boxes: np.ndarray) -> list[list[float]]:
+    """COCO ``bbox`` of inclusive boxes as parity mode writes it (width = x2 - x1, no +1)."""
+    return [[float(x1), float(y1), float(x2 - x1), float(y2 - y1)] for x1, y1, x2, y2 in boxes.tolist()]
+
+
+def _check_results(
+    c: Checker, run: Path, fx: Fixture, affected_final: np.ndarray, flip_final: np.ndarray, tol: np.ndarray
+):
     want = fx.results
     got = json.loads((run / "predictions.json").read_text())
     c.equal("results", "number of detections", len(got), len(want))
     c.equal("results", "image_id", [r["image_id"] for r in got], [r["image_id"] for r in want])
     c.equal("results", "category_id", [r["category_id"] for r in got], [r["category_id"] for r in want])
-    c.equal("results", "bbox", [r["bbox"] for r in got], [r["bbox"] for r in want])
+    c.equal_or_explained(
+        "results",
+        "bbox",
+        [r["bbox"] for r in got],
+        [r["bbox"] for r in want],
+        affected=flip_final,
+        own=_xywh(_mask_boxes(_decode(got))),
+        counterfactual=_xywh(_mask_boxes(_decode(want))),
+    )
     got_s, want_s = np.asarray([r["score"] for r in got]), np.asarray([r["score"] for r in want])
-    bad = np.abs(got_s - want_s) > ATOL
+    bad = np.abs(got_s - want_s) > tol  # _decay_tolerance: the final scores are decayed scores
     if (bad & ~affected_final).any():
         i = int(np.argwhere(bad & ~affected_final)[0, 0])
         c.fail(
@@ -632,11 +708,14 @@ def run_end_to_end_checks(setting: str, run: Path) -> Checker:
     _check_refs(c, run)
     prototypes = _check_memory(c, run, fx)
     all_results = json.loads((run / "predictions.json").read_text())
-    affected = []
+    affected, flips, tols = [], [], []
     for img in IMAGES:
         results = [r for r in all_results if r["image_id"] == img]
-        affected.append(_check_image(c, run, fx, img, prototypes, results))
-    _check_results(c, run, fx, np.concatenate(affected))
+        aff, flip, tol = _check_image(c, run, fx, img, prototypes, results)
+        affected.append(aff)
+        flips.append(flip)
+        tols.append(tol)
+    _check_results(c, run, fx, np.concatenate(affected), np.concatenate(flips), np.concatenate(tols))
     return c
 
 
