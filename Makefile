@@ -57,53 +57,53 @@ format: setup ## ruff format + autofix
 	$(VENV)/bin/ruff check --fix ntt tests
 
 demo: setup ## main job: the whole pipeline on the synthetic dataset with SAM2.1-t + DINOv2-S/14 (fetches them)
-	@$(PY) -m ntt.cli download --quiet sam2.1_hiera_t dinov2_vits14 || echo "(could not fetch the checkpoints; going on with what is in ./checkpoints)"
-	@$(PY) -m ntt.run dataset=synthetic backbone/sam2=sam2.1_hiera_t backbone/dinov2=vits14 shots=3 variant=demo $(ARGS) || { \
+	@$(PY) -m ntt download --quiet sam2.1_hiera_t dinov2_vits14 || echo "(could not fetch the checkpoints; going on with what is in ./checkpoints)"
+	@$(PY) -m ntt run dataset=synthetic backbone/sam2=sam2.1_hiera_t backbone/dinov2=vits14 shots=3 variant=demo $(ARGS) || { \
 	  echo; echo "make demo stopped (see the error above). Offline, without the checkpoints, run 'make smoke':"; \
 	  echo "the same pipeline with tiny random weights (plumbing only)."; exit 1; }
 
 smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are plumbing only)
-	$(PY) -m ntt.run dataset=synthetic debug=smoke $(ARGS)
+	$(PY) -m ntt run dataset=synthetic debug=smoke $(ARGS)
 
 checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
-	$(PY) -m ntt.cli download sam2_hiera_l dinov2_vitl14
+	$(PY) -m ntt download sam2_hiera_l dinov2_vitl14
 
 bench: setup ## hot spots (ARGS=, e.g. "--device cuda ...") + the 60-bank study ratio (STUDY_ARGS=) -> benchmarks/
-	$(PY) -m ntt.bench $(ARGS)
-	$(PY) -m ntt.bench_study $(if $(findstring --quick,$(ARGS)),--quick) $(STUDY_ARGS)
+	$(PY) -m ntt.tools.bench $(ARGS)
+	$(PY) -m ntt.tools.study_ratio $(if $(findstring --quick,$(ARGS)),--quick) $(STUDY_ARGS)
 
 bench-study: setup ## only the N-bank study ratio: one run vs `ntt study` of 60 banks (~4 min on 2 CPU cores)
-	$(PY) -m ntt.bench_study $(STUDY_ARGS)
+	$(PY) -m ntt.tools.study_ratio $(STUDY_ARGS)
 
 bench-fastpaths: setup ## fast paths vs parity mode: images/s, memory, agreement (random weights); benchmarks/fastpaths-*
-	$(PY) -m ntt.fastpaths $(ARGS)
+	$(PY) -m ntt.tools.fastpaths $(ARGS)
 
 # Benchmark data: public downloads -> the jsons conf/dataset/* read (README, "Benchmark data").
 MASK_MODEL ?= sam_vit_h
 prepare-coco: setup ## check the COCO 2017 layout in data/coco (nothing to convert)
-	$(PY) -m ntt.cli prepare coco $(ARGS)
+	$(PY) -m ntt prepare coco $(ARGS)
 
 prepare-voc: setup ## VOC07+12 xml -> COCO jsons + SAM masks in data/voc (MASK_MODEL=sam_vit_h; GPU advised)
-	$(PY) -m ntt.cli download sam_vit_h --quiet || true
-	$(PY) -m ntt.cli prepare voc --mask-model $(MASK_MODEL) $(ARGS)
+	$(PY) -m ntt download sam_vit_h --quiet || true
+	$(PY) -m ntt prepare voc --mask-model $(MASK_MODEL) $(ARGS)
 
 prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and test.json in data/cdfsod
-	$(PY) -m ntt.cli download sam_vit_h --quiet || true
-	$(PY) -m ntt.cli prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
+	$(PY) -m ntt download sam_vit_h --quiet || true
+	$(PY) -m ntt prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
 
 prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
-	$(PY) -m ntt.cli prepare lvis $(ARGS)
+	$(PY) -m ntt prepare lvis $(ARGS)
 
 # The paper's benchmarks: one study each (experiments/bench/*.yaml), then its tables in
 # $(OUTPUTS)/tables/<study>/ (summary.md). The table is written even when some runs failed (listed there).
 # `ntt study` runs every job of the sweep with ONE pass over the test images for all their memory banks
-# (results byte-identical to separate runs, ntt/study.py). BENCH_RUN="$(PY) -m ntt.run" runs the jobs one
+# (results byte-identical to separate runs, ntt/runner/study.py). BENCH_RUN="$(PY) -m ntt run" runs the jobs one
 # by one as a Hydra multirun instead (e.g. on SLURM with ARGS=hydra/launcher=slurm).
 OUTPUTS ?= outputs
-BENCH_RUN ?= $(PY) -m ntt.cli study
+BENCH_RUN ?= $(PY) -m ntt study
 define run_study
 	@status=0; $(BENCH_RUN) +bench=$(1) $(ARGS) || status=$$?; \
-	 $(PY) -m ntt.cli summarize $(OUTPUTS) --study bench_$(1) --out $(OUTPUTS)/tables/bench_$(1); exit $$status
+	 $(PY) -m ntt summarize $(OUTPUTS) --study bench_$(1) --out $(OUTPUTS)/tables/bench_$(1); exit $$status
 endef
 bench-coco: setup ## COCO few-shot: shots 1,2,3,5,10,30 x 10 seeds (60 runs) + table (GPU; paper 36.8 nAP)
 	$(call run_study,coco)

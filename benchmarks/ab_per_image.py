@@ -22,7 +22,7 @@ CHILD = r"""
 import json, os, resource, sys, time
 import torch
 sys.path.insert(0, os.environ["AB_SRC"])
-from ntt.bench import build_models
+from ntt.tools.bench import build_models
 from ntt.inference import InferenceParams, infer_image
 from ntt.proposals import generate_proposals
 

@@ -36,8 +36,8 @@ def main() -> None:
     args = p.parse_args()
 
     from ntt.backbones.sam2 import build_sam2
-    from ntt.bench import _option_kwargs, smooth_images
-    from ntt.fastpaths import MODES, mode_backbone
+    from ntt.tools.bench import _option_kwargs, smooth_images
+    from ntt.tools.fastpaths import MODES, mode_backbone
     from ntt.proposals import point_grid
 
     torch.manual_seed(0)

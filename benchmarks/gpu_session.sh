@@ -6,10 +6,10 @@
 #
 # Parts (each in its own process with its own time limit; one failing or timing out never loses the
 # others' results, and the fast-paths tool reports the images it finished when its limit stops it):
-#   1. fastpaths-eager:   python -m ntt.fastpaths at paper size (SAM2 Hiera-L + DINOv2 ViT-L/14, 32x32 grid,
+#   1. fastpaths-eager:   python -m ntt.tools.fastpaths at paper size (SAM2 Hiera-L + DINOv2 ViT-L/14, 32x32 grid,
 #                         RANDOM weights): parity, parity rerun, bf16, fp16, tf32, one decoder call
 #   2. fastpaths-compile: the same for torch.compile alone and the GPU goal's combination
-#   3. bench:             python -m ntt.bench --device cuda --sam2 sam2_hiera_l --dinov2 vitl14
+#   3. bench:             python -m ntt.tools.bench --device cuda --sam2 sam2_hiera_l --dinov2 vitl14
 #   4. parity-gpu:        pytest -m gpu tests/test_parity.py (CUDA, TF32 off; skips without the fixture)
 # Output: everything under $OUT if set, else benchmarks/gpu-session-<UTC time>/: one log per part, the
 # tools' json/md files, env.txt and summary.txt (part, exit code, seconds). Exit code 0 iff every part passed.
@@ -79,11 +79,11 @@ run_part() {  # name, seconds, command...
 } > "$DEST/env.txt"
 cat "$DEST/env.txt"
 
-run_part fastpaths-eager "$T_EAGER" "$PY" -m ntt.fastpaths "${DEV[@]}" --modes "$EAGER_MODES" \
+run_part fastpaths-eager "$T_EAGER" "$PY" -m ntt.tools.fastpaths "${DEV[@]}" --modes "$EAGER_MODES" \
   --out "$DEST" --tag eager
-run_part fastpaths-compile "$T_COMPILE" "$PY" -m ntt.fastpaths "${DEV[@]}" --modes "$COMPILE_MODES" \
+run_part fastpaths-compile "$T_COMPILE" "$PY" -m ntt.tools.fastpaths "${DEV[@]}" --modes "$COMPILE_MODES" \
   --out "$DEST" --tag compile
-run_part bench "$T_BENCH" "$PY" -m ntt.bench "${BENCH[@]}" --out "$DEST"
+run_part bench "$T_BENCH" "$PY" -m ntt.tools.bench "${BENCH[@]}" --out "$DEST"
 run_part parity-gpu "$T_PARITY" "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_parity.py
 
 echo "results in $DEST"

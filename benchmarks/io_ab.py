@@ -1,8 +1,8 @@
 """Where the test loop's time goes, for several `io` settings, interleaved (RANDOM WEIGHTS: timings only).
 
-Each round runs `python -m ntt.run` once per `io` setting (in that order, in a fresh process and a fresh
+Each round runs `python -m ntt run` once per `io` setting (in that order, in a fresh process and a fresh
 output folder, so every run segments every image), then reads `predictions/timing_rank0.json`: seconds per
-image, per section (ntt/timing.py) and `outside_models_fraction`. One JSON line per run, with the 1-minute
+image, per section (ntt/utils/timing.py) and `outside_models_fraction`. One JSON line per run, with the 1-minute
 load average before and after. Used for benchmarks/README.md ("Data path").
 
     python benchmarks/io_ab.py --rounds 3 --out /tmp/io_ab.jsonl -- debug=smoke dataset=fruits_nuts \
@@ -36,7 +36,8 @@ def run_once(name: str, overrides: list[str], out_root: Path) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "ntt.run",
+        "ntt",
+        "run",
         "device=cpu",
         f"paths.output_dir={out}",
         *overrides,
@@ -63,7 +64,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["w0_sync", "w0_async", "w1_sync", "w1_async"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, required=True, help="JSON lines file (appended)")
-    p.add_argument("overrides", nargs="*", help="ntt.run overrides after --")
+    p.add_argument("overrides", nargs="*", help="ntt.runner.main overrides after --")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="ntt_io_ab_") as tmp:
         for r in range(args.rounds):

@@ -1,6 +1,6 @@
 """ntt: training-free, reference-based instance segmentation (No Time to Train!)."""
 
-from ntt.identity import register_resolver as _register_resolver
+from ntt.utils.identity import register_resolver as _register_resolver
 
 _register_resolver()  # `${ntt.config_id:}` in conf/main.yaml's run_name (light: omegaconf only)
 
@@ -8,8 +8,12 @@ __version__ = "0.1.0"
 
 __all__ = ["Segmenter", "Instances", "ReferenceBank", "__version__"]
 
-# The practitioner API (ntt.api) imports torch: load it on first use so `import ntt` stays light.
-_LAZY = {"Segmenter": "ntt.api", "Instances": "ntt.api", "ReferenceBank": "ntt.api"}
+# The practitioner API (ntt.app.segmenter) imports torch: load it on first use so `import ntt` stays light.
+_LAZY = {
+    "Segmenter": "ntt.app.segmenter",
+    "Instances": "ntt.app.segmenter",
+    "ReferenceBank": "ntt.app.segmenter",
+}
 
 
 def __getattr__(name: str):

@@ -1,63 +1,51 @@
-"""`ntt` command: run the pipeline or a study, fetch checkpoints, prepare benchmarks, summarise, segment.
+"""`ntt` command (also `python -m ntt`): one dispatcher, one log set-up, one user-error exit.
 
-ntt run [hydra overrides]        same as `python -m ntt.run ...`
+ntt run [hydra overrides]        run the stages of one config (Hydra app; `-m` for a multirun)
 ntt study [hydra overrides]      every job of a sweep with ONE pass over the test images (ntt study --help)
-ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
-ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
-ntt synth OUT_DIR                write the synthetic COCO-format dataset
 ntt segment --refs R --images D --out O [overrides]   segment your own images (ntt segment --help)
 ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of a benchmark run
+ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
+ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
 ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks)
+ntt synth OUT_DIR                write the synthetic COCO-format dataset
+
+-v / --verbose anywhere on the line: show the traceback of an error in the input or config (which is
+otherwise one line, exit status 2).
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 import sys
 
-COMMANDS = ("run", "study", "download", "summarize", "synth", "segment", "visualize", "prepare")
+# command -> module whose `main(argv) -> int` runs it (imported on use: `ntt --help` stays light)
+COMMANDS = {
+    "run": "ntt.runner.main:run_main",
+    "study": "ntt.runner.main:study_main",
+    "segment": "ntt.app.segment:main",
+    "visualize": "ntt.app.visualize:main",
+    "summarize": "ntt.runner.summarize:main",
+    "download": "ntt.backbones.checkpoints:download_main",
+    "prepare": "ntt.prepare:main",
+    "synth": "ntt.data.synthetic:main",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Dispatch `ntt <command> ...`; returns the exit status (2 for a user error or an unknown command)."""
+    from ntt.utils.console import setup_logging, take_verbose, user_error_exit
+    from ntt.utils.errors import UserError
+
+    argv = take_verbose(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "run":
-        from ntt import run
-
-        sys.argv = ["ntt run", *rest]
-        run.main()
-        return 0
-    if cmd == "study":  # many memory banks, one pass over the test images (ntt/study.py)
-        from ntt.study import main as study_main
-
-        return study_main(rest)
-    if cmd == "download":
-        from ntt.backbones.checkpoints import download_main
-
-        return int(download_main(rest) or 0)
-    if cmd == "summarize":
-        from ntt.summarize import main as summarize_main
-
-        return summarize_main(rest)
-    if cmd == "prepare":
-        from ntt.prepare import main as prepare_main
-
-        return prepare_main(rest)
-    if cmd == "segment":
-        from ntt.segment import main as segment_main
-
-        return segment_main(rest)
-    if cmd == "visualize":
-        from ntt.visualize import main as visualize_main
-
-        return visualize_main(rest)
-    from ntt.data.synthetic import main as synth_main
-
-    return int(synth_main(rest) or 0)
+    setup_logging()
+    module, func = COMMANDS[argv[0]].split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    except UserError as err:
+        return user_error_exit(err)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections
 from ntt.proposals import generate_proposals
-from ntt.timing import section
+from ntt.utils.timing import section
 
 __all__ = [
     "ImageProposals",
@@ -65,8 +65,8 @@ class InferenceParams:
         """The test-time settings of a run's ``proposer`` and ``matcher`` config nodes.
 
         Args:
-            proposer: ``ntt.config.ProposerConfig`` (or any object with its fields).
-            matcher: ``ntt.config.MatcherConfig`` (or any object with its fields).
+            proposer: ``ntt.utils.config.ProposerConfig`` (or any object with its fields).
+            matcher: ``ntt.utils.config.MatcherConfig`` (or any object with its fields).
         """
         return cls(
             points_per_side=proposer.points_per_side,
@@ -195,7 +195,7 @@ def propose_image(image1024: Tensor, *, sam2, dino, params: InferenceParams | No
         params: settings (paper defaults when None); only the proposer fields and ``pooling`` are read.
     """
     p = params or InferenceParams()
-    # sections: the models' share of a test loop's time (ntt/timing.py; no-op outside a timed loop)
+    # sections: the models' share of a test loop's time (ntt/utils/timing.py; no-op outside a timed loop)
     with section("dinov2"):
         feats_dino = dino_features(dino, image1024)
     with section("sam2_encoder"):

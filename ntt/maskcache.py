@@ -1,6 +1,6 @@
 """Full-resolution masks and RLEs of one image's proposals, computed once for every memory bank.
 
-In a study pass (ntt/study.py) every bank post-processes the same proposals of an image: NMS and the soft
+In a study pass (ntt/runner/study.py) every bank post-processes the same proposals of an image: NMS and the soft
 merging pick different subsets, but a proposal's full-resolution mask (method.md §5.6) and its RLE are the
 same in every bank. Upsampling is per mask (`ntt.postprocess.resize_masks_to_image`), so a cached mask is
 bit-identical to one computed for a bank alone.

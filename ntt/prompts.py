@@ -1,6 +1,6 @@
 """Reference masks from SAM2 prompts: boxes and clicked points become instance masks.
 
-The practitioner path (``ntt.api``, ``ntt segment``) accepts references given as boxes or clicks instead of
+The practitioner path (``ntt.app.segmenter``, ``ntt segment``) accepts references given as boxes or clicks instead of
 masks. Each prompt is decoded by SAM2 on the reference image (stretched to the SAM input frame, as the test
 path feeds it) and its low-res logits are upsampled to the image size exactly as detections are
 (``ntt.postprocess.resize_masks_to_image``).

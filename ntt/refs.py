@@ -489,7 +489,7 @@ def save_refs(
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    from ntt.fsutil import write_text_atomic
+    from ntt.utils.files import write_text_atomic
 
     write_text_atomic(path, text)
 

@@ -1,4 +1,4 @@
-"""The practitioner Python API (ntt.api.Segmenter) with tiny RANDOM models on real images.
+"""The practitioner Python API (ntt.app.segmenter.Segmenter) with tiny RANDOM models on real images.
 
 Plumbing, not accuracy: random weights make every mask and score meaningless. What is checked: references
 from masks, boxes and clicks each give a bank and predictions in the documented formats; any number of
@@ -19,7 +19,8 @@ import torch
 from conftest import DATA, require_path
 from helpers_backbones import tiny_dinov2, tiny_sam2
 
-from ntt.api import ReferenceBank, Segmenter, compose_config
+from ntt.app.segmenter import Segmenter, compose_config
+from ntt.bank import ReferenceBank
 from ntt.prompts import normalize_boxes, normalize_points
 
 FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
@@ -111,7 +112,7 @@ def test_config_knobs_and_clear_errors():
 
 
 def test_cpu_users_are_told_the_expected_time_and_pointed_to_cpu_fast(caplog):
-    from ntt.speed import estimate_seconds_per_image
+    from ntt.utils.speed import estimate_seconds_per_image
 
     caplog.set_level("WARNING")
     Segmenter(compose_config(sam2="sam2.1_hiera_t", dinov2="vits14"), device="cpu")  # models built lazily
@@ -130,7 +131,7 @@ def test_cpu_users_are_told_the_expected_time_and_pointed_to_cpu_fast(caplog):
 def test_images_are_read_upright_and_masks_are_in_the_upright_frame(tmp_path):
     from PIL import Image
 
-    from ntt.api import read_image
+    from ntt.data.images import read_image
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 200x150, shown rotated by 90 degrees: 150x200
@@ -239,7 +240,7 @@ def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
 def test_box_references_from_a_boxes_only_coco_json(tmp_path):
     """NEU-DET has boxes only: its annotations become references through SAM2 box prompts."""
     require_path(NEU, "NEU-DET dataset")
-    from ntt.segment import add_references, load_reference_specs
+    from ntt.app.segment import add_references, load_reference_specs
 
     full = json.loads((NEU / "instances_neu_det_bbox.json").read_text())
     keep_cats = {1, 6}
@@ -270,11 +271,11 @@ def test_predictions_equal_the_benchmark_test_stage_for_its_memory_bank(tmp_path
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from ntt.api import CONF_DIR
-    from ntt.pipeline import run_pipeline
+    from ntt.runner.pipeline import run_pipeline
+    from ntt.utils.config import conf_path
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_path()), version_base="1.3"):
         cfg = compose(
             config_name="main",
             overrides=[

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from helpers_pipeline import compose_smoke, run_smoke
 
-from ntt.errors import RunLockedError, UserError
+from ntt.utils.errors import RunLockedError, UserError
 
 SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=1"]
 
@@ -105,7 +105,7 @@ def test_empty_test_set_is_an_error_not_ap_minus_one(tmp_path, data):
 
 
 def test_second_run_in_the_same_directory_is_refused_with_the_pid(tmp_path, data):
-    from ntt.runlock import RunLock
+    from ntt.runner.runlock import RunLock
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".ntt.lock").write_text("pid 999999999 on nowhere\n")  # stale: nobody holds it
@@ -118,8 +118,8 @@ def test_second_run_in_the_same_directory_is_refused_with_the_pid(tmp_path, data
 
 
 def test_artifacts_follow_the_umask(tmp_path):
-    from ntt.fsutil import write_text_atomic
     from ntt.refs import save_refs
+    from ntt.utils.files import write_text_atomic
 
     old = os.umask(0o022)
     try:
@@ -136,7 +136,8 @@ def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), env: dict | No
         [
             sys.executable,
             "-m",
-            "ntt.run",
+            "ntt",
+            "run",
             *flags,
             "debug=smoke",
             f"paths.output_dir={tmp_path}",

@@ -1,4 +1,4 @@
-"""`python -m ntt.bench --quick`: the result json is complete and the pooling side check holds.
+"""`python -m ntt.tools.bench --quick`: the result json is complete and the pooling side check holds.
 
 No timing assertions: the quick run uses tiny random models and small shapes, only plumbing is checked.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 
-from ntt.bench import RANDOM_WEIGHTS_NOTE, main
+from ntt.tools.bench import RANDOM_WEIGHTS_NOTE, main
 
 # Every timed measurement of the json, as a path of keys under "results".
 TIMINGS = [

@@ -1,4 +1,4 @@
-"""`python -m ntt.bench_study`: the N-bank study ratio benchmark (RANDOM weights: plumbing and timings only)."""
+"""`python -m ntt.tools.study_ratio`: the N-bank study ratio benchmark (RANDOM weights: plumbing and timings only)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import json
 
 import pytest
 
-from ntt import bench_study
+from ntt.tools import study_ratio as bench_study
 
-SINGLE_LOG = """[2026-11-29 15:31:44,832][ntt.pipeline][INFO] stage test ... (predictions.json does not exist)
-[2026-11-29 15:32:16,216][ntt.pipeline][INFO] stage test done in 31.4 s
+SINGLE_LOG = """[2026-11-29 15:31:44,832][ntt.runner.pipeline][INFO] stage test ... (predictions.json does not exist)
+[2026-11-29 15:32:16,216][ntt.runner.pipeline][INFO] stage test done in 31.4 s
 """
-STUDY_LOG = """[2026-11-29 15:33:19,454][ntt.pipeline][INFO] stage postprocess_memory done in 0.0 s
-[2026-11-29 15:33:19,458][ntt.study][INFO] study pass 1/1: 12 image(s) for 59 memory bank(s), 12 for this process
+STUDY_LOG = """[2026-11-29 15:33:19,454][ntt.runner.pipeline][INFO] stage postprocess_memory done in 0.0 s
+[2026-11-29 15:33:19,458][ntt.runner.study][INFO] study pass 1/1: 12 image(s) for 59 memory bank(s), 12 for this process
 study: 100%|##########| 12/12 [00:32<00:00,  2.69s/img]
-[2026-11-29 15:33:51,869][ntt.pipeline][INFO] stage test done in 58.7 s
-[2026-11-29 15:33:54,406][ntt.pipeline][INFO] stage test done in 35.0 s
-[2026-11-29 15:33:54,425][ntt.study][INFO] study: ok     /tmp/x
+[2026-11-29 15:33:51,869][ntt.runner.pipeline][INFO] stage test done in 58.7 s
+[2026-11-29 15:33:54,406][ntt.runner.pipeline][INFO] stage test done in 35.0 s
+[2026-11-29 15:33:54,425][ntt.runner.study][INFO] study: ok     /tmp/x
 """
 
 

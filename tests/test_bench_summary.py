@@ -15,7 +15,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ntt.summarize import cell, main
+from ntt.runner.summarize import cell, main
 
 FAST = [
     "dataset=synthetic",
@@ -27,7 +27,7 @@ FAST = [
 
 
 def _run(out: Path, *overrides: str) -> Path:
-    from ntt.pipeline import run_pipeline
+    from ntt.runner.pipeline import run_pipeline
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -138,7 +138,7 @@ def _wandb_records(path: Path):
 @pytest.mark.timeout(120)
 def test_wandb_offline_run_holds_group_tags_metrics_and_tables(tmp_path):
     pytest.importorskip("wandb")
-    from ntt.loggers import build_logger
+    from ntt.runner.loggers import build_logger
 
     metrics = {
         "dataset": "voc_split1", "shots": 1, "seed": 33, "sam2": "a", "dinov2": "b", "variant": "parity",

@@ -241,8 +241,10 @@ def test_download_main_list(capsys, tmp_path):
 
 
 def test_download_main_usage_errors(tmp_path):
-    assert download_main(["--dir", str(tmp_path)]) == 2
-    assert download_main(["not_a_model", "--dir", str(tmp_path)]) == 2
+    from ntt import cli
+
+    assert cli.main(["download", "--dir", str(tmp_path)]) == 2
+    assert cli.main(["download", "not_a_model", "--dir", str(tmp_path)]) == 2
 
 
 def test_download_main_downloads_and_reports_failures(server, tmp_path, monkeypatch):

@@ -29,11 +29,11 @@ SEARCHPATH = f"hydra.searchpath=[file://{EXPERIMENTS},file://{TEST_CONFIGS}]"
 # path outside the repository)
 SHARED_PATH = f"++paths.shared={SHARED}"
 
-# keyword arguments the app passes when it instantiates these targets (see ntt.pipeline)
+# keyword arguments the app passes when it instantiates these targets (see ntt.runner.pipeline)
 APP_KWARGS = {
     "ntt.backbones.sam2.build_sam2": {"device": "cpu"},
     "ntt.backbones.dinov2.build_dinov2": {"device": "cpu"},
-    "ntt.loggers.build_logger": {"name": "x", "run_dir": ".", "is_main": True},
+    "ntt.runner.loggers.build_logger": {"name": "x", "run_dir": ".", "is_main": True},
 }
 # groups whose options are selected as `group=option`; everything in experiments/ is `+group=option`
 GROUPS = [

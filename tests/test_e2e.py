@@ -38,7 +38,7 @@ def compose_cfg(out_dir: Path, *overrides: str):
 
 
 def run(out_dir: Path, *overrides: str):
-    from ntt.pipeline import run_pipeline
+    from ntt.runner.pipeline import run_pipeline
 
     cfg = compose_cfg(out_dir, *overrides)
     metrics = run_pipeline(cfg)
@@ -56,7 +56,7 @@ def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
         run_dir.parent.relative_to(tmp_path).as_posix()
         == "synthetic/sam2_tiny_random+dinov2_tiny_random/2shot_seed33"
     )
-    assert re.fullmatch(r"smoke-[0-9a-f]{8}", run_dir.name)  # variant + config id (ntt/identity.py)
+    assert re.fullmatch(r"smoke-[0-9a-f]{8}", run_dir.name)  # variant + config id (ntt/utils/identity.py)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m == metrics
     assert m["note"].startswith("random weights")  # the run says loudly that its numbers are plumbing only
@@ -70,7 +70,7 @@ def test_smoke_pipeline_on_synthetic_data_writes_every_artifact(tmp_path):
     for r in preds:
         assert set(r) >= {"image_id", "category_id", "bbox", "score", "segmentation"}
         assert isinstance(r["segmentation"]["counts"], str)
-    from ntt.memory import MemoryBank
+    from ntt.bank import MemoryBank
 
     bank = MemoryBank.load(run_dir / "memory_postprocessed.pt", expect={"shots": 2, "seed": 33})
     assert tuple(bank.instance_means.shape) == (4, 2, 64) and bank.postprocessed
@@ -108,8 +108,8 @@ def test_changed_matcher_reruns_only_the_test_stage(tmp_path, caplog):
 
 
 def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
-    from ntt import pipeline
     from ntt.data import images
+    from ntt.runner import pipeline
 
     real = images.load_test_image
     calls = {"n": 0}
@@ -133,7 +133,7 @@ def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
 
 
 def test_bad_config_names_the_key(tmp_path):
-    from ntt.pipeline import StageError
+    from ntt.runner.pipeline import StageError
 
     with pytest.raises(StageError, match="stages="):
         run(tmp_path, *SMALL_SYNTH, "stages=[sample_refs,bogus]")
@@ -146,7 +146,8 @@ def test_cli_prints_a_fully_resolved_config():
         [
             sys.executable,
             "-m",
-            "ntt.run",
+            "ntt",
+            "run",
             "--cfg",
             "job",
             "--resolve",
@@ -181,7 +182,7 @@ def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
     """Two real CPU processes (torchrun, gloo) give the same bytes as one.
 
     Memory batches of 2 crops (4 classes x 2 shots: 4 batches): each process encodes two of them
-    (ntt/memory_shard.py), the test images are sharded too."""
+    (ntt/runner/memory_shard.py), the test images are sharded too."""
     small = [*SMALL_SYNTH, "dataset.max_test_images=3", "matcher.memory.batch_size=2"]
     with torch_threads(1):  # as each torchrun process below (conftest.torch_threads says why)
         one, _ = run(tmp_path / "one", *small)
@@ -193,7 +194,8 @@ def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "ntt.run",
+        "ntt",
+        "run",
         "debug=smoke",
         "device=cpu",
         f"paths.output_dir={tmp_path / 'two'}",
@@ -219,7 +221,7 @@ def test_missing_checkpoint_is_a_clear_error_with_the_fetch_command(tmp_path):
 
 
 def test_missing_dataset_file_names_the_config_key(tmp_path):
-    from ntt.pipeline import StageError
+    from ntt.runner.pipeline import StageError
 
     with pytest.raises(StageError, match=r"dataset\.ref_json=.*nowhere.json not found"):
         run(tmp_path, "dataset=fruits_nuts", "dataset.ref_json=/nowhere.json")
@@ -241,7 +243,7 @@ def test_paper_size_backbones_run_the_pipeline_on_random_weights(tmp_path):
         "dataset.max_test_images=1",
         "proposer.points_per_side=2",
     )
-    from ntt.memory import MemoryBank
+    from ntt.bank import MemoryBank
 
     assert MemoryBank.load(run_dir / "memory.pt").instance_means.shape[-1] == 1024
     assert "sam2_hiera_l+dinov2_vitl14" in str(run_dir) and metrics["num_images"] == 1
@@ -260,7 +262,8 @@ def test_fixed_matcher_runs_in_its_own_directory(tmp_path):
 
 def test_changing_what_is_evaluated_reuses_the_segmented_images(tmp_path, caplog, monkeypatch):
     """eval backend and image count are not inputs of an image's detections: no image is segmented twice."""
-    from ntt import inference, pipeline
+    from ntt import inference
+    from ntt.runner import pipeline
 
     run(tmp_path, *SMALL_SYNTH)
     segmented = count_calls(monkeypatch, inference, "infer_image")

@@ -1,5 +1,5 @@
-"""Fast paths vs parity mode: the agreement metrics on inputs with known answers (ntt/agreement.py) and
-the measuring tool end to end on the tiny random models (ntt/fastpaths.py)."""
+"""Fast paths vs parity mode: the agreement metrics on inputs with known answers (ntt/tools/agreement.py) and
+the measuring tool end to end on the tiny random models (ntt/tools/fastpaths.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from ntt.agreement import (
+from ntt.tools.agreement import (
     AgreementAccumulator,
     DetectionSnapshot,
     ProposalSnapshot,
@@ -116,7 +116,7 @@ def test_ap_against_reference_self_is_one_and_a_drop_loses_recall():
 
 
 def test_tool_end_to_end_tiny(tmp_path):
-    from ntt.fastpaths import RANDOM_WEIGHTS_NOTE, main
+    from ntt.tools.fastpaths import RANDOM_WEIGHTS_NOTE, main
 
     path = main(
         [

@@ -1,4 +1,4 @@
-"""The run directory identifies the result (ntt/identity.py): settings that can change a detection or a
+"""The run directory identifies the result (ntt/utils/identity.py): settings that can change a detection or a
 metric never share a directory; keys that only say where or how a job runs do not split runs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import ntt  # noqa: F401  registers `${ntt.config_id:}`
-from ntt.identity import config_id, identity_keys, setting_id
+from ntt.utils.identity import config_id, identity_keys, setting_id
 
 
 def _cfg(*overrides: str):

@@ -13,7 +13,7 @@ from PIL import Image
 from ntt.data import images
 from ntt.data.images import load_reference_image, load_rgb, load_test_image, pil_to_tensor, read_image_rgb
 from ntt.data.masks import ann_to_mask
-from ntt.errors import ImageError, ImageSizeError
+from ntt.utils.errors import ImageError, ImageSizeError
 
 FRUITS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fruits_nuts" / "data"
 

@@ -1,4 +1,4 @@
-"""The data path (ntt/data/prefetch.py, ntt/writer.py, ntt/timing.py): image loading in worker processes
+"""The data path (ntt/data/prefetch.py, ntt/runner/writer.py, ntt/utils/timing.py): image loading in worker processes
 and result writing in a background thread give the same bytes as doing both in the loop; failures stay
 per image; the writer drains; the timing file says where the time went.
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 from ntt.data.images import load_test_image
 from ntt.data.prefetch import ImageSpec, prefetch_images, resolve_num_workers
-from ntt.writer import ResultWriter
+from ntt.runner.writer import ResultWriter
 
 SYNTH = ("dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=3")
 SYNC = ("io.num_workers=0", "io.async_write=false")
@@ -157,7 +157,7 @@ def test_workers_and_async_writing_give_the_same_bytes_and_a_timing_file(tmp_pat
 
 def test_a_corrupt_image_among_good_ones_is_its_own_failure_with_workers(tmp_path):
     from ntt.data.synthetic import generate_synthetic_dataset
-    from ntt.pipeline import StageError
+    from ntt.runner.pipeline import StageError
 
     root = tmp_path / "data"
     generate_synthetic_dataset(root, num_images=9, seed=0)
@@ -179,7 +179,8 @@ def test_a_corrupt_image_among_good_ones_is_its_own_failure_with_workers(tmp_pat
 
 def test_an_interrupted_loop_still_writes_every_finished_image(tmp_path, monkeypatch):
     """KeyboardInterrupt during image 3: images 1 and 2 (queued in the writer, slow to encode) are on disk."""
-    from ntt import inference, pipeline
+    from ntt import inference
+    from ntt.runner import pipeline
 
     real_infer, real_line = inference.infer_image, pipeline.success_line
     calls = {"n": 0}
@@ -204,7 +205,7 @@ def test_an_interrupted_loop_still_writes_every_finished_image(tmp_path, monkeyp
 
 def test_study_pass_gives_the_same_bytes_with_workers_and_async_writing(tmp_path):
     from ntt.data.synthetic import generate_synthetic_dataset
-    from ntt.study import run_study
+    from ntt.runner.study import run_study
 
     root = tmp_path / "data"
     generate_synthetic_dataset(root, num_images=9, seed=0)

@@ -14,13 +14,11 @@ import torch.nn.functional as F
 from conftest import DATA, PARITY
 from helpers_memory import FakeEncoder, toy_dataset
 
+from ntt.bank import MemoryBank, compute_prototypes
 from ntt.data.images import load_reference_image
 from ntt.data.masks import ann_to_mask
-from ntt.errors import UserError
 from ntt.memory import (
     BadReferenceError,
-    MemoryBank,
-    compute_prototypes,
     context_crop_box,
     crop_reference,
     fill_memory,
@@ -29,6 +27,7 @@ from ntt.memory import (
     postprocess_memory,
 )
 from ntt.refs import RefEntry, load_refs
+from ntt.utils.errors import UserError
 
 FRUITS = DATA / "fruits_nuts" / "data"  # NTT_SHARED is honoured (tests/conftest.py)
 

@@ -1,4 +1,4 @@
-"""Stage fill_memory over several processes (ntt/memory_shard.py): same batches, same bank bytes, clear failures.
+"""Stage fill_memory over several processes (ntt/runner/memory_shard.py): same batches, same bank bytes, clear failures.
 
 The unit tests simulate W processes in one (each rank's share encoded in turn, the exchange functions
 replaced by lists); the last tests start two real CPU processes (gloo). Tiny random encoders: plumbing only.
@@ -19,15 +19,15 @@ import torch
 from conftest import REPO
 from helpers_memory import FakeEncoder, toy_dataset
 
-from ntt.errors import UserError
 from ntt.memory import BadReferenceError, fill_memory, reference_batches
-from ntt.memory_shard import (
+from ntt.refs import RefEntry
+from ntt.runner.memory_shard import (
     OtherProcessFailedError,
     OtherProcessUserError,
     batches_of_process,
     fill_memory_sharded,
 )
-from ntt.refs import RefEntry
+from ntt.utils.errors import UserError
 
 
 def _saved(bank, path: Path) -> bytes:
@@ -263,7 +263,8 @@ def test_two_processes_with_a_bad_reference_on_process_1_both_fail_clearly(tmp_p
         cmd = [
             sys.executable,
             "-m",
-            "ntt.run",
+            "ntt",
+            "run",
             "debug=smoke",
             "device=cpu",
             "dataset=synthetic",

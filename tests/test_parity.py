@@ -183,7 +183,11 @@ class Checker:
         unexplained = rows_bad & ~np.asarray(affected, bool)
         if unexplained.any():
             i = int(np.argwhere(unexplained)[0, 0])
-            self.fail(stage, what, f"entry {i}: got {got[i].tolist()}, expected {want[i].tolist()}, no near-tie flip")
+            self.fail(
+                stage,
+                what,
+                f"entry {i}: got {got[i].tolist()}, expected {want[i].tolist()}, no near-tie flip",
+            )
         if rows_bad.any():
             self.report.append(
                 f"{stage}:{what}: {int(rows_bad.sum())} entries differ, each the extent of a mask with near-tie "
@@ -300,7 +304,8 @@ def _t(a) -> torch.Tensor:
 
 
 def _check_memory_isolated(c: Checker, fx: Fixture):
-    from ntt.memory import compute_prototypes, instance_mean
+    from ntt.bank import compute_prototypes
+    from ntt.memory import instance_mean
 
     m = fx.memory
     mean = instance_mean(_t(m["ref_feats_c0_k0"]), _t(m["ref_mask_weights"][0, 0]))
@@ -451,7 +456,7 @@ def test_stages_on_fixture_inputs(setting):
 
 
 def _run_pipeline(setting: str, out_dir: Path, device: str = "cpu") -> Path:
-    from ntt.pipeline import run_pipeline
+    from ntt.runner.pipeline import run_pipeline
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -113,7 +113,9 @@ def test_lvis_fixups_and_minival_masks_by_id(tmp_path):
 
 def test_ntt_prepare_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NTT_DATA", str(tmp_path))
-    assert prepare_main(["coco"]) == 1  # missing COCO: an error naming what to download, exit 1
+    from ntt import cli
+
+    assert cli.main(["prepare", "coco"]) == 2  # missing COCO: an error naming what to download (user error)
     make_fish(tmp_path / "cdfsod")
     assert prepare_main(["cdfsod", "--datasets", "FISH"]) == 0
     assert "layout complete" in capsys.readouterr().out

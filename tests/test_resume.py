@@ -67,7 +67,7 @@ def test_reference_file_edited_in_place_recomputes_the_memory(tmp_path, caplog):
     ]
     memory_only = "stages=[sample_refs,fill_memory,postprocess_memory]"
     run(tmp_path, *refs_args, memory_only)
-    from ntt.memory import MemoryBank
+    from ntt.bank import MemoryBank
 
     before = MemoryBank.load(tmp_path / "run" / "memory.pt").instance_means.clone()
     size = refs_file.stat().st_size
@@ -160,7 +160,7 @@ def test_edited_test_json_redoes_only_the_affected_images(tmp_path, count_images
     bad = json.loads(test_json.read_text())
     bad["images"][0]["width"] = 641
     _write_json(test_json, bad)
-    from ntt.pipeline import StageError
+    from ntt.runner.pipeline import StageError
 
     with pytest.raises(StageError, match=r"1 image\(s\) failed"):
         run(tmp_path)
@@ -201,7 +201,7 @@ def test_finished_run_asked_for_another_config_refuses_before_touching_anything(
     before = {
         p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "file_hashes.json"
     }
-    from ntt.pipeline import StageError
+    from ntt.runner.pipeline import StageError
 
     with pytest.raises(
         StageError, match=r"stage test would use .* does not match the present config.*sample_refs"
@@ -218,7 +218,7 @@ def test_finished_run_asked_for_another_config_refuses_before_touching_anything(
 
 
 def test_file_digests_fast_path_and_change_detection(tmp_path):
-    from ntt.fileid import FileDigests, sha256_file
+    from ntt.utils.files import FileDigests, sha256_file
 
     f = tmp_path / "a.bin"
     f.write_bytes(b"one")
@@ -252,7 +252,8 @@ def test_kill_9_mid_test_stage_then_rerun_is_byte_identical(tmp_path):
         return [
             sys.executable,
             "-m",
-            "ntt.run",
+            "ntt",
+            "run",
             "debug=smoke",
             "device=cpu",
             f"paths.output_dir={out}",

@@ -152,7 +152,7 @@ def test_tune_malloc_stops_page_faults_of_the_decoder_loop():
     code = r"""
 import resource, statistics, sys, torch
 sys.path.insert(0, sys.argv[2])
-from ntt.allocator import tune_malloc
+from ntt.backbones.allocator import tune_malloc
 assert tune_malloc(sys.argv[1] == "on") is (sys.argv[1] == "on")
 from helpers_backbones import random_images, tiny_sam2
 model = tiny_sam2()
@@ -189,7 +189,7 @@ print(statistics.median(per_call[1:]), per_call)
     assert res["on"] < 20_000, calls
     if res["off"] > 100_000:
         assert res["on"] < res["off"] / 20, calls
-    from ntt.allocator import tune_malloc
+    from ntt.backbones.allocator import tune_malloc
 
     assert tune_malloc(False) is False
 

@@ -1,4 +1,4 @@
-"""Scale-out launchers (ntt/dist.py, conf/hydra/launcher/): two real CPU processes give the bytes of one.
+"""Scale-out launchers (ntt/utils/dist.py, conf/hydra/launcher/): two real CPU processes give the bytes of one.
 
 - `accelerate launch --multi_gpu --num_processes 2` starts two CPU processes (gloo) on a machine without GPUs;
 - `accelerate launch --cpu --num_processes 2` starts ONE (Accelerate needs MPI for that): ntt warns;
@@ -23,7 +23,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ntt import dist
+from ntt.utils import dist
 
 SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=3", "debug=smoke"]
 COMPARED = ["refs.json", "memory.pt", "predictions.json", "metrics.json"]
@@ -54,7 +54,7 @@ def _run_dir(out_dir: Path) -> Path:
 def one_process(tmp_path_factory) -> Path:
     """The run directory of the same smoke run in one process (the bytes every launch must reproduce)."""
     out = tmp_path_factory.mktemp("one")
-    _launch([sys.executable, "-m", "ntt.run", "device=cpu", f"paths.output_dir={out}", *SMALL], out)
+    _launch([sys.executable, "-m", "ntt", "run", "device=cpu", f"paths.output_dir={out}", *SMALL], out)
     return _run_dir(out)
 
 
@@ -74,7 +74,7 @@ def test_accelerate_multi_gpu_flag_runs_two_cpu_processes(tmp_path, one_process)
     """The documented CPU multi-process line: two processes, each a share of the images, same bytes."""
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    log = _launch([*cmd, "-m", "ntt.run", "device=cpu", f"paths.output_dir={out}", *SMALL], tmp_path)
+    log = _launch([*cmd, "-m", "ntt", "run", "device=cpu", f"paths.output_dir={out}", *SMALL], tmp_path)
     assert "for this process (0/2)" in log and "for this process (1/2)" in log
     _assert_same_bytes(_run_dir(out), one_process, world_size=2)
 
@@ -83,7 +83,7 @@ def test_accelerate_cpu_flag_starts_one_process_and_ntt_says_so(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: ntt warns and names what works."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
     overrides = [f"paths.output_dir={tmp_path}", *SMALL, "stages=[sample_refs]"]
-    log = _launch([*cmd, "-m", "ntt.run", *overrides], tmp_path)
+    log = _launch([*cmd, "-m", "ntt", "run", *overrides], tmp_path)
     assert "started ONE" in log and "--multi_gpu --num_processes N" in log and "torchrun" in log
 
 
@@ -112,7 +112,7 @@ def test_state_warns_once_in_the_lost_process(monkeypatch, caplog):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     dist._warn_lost_processes.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="ntt.dist"):
+    with caplog.at_level(logging.WARNING, logger="ntt.utils.dist"):
         assert dist.state().num_processes == 1
         dist.state()
     assert [r.message for r in caplog.records].count(dist.CPU_LAUNCH_WARNING) == 1
@@ -158,7 +158,17 @@ def test_slurm_launcher_composes_with_partition_from_the_environment(monkeypatch
 
 @needs_submitit
 def test_cfg_hydra_resolves_the_slurm_launcher_target(tmp_path):
-    cmd = [sys.executable, "-m", "ntt.run", "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ntt",
+        "run",
+        "hydra/launcher=slurm",
+        "--cfg",
+        "hydra",
+        "-p",
+        "hydra.launcher",
+    ]
     out = _launch(cmd, tmp_path)
     assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in out
 
@@ -205,7 +215,8 @@ def test_submitit_job_with_two_tasks_shards_images_like_two_processes(tmp_path, 
     cmd = [
         sys.executable,
         "-m",
-        "ntt.run",
+        "ntt",
+        "run",
         "-m",
         "hydra/launcher=slurm_local",
         "hydra.launcher.tasks_per_node=2",

@@ -15,7 +15,7 @@ import pytest
 from conftest import DATA, require_path
 from PIL import Image
 
-from ntt.segment import load_reference_specs, main
+from ntt.app.segment import load_reference_specs, main
 
 FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
 MODELS = ["--sam2", "tiny_random", "--dinov2", "tiny_random", "--device", "cpu"]
@@ -94,7 +94,7 @@ def test_prompt_json_references_with_boxes_and_points(fss, tmp_path):
         + ["--no-overlays", *MODELS, *GRID]
     )
     assert rc == 0 and not (out / "overlays").exists()
-    from ntt.api import ReferenceBank
+    from ntt.bank import ReferenceBank
 
     bank = ReferenceBank.load(out / "bank.ntt")
     assert bank.names == ["apple", "basketball"] and bank.counts.tolist() == [2, 1]
@@ -110,9 +110,10 @@ def test_folder_references_fss_layout_are_read():
 
 def test_bad_inputs_fail_clearly(fss, caplog):
     (fss / "refs" / "apple" / "a1.png").unlink()
-    rc = main(
-        ["--refs", str(fss / "refs"), "--images", str(fss / "images"), "--out", str(fss / "o"), *MODELS]
-    )
+    from ntt import cli
+
+    argv = ["--refs", str(fss / "refs"), "--images", str(fss / "images"), "--out", str(fss / "o"), *MODELS]
+    rc = cli.main(["segment", *argv])  # `ntt segment`: a user error is one line and exit status 2
     assert rc == 2 and "a1.jpg has no mask" in caplog.text
     (fss / "bad.json").write_text(json.dumps([{"image": "x.jpg", "class": "c", "box": [1, 2, 3, 4]}]))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['box'\]"):

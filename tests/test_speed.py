@@ -1,10 +1,10 @@
-"""The a-priori time estimate logged before per-image loops (ntt.speed)."""
+"""The a-priori time estimate logged before per-image loops (ntt.utils.speed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from ntt.speed import estimate_seconds_per_image, expected_time_message, format_seconds
+from ntt.utils.speed import estimate_seconds_per_image, expected_time_message, format_seconds
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,8 @@ def count_passes(monkeypatch):
 
 
 def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, count_passes, caplog):
-    from ntt.pipeline import run_pipeline
-    from ntt.study import run_study
+    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner.study import run_study
 
     banks = run_study(study_cfgs(tmp_path / "study", data_root))
     assert [b.error for b in banks] == [None, None]
@@ -84,8 +84,8 @@ def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, coun
 @pytest.mark.slow  # three study runs (~1 min on 2 cores)
 def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_root, count_passes, monkeypatch):
     from ntt.data import images
-    from ntt.runlock import RunLock
-    from ntt.study import run_study
+    from ntt.runner.runlock import RunLock
+    from ntt.runner.study import run_study
 
     real = images.load_test_image
 
@@ -126,19 +126,29 @@ def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_roo
 
 @pytest.mark.slow  # two processes + one (~1 min on 2 cores)
 def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
-    """`torchrun --nproc_per_node 2 -m ntt.study`: each job's memory batches and the test images are split
-    over the processes (ntt/memory_shard.py); every job's artifacts equal the one-process study's."""
+    """`torchrun --nproc_per_node 2 -m ntt study`: each job's memory batches and the test images are split
+    over the processes (ntt/runner/memory_shard.py); every job's artifacts equal the one-process study's."""
     import os
     import subprocess
     import sys
 
-    from ntt.study import run_study
+    from ntt.runner.study import run_study
 
     extra = "matcher.memory.batch_size=1"  # 4 classes x 1-2 shots: 4-8 batches, both processes encode some
     with torch_threads(1):  # as each torchrun process below (conftest.torch_threads says why)
         banks = run_study(study_cfgs(tmp_path / "one", data_root, (1, 2), 5, extra))
     assert [b.error for b in banks] == [None, None]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ntt.study", *BASE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ntt",
+        "study",
+        *BASE,
+    ]
     cmd += [f"paths.output_dir={tmp_path / 'two'}", f"dataset.root={data_root}", "shots=1,2", "seed=5", extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -152,7 +162,7 @@ def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
 
 
 def test_sweep_expansion_follows_hydras_basic_sweeper():
-    from ntt.study import expand_sweep
+    from ntt.runner.study import expand_sweep
 
     jobs = expand_sweep(["+bench=coco"])
     assert len(jobs) == 60
@@ -168,8 +178,8 @@ def test_sweep_expansion_follows_hydras_basic_sweeper():
 
 
 def test_jobs_that_cannot_share_the_per_image_work_get_their_own_pass(tmp_path, data_root):
-    from ntt.pipeline import make_context
-    from ntt.study import pass_key
+    from ntt.runner.pipeline import make_context
+    from ntt.runner.study import pass_key
 
     same = [make_context(c) for c in study_cfgs(tmp_path, data_root, (1, 2, 3))]
     assert len({pass_key(c) for c in same}) == 1
@@ -188,9 +198,9 @@ def test_jobs_that_cannot_share_the_per_image_work_get_their_own_pass(tmp_path, 
 
 
 def test_cli_lists_the_jobs_and_their_run_directories(tmp_path, capsys):
-    from ntt.study import main
+    from ntt.runner.main import study_main
 
-    assert main(["--list", *BASE, f"paths.output_dir={tmp_path}", "shots=1,2", "seed=3"]) == 0
+    assert study_main(["--list", *BASE, f"paths.output_dir={tmp_path}", "shots=1,2", "seed=3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith(f"{tmp_path}/synthetic/sam2_tiny_random+dinov2_tiny_random/1shot_seed3/smoke-")

@@ -31,7 +31,7 @@ def _metrics(root, shots, seed, ap, note=False):
 
 
 def test_summarize_mean_std_over_seeds(tmp_path):
-    from ntt.summarize import main
+    from ntt.runner.summarize import main
 
     _metrics(tmp_path, 1, 1, 0.20)
     _metrics(tmp_path, 1, 2, 0.30)
@@ -47,7 +47,7 @@ def test_summarize_mean_std_over_seeds(tmp_path):
 
 
 def test_summarize_flags_random_weight_runs(tmp_path):
-    from ntt.summarize import main
+    from ntt.runner.summarize import main
 
     _metrics(tmp_path, 1, 1, 0.0, note=True)
     assert main([str(tmp_path)]) == 0
@@ -55,21 +55,19 @@ def test_summarize_flags_random_weight_runs(tmp_path):
 
 
 def test_summarize_empty_folder_fails(tmp_path):
-    from ntt.summarize import main
+    from ntt import cli
 
-    assert main([str(tmp_path)]) == 1
+    assert cli.main(["summarize", str(tmp_path)]) == 2  # a user error: one line, the one exit status
 
 
 def test_ntt_command_help_and_download_list():
-    out = subprocess.run(
-        [sys.executable, "-m", "ntt.cli", "--help"], capture_output=True, text=True, cwd=REPO
-    )
+    out = subprocess.run([sys.executable, "-m", "ntt", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "ntt download" in out.stdout
     out = subprocess.run(
-        [sys.executable, "-m", "ntt.cli", "download", "--list"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "ntt", "download", "--list"], capture_output=True, text=True, cwd=REPO
     )
     assert out.returncode == 0 and "sam2_hiera_l" in out.stdout and "dinov2_vitl14" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "ntt.cli", "bogus"], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run([sys.executable, "-m", "ntt", "bogus"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
 
 
@@ -90,7 +88,7 @@ def test_every_ntt_subcommand_is_dispatched(cmd, capsys):
 
 
 def test_wandb_logger_disabled_mode_logs_without_network(tmp_path):
-    from ntt.loggers import NullLogger, build_logger
+    from ntt.runner.loggers import NullLogger, build_logger
 
     assert isinstance(build_logger(kind="wandb", is_main=False), NullLogger)
     logger = build_logger(kind="wandb", mode="disabled", name="t", run_dir=str(tmp_path))

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ntt.errors import UserError
-from ntt.fileid import sha256_file
+from ntt.utils.errors import UserError
+from ntt.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -579,23 +579,18 @@ def download_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory = args.dir if args.dir is not None else default_checkpoint_dir()
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
     if args.list:
         _list(directory)
         return 0
     names = list(OFFICIAL_CHECKPOINTS) if args.all else args.names
     if not names:
         parser.print_usage(sys.stderr)
-        log.error("nothing to download: give names, --all or --list")
-        return 2
+        raise UserError("nothing to download: give names, --all or --list")
     unknown = [n for n in names if n not in OFFICIAL_CHECKPOINTS]
     if unknown:
-        log.error(
-            "unknown checkpoint name(s): %s. Known: %s", ", ".join(unknown), ", ".join(OFFICIAL_CHECKPOINTS)
+        raise UserError(
+            f"unknown checkpoint name(s): {', '.join(unknown)}. Known: {', '.join(OFFICIAL_CHECKPOINTS)}"
         )
-        return 2
     failed = []
     for name in names:
         try:

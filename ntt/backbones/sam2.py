@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ntt.allocator import tune_malloc
+from ntt.backbones.allocator import tune_malloc
 from ntt.backbones.checkpoints import CheckpointError, load_state_dict_strict, resolve_checkpoint, torch_load
 from ntt.backbones.sam2_decoder import CachedSAM2Decoder, DecoderImageCache
 
@@ -560,7 +560,7 @@ def build_sam2(
         FileNotFoundError: unknown config.
     """
     # the decoder loop's big temporaries are reused instead of being page-faulted in again per call
-    # (ntt/allocator.py; numbers unchanged; NTT_MALLOC_TUNING=0 turns it off)
+    # (ntt/backbones/allocator.py; numbers unchanged; NTT_MALLOC_TUNING=0 turns it off)
     tune_malloc()
     config_path = resolve_sam2_config(config)
     if random_init:

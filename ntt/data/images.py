@@ -28,16 +28,20 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ntt.errors import ImageError, ImageNotFoundError, ImageSizeError
+from ntt.utils.errors import ImageError, ImageNotFoundError, ImageSizeError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
+    "read_image",
+    "list_images",
     "read_image_rgb",
     "exif_orientation",
     "check_image_size",
@@ -267,3 +271,54 @@ def load_reference_image(
     img = read_image_rgb(path, apply_exif=apply_exif)
     check_image_size(img, path, height, width, apply_exif=apply_exif)
     return pil_to_tensor(img)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Any image input of the practitioner path (files are read upright: EXIF orientation applied)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(image) -> tuple[Any, str | None]:
+    """Any supported image input as an 8-bit RGB ``PIL.Image`` (upright) and its path, if any.
+
+    Args:
+        image: a file path (EXIF orientation applied), a ``PIL.Image``, an ``[H, W, 3]`` uint8 array, or a
+            ``[3, H, W]`` float tensor in [0, 1] (rounded to 8 bits, like a saved image).
+
+    Raises:
+        FileNotFoundError / OSError: unreadable file (named). TypeError / ValueError: unsupported input.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return read_image_rgb(Path(image), apply_exif=True), str(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB"), None
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
+        arr = (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0)
+        return Image.fromarray(arr.cpu().numpy(), mode="RGB"), None
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be [H, W, 3] uint8, got {image.dtype}{image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB"), None
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, array or tensor")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder (not recursive), sorted by name; extensions in ``IMAGE_EXTENSIONS``.
+
+    Raises:
+        FileNotFoundError / ValueError: no such folder, or no image in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return files

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+from pathlib import Path
 
-__all__ = ["ann_to_rle", "ann_to_mask"]
+import numpy as np
+import torch
+
+__all__ = ["ann_to_rle", "ann_to_mask", "read_mask", "mask_bbox_xywh"]
 
 
 def ann_to_rle(ann: dict, height: int, width: int) -> dict:
@@ -53,3 +57,50 @@ def ann_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
     return mask_utils.decode(ann_to_rle(ann, height, width))
+
+
+def read_mask(mask, height: int, width: int, what: str = "mask") -> torch.Tensor:
+    """A binary mask from a PNG path, an array or a tensor, checked against the image size.
+
+    A mask image is foreground where its grey value is >= 128 (0/255 masks), or > 0 when its maximum is 1
+    (0/1 masks). Colour and alpha are converted to grey first (PIL ``convert("L")``).
+
+    Args:
+        mask: path, ``PIL.Image``, ``[H, W]`` array / tensor (bool, 0/1 or 0..255).
+        height: image height.
+        width: image width.
+        what: how to name the mask in errors (e.g. its file).
+
+    Returns:
+        ``[H, W]`` bool tensor.
+    """
+    from PIL import Image
+
+    if isinstance(mask, (str, os.PathLike)):
+        if not Path(mask).is_file():
+            raise FileNotFoundError(f"{what}: mask file not found: {mask}")
+        with Image.open(mask) as m:
+            arr = np.asarray(m.convert("L"))
+    elif isinstance(mask, Image.Image):
+        arr = np.asarray(mask.convert("L"))
+    else:
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: a mask must be [H, W], got shape {arr.shape}")
+    if arr.shape != (height, width):
+        raise ValueError(
+            f"{what}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {width}x{height}: "
+            "masks must be in the pixels of the (upright) image"
+        )
+    if arr.dtype == bool:
+        out = arr
+    else:
+        out = arr > (0 if arr.max(initial=0) <= 1 else 127)
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def mask_bbox_xywh(mask: torch.Tensor) -> list[float]:
+    """COCO box ``[x, y, w, h]`` of a binary mask, as pycocotools' ``toBbox`` (extent + 1)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]

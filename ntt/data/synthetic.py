@@ -428,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--classes", default=",".join(DEFAULT_CLASSES), help=f"comma-separated, from {sorted(STYLES)}"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ntt.utils.console import setup_logging
+
+    setup_logging()
     try:
         paths = generate_synthetic_dataset(
             args.out_dir,

@@ -87,7 +87,7 @@ def _masker(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `ntt prepare`; returns the exit code (0 ok, 1 preparation failed, 2 usage)."""
+    """Entry point of `ntt prepare`; raises `PrepareError` (a user error: exit status 2) when it cannot go on."""
     args = build_parser().parse_args(argv)
     data = _data_root()
     try:
@@ -138,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
             print(out)
-    except (PrepareError, FileNotFoundError) as exc:  # FileNotFoundError: a missing checkpoint
-        log.error("%s", exc)
-        return 1
+    except FileNotFoundError as exc:  # a file named on the command line that is not there
+        raise PrepareError(str(exc)) from exc
     return 0

@@ -42,15 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from ntt.fileid import sha256_file
 from ntt.prepare.contours import BACKENDS, external_contours, opencv_available
+from ntt.utils.errors import UserError
+from ntt.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
 
 MASK_MODELS_HELP = "sam_vit_h (the paper's) or sam2:<conf/backbone/sam2 option>, e.g. sam2:sam2_hiera_l"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Data preparation cannot go on: the message names the file and what to do."""
 
 
@@ -233,9 +234,10 @@ def build_masker(
         from omegaconf import OmegaConf
 
         from ntt.backbones.sam2 import build_sam2
+        from ntt.utils.config import conf_path
 
         option = model.split(":", 1)[1]
-        yaml = Path(__file__).resolve().parents[2] / "conf" / "backbone" / "sam2" / f"{option}.yaml"
+        yaml = Path(str(conf_path())) / "backbone" / "sam2" / f"{option}.yaml"
         if not yaml.is_file():
             raise PrepareError(
                 f"--mask-model {model}: no conf/backbone/sam2/{option}.yaml ({MASK_MODELS_HELP})"

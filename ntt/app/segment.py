@@ -77,7 +77,7 @@ class RefSpec:
 
 
 def _is_image(p: Path) -> bool:
-    from ntt.api import IMAGE_EXTENSIONS
+    from ntt.data.images import IMAGE_EXTENSIONS
 
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.lower().endswith(MASK_SUFFIXES)
 
@@ -232,8 +232,7 @@ def load_reference_specs(
 
 def _image_for_json(path: Path, size: tuple[int, int]):
     """The image in the frame of its annotations: upright if that matches the json size, else as stored."""
-    from ntt.api import read_image
-    from ntt.data.images import load_rgb, resize_pil
+    from ntt.data.images import load_rgb, read_image, resize_pil
 
     pil, _ = read_image(path)
     if pil.size == tuple(size):
@@ -255,7 +254,7 @@ def add_references(seg, specs: list[RefSpec]) -> int:
     """Add reference specs to a ``Segmenter``; returns the number of instances added.
 
     Args:
-        seg: the ``ntt.api.Segmenter``.
+        seg: the ``ntt.app.segmenter.Segmenter``.
         specs: from :func:`load_reference_specs`.
     """
     from tqdm import tqdm
@@ -322,7 +321,7 @@ def segment_folder(
     Returns:
         ``{"images", "detections", "failed"}`` counts and the failed list.
     """
-    from ntt.api import read_image
+    from ntt.data.images import read_image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -387,7 +386,7 @@ def segment_folder(
 
 
 def _target_images(items: list[str]) -> tuple[list[Path], Path | None]:
-    from ntt.api import list_images
+    from ntt.data.images import list_images
 
     if len(items) == 1 and Path(items[0]).is_dir():
         return list_images(items[0]), Path(items[0])
@@ -434,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unrecognised arguments {bad} (extra arguments must be Hydra overrides KEY=VALUE)")
     if (args.refs is None) == (args.bank is None):
         ap.error("give exactly one of --refs or --bank")
-    from ntt.api import Segmenter
-    from ntt.backbones.checkpoints import CheckpointError
+    from ntt.app.segmenter import Segmenter
+    from ntt.utils.errors import UserError
 
     try:
         images, root = _target_images(args.images)
@@ -459,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             score_thr=args.score_thr,
             max_draw=args.max_draw,
         )
-    except (OSError, ValueError, CheckpointError) as err:
-        log.error("%s", err)
-        return 2
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:  # a file or value the API refused: the user's to fix
+        raise UserError(str(err)) from err
     print(
         f"{summary['images']} images, {summary['detections']} detections -> {args.out}/predictions.json"
         + ("" if args.no_overlays else f", overlays in {args.out}/overlays")

@@ -3,7 +3,7 @@ process assembles the bank.
 
 The batches are ``ntt.memory.reference_batches`` of the one-process run (their boundaries never depend on
 the number of processes W, since a batched forward's bits can depend on the batch); process r encodes
-batches r, r + W, r + 2W, ... (the interleave of ``ntt.dist.shard``). The pieces travel through
+batches r, r + W, r + 2W, ... (the interleave of ``ntt.utils.dist.shard``). The pieces travel through
 torch.distributed (gloo on CPU, NCCL on GPU) to the main process, which places every row by its job index
 and writes ``memory.pt``: its bytes are those of a one-process run, whatever W. Nothing is written until
 every piece has arrived, so no partial file can outlive a crash or be mistaken for another config's.
@@ -20,9 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ntt import dist
-from ntt.errors import UserError
-from ntt.memory import MemoryBank, assemble_bank, encode_references, encoder_name_of, plan_fill
+from ntt.bank import MemoryBank
+from ntt.memory import assemble_bank, encode_references, encoder_name_of, plan_fill
+from ntt.utils import dist
+from ntt.utils.errors import UserError
 
 __all__ = ["OtherProcessFailedError", "OtherProcessUserError", "batches_of_process", "fill_memory_sharded"]
 
@@ -73,8 +74,8 @@ def fill_memory_sharded(
         seed: the sampling seed to record.
         encoder_name: name to record (default: ``encoder.name`` or its class name).
         config_hash: config hash to record.
-        all_gather: ``obj -> [obj of every process]`` on every process (``ntt.dist.all_gather_object``).
-        gather: ``obj -> [obj of every process]`` on process 0, None elsewhere (``ntt.dist.gather_object``).
+        all_gather: ``obj -> [obj of every process]`` on every process (``ntt.utils.dist.all_gather_object``).
+        gather: ``obj -> [obj of every process]`` on process 0, None elsewhere (``ntt.utils.dist.gather_object``).
         plan_kwargs: the other ``fill_memory`` arguments (``dataset_json``, ``image_root``, ``encoder``,
             ``class_ids``, ``context_ratio``, ``mask_pooling``, ``batch_size``, ``keep_patch_features``,
             ``shots``, ``apply_exif``).

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the hot spots (method.md §10) with RANDOM weights: TIMINGS ONLY, NO ACCURACY.
 
-``make bench`` / ``python -m ntt.bench [--quick] [--device cpu|cuda] [--sam2 OPTION] [--dinov2 OPTION]``.
+``make bench`` / ``python -m ntt.tools.bench [--quick] [--device cpu|cuda] [--sam2 OPTION] [--dinov2 OPTION]``.
 Every model is built with ``random_init=True`` from a ``conf/backbone/{sam2,dinov2}/<OPTION>.yaml`` option; no
 checkpoint is ever loaded. Random weights run the same kernels on the same shapes as the real ones, so the
 model timings transfer; the outputs are meaningless, and so are the data-dependent counts (proposals passing
@@ -49,13 +49,12 @@ from torch import Tensor
 
 __all__ = ["main", "RANDOM_WEIGHTS_NOTE"]
 
-log = logging.getLogger("ntt.bench")
+log = logging.getLogger("ntt.tools.bench")
 
 RANDOM_WEIGHTS_NOTE = (
     "RANDOM WEIGHTS: every model was built with random_init=True and no checkpoint was loaded. "
     "These numbers are TIMINGS ONLY; nothing here says anything about accuracy."
 )
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 SCHEMA_VERSION = 1
 
 # Per-mode defaults (None in argparse = take these).
@@ -219,9 +218,12 @@ def _option_kwargs(group: str, option: str) -> dict[str, Any]:
     """Builder kwargs of ``conf/backbone/<group>/<option>.yaml`` with random init forced (no checkpoint)."""
     from omegaconf import OmegaConf
 
-    path = CONF_DIR / group / f"{option}.yaml"
+    from ntt.utils.config import conf_path
+
+    folder = Path(str(conf_path())) / "backbone" / group
+    path = folder / f"{option}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise SystemExit(f"unknown --{group} option {option!r}; known: {', '.join(known) or '(no conf dir)'}")
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     node.pop("_target_", None)
@@ -588,7 +590,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m ntt.bench",
+        prog="python -m ntt.tools.bench",
         description="Hot-spot micro-benchmarks with RANDOM weights (timings only, no accuracy).",
     )
     p.add_argument(
@@ -632,7 +634,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _command_line(argv: list[str] | None) -> str:
     if argv is None:
         return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    return shlex.join(["python", "-m", "ntt.bench", *argv]) + "   # via ntt.bench.main(argv)"
+    return shlex.join(["python", "-m", "ntt.tools.bench", *argv]) + "   # via ntt.tools.bench.main(argv)"
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -644,8 +646,9 @@ def main(argv: list[str] | None = None) -> Path:
     Returns:
         Path of the written json.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ntt.utils.console import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available in this torch build / machine")

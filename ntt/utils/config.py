@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ntt.errors import ConfigError
+from ntt.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +225,80 @@ def config_hash(*parts: Any) -> str:
     """Stable short hash of JSON-able config parts (key order does not matter)."""
     blob = json.dumps([to_plain(p) for p in parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composition: the one way to build a config outside `ntt run`'s own Hydra app
+
+CONF_PACKAGE = "ntt.conf"  # `conf/` of the repository, shipped in the wheel as package data
+EXPERIMENTS_PACKAGE = "ntt.experiments"  # `experiments/`, the second config root (main.yaml's searchpath)
+
+
+def conf_path() -> Any:
+    """The config root as a file-system path (a `Traversable` of the installed package `ntt.conf`)."""
+    from importlib.resources import files
+
+    return files(CONF_PACKAGE)
+
+
+def compose(
+    overrides: Any = (),
+    *,
+    return_hydra_config: bool = False,
+    job_name: str = "ntt",
+    config_name: str = "main",
+):
+    """Compose `conf/main.yaml` (+ the `experiments/` root) with Hydra's compose API, from any folder.
+
+    Args:
+        overrides: Hydra overrides, as on the `ntt run` line (`dataset=synthetic`, `shots=3`, ...).
+        return_hydra_config: also return the `hydra` node (sweeper params, launcher).
+        job_name: Hydra's job name.
+        config_name: the primary config.
+
+    Returns:
+        The composed `DictConfig`.
+    """
+    return compose_all(
+        [overrides], return_hydra_config=return_hydra_config, job_name=job_name, config_name=config_name
+    )[0]
+
+
+def compose_all(
+    override_lists: Any,
+    *,
+    return_hydra_config: bool = False,
+    job_name: str = "ntt",
+    config_name: str = "main",
+) -> list:
+    """`compose` of several override lists in one Hydra initialisation (the jobs of a sweep).
+
+    The caller's Hydra state (a running app, a test's `initialize`) is kept: this composes in a clean
+    global Hydra and restores the previous one.
+
+    Args:
+        override_lists: one list of overrides per config.
+        return_hydra_config: also return the `hydra` node.
+        job_name: Hydra's job name.
+        config_name: the primary config.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from ntt.utils.identity import register_resolver
+
+    register_resolver()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3", job_name=job_name):
+            return [
+                hydra_compose(
+                    config_name=config_name, overrides=list(ov), return_hydra_config=return_hydra_config
+                )
+                for ov in override_lists
+            ]
+    finally:
+        restore_gh_from_backup(backup)

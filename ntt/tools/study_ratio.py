@@ -4,16 +4,16 @@
 the IoU filter, masks and pooled embeddings) among all the banks of a shots x seeds study; each bank only adds
 its classification, NMS, soft merging, encoding and evaluation. This measures what that buys: with the memory
 stages of every job done once beforehand, each round deletes the test outputs of every run directory and runs
-the single job (`python -m ntt.run`), then the whole study (`python -m ntt.cli study`), in fresh processes,
+the single job (`python -m ntt run`), then the whole study (`python -m ntt study`), in fresh processes,
 interleaved. Per command it records the wall time, the test stage's time (single run: its "stage test done"
 log line; study: from the "study pass" log line to the last bank's "stage test done") and the CPU that other
 processes used meanwhile (`/proc/stat`); results go to ``benchmarks/study-ratio-<date>-<device>.json``.
 
 Usage::
 
-    python -m ntt.bench_study                       # 6 shot counts x 10 seeds, 12 images, tiny models (~4 min)
-    python -m ntt.bench_study --quick               # 2 x 2 banks, 2 images (seconds; the test uses it)
-    python -m ntt.bench_study --models paper --device cuda --grid 32   # SAM2 Hiera-L + DINOv2 ViT-L/14
+    python -m ntt.tools.study_ratio                       # 6 shot counts x 10 seeds, 12 images, tiny models (~4 min)
+    python -m ntt.tools.study_ratio --quick               # 2 x 2 banks, 2 images (seconds; the test uses it)
+    python -m ntt.tools.study_ratio --models paper --device cuda --grid 32   # SAM2 Hiera-L + DINOv2 ViT-L/14
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ntt.bench import _machine_busy_s, device_slug, hardware_info
+from ntt.tools.bench import _machine_busy_s, device_slug, hardware_info
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def timed(cmd: list[str], env: dict[str, str], log_file: Path) -> dict[str, Any]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ntt.bench_study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ntt.tools.study_ratio", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 shots x 2 seeds, 2 images, 1 round (seconds)")
     p.add_argument("--shots", default="1,2,3,5,10,30", help="shot counts of the study (default: the paper's)")
     p.add_argument("--seeds", type=int, default=10, help="seeds per shot count (default 10)")
@@ -152,8 +152,9 @@ MODELS = {
 
 def main(argv: list[str] | None = None) -> Path:
     """Measure the study ratio and write the result json; returns its path."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ntt.utils.console import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     shots = [int(s) for s in args.shots.split(",")]
     seeds = (SEEDS + list(range(100, 100 + args.seeds)))[: args.seeds]
@@ -169,11 +170,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"dataset.max_test_images={args.images}",
         *args.set,
     ]
-    single = [sys.executable, "-m", "ntt.run", *common, f"shots={shots[-1]}", f"seed={seeds[0]}"]
+    single = [sys.executable, "-m", "ntt", "run", *common, f"shots={shots[-1]}", f"seed={seeds[0]}"]
     study = [
         sys.executable,
         "-m",
-        "ntt.cli",
+        "ntt",
         "study",
         *common,
         "shots=" + ",".join(map(str, shots)),

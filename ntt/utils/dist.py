@@ -28,8 +28,8 @@ CPU_LAUNCH_WARNING = (
     "`accelerate launch --cpu` was asked for several processes (it set MASTER_ADDR) but started ONE: "
     "Accelerate starts several CPU processes only through MPI (`--mpirun_hostfile`). This run goes on in "
     "one process (same results, one process's speed). For N CPU processes run "
-    "`accelerate launch --multi_gpu --num_processes N -m ntt.run ...` (no GPU needed: gloo) or "
-    "`torchrun --nproc_per_node N -m ntt.run ...`."
+    "`accelerate launch --multi_gpu --num_processes N -m ntt run ...` (no GPU needed: gloo) or "
+    "`torchrun --nproc_per_node N -m ntt run ...`."
 )
 
 

@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from ntt.errors import RunLockedError
+from ntt.utils.errors import RunLockedError
 
 LOCK_FILE = ".ntt.lock"
 

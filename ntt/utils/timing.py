@@ -5,7 +5,7 @@ expensive parts with ``with section("dinov2"):``. With no current timer (``ntt s
 benchmarks) a section is a no-op. On CUDA the timer synchronises the device at both ends of a section, so the
 seconds belong to that section and not to whichever later call waits for the kernels (a few synchronisations
 per image; switched off with ``io.timing=false``). Timers are per thread (a ``ContextVar``): the background
-result writer's time is counted separately (``ntt.writer.ResultWriter.busy_s``).
+result writer's time is counted separately (``ntt.runner.writer.ResultWriter.busy_s``).
 """
 
 from __future__ import annotations

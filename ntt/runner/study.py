@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 import time
 import traceback
 from contextlib import closing
@@ -33,35 +32,19 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ntt import dist
-from ntt.config import config_hash, to_plain
-from ntt.errors import UserError
-from ntt.timing import SectionTimer, section, timing
+from ntt.utils import dist
+from ntt.utils.config import config_hash, to_plain
+from ntt.utils.errors import UserError
+from ntt.utils.timing import SectionTimer, section, timing
 
 log = logging.getLogger(__name__)
 
 # full-resolution proposal masks kept per image for the banks (recomputed beyond it: same bits, bounded memory)
 MASK_CACHE_BYTES = 1 << 30
 
-USAGE = """usage: ntt study [-v] [--list] [hydra overrides, sweeps included]
-
-Run every job of a sweep with ONE pass over the test images for all memory banks that share the test
-images, backbones, proposer and pooling (the expensive per-image work runs once per image, not once per job).
-Results equal separate `ntt run` jobs byte for byte; each lands in its own run directory.
-
-  ntt study +bench=coco                                   # the paper's COCO shots x seeds study (60 banks)
-  ntt study dataset=synthetic debug=smoke shots=1,2 seed=1,2,3
-  ntt study --list +bench=coco                            # print the jobs and their run directories only
-  torchrun --nproc_per_node 2 -m ntt.study +bench=coco    # the images sharded over 2 processes
-"""
-
 
 # --------------------------------------------------------------------------------------------------
 # The jobs of a sweep
-
-
-def _conf_dir() -> str:
-    return str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -70,17 +53,15 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     The sweep params of the composed config (`hydra.sweeper.params`, e.g. from `+bench=coco`) come first,
     then the command line's overrides (a command-line sweep of the same key replaces the config's).
     """
-    from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ntt.utils.config import compose
 
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3", job_name="ntt_study"):
-        base = compose(config_name="main", overrides=fixed, return_hydra_config=True)
+    base = compose(fixed, return_hydra_config=True, job_name="ntt_study")
     params = dict(base.hydra.sweeper.get("params") or {})
     args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
@@ -89,16 +70,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 def compose_jobs(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
     """`(job overrides, composed config)` of every job of the sweep (the config a Hydra job receives)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ntt.utils.config import compose_all
 
     jobs = expand_sweep(overrides)
-    GlobalHydra.instance().clear()
-    out = []
-    with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3", job_name="ntt_study"):
-        for job in jobs:
-            out.append((job, compose(config_name="main", overrides=job)))
-    return out
+    return list(zip(jobs, compose_all(jobs, job_name="ntt_study")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,17 +86,19 @@ class Bank:
 
     name: str
     cfg: DictConfig
-    ctx: Any = None  # ntt.pipeline.RunContext
+    ctx: Any = None  # ntt.runner.pipeline.RunContext
     lock: Any = None
     done: set[str] = field(default_factory=set)
-    plan: Any = None  # ntt.pipeline.TestPlan when its test stage runs in the pass
+    plan: Any = None  # ntt.runner.pipeline.TestPlan when its test stage runs in the pass
     todo: set[int] = field(default_factory=set)
     prototypes: Any = None
     params: Any = None
     sink: Any = None
     t_test: float = 0.0
     seconds: dict[int, float] = field(default_factory=dict)
-    pass_timing: dict[str, Any] = field(default_factory=dict)  # sections of the whole pass (ntt/timing.py)
+    pass_timing: dict[str, Any] = field(
+        default_factory=dict
+    )  # sections of the whole pass (ntt/utils/timing.py)
     error: str | None = None
     metrics: dict[str, Any] | None = None
 
@@ -164,7 +141,7 @@ def _short(err: BaseException) -> str:
 def run_study(cfgs: list[DictConfig], names: list[str] | None = None) -> list[Bank]:
     """Run every config (one job each) with one test pass per pass group; returns the banks with their
     metrics or error. Never raises for a job's failure (it is recorded in `Bank.error`)."""
-    from ntt.pipeline import make_context
+    from ntt.runner.pipeline import make_context
 
     names = names or [f"job{i}" for i in range(len(cfgs))]
     banks = [Bank(name=n, cfg=c) for n, c in zip(names, cfgs)]
@@ -202,7 +179,7 @@ def run_study(cfgs: list[DictConfig], names: list[str] | None = None) -> list[Ba
 
 def _share(ctx, digests: dict, splits: dict, models: dict) -> None:
     """Give the run the study's shared state: parsed datasets, built backbones, file digests."""
-    from ntt.fileid import FileDigests
+    from ntt.utils.files import FileDigests
 
     ctx.files = FileDigests(ctx.files.cache_file, shared=digests)
     ctx.splits = splits.setdefault(_split_key(ctx), {})
@@ -229,7 +206,7 @@ def _release(bank: Bank) -> None:
 
 
 def _run_group(group: list[Bank], gi: int, n_groups: int) -> None:
-    from ntt import pipeline
+    from ntt.runner import pipeline
 
     for bank in group:
         try:
@@ -280,7 +257,7 @@ def _stages_after_test(cfg) -> list[str]:
 
 
 def _run_stage(bank: Bank, stage: str) -> None:
-    from ntt import pipeline
+    from ntt.runner import pipeline
 
     if pipeline.begin_stage(bank.ctx, stage, bank.done):
         t0 = time.perf_counter()
@@ -290,8 +267,8 @@ def _run_stage(bank: Bank, stage: str) -> None:
 
 def _prepare(bank: Bank) -> None:
     """Lock, open and run the stages before `test` of one job; plan its test stage (not sharded yet)."""
-    from ntt import pipeline
-    from ntt.runlock import RunLock
+    from ntt.runner import pipeline
+    from ntt.runner.runlock import RunLock
 
     ctx = bank.ctx
     unknown = [s for s in ctx.cfg.stages if s not in pipeline.STAGES]
@@ -323,7 +300,7 @@ def _test_pass(banks: list[Bank], gi: int, n_groups: int) -> None:
     once, then each bank that needs the image: its detections, appended to its own `rank<r>.jsonl`."""
     from tqdm import tqdm
 
-    from ntt import pipeline
+    from ntt.runner import pipeline
 
     ctx0 = banks[0].ctx
     union: list[int] = []
@@ -384,9 +361,9 @@ def _pass_image(banks: list[Bank], spec, item, sam2, dino, writer, fail_fast: bo
     """One image of a study pass: the memory-independent part once, then each bank needing it."""
     import torch
 
-    from ntt import pipeline
     from ntt.inference import classify_and_postprocess, propose_image
     from ntt.maskcache import ProposalMasks
+    from ntt.runner import pipeline
 
     img_id = spec.img_id
     needing = [b for b in banks if img_id in b.todo]
@@ -443,67 +420,9 @@ def _bank_line(bank: Bank, img_id: int, det, tr, shared, masks) -> dict[str, Any
     """One bank's record of an image: RLEs (each proposal's encoded once for all banks), trace, line."""
     import torch
 
-    from ntt import pipeline
+    from ntt.runner import pipeline
 
     with torch.inference_mode():
         rles = masks.rles(det.proposal_index, det.masks)
     trace = shared.trace(tr) if bank.ctx.cfg.trace else None
     return pipeline.success_line(bank.ctx, bank.plan, img_id, det, trace, rles=rles)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _report(banks: list[Bank]) -> int:
-    failed = [b for b in banks if b.error is not None]
-    for bank in banks:
-        where = bank.ctx.run_dir if bank.ctx is not None else "?"
-        status = "ok" if bank.error is None else "FAILED"
-        log.info("study: %-6s %s  [%s]", status, where, bank.name)
-    if not failed:
-        return 0
-    lines = [f"{len(failed)} of {len(banks)} job(s) of the study failed:"]
-    for bank in failed:
-        lines.append(f"  - {bank.name}\n      {bank.error.strip().splitlines()[0]}")
-    lines.append("The other jobs' results are kept; rerun the same command to retry only what is missing.")
-    sys.stderr.write("\n".join(lines) + "\n")
-    return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`ntt study [-v] [--list] [overrides]`: see `USAGE`."""
-    import os
-
-    from ntt.run import USER_ERROR_EXIT, VERBOSE_FLAGS
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    verbose = any(a in VERBOSE_FLAGS for a in argv) or os.environ.get("NTT_TRACEBACK") == "1"
-    list_only = "--list" in argv
-    overrides = [a for a in argv if a not in VERBOSE_FLAGS and a != "--list"]
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
-    try:
-        jobs = compose_jobs(overrides)
-    except Exception as err:  # Hydra's own override / config errors
-        if verbose:
-            raise
-        log.error("%s", err)
-        return USER_ERROR_EXIT
-    if list_only:
-        for job, cfg in jobs:
-            print(f"{cfg.run_dir}\t{' '.join(job)}")
-        return 0
-    log.info("study: %d job(s)", len(jobs))
-    try:
-        banks = run_study([cfg for _, cfg in jobs], [" ".join(job) or "(no overrides)" for job, _ in jobs])
-    finally:
-        dist.shutdown()  # torchrun: leave the process group before exiting (ntt.dist.shutdown)
-    return _report(banks)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

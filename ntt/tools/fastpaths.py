@@ -1,8 +1,8 @@
 """Fast paths measured against parity mode: speed, memory and agreement in one command.
 
-``make bench-fastpaths`` / ``python -m ntt.fastpaths [--device cuda] [--sam2 OPTION] [--dinov2 OPTION]
+``make bench-fastpaths`` / ``python -m ntt.tools.fastpaths [--device cuda] [--sam2 OPTION] [--dinov2 OPTION]
 [--grid P] [--modes a,b,...]``. Models are built with RANDOM weights from ``conf/backbone`` options (as
-``ntt.bench``): the figures measure speed and how far each fast path moves the outputs away from parity
+``ntt.tools.bench``): the figures measure speed and how far each fast path moves the outputs away from parity
 mode's, never accuracy.
 
 Each mode is the per-image test path (``ntt.inference.propose_image`` + ``classify_and_postprocess``, i.e.
@@ -14,7 +14,7 @@ which includes ``torch.compile``'s compilation, is reported as ``warmup_s``).
 
 Per mode: images/s and seconds per image over the timed images, peak memory (CUDA: max allocated during
 the mode's calls, model weights included; CPU: growth of the process's peak RSS, a lower bound since the
-peak is process-wide), and agreement with the parity run of the same images (``ntt.agreement``):
+peak is process-wide), and agreement with the parity run of the same images (``ntt.tools.agreement``):
 proposal level (same chosen multimask output, IoU-score differences, mask IoU of the same proposal),
 detection level (matched by source prompt: score difference, mask IoU, counts) and the AP of the mode's
 detections with the parity detections above ``--gt-score-thr`` as the ground truth.
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ntt.agreement import (
+from ntt.tools.agreement import (
     AgreementAccumulator,
     DetectionSnapshot,
     ProposalSnapshot,
@@ -57,11 +57,11 @@ from ntt.agreement import (
     compare_detections,
     compare_proposals,
 )
-from ntt.bench import _loadavg, _sync
+from ntt.tools.bench import _loadavg, _sync
 
 __all__ = ["MODES", "FastMode", "main", "mode_backbone"]
 
-log = logging.getLogger("ntt.fastpaths")
+log = logging.getLogger("ntt.tools.fastpaths")
 
 RANDOM_WEIGHTS_NOTE = (
     "RANDOM WEIGHTS: every model was built with random_init=True and no checkpoint was loaded. Timings are "
@@ -295,10 +295,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Build everything, run every mode on every image, return the report (see the module docstring)."""
     from tqdm import tqdm
 
-    from ntt.bench import build_models, device_slug, hardware_info
     from ntt.data.images import load_test_image
     from ntt.inference import InferenceParams
     from ntt.results import detections_to_coco
+    from ntt.tools.bench import build_models, device_slug, hardware_info
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -589,7 +589,9 @@ def markdown(report: dict[str, Any]) -> str:
 def _command_line(argv: list[str] | None) -> str:
     if argv is None:
         return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    return shlex.join(["python", "-m", "ntt.fastpaths", *argv]) + "   # via ntt.fastpaths.main(argv)"
+    return (
+        shlex.join(["python", "-m", "ntt.tools.fastpaths", *argv]) + "   # via ntt.tools.fastpaths.main(argv)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,7 +601,7 @@ def _command_line(argv: list[str] | None) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m ntt.fastpaths",
+        prog="python -m ntt.tools.fastpaths",
         description="Fast paths vs parity mode: images/s, peak memory, agreement (RANDOM weights).",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
@@ -679,8 +681,9 @@ def main(argv: list[str] | None = None) -> Path:
     Returns:
         Path of the written json.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ntt.utils.console import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

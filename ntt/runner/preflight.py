@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from ntt.errors import UserError
+from ntt.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,13 @@
-"""Content identity of input files: sha256, recomputed only when a file's size or mtime changes.
+"""Files: atomic writes that honour the user's umask, and the content identity (sha256) of input files.
 
-A stage is skipped only when everything it read is unchanged (docs/ARCHITECTURE.md, "Resume"): the
-config values and the content of every input file. Hashing a 1 GB checkpoint or 5000 images on every
-rerun would be slow, so the digests are cached per run directory (`file_hashes.json`) under the file's
+Atomic writes. `tempfile.mkstemp` creates its file readable by its owner only (0600); a plain rename then
+leaves every artifact (refs.json, memory files, manifests) unreadable to the group even when the user's umask
+says otherwise. These helpers write to a temp file in the same folder, give it the mode a plain `open()` would
+(0666 minus the umask), and rename it into place, so a killed run never leaves a half-written file.
+
+Content identity. A stage is skipped only when everything it read is unchanged (docs/ARCHITECTURE.md,
+"Resume"): the config values and the content of every input file. Hashing a 1 GB checkpoint or 5000 images on
+every rerun would be slow, so the digests are cached per run directory (`file_hashes.json`) under the file's
 absolute path with its size and mtime; a file whose size or mtime changed is hashed again. A file modified
 within two seconds of being hashed is never trusted to the cache (coarse-mtime file systems could miss a
 second edit within the same tick).
@@ -14,13 +19,69 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "file_hashes.json"
 _RACY_NS = 2_000_000_000
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; os offers no plain getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temp file + rename, with the umask's file mode.
+
+    Args:
+        path: destination file (its folder is created if needed).
+        data: the bytes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (utf-8) to `path` atomically with the umask's file mode.
+
+    Args:
+        path: destination file.
+        text: the content.
+    """
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> None:
+    """Write `obj` as JSON (one trailing newline) atomically with the umask's file mode.
+
+    Args:
+        path: destination file.
+        obj: JSON-able data (keys kept in insertion order).
+        indent: `json.dumps` indent (None: one line).
+    """
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -106,8 +167,6 @@ class FileDigests:
         """Write the cache (atomically) if anything was hashed since it was read."""
         if self.cache_file is None or not self._dirty:
             return
-        from ntt.fsutil import write_text_atomic
-
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.cache_file, json.dumps(self._entries, indent=0, sort_keys=True) + "\n")
         self._dirty = False

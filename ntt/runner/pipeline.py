@@ -28,8 +28,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ntt import __version__, dist
-from ntt.config import (
+from ntt import __version__
+from ntt.runner.preflight import annotation_problems, check_device, check_shots, report_annotations
+from ntt.runner.reuse import adopt_sibling_artifact, find_sibling_lines, reuse_sibling_lines
+from ntt.runner.runlock import RunLock
+from ntt.utils import dist
+from ntt.utils.config import (
     DatasetSpec,
     EvalConfig,
     IOConfig,
@@ -39,14 +43,10 @@ from ntt.config import (
     config_hash,
     to_plain,
 )
-from ntt.errors import UserError
-from ntt.fileid import CACHE_FILE, FileDigests
-from ntt.fsutil import write_text_atomic
-from ntt.identity import config_id, identity_keys, portable_config, setting_id
-from ntt.preflight import annotation_problems, check_device, check_shots, report_annotations
-from ntt.reuse import adopt_sibling_artifact, find_sibling_lines, reuse_sibling_lines
-from ntt.runlock import RunLock
-from ntt.timing import SectionTimer, section, timing
+from ntt.utils.errors import UserError
+from ntt.utils.files import CACHE_FILE, FileDigests, write_text_atomic
+from ntt.utils.identity import config_id, identity_keys, portable_config, setting_id
+from ntt.utils.timing import SectionTimer, section, timing
 
 log = logging.getLogger(__name__)
 
@@ -390,30 +390,21 @@ def build_backbone(ctx: RunContext, which: str):
     The preflight builds the backbones the planned stages need, so a missing or mismatched checkpoint
     is reported before any stage runs, and the stages reuse those models (each checkpoint read once).
     """
-    if which in ctx.backbones:
-        return ctx.backbones[which]
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    if which not in ctx.backbones:
+        from ntt.backbones import build_backbone as build
 
-    try:
-        ctx.backbones[which] = instantiate(ctx.cfg.backbone[which], device=ctx.device, _convert_="all")
-        return ctx.backbones[which]
-    except InstantiationException as exc:
-        # Hydra flattens the builder's own error (e.g. the missing-checkpoint message with the download
-        # command) into a one-line repr; surface the original, readable one.
-        if exc.__cause__ is not None:
-            raise exc.__cause__ from None
-        raise
+        ctx.backbones[which] = build(ctx.cfg.backbone[which], device=ctx.device)
+    return ctx.backbones[which]
 
 
 def stage_fill_memory(ctx: RunContext) -> Path:
     """Encode every reference crop with DINOv2 and store per-instance mean features (method.md §3).
 
     With several processes each encodes a share of the encoder batches and the main process assembles
-    and writes the bank (`ntt.memory_shard`): the same bytes as one process.
+    and writes the bank (`ntt.runner.memory_shard`): the same bytes as one process.
     """
     from ntt import refs as refs_mod
-    from ntt.memory_shard import fill_memory_sharded
+    from ntt.runner.memory_shard import fill_memory_sharded
 
     out = ctx.path(MEMORY_FILE)
     ref_ds = load_split(ctx, "ref")
@@ -477,7 +468,8 @@ def _save_memory_trace(ctx: RunContext, bank) -> None:
 
 def stage_postprocess_memory(ctx: RunContext) -> Path:
     """Prototypes from instance means (method.md §4); k-means/PCA/covariance only when asked."""
-    from ntt.memory import MemoryBank, postprocess_memory
+    from ntt.bank import MemoryBank
+    from ntt.memory import postprocess_memory
 
     out = ctx.path(PROTOTYPES_FILE)
     if not ctx.is_main:
@@ -578,7 +570,7 @@ def log_expected_time(ctx: RunContext, n_images: int) -> None:
     """Log the expected time of `n_images` images with this run's backbones, grid and device (main)."""
     if not ctx.is_main:
         return
-    from ntt.speed import expected_time_message
+    from ntt.utils.speed import expected_time_message
 
     log.info(
         "test: %s",
@@ -595,7 +587,7 @@ def log_expected_time(ctx: RunContext, n_images: int) -> None:
 
 def load_prototypes(ctx: RunContext, test_ds):
     """The run's `[C, D]` class prototypes on its device (bank checked against the test set's classes)."""
-    from ntt.memory import MemoryBank
+    from ntt.bank import MemoryBank
 
     bank = MemoryBank.load(ctx.path(PROTOTYPES_FILE), expect=_bank_expectation(ctx))
     _check_bank_classes(bank, test_ds)
@@ -627,8 +619,8 @@ def load_images(ctx: RunContext, specs: list):
 
 
 def result_writer(ctx: RunContext):
-    """The test loop's `ntt.writer.ResultWriter` (`io.async_write`, `io.write_queue`, `fail_fast`)."""
-    from ntt.writer import ResultWriter
+    """The test loop's `ntt.runner.writer.ResultWriter` (`io.async_write`, `io.write_queue`, `fail_fast`)."""
+    from ntt.runner.writer import ResultWriter
 
     return ResultWriter(
         async_write=ctx.io.async_write, depth=ctx.io.write_queue, fail_fast=bool(ctx.cfg.get("fail_fast"))
@@ -705,11 +697,11 @@ def write_timing(ctx: RunContext, plan: TestPlan, timings: list[float], **extra:
 
 
 def loop_timing(ctx: RunContext, timer, writer, total: float, images: int) -> dict[str, Any]:
-    """Where a test loop's time went (`ntt.timing`), for `write_timing`: seconds per image per section
+    """Where a test loop's time went (`ntt.utils.timing`), for `write_timing`: seconds per image per section
     (`load`: waiting for the image; the three models; `write`: handing the result to the writer, which
     is encoding and writing itself when `io.async_write` is off; `other`: pooling, classification, NMS,
     resizing, soft merging), `outside_models_fraction`, and the writer's own seconds per image."""
-    from ntt.timing import section_report
+    from ntt.utils.timing import section_report
 
     if timer is None or not images:
         return {}
@@ -902,7 +894,7 @@ def _merge_and_evaluate(
         "failed_images": failed,
         "missing_images": missing,
         "ntt_version": __version__,
-        # what identifies this result (ntt/identity.py): tables group and filter by these
+        # what identifies this result (ntt/utils/identity.py): tables group and filter by these
         "study": str(ctx.cfg.get("study", "adhoc")),
         "config_id": config_id(ctx.cfg),
         "setting_id": setting_id(ctx.cfg),
@@ -965,7 +957,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any] | None:
         raise StageError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
     ctx = make_context(cfg)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    # one run per directory at a time (the main process holds the lock; ntt/runlock.py)
+    # one run per directory at a time (the main process holds the lock; ntt/runner/runlock.py)
     lock = RunLock(ctx.run_dir) if ctx.is_main else None
     if lock is not None:
         lock.acquire()
@@ -1017,7 +1009,7 @@ def _inputs_unchanged(ctx: RunContext, rec: dict[str, Any]) -> str | None:
 def adopt_sibling_stages(ctx: RunContext) -> None:
     """Copy the planned memory stages' artifacts from a sibling run directory made under the same stage keys.
 
-    A change that only affects the test stage (e.g. `eval`) gives a new run directory (ntt/identity.py);
+    A change that only affects the test stage (e.g. `eval`) gives a new run directory (ntt/utils/identity.py);
     its memory stages would compute the same bytes again. Stages are taken in order, so a reused `refs.json`
     makes the `fill_memory` key match in turn. Not with `force` or `trace` (a traced run writes more files).
     """
@@ -1085,7 +1077,7 @@ def release_run(ctx: RunContext, logger) -> None:
 
 
 def preflight(ctx: RunContext) -> None:
-    """Validate everything the stages that will run need, before the first one runs (ntt/preflight.py).
+    """Validate everything the stages that will run need, before the first one runs (ntt/runner/preflight.py).
 
     Device; dataset jsons present and parseable with the selected class names; enough usable references
     per class for `shots`; annotations (invalid references are fatal when they are used, the others are

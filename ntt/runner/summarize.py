@@ -12,7 +12,7 @@ Writes into ``--out`` (default ROOT):
 
 Rules: a run with failed or missing test images is excluded from every mean and listed; a metric of -1
 (COCOeval's "no ground truth", e.g. an empty test set) is shown as n/a, never as -100; runs are grouped
-by their ``setting_id`` (ntt/identity.py), so different settings are never averaged together; rows from
+by their ``setting_id`` (ntt/utils/identity.py), so different settings are never averaged together; rows from
 random-weight runs are flagged (plumbing and speed only, never accuracy).
 """
 
@@ -23,6 +23,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from ntt.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     runs = collect(args.root, study=args.study)
     if runs.empty:
-        log.error("no metrics.json under %s%s", args.root, f" for study {args.study}" if args.study else "")
-        return 1
+        raise UserError(
+            f"no metrics.json under {args.root}{f' for study {args.study}' if args.study else ''}: "
+            "point ROOT at an output folder of `ntt run` / `ntt study`"
+        )
     out = Path(args.out or args.root)
     out.mkdir(parents=True, exist_ok=True)
     runs = runs.sort_values(["benchmark", "dataset", "shots", "seed"], kind="stable")

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntt.utils.errors import UserError
+
 __all__ = ["PALETTE", "class_color", "draw_instances", "side_by_side", "visualize_run", "main"]
 
 log = logging.getLogger(__name__)
@@ -218,9 +220,8 @@ def visualize_run(
     from pycocotools import mask as mask_utils
     from tqdm import tqdm
 
-    from ntt.api import read_image
     from ntt.data.coco import CocoDataset
-    from ntt.data.images import load_rgb, resize_pil
+    from ntt.data.images import load_rgb, read_image, resize_pil
 
     run_dir = Path(run_dir)
     cfg_file, pred_file = run_dir / "config.yaml", run_dir / "predictions.json"
@@ -315,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
             root=args.root,
         )
     except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return 2
+        raise UserError(str(err)) from err
     print(f"{len(files)} pictures in {files[0].parent if files else args.out}")
     return 0

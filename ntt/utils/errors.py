@@ -1,7 +1,7 @@
 """The user-error type: bad input or config, reported as one clear message without a traceback.
 
 Anything raised as (a subclass of) :class:`UserError` is the user's to fix: a missing or malformed file,
-a config key with an impossible value, a device that is not there. The command-line app (`ntt.run`)
+a config key with an impossible value, a device that is not there. The command-line app (`ntt.runner.main`)
 prints such errors as one message and exits with status 2; every other exception is a bug and keeps its
 traceback. `HYDRA_FULL_ERROR=1` (or `NTT_TRACEBACK=1`) shows the full trace of a user error too.
 """

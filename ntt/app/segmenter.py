@@ -1,7 +1,6 @@
 """Python API for practitioners: segment your own images from a few reference examples.
 
     from ntt import Segmenter
-
     seg = Segmenter.from_config(sam2="sam2.1_hiera_t", dinov2="vits14", proposer="cpu_fast")
     seg.add_reference("refs/cat1.jpg", "cat", masks="refs/cat1.png")      # a mask (PNG, array or tensor)
     seg.add_reference("refs/dog1.jpg", "dog", boxes=[[10, 20, 200, 240]])  # boxes -> masks through SAM2
@@ -24,8 +23,6 @@ frame for parity. Masks and boxes are in the pixels of the upright image.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import os
 import time
@@ -37,123 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ntt.fsutil import write_bytes_atomic
+from ntt.backbones import build_backbone
+from ntt.bank import ReferenceBank
+from ntt.data.images import list_images, read_image
+from ntt.data.masks import mask_bbox_xywh, read_mask
 from ntt.inference import InferenceParams
-from ntt.speed import format_seconds
+from ntt.utils.dist import resolve_device
+from ntt.utils.speed import format_seconds
 
-__all__ = ["Segmenter", "Instances", "ReferenceBank", "IMAGE_EXTENSIONS", "list_images", "read_image"]
+__all__ = ["Segmenter", "Instances", "compose_config"]
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-BANK_FORMAT = "ntt-reference-bank"
-BANK_FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# InferenceParams fields set by the proposer group; the others come from the matcher group.
-_PROPOSER_KEYS = ("points_per_side", "points_batch_size", "iou_thr")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images and masks
-
-
-def read_image(image) -> tuple[Any, str | None]:
-    """Any supported image input as an 8-bit RGB ``PIL.Image`` (upright) and its path, if any.
-
-    Args:
-        image: a file path (EXIF orientation applied), a ``PIL.Image``, an ``[H, W, 3]`` uint8 array, or a
-            ``[3, H, W]`` float tensor in [0, 1] (rounded to 8 bits, like a saved image).
-
-    Raises:
-        FileNotFoundError / OSError: unreadable file (named). TypeError / ValueError: unsupported input.
-    """
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        return _read_upright(Path(image)), str(image)
-    if isinstance(image, Image.Image):
-        return image.convert("RGB"), None
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"an image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
-        arr = (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0)
-        return Image.fromarray(arr.cpu().numpy(), mode="RGB"), None
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise ValueError(f"an image array must be [H, W, 3] uint8, got {image.dtype}{image.shape}")
-        return Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB"), None
-    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, array or tensor")
-
-
-def _read_upright(path: Path):
-    """Read a file as 8-bit RGB in its upright frame (EXIF orientation applied; errors name the file)."""
-    from ntt.data.images import read_image_rgb
-
-    return read_image_rgb(path, apply_exif=True)
-
-
-def read_mask(mask, height: int, width: int, what: str = "mask") -> torch.Tensor:
-    """A binary mask from a PNG path, an array or a tensor, checked against the image size.
-
-    A mask image is foreground where its grey value is >= 128 (0/255 masks), or > 0 when its maximum is 1
-    (0/1 masks). Colour and alpha are converted to grey first (PIL ``convert("L")``).
-
-    Args:
-        mask: path, ``PIL.Image``, ``[H, W]`` array / tensor (bool, 0/1 or 0..255).
-        height: image height.
-        width: image width.
-        what: how to name the mask in errors (e.g. its file).
-
-    Returns:
-        ``[H, W]`` bool tensor.
-    """
-    from PIL import Image
-
-    if isinstance(mask, (str, os.PathLike)):
-        if not Path(mask).is_file():
-            raise FileNotFoundError(f"{what}: mask file not found: {mask}")
-        with Image.open(mask) as m:
-            arr = np.asarray(m.convert("L"))
-    elif isinstance(mask, Image.Image):
-        arr = np.asarray(mask.convert("L"))
-    else:
-        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"{what}: a mask must be [H, W], got shape {arr.shape}")
-    if arr.shape != (height, width):
-        raise ValueError(
-            f"{what}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {width}x{height}: "
-            "masks must be in the pixels of the (upright) image"
-        )
-    if arr.dtype == bool:
-        out = arr
-    else:
-        out = arr > (0 if arr.max(initial=0) <= 1 else 127)
-    return torch.from_numpy(np.ascontiguousarray(out))
-
-
-def mask_bbox_xywh(mask: torch.Tensor) -> list[float]:
-    """COCO box ``[x, y, w, h]`` of a binary mask, as pycocotools' ``toBbox`` (extent + 1)."""
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (not recursive), sorted by name; extensions in ``IMAGE_EXTENSIONS``.
-
-    Raises:
-        FileNotFoundError / ValueError: no such folder, or no image in it.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    return files
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,14 +103,14 @@ class Instances:
         return detections_to_coco(det, image_id, self.category_ids, box_plus_one=self.box_plus_one)
 
     def overlay(self, image=None, *, score_thr: float = 0.0, max_instances: int | None = 50):
-        """An RGB ``PIL.Image`` of the image with the detections drawn (``ntt.visualize.draw_instances``).
+        """An RGB ``PIL.Image`` of the image with the detections drawn (``ntt.app.visualize.draw_instances``).
 
         Args:
             image: the image to draw on (default: the one that was segmented).
             score_thr: draw detections scoring at least this.
             max_instances: draw at most this many (best first); None = all.
         """
-        from ntt.visualize import draw_instances
+        from ntt.app.visualize import draw_instances
 
         base = image if image is not None else self.image
         if base is None and self.path is not None:
@@ -237,127 +128,6 @@ class Instances:
             score_thr=score_thr,
             max_instances=max_instances,
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The reference bank
-
-
-@dataclass
-class ReferenceBank:
-    """Per-class reference features with any number of references per class (a small file, no weights).
-
-    Row c is class ``names[c]``; its real references are ``instance_means[c, :counts[c]]``; the rest of the
-    row is zero padding that no computation reads.
-
-    Args:
-        names: C class names, ordered by category id.
-        category_ids: C ascending category ids.
-        instance_means: ``[C, Kmax, D]`` float32 mask-weighted mean feature per reference.
-        weight_sums: ``[C, Kmax]`` patch-grid mask weight sums.
-        counts: ``[C]`` int64 number of references of each class.
-        encoder: DINOv2 config name the features come from.
-        fill_settings: context_ratio, mask_pooling, img_size, grid_size.
-        references: per class, per reference: provenance (source, prompt kind, COCO box).
-        config: the segmenter's ``backbone`` / ``proposer`` / ``matcher`` config nodes (unresolved).
-    """
-
-    names: list[str]
-    category_ids: list[int]
-    instance_means: torch.Tensor
-    weight_sums: torch.Tensor
-    counts: torch.Tensor
-    encoder: str
-    fill_settings: dict
-    references: list[list[dict]]
-    config: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        """C."""
-        return len(self.names)
-
-    def prototypes(self) -> torch.Tensor:
-        """``[C, D]`` L2-normalised class prototypes: the mean over each class's own references only."""
-        from ntt.memory import compute_prototypes
-
-        rows = [
-            compute_prototypes(self.instance_means[c : c + 1, : int(self.counts[c])])
-            for c in range(self.num_classes)
-        ]
-        return torch.cat(rows)
-
-    def meta(self) -> dict:
-        """JSON-able metadata."""
-        return {
-            "format": BANK_FORMAT,
-            "format_version": BANK_FORMAT_VERSION,
-            "names": list(self.names),
-            "category_ids": [int(c) for c in self.category_ids],
-            "encoder": self.encoder,
-            "fill_settings": dict(self.fill_settings),
-            "references": self.references,
-            "config": self.config,
-            "ntt_version": _ntt_version(),
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the bank (``torch.save`` of plain tensors + JSON metadata; atomic). Returns the path."""
-        payload = {
-            "meta_json": json.dumps(self.meta(), sort_keys=True),
-            "instance_means": self.instance_means.detach().to("cpu", torch.float32).contiguous(),
-            "weight_sums": self.weight_sums.detach().to("cpu", torch.float32).contiguous(),
-            "counts": self.counts.detach().to("cpu", torch.int64).contiguous(),
-        }
-        path = Path(path)
-        buf = io.BytesIO()  # bytes independent of the file name (see MemoryBank.save)
-        torch.save(payload, buf)
-        write_bytes_atomic(path, buf.getvalue())  # with the umask's mode (mkstemp's 0600 would hide it)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ReferenceBank:
-        """Read a bank written by :meth:`save` (``weights_only=True``: no code is unpickled).
-
-        Raises:
-            FileNotFoundError: no such file. ValueError: not an ntt reference bank.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference bank not found: {path}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            meta = json.loads(payload["meta_json"])
-        except Exception as err:
-            raise ValueError(f"{path} is not an ntt reference bank (Segmenter.save): {err}") from err
-        if meta.get("format") != BANK_FORMAT:
-            hint = (
-                " (that is a benchmark memory bank: use Segmenter.from_memory_bank)"
-                if "shots" in meta
-                else ""
-            )
-            raise ValueError(f"{path} is not an ntt reference bank (format {meta.get('format')!r}){hint}")
-        if int(meta.get("format_version", 0)) > BANK_FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: bank format {meta['format_version']} is newer than this ntt; upgrade ntt"
-            )
-        return cls(
-            names=list(meta["names"]),
-            category_ids=[int(c) for c in meta["category_ids"]],
-            instance_means=payload["instance_means"],
-            weight_sums=payload["weight_sums"],
-            counts=payload["counts"],
-            encoder=str(meta["encoder"]),
-            fill_settings=dict(meta["fill_settings"]),
-            references=meta["references"],
-            config=meta.get("config", {}),
-        )
-
-
-def _ntt_version() -> str:
-    from ntt import __version__
-
-    return str(__version__)
 
 
 @dataclass
@@ -394,13 +164,9 @@ def compose_config(
     Returns:
         The composed ``DictConfig``.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from ntt.utils.config import compose
 
-    # main.yaml's second config root (`experiments/`) is relative to the working directory: make it absolute
-    experiments = CONF_DIR.parent / "experiments"
-    opts = [f"hydra.searchpath=[file://{experiments}]" if experiments.is_dir() else "hydra.searchpath=[]"]
+    opts = []
     if sam2:
         opts.append(f"backbone/sam2={sam2}")
     if dinov2:
@@ -410,41 +176,15 @@ def compose_config(
         opts.append(f"proposer={proposer}")
     if matcher:
         opts.append(f"matcher={matcher}")
-    opts.extend(overrides)
-    # Keep whatever Hydra state the caller has (a running app, a test's initialize): compose in a clean one.
-    backup = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="main", overrides=opts)
-    finally:
-        restore_gh_from_backup(backup)
+    return compose([*opts, *overrides])
 
 
 def _params_from_cfg(cfg) -> InferenceParams:
-    from ntt.config import MatcherConfig, ProposerConfig, build_node
+    from ntt.utils.config import MatcherConfig, ProposerConfig, build_node
 
     prop = build_node(cfg.proposer, ProposerConfig)
     mat = build_node(cfg.matcher, MatcherConfig)
     return InferenceParams.from_settings(prop, mat)
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _build_backbone(cfg, which: str, device: str):
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(cfg.backbone[which], device=device, _convert_="all")
-    except InstantiationException as exc:  # surface the builder's readable error (e.g. missing checkpoint)
-        if exc.__cause__ is not None:
-            raise exc.__cause__ from None
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,7 +213,7 @@ class Segmenter:
     def __init__(self, cfg, *, device: str | None = None, sam2=None, dinov2=None):
         from omegaconf import DictConfig, OmegaConf
 
-        from ntt.config import MatcherConfig, build_node
+        from ntt.utils.config import MatcherConfig, build_node
 
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(cfg)
@@ -481,7 +221,7 @@ class Segmenter:
             if key not in cfg:
                 raise ValueError(f"Segmenter: the config has no '{key}' node (use Segmenter.from_config)")
         self.cfg = cfg
-        self.device = _resolve_device(str(device or cfg.get("device", "auto")))
+        self.device = resolve_device(str(device or cfg.get("device", "auto")))
         self.params = _params_from_cfg(cfg)
         self.memory = build_node(cfg.matcher, MatcherConfig).memory
         self._sam2 = sam2
@@ -530,14 +270,14 @@ class Segmenter:
     def sam2(self):
         """The SAM2 backbone (built from ``cfg.backbone.sam2`` on first use)."""
         if self._sam2 is None:
-            self._sam2 = _build_backbone(self.cfg, "sam2", self.device)
+            self._sam2 = build_backbone(self.cfg.backbone.sam2, device=self.device)
         return self._sam2
 
     @property
     def dinov2(self):
         """The DINOv2 encoder (built from ``cfg.backbone.dinov2`` on first use)."""
         if self._dinov2 is None:
-            self._dinov2 = _build_backbone(self.cfg, "dinov2", self.device)
+            self._dinov2 = build_backbone(self.cfg.backbone.dinov2, device=self.device)
         return self._dinov2
 
     @property
@@ -808,7 +548,7 @@ class Segmenter:
             cfg: the run's config (e.g. ``OmegaConf.load(<run_dir>/config.yaml)``).
             device: as in the constructor.
         """
-        from ntt.memory import MemoryBank
+        from ntt.bank import MemoryBank
 
         mb = MemoryBank.load(path)
         seg = cls(cfg, device=device)
@@ -828,12 +568,12 @@ class Segmenter:
 
     # -------------------------------------------------------------------------------------------------
     def estimate_seconds_per_image(self, params: InferenceParams | None = None) -> float | None:
-        """A rough a-priori time per image on this device (``ntt.speed``); None when unknown (GPU).
+        """A rough a-priori time per image on this device (``ntt.utils.speed``); None when unknown (GPU).
 
         Args:
             params: settings to estimate for (default: ``self.params``).
         """
-        from ntt.speed import estimate_seconds_per_image
+        from ntt.utils.speed import estimate_seconds_per_image
 
         return estimate_seconds_per_image(
             sam2=str(self.cfg.backbone.sam2.name),

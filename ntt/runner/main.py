@@ -1,14 +1,13 @@
-"""The one entry point: `python -m ntt.run [overrides]` (console script `ntt-run`).
+"""`ntt run` (the stages of one config, or a Hydra multirun) and `ntt study` (the jobs of a sweep).
 
-Composes `conf/main.yaml` (+ the `experiments/` root) and runs `cfg.stages`. Examples:
-    python -m ntt.run --cfg job --resolve                       # print the fully resolved config
-    python -m ntt.run dataset=synthetic debug=smoke             # random-weight smoke run
-    python -m ntt.run +paper=coco_30shot                        # the paper's COCO 30-shot run
-    accelerate launch -m ntt.run +paper=coco_30shot             # the same on every GPU of the machine
+`ntt run` composes `conf/main.yaml` (+ the `experiments/` root) with Hydra's app and runs `cfg.stages`:
+    python -m ntt run --cfg job --resolve                       # print the fully resolved config
+    python -m ntt run dataset=synthetic debug=smoke             # random-weight smoke run
+    python -m ntt run +paper=coco_30shot                        # the paper's COCO 30-shot run
+    accelerate launch -m ntt run +paper=coco_30shot             # the same on every GPU of the machine
 
-A user error (bad input or config, `ntt.errors.UserError`) prints one message and exits with status 2;
-`-v` / `--verbose` (or `HYDRA_FULL_ERROR=1`, `NTT_TRACEBACK=1`) shows its traceback too. Any other
-exception is a bug and keeps its traceback. A multirun ends with the list of every failed job and why.
+A user error (bad input or config, `ntt.utils.errors.UserError`) prints one message and exits with status 2
+(`ntt.utils.console`). A multirun, and a study, end with the list of every failed job and why.
 """
 
 from __future__ import annotations
@@ -23,13 +22,11 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ntt import dist
-from ntt.errors import UserError
+from ntt.utils import dist
+from ntt.utils.console import show_traceback, take_verbose, user_error_exit
+from ntt.utils.errors import UserError
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("ntt")
-USER_ERROR_EXIT = 2
-VERBOSE_FLAGS = ("-v", "--verbose")
 
 # (overrides, error) of every failed job of this process's multirun, filled by `FailedJobs`
 FAILED_JOBS: list[tuple[str, str]] = []
@@ -37,10 +34,6 @@ FAILED_JOBS: list[tuple[str, str]] = []
 # dir (a shared filesystem on a cluster); its path reaches them through the environment variable.
 FAILURES_ENV = "NTT_MULTIRUN_FAILURES"
 FAILURES_DIR: list[Path] = []
-
-
-def _show_traceback() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("NTT_TRACEBACK") == "1"
 
 
 def _in_multirun() -> bool:
@@ -68,7 +61,7 @@ class FailedJobs(Callback):
         folder = sweep_dir / ".ntt_multirun" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         folder.mkdir(parents=True, exist_ok=True)
         os.environ[FAILURES_ENV] = str(folder)
-        import ntt.run as registry  # see _report_failed_jobs: the module object `main` reads
+        import ntt.runner.main as registry  # see _report_failed_jobs: the module object `main` reads
 
         registry.FAILURES_DIR[:] = [folder]
 
@@ -101,7 +94,7 @@ def _collect_failed_jobs() -> list[tuple[str, str]]:
     import json
     import shutil
 
-    import ntt.run as registry
+    import ntt.runner.main as registry
 
     jobs = list(registry.FAILED_JOBS)
     for folder in registry.FAILURES_DIR:
@@ -125,48 +118,98 @@ def _collect_failed_jobs() -> list[tuple[str, str]]:
     return unique
 
 
-def _report_failed_jobs() -> None:
-    # Hydra instantiates the callback from `ntt.run`, a different module object than `__main__` under
-    # `python -m ntt.run`: `_collect_failed_jobs` reads the lists from there
-    jobs = _collect_failed_jobs()
-    if not jobs:
+def report_failures(failed: list[tuple[str, str]], what: str) -> None:
+    """The end of a multirun or a study: every failed job (its overrides) and the first line of its error.
+
+    Args:
+        failed: `(job overrides, error)` pairs.
+        what: `multirun` or `study`.
+    """
+    if not failed:
         return
-    lines = [f"{len(jobs)} job(s) of the multirun failed:"]
-    for overrides, why in jobs:
+    lines = [f"{len(failed)} job(s) of the {what} failed:"]
+    for overrides, why in failed:
         first = why.strip().splitlines()[0] if why.strip() else why
         lines.append(f"  - {overrides}\n      {first}")
     lines.append("The other jobs' results are kept; rerun the same command to retry only what is missing.")
     sys.stderr.write("\n".join(lines) + "\n")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="main")
+@hydra.main(version_base="1.3", config_path="pkg://ntt.conf", config_name="main")
 def _app(cfg: DictConfig) -> float | None:
-    from ntt.pipeline import run_pipeline
+    from ntt.runner.pipeline import run_pipeline
 
     try:
         metrics = run_pipeline(cfg)
     except UserError as err:
-        if _show_traceback() or _in_multirun():
+        if show_traceback() or _in_multirun():
             raise  # a multirun records it per job (FailedJobs) and goes on
-        log.error("%s", err)
-        sys.exit(USER_ERROR_EXIT)  # `main` leaves the process group on the way out
+        sys.exit(user_error_exit(err))  # `run_main` leaves the process group on the way out
     # Hydra sweepers (e.g. Optuna) read the return value: the bbox AP when there is one.
     if metrics and "bbox" in metrics:
         return float(metrics["bbox"]["AP"])
     return None
 
 
-def main() -> None:
-    """Console-script entry (`ntt-run`): Hydra parses sys.argv (after our own `-v` / `--verbose`)."""
-    if any(a in VERBOSE_FLAGS for a in sys.argv[1:]):
-        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in VERBOSE_FLAGS]
-        os.environ["NTT_TRACEBACK"] = "1"
+def run_main(argv: list[str] | None = None) -> int:
+    """`ntt run [overrides]`: Hydra's app parses the overrides (and its own flags: `-m`, `--cfg`, ...)."""
+    argv = take_verbose(sys.argv[1:] if argv is None else argv)
+    sys.argv = ["ntt run", *argv]
     try:
         _app()
     finally:
         dist.shutdown()
-        _report_failed_jobs()
+        # Hydra instantiates the callback from `ntt.runner.main`, which is not `__main__` when this file runs
+        # as a script: `_collect_failed_jobs` reads the lists from that module object
+        report_failures(_collect_failed_jobs(), "multirun")
+    return 0
+
+
+STUDY_USAGE = """usage: ntt study [-v] [--list] [hydra overrides, sweeps included]
+
+Run every job of a sweep with ONE pass over the test images for all memory banks that share the test
+images, backbones, proposer and pooling (the expensive per-image work runs once per image, not once per job).
+Results equal separate `ntt run` jobs byte for byte; each lands in its own run directory.
+
+  ntt study +bench=coco                                   # the paper's COCO shots x seeds study (60 banks)
+  ntt study dataset=synthetic debug=smoke shots=1,2 seed=1,2,3
+  ntt study --list +bench=coco                            # print the jobs and their run directories only
+  torchrun --nproc_per_node 2 -m ntt study +bench=coco    # the images sharded over 2 processes
+"""
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    """`ntt study [-v] [--list] [overrides]`: see `STUDY_USAGE`; exit status 1 when a job failed."""
+    from ntt.runner.study import compose_jobs, run_study
+
+    argv = take_verbose(list(sys.argv[1:] if argv is None else argv))
+    if any(a in ("-h", "--help") for a in argv):
+        print(STUDY_USAGE)
+        return 0
+    list_only = "--list" in argv
+    overrides = [a for a in argv if a != "--list"]
+    try:
+        jobs = compose_jobs(overrides)
+    except UserError:
+        raise
+    except Exception as err:  # Hydra's own override / config errors are the user's to fix
+        raise UserError(str(err)) from err
+    if list_only:
+        for job, cfg in jobs:
+            print(f"{cfg.run_dir}\t{' '.join(job)}")
+        return 0
+    log.info("study: %d job(s)", len(jobs))
+    try:
+        banks = run_study([cfg for _, cfg in jobs], [" ".join(job) or "(no overrides)" for job, _ in jobs])
+    finally:
+        dist.shutdown()  # torchrun: leave the process group before exiting (ntt.utils.dist.shutdown)
+    for bank in banks:
+        where = bank.ctx.run_dir if bank.ctx is not None else "?"
+        log.info("study: %-6s %s  [%s]", "ok" if bank.error is None else "FAILED", where, bank.name)
+    failed = [(b.name, b.error) for b in banks if b.error is not None]
+    report_failures(failed, "study")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main())
