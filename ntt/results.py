@@ -1,6 +1,6 @@
 """COCO result encoding: RLE masks, xywh boxes (method.md §5.8 item 3).
 
-Per-process result shards and their merge live in `ntt.runner.pipeline` (per-image JSONL lines, resumable).
+Per-process result shards and their merge live in `ntt.runner.lines` (per-image JSONL lines, resumable).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def compose_smoke(tmp_path: Path, *overrides: str, small: tuple[str, ...] = ()):
 
 def run_smoke(tmp_path: Path, *overrides: str, small: tuple[str, ...] = ()):
     """Run the pipeline on :func:`compose_smoke`'s config; returns what ``run_pipeline`` returns."""
-    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner import run_pipeline
 
     return run_pipeline(compose_smoke(tmp_path, *overrides, small=small))
 

@@ -271,7 +271,7 @@ def test_predictions_equal_the_benchmark_test_stage_for_its_memory_bank(tmp_path
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner import run_pipeline
     from ntt.utils.config import conf_path
 
     GlobalHydra.instance().clear()

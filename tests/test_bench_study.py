@@ -8,15 +8,15 @@ import pytest
 
 from ntt.tools import study_ratio as bench_study
 
-SINGLE_LOG = """[2026-11-29 15:31:44,832][ntt.runner.pipeline][INFO] stage test ... (predictions.json does not exist)
-[2026-11-29 15:32:16,216][ntt.runner.pipeline][INFO] stage test done in 31.4 s
+SINGLE_LOG = """[2026-11-29 15:31:44,832][ntt.runner.lifecycle][INFO] stage test ... (predictions.json does not exist)
+[2026-11-29 15:32:16,216][ntt.runner.lifecycle][INFO] stage test done in 31.4 s
 """
-STUDY_LOG = """[2026-11-29 15:33:19,454][ntt.runner.pipeline][INFO] stage postprocess_memory done in 0.0 s
-[2026-11-29 15:33:19,458][ntt.runner.study][INFO] study pass 1/1: 12 image(s) for 59 memory bank(s), 12 for this process
+STUDY_LOG = """[2026-11-29 15:33:19,454][ntt.runner.lifecycle][INFO] stage postprocess_memory done in 0.0 s
+[2026-11-29 15:33:19,458][ntt.runner.testloop][INFO] study pass 1/1: 12 image(s) for 59 memory bank(s), 12 for this process
 study: 100%|##########| 12/12 [00:32<00:00,  2.69s/img]
-[2026-11-29 15:33:51,869][ntt.runner.pipeline][INFO] stage test done in 58.7 s
-[2026-11-29 15:33:54,406][ntt.runner.pipeline][INFO] stage test done in 35.0 s
-[2026-11-29 15:33:54,425][ntt.runner.study][INFO] study: ok     /tmp/x
+[2026-11-29 15:33:51,869][ntt.runner.lifecycle][INFO] stage test done in 58.7 s
+[2026-11-29 15:33:54,406][ntt.runner.lifecycle][INFO] stage test done in 35.0 s
+[2026-11-29 15:33:54,425][ntt.runner.testloop][INFO] study: ok     /tmp/x
 """
 
 

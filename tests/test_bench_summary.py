@@ -27,7 +27,7 @@ FAST = [
 
 
 def _run(out: Path, *overrides: str) -> Path:
-    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner import run_pipeline
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

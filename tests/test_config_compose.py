@@ -29,7 +29,7 @@ SEARCHPATH = f"hydra.searchpath=[file://{EXPERIMENTS},file://{TEST_CONFIGS}]"
 # path outside the repository)
 SHARED_PATH = f"++paths.shared={SHARED}"
 
-# keyword arguments the app passes when it instantiates these targets (see ntt.runner.pipeline)
+# keyword arguments the app passes when it instantiates these targets (see ntt.runner.lifecycle)
 APP_KWARGS = {
     "ntt.backbones.sam2.build_sam2": {"device": "cpu"},
     "ntt.backbones.dinov2.build_dinov2": {"device": "cpu"},

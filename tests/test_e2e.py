@@ -38,7 +38,7 @@ def compose_cfg(out_dir: Path, *overrides: str):
 
 
 def run(out_dir: Path, *overrides: str):
-    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner import run_pipeline
 
     cfg = compose_cfg(out_dir, *overrides)
     metrics = run_pipeline(cfg)
@@ -109,7 +109,7 @@ def test_changed_matcher_reruns_only_the_test_stage(tmp_path, caplog):
 
 def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
     from ntt.data import images
-    from ntt.runner import pipeline
+    from ntt.runner import StageError
 
     real = images.load_test_image
     calls = {"n": 0}
@@ -121,7 +121,7 @@ def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
         return real(path, size, **kwargs)
 
     monkeypatch.setattr(images, "load_test_image", flaky)
-    with pytest.raises(pipeline.StageError, match="1 image\\(s\\) failed"):
+    with pytest.raises(StageError, match="1 image\\(s\\) failed"):
         run(tmp_path, *SMALL_SYNTH)
     run_dir = next(tmp_path.glob("synthetic/*/*/smoke-*"))
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -133,7 +133,7 @@ def test_a_failing_image_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
 
 
 def test_bad_config_names_the_key(tmp_path):
-    from ntt.runner.pipeline import StageError
+    from ntt.runner import StageError
 
     with pytest.raises(StageError, match="stages="):
         run(tmp_path, *SMALL_SYNTH, "stages=[sample_refs,bogus]")
@@ -221,7 +221,7 @@ def test_missing_checkpoint_is_a_clear_error_with_the_fetch_command(tmp_path):
 
 
 def test_missing_dataset_file_names_the_config_key(tmp_path):
-    from ntt.runner.pipeline import StageError
+    from ntt.runner import StageError
 
     with pytest.raises(StageError, match=r"dataset\.ref_json=.*nowhere.json not found"):
         run(tmp_path, "dataset=fruits_nuts", "dataset.ref_json=/nowhere.json")
@@ -262,18 +262,21 @@ def test_fixed_matcher_runs_in_its_own_directory(tmp_path):
 
 def test_changing_what_is_evaluated_reuses_the_segmented_images(tmp_path, caplog, monkeypatch):
     """eval backend and image count are not inputs of an image's detections: no image is segmented twice."""
-    from ntt import inference
-    from ntt.runner import pipeline
+    from ntt import backbones, inference
 
     run(tmp_path, *SMALL_SYNTH)
-    segmented = count_calls(monkeypatch, inference, "infer_image")
-    built = count_calls(monkeypatch, pipeline, "build_backbone")  # (ctx, which) per call
+    segmented = count_calls(monkeypatch, inference, "propose_image")  # once per image through the models
+    built = count_calls(monkeypatch, backbones, "build_backbone")  # (config node,) per model built
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "eval=coco_fast")
     # only merged and evaluated again: no image segmented, and no model built (not even by the preflight)
     assert segmented == [] and built == [] and metrics["num_images"] == 2 and "bbox" in metrics
     run_dir, metrics = run(tmp_path, *SMALL_SYNTH, "dataset.max_test_images=3")
     assert len(segmented) == 1 and metrics["num_images"] == 3  # only the new image
-    assert sorted({which for _, which in built}) == ["dinov2", "sam2"]  # the new image needs both models
+    # the new image needs both models
+    assert sorted({"sam2" if "sam2" in str(node.name) else "dinov2" for (node,) in built}) == [
+        "dinov2",
+        "sam2",
+    ]
     lines = [
         json.loads(x)
         for f in sorted((run_dir / "predictions").glob("rank*.jsonl"))

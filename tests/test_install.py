@@ -41,7 +41,7 @@ def test_importing_ntt_does_not_import_sam2():
     import sys
 
     code = (
-        "import sys, ntt, ntt.runner.pipeline, ntt.runner.main, ntt.backbones.sam2, ntt.backbones.dinov2; "
+        "import sys, ntt, ntt.runner.lifecycle, ntt.runner.main, ntt.backbones.sam2, ntt.backbones.dinov2; "
         "print('sam2' in sys.modules, 'dinov2' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

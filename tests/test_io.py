@@ -157,7 +157,7 @@ def test_workers_and_async_writing_give_the_same_bytes_and_a_timing_file(tmp_pat
 
 def test_a_corrupt_image_among_good_ones_is_its_own_failure_with_workers(tmp_path):
     from ntt.data.synthetic import generate_synthetic_dataset
-    from ntt.runner.pipeline import StageError
+    from ntt.runner import StageError
 
     root = tmp_path / "data"
     generate_synthetic_dataset(root, num_images=9, seed=0)
@@ -180,9 +180,9 @@ def test_a_corrupt_image_among_good_ones_is_its_own_failure_with_workers(tmp_pat
 def test_an_interrupted_loop_still_writes_every_finished_image(tmp_path, monkeypatch):
     """KeyboardInterrupt during image 3: images 1 and 2 (queued in the writer, slow to encode) are on disk."""
     from ntt import inference
-    from ntt.runner import pipeline
+    from ntt.runner import testloop
 
-    real_infer, real_line = inference.infer_image, pipeline.success_line
+    real_infer, real_line = inference.propose_image, testloop.success_line
     calls = {"n": 0}
 
     def infer(*args, **kwargs):
@@ -195,8 +195,8 @@ def test_an_interrupted_loop_still_writes_every_finished_image(tmp_path, monkeyp
         time.sleep(0.3)
         return real_line(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "infer_image", infer)
-    monkeypatch.setattr(pipeline, "success_line", slow_line)
+    monkeypatch.setattr(inference, "propose_image", infer)
+    monkeypatch.setattr(testloop, "success_line", slow_line)
     with pytest.raises(KeyboardInterrupt):
         run_smoke(tmp_path, *ASYNC, small=SYNTH)
     lines = (_run_dir(tmp_path) / "predictions" / "rank0.jsonl").read_text().splitlines()
@@ -205,7 +205,7 @@ def test_an_interrupted_loop_still_writes_every_finished_image(tmp_path, monkeyp
 
 def test_study_pass_gives_the_same_bytes_with_workers_and_async_writing(tmp_path):
     from ntt.data.synthetic import generate_synthetic_dataset
-    from ntt.runner.study import run_study
+    from ntt.runner import run_jobs
 
     root = tmp_path / "data"
     generate_synthetic_dataset(root, num_images=9, seed=0)
@@ -215,7 +215,7 @@ def test_study_pass_gives_the_same_bytes_with_workers_and_async_writing(tmp_path
             _compose(f"paths.output_dir={tmp_path / name}", f"dataset.root={root}", f"shots={k}", *io)
             for k in (1, 2)
         ]
-        banks = run_study(cfgs)
+        banks = run_jobs(cfgs)
         assert [b.error for b in banks] == [None, None]
         dirs[name] = [Path(str(b.cfg.run_dir)) for b in banks]
         timing = json.loads((dirs[name][0] / "predictions" / "timing_rank0.json").read_text())

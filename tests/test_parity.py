@@ -456,7 +456,7 @@ def test_stages_on_fixture_inputs(setting):
 
 
 def _run_pipeline(setting: str, out_dir: Path, device: str = "cpu") -> Path:
-    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner import run_pipeline
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

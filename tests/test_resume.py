@@ -29,10 +29,10 @@ def data_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def count_images(monkeypatch):
-    """Counts the images actually segmented (calls of infer_image)."""
+    """Counts the images actually segmented (calls of propose_image: SAM2 + DINOv2 on the image)."""
     from ntt import inference
 
-    return count_calls(monkeypatch, inference, "infer_image")
+    return count_calls(monkeypatch, inference, "propose_image")
 
 
 def stage_lines(caplog) -> dict[str, str]:
@@ -160,7 +160,7 @@ def test_edited_test_json_redoes_only_the_affected_images(tmp_path, count_images
     bad = json.loads(test_json.read_text())
     bad["images"][0]["width"] = 641
     _write_json(test_json, bad)
-    from ntt.runner.pipeline import StageError
+    from ntt.runner import StageError
 
     with pytest.raises(StageError, match=r"1 image\(s\) failed"):
         run(tmp_path)
@@ -201,7 +201,7 @@ def test_finished_run_asked_for_another_config_refuses_before_touching_anything(
     before = {
         p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "file_hashes.json"
     }
-    from ntt.runner.pipeline import StageError
+    from ntt.runner import StageError
 
     with pytest.raises(
         StageError, match=r"stage test would use .* does not match the present config.*sample_refs"

@@ -50,10 +50,9 @@ def count_passes(monkeypatch):
 
 
 def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, count_passes, caplog):
-    from ntt.runner.pipeline import run_pipeline
-    from ntt.runner.study import run_study
+    from ntt.runner import run_jobs, run_pipeline
 
-    banks = run_study(study_cfgs(tmp_path / "study", data_root))
+    banks = run_jobs(study_cfgs(tmp_path / "study", data_root))
     assert [b.error for b in banks] == [None, None]
     assert len(count_passes) == 3  # once per image, not once per image and bank
     for bank in banks:
@@ -84,8 +83,8 @@ def test_study_pass_equals_separate_runs_byte_for_byte(tmp_path, data_root, coun
 @pytest.mark.slow  # three study runs (~1 min on 2 cores)
 def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_root, count_passes, monkeypatch):
     from ntt.data import images
+    from ntt.runner import run_jobs
     from ntt.runner.runlock import RunLock
-    from ntt.runner.study import run_study
 
     real = images.load_test_image
 
@@ -96,7 +95,7 @@ def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_roo
 
     monkeypatch.setattr(images, "load_test_image", broken_six)
     cfgs = study_cfgs(tmp_path, data_root)
-    banks = run_study(cfgs)
+    banks = run_jobs(cfgs)
     # the shared part failed on image 6: recorded in both banks, the other images kept
     assert all("1 image(s) failed" in b.error for b in banks) and len(count_passes) == 2
     for bank in banks:
@@ -110,7 +109,7 @@ def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_roo
     held.acquire()
     try:
         count_passes.clear()
-        banks = run_study(cfgs)
+        banks = run_jobs(cfgs)
     finally:
         held.release()
     assert banks[0].error is None and banks[2].error is None
@@ -118,7 +117,7 @@ def test_study_resumes_per_bank_and_keeps_going_past_failures(tmp_path, data_roo
     assert len(count_passes) == 3  # bank 3 needs every image; bank 1 only image 6 (shared with bank 3)
 
     count_passes.clear()
-    banks = run_study(cfgs)
+    banks = run_jobs(cfgs)
     assert [b.error for b in banks] == [None, None, None]
     assert len(count_passes) == 1  # only the second bank's image 6 was left
     assert banks[1].metrics["failed_images"] == [] and banks[1].metrics["num_images"] == 3
@@ -132,11 +131,11 @@ def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
     import subprocess
     import sys
 
-    from ntt.runner.study import run_study
+    from ntt.runner import run_jobs
 
     extra = "matcher.memory.batch_size=1"  # 4 classes x 1-2 shots: 4-8 batches, both processes encode some
     with torch_threads(1):  # as each torchrun process below (conftest.torch_threads says why)
-        banks = run_study(study_cfgs(tmp_path / "one", data_root, (1, 2), 5, extra))
+        banks = run_jobs(study_cfgs(tmp_path / "one", data_root, (1, 2), 5, extra))
     assert [b.error for b in banks] == [None, None]
     cmd = [
         sys.executable,
@@ -162,7 +161,7 @@ def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
 
 
 def test_sweep_expansion_follows_hydras_basic_sweeper():
-    from ntt.runner.study import expand_sweep
+    from ntt.runner.main import expand_sweep
 
     jobs = expand_sweep(["+bench=coco"])
     assert len(jobs) == 60
@@ -178,8 +177,8 @@ def test_sweep_expansion_follows_hydras_basic_sweeper():
 
 
 def test_jobs_that_cannot_share_the_per_image_work_get_their_own_pass(tmp_path, data_root):
-    from ntt.runner.pipeline import make_context
-    from ntt.runner.study import pass_key
+    from ntt.runner.context import make_context
+    from ntt.runner.keys import pass_key
 
     same = [make_context(c) for c in study_cfgs(tmp_path, data_root, (1, 2, 3))]
     assert len({pass_key(c) for c in same}) == 1

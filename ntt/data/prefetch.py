@@ -1,6 +1,6 @@
 """Test images decoded and resized ahead of the models, in DataLoader worker processes.
 
-The test loops (``ntt.runner.pipeline.stage_test``, ``ntt.runner.study``) read their images through
+The test loop (``ntt.runner.testloop``) reads its images through
 :func:`prefetch_images`: a ``torch.utils.data.DataLoader`` over the images still to do (``batch_size=None``,
 order kept) whose item is :func:`ntt.data.images.load_test_image` exactly as the loops called it before
 (decode, EXIF handling, size check against the json, stretch to 1024: the same bytes, in any process).

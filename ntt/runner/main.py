@@ -137,7 +137,7 @@ def report_failures(failed: list[tuple[str, str]], what: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://ntt.conf", config_name="main")
 def _app(cfg: DictConfig) -> float | None:
-    from ntt.runner.pipeline import run_pipeline
+    from ntt.runner.lifecycle import run_pipeline
 
     try:
         metrics = run_pipeline(cfg)
@@ -165,6 +165,35 @@ def run_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of `ntt run -m <overrides>`, in Hydra's basic-sweeper order.
+
+    The sweep params of the composed config (`hydra.sweeper.params`, e.g. from `+bench=coco`) come first,
+    then the command line's overrides (a command-line sweep of the same key replaces the config's).
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ntt.utils.config import compose
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose(fixed, return_hydra_config=True, job_name="ntt_study")
+    params = dict(base.hydra.sweeper.get("params") or {})
+    args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def compose_jobs(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
+    """`(job overrides, composed config)` of every job of the sweep (the config a Hydra job receives)."""
+    from ntt.utils.config import compose_all
+
+    jobs = expand_sweep(overrides)
+    return list(zip(jobs, compose_all(jobs, job_name="ntt_study")))
+
+
 STUDY_USAGE = """usage: ntt study [-v] [--list] [hydra overrides, sweeps included]
 
 Run every job of a sweep with ONE pass over the test images for all memory banks that share the test
@@ -180,7 +209,7 @@ Results equal separate `ntt run` jobs byte for byte; each lands in its own run d
 
 def study_main(argv: list[str] | None = None) -> int:
     """`ntt study [-v] [--list] [overrides]`: see `STUDY_USAGE`; exit status 1 when a job failed."""
-    from ntt.runner.study import compose_jobs, run_study
+    from ntt.runner.lifecycle import run_jobs
 
     argv = take_verbose(list(sys.argv[1:] if argv is None else argv))
     if any(a in ("-h", "--help") for a in argv):
@@ -200,13 +229,13 @@ def study_main(argv: list[str] | None = None) -> int:
         return 0
     log.info("study: %d job(s)", len(jobs))
     try:
-        banks = run_study([cfg for _, cfg in jobs], [" ".join(job) or "(no overrides)" for job, _ in jobs])
+        done = run_jobs([cfg for _, cfg in jobs], [" ".join(job) or "(no overrides)" for job, _ in jobs])
     finally:
         dist.shutdown()  # torchrun: leave the process group before exiting (ntt.utils.dist.shutdown)
-    for bank in banks:
-        where = bank.ctx.run_dir if bank.ctx is not None else "?"
-        log.info("study: %-6s %s  [%s]", "ok" if bank.error is None else "FAILED", where, bank.name)
-    failed = [(b.name, b.error) for b in banks if b.error is not None]
+    for job in done:
+        where = job.ctx.run_dir if job.ctx is not None else "?"
+        log.info("study: %-6s %s  [%s]", "ok" if job.error is None else "FAILED", where, job.name)
+    failed = [(j.name, j.error) for j in done if j.error is not None]
     report_failures(failed, "study")
     return 1 if failed else 0
 

@@ -2,12 +2,12 @@
 
 Settings that change only what is evaluated or how (``eval.*``, ``dataset.max_test_images``,
 ``dataset.test_image_ids``) give a new run directory (ntt/utils/identity.py), but not new detections: an
-image's detections depend only on the prediction settings (``predictions_key`` in ntt/runner/pipeline.py).
+image's detections depend only on the prediction settings (``predictions_key`` in ntt/runner/keys.py).
 Before segmenting, the test stage copies the finished per-image results of sibling directories
 (``<K>shot_seed<S>/*/``) made with the same prediction settings, so no image is segmented twice.
 
 The memory stages are reused the same way (`adopt_sibling_artifact`): a sibling's artifact is copied when its
-stage manifest records the present stage key (config + input file digests, `ntt.runner.pipeline.stage_key`), its
+stage manifest records the present stage key (config + input file digests, `ntt.runner.keys.stage_key`), its
 artifact is unchanged and its recorded input files still have the same content.
 """
 
@@ -84,7 +84,7 @@ def adopt_sibling_artifact(
         artifact: the artifact's file name.
         key: the present stage key; only a manifest recording exactly this key qualifies.
         is_current: ``(sibling dir, its manifest) -> bool``: the artifact's digest and the recorded input
-            files still match (``ntt.runner.pipeline`` checks them like its own).
+            files still match (``ntt.runner.plan`` checks them like its own).
     """
     here = run_dir.resolve()
     for sib in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p.resolve() != here):

@@ -1,7 +1,7 @@
 """Per-image result lines encoded and written off the critical path, in image order.
 
 A test loop hands each finished image to :class:`ResultWriter` as a job: a function that builds the image's
-JSONL record (``ntt.runner.pipeline.success_line``: RLE encoding of the full-resolution masks, the trace file) and
+JSONL record (``ntt.runner.lines.success_line``: RLE encoding of the full-resolution masks, the trace file) and
 the file it goes to. With ``async_write`` a background thread runs the jobs in submission order, encodes,
 appends the line and flushes, while the loop already runs the next image; the queue holds at most
 ``depth`` jobs (each keeps one image's detections alive), so memory stays bounded and the loop waits when
