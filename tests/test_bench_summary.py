@@ -22,7 +22,7 @@ FAST = [
     "dataset.synthetic.num_images=9",
     "dataset.max_test_images=1",
     "proposer.points_per_side=2",
-    "study=smoke_study",
+    "study_name=smoke_study",
 ]
 
 
@@ -148,7 +148,7 @@ def test_wandb_offline_run_holds_group_tags_metrics_and_tables(tmp_path):
     logger = build_logger(
         kind="wandb",
         mode="offline",
-        group="bench_voc",
+        group="voc",
         tags=["voc_split1", "1shot"],
         name="r",
         run_dir=str(tmp_path),
@@ -160,7 +160,7 @@ def test_wandb_offline_run_holds_group_tags_metrics_and_tables(tmp_path):
     assert len(run_files) == 1
     recs = _wandb_records(run_files[0])
     run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
-    assert run.run_group == "bench_voc" and list(run.tags) == ["voc_split1", "1shot"]
+    assert run.run_group == "voc" and list(run.tags) == ["voc_split1", "1shot"]
     history = [r.history for r in recs if r.WhichOneof("record_type") == "history"]
     items = {"/".join(i.nested_key) or i.key: i.value_json for h in history for i in h.item}
     assert json.loads(items["bbox/AP"]) == 0.25

@@ -104,7 +104,7 @@ def build_logger(
         project: W&B project.
         entity: W&B entity (team/user); null = your default.
         mode: W&B mode: `offline` (default; sync later), `online` or `disabled`.
-        group: W&B group (the config's `study` by default: one group per study, e.g. bench_coco).
+        group: W&B group (the config's `study_name` by default: one group per study, e.g. coco).
         tags: W&B tags.
         name: run name (the app passes the config-derived run name).
         run_dir: where W&B writes its files (the run directory).
