@@ -13,7 +13,7 @@ STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
 .PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
-	prepare-coco prepare-voc prepare-cdfsod prepare-lvis bench-coco bench-voc bench-cdfsod bench-lvis
+	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
@@ -94,27 +94,28 @@ prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and tes
 prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
 	$(PY) -m ntt prepare lvis $(ARGS)
 
-# The paper's benchmarks: one study each (experiments/bench/*.yaml), then its tables in
+# The paper's accuracy studies: one each (experiments/study/*.yaml), then its tables in
 # $(OUTPUTS)/tables/<study>/ (summary.md). The table is written even when some runs failed (listed there).
 # `ntt study` runs every job of the sweep with ONE pass over the test images for all their memory banks
-# (results byte-identical to separate runs, ntt/runner/study.py). BENCH_RUN="$(PY) -m ntt run" runs the jobs one
+# (results byte-identical to separate runs, ntt/runner/study.py). STUDY_RUN="$(PY) -m ntt run" runs the jobs one
 # by one as a Hydra multirun instead (e.g. on SLURM with ARGS=hydra/launcher=slurm).
+# (Not to be confused with the timing targets above: `bench*` measure speed, `study-*` measure accuracy.)
 OUTPUTS ?= outputs
-BENCH_RUN ?= $(PY) -m ntt study
+STUDY_RUN ?= $(PY) -m ntt study
 define run_study
-	@status=0; $(BENCH_RUN) +bench=$(1) $(ARGS) || status=$$?; \
-	 $(PY) -m ntt summarize $(OUTPUTS) --study bench_$(1) --out $(OUTPUTS)/tables/bench_$(1); exit $$status
+	@status=0; $(STUDY_RUN) study=$(1) $(ARGS) || status=$$?; \
+	 $(PY) -m ntt summarize $(OUTPUTS) --study $(1) --out $(OUTPUTS)/tables/$(1); exit $$status
 endef
-bench-coco: setup ## COCO few-shot: shots 1,2,3,5,10,30 x 10 seeds (60 runs) + table (GPU; paper 36.8 nAP)
+study-coco: setup ## COCO few-shot: shots 1,2,3,5,10,30 x 10 seeds (60 runs) + table (GPU; paper 36.8 nAP)
 	$(call run_study,coco)
 
-bench-voc: setup ## PASCAL VOC: 3 splits x shots 1,2,3,5,10 + table (GPU; paper 71.2 nAP50)
+study-voc: setup ## PASCAL VOC: 3 splits x shots 1,2,3,5,10 + table (GPU; paper 71.2 nAP50)
 	$(call run_study,voc)
 
-bench-cdfsod: setup ## CD-FSOD: 6 datasets x shots 1,5,10 + table (GPU; paper 22.4 nAP)
+study-cdfsod: setup ## CD-FSOD: 6 datasets x shots 1,5,10 + table (GPU; paper 22.4 nAP)
 	$(call run_study,cdfsod)
 
-bench-lvis: setup ## LVIS v1 val (pycocotools AP, not the official LVIS metric): shots 1,5,10 + table (GPU)
+study-lvis: setup ## LVIS v1 val (pycocotools AP, not the official LVIS metric): shots 1,5,10 + table (GPU)
 	$(call run_study,lvis)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)

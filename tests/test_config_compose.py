@@ -17,6 +17,7 @@ from conftest import REPO, SHARED
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, read_write
 
 import ntt  # noqa: F401  registers `${ntt.config_id:}` (run_name)
@@ -35,7 +36,8 @@ APP_KWARGS = {
     "ntt.backbones.dinov2.build_dinov2": {"device": "cpu"},
     "ntt.runner.loggers.build_logger": {"name": "x", "run_dir": ".", "is_main": True},
 }
-# groups whose options are selected as `group=option`; everything in experiments/ is `+group=option`
+# groups of conf/ whose options are selected as `group=option`; the folders of experiments/ (paper, study,
+# ablation) are groups too, optional in main.yaml's defaults list and selected the same way
 GROUPS = [
     "dataset",
     "backbone/sam2",
@@ -65,17 +67,17 @@ def _cases() -> list[tuple[str, Path]]:
                 cases.append((f"{group}={opt}", root / group / f"{opt}.yaml"))
     for folder in sorted(p for p in EXPERIMENTS.iterdir() if p.is_dir()):
         for opt in _options(EXPERIMENTS, folder.name):
-            cases.append((f"+{folder.name}={opt}", folder / f"{opt}.yaml"))
+            cases.append((f"{folder.name}={opt}", folder / f"{opt}.yaml"))
     return cases
 
 
 CASES = _cases()
 
 
-def _compose(override: str) -> DictConfig:
+def _compose(*extra: str) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        overrides = [SEARCHPATH, SHARED_PATH] + ([override] if override else [])
+        overrides = [SEARCHPATH, SHARED_PATH] + [o for o in extra if o]
         cfg = compose(config_name="main", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # needed to resolve the hydra node (known trap)
         with read_write(cfg.hydra.runtime):  # set by Hydra at run time; the job logger's file uses it
@@ -134,6 +136,24 @@ def test_run_dir_is_derived_from_factors():
     assert prefix.endswith("coco_fewshot/sam2_hiera_l+dinov2_vitl14/5shot_seed33/parity")
     assert len(config_id) == 8 and int(config_id, 16) >= 0  # hash of the other result-changing keys
     assert "now" not in OmegaConf.to_yaml(cfg.hydra.run)
+
+
+def test_experiment_groups_are_selected_without_plus_and_label_the_study():
+    cfg = _compose("study=coco")
+    assert cfg.study_name == "coco" and "study" not in cfg  # the label key is not the group's name
+    assert cfg.hydra.runtime.choices.study == "coco"
+    assert _compose("").study_name == "adhoc"
+    assert _compose("ablation=fixes").variant == "fixed"  # the group's delta overrides main.yaml's
+
+
+def test_unknown_experiment_fails_with_the_available_options():
+    with pytest.raises(MissingConfigException, match="Could not find 'study/nope'") as err:
+        _compose("study=nope")
+    assert "coco" in str(err.value) and "voc" in str(err.value)
+
+
+def test_wandb_group_is_the_study_name():
+    assert _compose("study=voc", "logger=wandb").logger.group == "voc"
 
 
 def test_guard_every_yaml_on_disk_has_a_compose_case():

@@ -31,7 +31,7 @@ def test_result_changing_keys_make_a_new_run_dir(override):
 
 @pytest.mark.parametrize(
     "override",
-    ["device=cpu", "stages=[test]", "force=true", "study=other", "logger=wandb", "paths.data=/elsewhere",
+    ["device=cpu", "stages=[test]", "force=true", "study_name=other", "logger=wandb", "paths.data=/elsewhere",
      "io.num_workers=3", "io.async_write=false", "io.timing=false", "io.write_queue=4"],
 )  # fmt: skip
 def test_keys_that_do_not_change_results_keep_the_run_dir(override):

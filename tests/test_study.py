@@ -163,13 +163,13 @@ def test_study_in_two_processes_equals_one_byte_for_byte(tmp_path, data_root):
 def test_sweep_expansion_follows_hydras_basic_sweeper():
     from ntt.runner.main import expand_sweep
 
-    jobs = expand_sweep(["+bench=coco"])
+    jobs = expand_sweep(["study=coco"])
     assert len(jobs) == 60
-    assert jobs[0] == ["shots=1", "seed=42", "+bench=coco"]
-    assert jobs[-1] == ["shots=30", "seed=99", "+bench=coco"]
+    assert jobs[0] == ["shots=1", "seed=42", "study=coco"]
+    assert jobs[-1] == ["shots=30", "seed=99", "study=coco"]
     # a command-line sweep replaces the config's, in place
-    jobs = expand_sweep(["+bench=coco", "shots=1,5", "seed=7"])
-    assert jobs == [["shots=1", "seed=7", "+bench=coco"], ["shots=5", "seed=7", "+bench=coco"]]
+    jobs = expand_sweep(["study=coco", "shots=1,5", "seed=7"])
+    assert jobs == [["shots=1", "seed=7", "study=coco"], ["shots=5", "seed=7", "study=coco"]]
     assert expand_sweep(["dataset=synthetic", "seed=1,2"]) == [
         ["dataset=synthetic", "seed=1"],
         ["dataset=synthetic", "seed=2"],

@@ -189,7 +189,7 @@ def merge_and_evaluate(ctx: RunContext, plan) -> None:
         "missing_images": missing,
         "ntt_version": __version__,
         # what identifies this result (ntt/utils/identity.py): tables group and filter by these
-        "study": str(ctx.cfg.get("study", "adhoc")),
+        "study": str(ctx.cfg.get("study_name", "adhoc")),
         "config_id": config_id(ctx.cfg),
         "setting_id": setting_id(ctx.cfg),
         "identity": identity_keys(ctx.cfg),

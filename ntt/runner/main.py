@@ -3,8 +3,8 @@
 `ntt run` composes `conf/main.yaml` (+ the `experiments/` root) with Hydra's app and runs `cfg.stages`:
     python -m ntt run --cfg job --resolve                       # print the fully resolved config
     python -m ntt run dataset=synthetic debug=smoke             # random-weight smoke run
-    python -m ntt run +paper=coco_30shot                        # the paper's COCO 30-shot run
-    accelerate launch -m ntt run +paper=coco_30shot             # the same on every GPU of the machine
+    python -m ntt run paper=coco_30shot                         # the paper's COCO 30-shot run
+    accelerate launch -m ntt run paper=coco_30shot              # the same on every GPU of the machine
 
 A user error (bad input or config, `ntt.utils.errors.UserError`) prints one message and exits with status 2
 (`ntt.utils.console`). A multirun, and a study, end with the list of every failed job and why.
@@ -168,7 +168,7 @@ def run_main(argv: list[str] | None = None) -> int:
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The override list of every job of `ntt run -m <overrides>`, in Hydra's basic-sweeper order.
 
-    The sweep params of the composed config (`hydra.sweeper.params`, e.g. from `+bench=coco`) come first,
+    The sweep params of the composed config (`hydra.sweeper.params`, e.g. from `study=coco`) come first,
     then the command line's overrides (a command-line sweep of the same key replaces the config's).
     """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -200,10 +200,10 @@ Run every job of a sweep with ONE pass over the test images for all memory banks
 images, backbones, proposer and pooling (the expensive per-image work runs once per image, not once per job).
 Results equal separate `ntt run` jobs byte for byte; each lands in its own run directory.
 
-  ntt study +bench=coco                                   # the paper's COCO shots x seeds study (60 banks)
+  ntt study study=coco                                    # the paper's COCO shots x seeds study (60 banks)
   ntt study dataset=synthetic debug=smoke shots=1,2 seed=1,2,3
-  ntt study --list +bench=coco                            # print the jobs and their run directories only
-  torchrun --nproc_per_node 2 -m ntt study +bench=coco    # the images sharded over 2 processes
+  ntt study --list study=coco                             # print the jobs and their run directories only
+  torchrun --nproc_per_node 2 -m ntt study study=coco     # the images sharded over 2 processes
 """
 
 

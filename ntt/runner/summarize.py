@@ -75,7 +75,7 @@ def collect(root: str | Path, study: str | None = None):
 
     Args:
         root: folder searched recursively.
-        study: keep only runs of this study (the config's `study`).
+        study: keep only runs of this study (metrics.json's `study`, the config's `study_name`).
     """
     import pandas as pd
 
@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ntt summarize", description=__doc__)
     ap.add_argument("root", help="folder searched recursively for metrics.json (e.g. outputs)")
     ap.add_argument("--out", default=None, help="where to write the tables (default: ROOT)")
-    ap.add_argument("--study", default=None, help="only runs of this study (e.g. bench_coco)")
+    ap.add_argument(
+        "--study", default=None, help="only runs of this study (the config's study_name, e.g. coco)"
+    )
     args = ap.parse_args(argv)
     runs = collect(args.root, study=args.study)
     if runs.empty:

@@ -30,7 +30,7 @@ NON_RESULT_KEYS = (
     "trace",
     "fail_fast",
     "logger",
-    "study",
+    "study_name",
     "io",  # image loading workers, asynchronous writing, timing: same bytes either way (tests/test_io.py)
 )
 # per-run factors left out of the setting id (the dataset's own files and classes, shots, seed)
