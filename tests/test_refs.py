@@ -17,7 +17,6 @@ from ntt.refs import (
     load_refs,
     load_refs_with_meta,
     refs_from_coco,
-    refs_to_pkl_layout,
     sample_references,
     save_refs,
     validate_refs,
@@ -288,7 +287,6 @@ def test_load_reference_pkl_and_plain_json(tmp_path):
     refs = load_refs(pkl)
     assert list(refs) == [3, 1]
     assert refs[1] == [RefEntry(1, 6, [60, 61])]
-    assert refs_to_pkl_layout(refs) == data
     plain = tmp_path / "refs_plain.json"
     plain.write_text(
         json.dumps({"3": [{"img_id": 5, "ann_id": 50}], "1": [{"img_id": 6, "ann_ids": [60, 61]}]})

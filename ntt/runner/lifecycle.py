@@ -76,7 +76,6 @@ class Job:
         seconds: per image, its share of the pass's time.
         pass_timing: the sections of the whole pass (`ntt.utils.timing`).
         error: the first line of what failed (None: it succeeded).
-        exception: what failed.
         metrics: its metrics.json when its test stage ran or was current.
     """
 
@@ -95,7 +94,6 @@ class Job:
     seconds: dict[int, float] = field(default_factory=dict)
     pass_timing: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    exception: BaseException | None = None
     metrics: dict[str, Any] | None = None
 
 
@@ -155,7 +153,7 @@ def _recorded(job: Job, err: BaseException, keep_going: bool) -> bool:
     """Record a job's failure and say so; False when it must be raised instead (a single run, `fail_fast`)."""
     if not keep_going or job.cfg.get("fail_fast"):
         return False
-    job.error, job.exception = f"{type(err).__name__}: {err}", err
+    job.error = f"{type(err).__name__}: {err}"
     if isinstance(err, UserError):
         log.error("job %s failed: %s", job.name, err)
     else:

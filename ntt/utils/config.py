@@ -231,7 +231,6 @@ def config_hash(*parts: Any) -> str:
 # Composition: the one way to build a config outside `ntt run`'s own Hydra app
 
 CONF_PACKAGE = "ntt.conf"  # `conf/` of the repository, shipped in the wheel as package data
-EXPERIMENTS_PACKAGE = "ntt.experiments"  # `experiments/`, the second config root (main.yaml's searchpath)
 
 
 def conf_path() -> Any:
