@@ -96,17 +96,9 @@ def instantiate_sam2(config_path: Path) -> nn.Module:
     return instantiate(cfg.model, _recursive_=True)
 
 
-def sam2_state_dict_keys(config: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the state dict a SAM2 config expects (builds the model once on the CPU; the Hiera
-    trunk cannot be built on the meta device)."""
-    model = instantiate_sam2(resolve_sam2_config(config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 __all__ = [
     "import_sam2",
     "instantiate_sam2",
     "packaged_sam2_configs",
     "resolve_sam2_config",
-    "sam2_state_dict_keys",
 ]
