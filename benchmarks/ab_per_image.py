@@ -19,10 +19,17 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, os, resource, sys, time
+import importlib, json, os, resource, sys, time
 import torch
 sys.path.insert(0, os.environ["AB_SRC"])
-from ntt.tools.bench import build_models
+def _build_models():  # where a tree keeps it: today's, after the tools wing (ntt/tools/bench.py), before it
+    for name in ("ntt.tools.random_models", "ntt.tools.bench", "ntt.bench"):
+        try:
+            return importlib.import_module(name).build_models
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"{os.environ['AB_SRC']}: no build_models in ntt.tools.random_models / ntt.tools.bench / ntt.bench")
+build_models = _build_models()
 from ntt.inference import InferenceParams, infer_image
 from ntt.proposals import generate_proposals
 

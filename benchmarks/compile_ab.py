@@ -15,16 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
 import torch
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -36,13 +30,15 @@ def main() -> None:
     args = p.parse_args()
 
     from ntt.backbones.sam2 import build_sam2
-    from ntt.tools.bench import _option_kwargs, smooth_images
-    from ntt.tools.fastpaths import MODES, mode_backbone
     from ntt.proposals import point_grid
+    from ntt.tools.fastpath_modes import MODES, mode_backbone
+    from ntt.tools.hotspots import smooth_images
+    from ntt.tools.machine import cpu_seconds_and_faults
+    from ntt.tools.random_models import option_kwargs
 
     torch.manual_seed(0)
     with torch.inference_mode():
-        base = build_sam2(**_option_kwargs("sam2", args.sam2), device="cpu")
+        base = build_sam2(**option_kwargs("sam2", args.sam2), device="cpu")
         eager = mode_backbone(base, MODES["parity"], args.chunk, decoder_chunk=args.chunk)
         compiled = mode_backbone(base, MODES["compile"], args.chunk, decoder_chunk=args.chunk)
         image = smooth_images(1, 1024, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
@@ -52,9 +48,10 @@ def main() -> None:
         cache = base.prepare_decoder(feats, 0)
 
         def run(bb):
-            t0, c0, load = time.perf_counter(), _cpu_s(), os.getloadavg()[0]
+            t0, (c0, _), load = time.perf_counter(), cpu_seconds_and_faults(), os.getloadavg()[0]
             out = bb.decode_best(feats, points=pts, cache=cache)
-            return out, {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "load1": round(load, 2)}
+            wall, (c1, _) = time.perf_counter() - t0, cpu_seconds_and_faults()
+            return out, {"wall_s": wall, "cpu_s": c1 - c0, "load1": round(load, 2)}
 
         ref, first_eager = run(eager)
         got, first_compiled = run(compiled)  # compiles

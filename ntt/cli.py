@@ -25,7 +25,7 @@ COMMANDS = {
     "segment": "ntt.app.segment:main",
     "visualize": "ntt.app.visualize:main",
     "summarize": "ntt.runner.summarize:main",
-    "download": "ntt.backbones.checkpoints:download_main",
+    "download": "ntt.backbones.download:download_main",
     "prepare": "ntt.prepare:main",
     "synth": "ntt.data.synthetic:main",
 }

@@ -1,4 +1,5 @@
-"""Checkpoint registry, resolution errors and the resumable, verified downloader (local HTTP server)."""
+"""Checkpoint registry, resolution errors (ntt/backbones/checkpoints.py) and the resumable, verified downloader
+(ntt/backbones/download.py, local HTTP server)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,10 @@ from ntt.backbones import checkpoints as ck
 from ntt.backbones.checkpoints import (
     OFFICIAL_CHECKPOINTS,
     CheckpointInfo,
-    ChecksumMismatchError,
-    DownloadError,
     MissingCheckpointError,
-    download,
-    download_main,
     resolve_checkpoint,
 )
+from ntt.backbones.download import ChecksumMismatchError, DownloadError, download, download_main
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)  # a few MB, not a multiple of the chunk size
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -317,7 +315,7 @@ def test_unresolvable_host_fails_at_once_without_retry_waits(tmp_path):
     import time
 
     t0 = time.perf_counter()
-    with pytest.raises(ck.DownloadError, match="nothing kept"):
-        ck.download("http://ntt-test.invalid/model.pt", tmp_path, retries=3, retry_wait=5.0, progress=False)
+    with pytest.raises(DownloadError, match="nothing kept"):
+        download("http://ntt-test.invalid/model.pt", tmp_path, retries=3, retry_wait=5.0, progress=False)
     assert time.perf_counter() - t0 < 5.0
     assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,8 @@ import json
 from conftest import DATA, require_path
 
 from ntt.data.coco import CocoDataset
-from ntt.prepare.box_to_mask import add_masks, build_masker
+from ntt.prepare.box_to_mask import add_masks
+from ntt.prepare.mask_models import build_masker
 
 
 def test_neu_det_boxes_to_masks_with_tiny_random_sam2(tmp_path):

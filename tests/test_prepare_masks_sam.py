@@ -26,8 +26,9 @@ from conftest import DATA, require_path
 from PIL import Image
 
 from ntt.prepare import main as prepare_main
-from ntt.prepare.box_to_mask import PrepareError, add_masks, build_masker
+from ntt.prepare.box_to_mask import PrepareError, add_masks
 from ntt.prepare.contours import external_contours
+from ntt.prepare.mask_models import build_masker
 
 CKPT_NAME = "sam_vit_h_4b8939.pth"  # the official file name build_masker looks for
 
@@ -206,7 +207,7 @@ def test_sam_vit_h_cli_equals_the_authors_recipe(tiny_sam_vit_h, tmp_path):
 
 def test_chunks_of_boxes_give_the_same_masks(tiny_sam_vit_h, tmp_path):
     """ntt encodes the image once per image; the authors re-encoded it per chunk of 50 boxes: same masks."""
-    from ntt.prepare.box_to_mask import SamViTHMasker
+    from ntt.prepare.mask_models import SamViTHMasker
 
     ckpt_dir, model = tiny_sam_vit_h
     (im,) = _write_images(tmp_path / "img", [(120, 180)])

@@ -1,5 +1,8 @@
 """Backbones: SAM2 (proposals) and DINOv2 (semantic features), plus the official checkpoint registry.
 
+The downloader and ``ntt download`` are :mod:`ntt.backbones.download` (not re-exported here: its function
+``download`` would shadow the module's name).
+
 Importing this package does not import ``sam2`` or ``dinov2`` (``import sam2`` initialises a global Hydra);
 they are imported inside the builders.
 """
@@ -7,11 +10,7 @@ they are imported inside the builders.
 from ntt.backbones.checkpoints import (
     OFFICIAL_CHECKPOINTS,
     CheckpointError,
-    ChecksumMismatchError,
-    DownloadError,
     MissingCheckpointError,
-    download,
-    download_main,
     resolve_checkpoint,
 )
 from ntt.backbones.dinov2 import DINOv2Encoder, build_dinov2
@@ -43,16 +42,12 @@ def build_backbone(node, *, device: str):
 __all__ = [
     "OFFICIAL_CHECKPOINTS",
     "CheckpointError",
-    "ChecksumMismatchError",
     "DINOv2Encoder",
-    "DownloadError",
     "MissingCheckpointError",
     "SAM2Backbone",
     "SAM2ImageFeatures",
     "build_backbone",
     "build_dinov2",
     "build_sam2",
-    "download",
-    "download_main",
     "resolve_checkpoint",
 ]

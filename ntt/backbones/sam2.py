@@ -1,8 +1,7 @@
 """SAM2 as ntt uses it: image features once per image, then the prompt decoder on batches of prompts.
 
-Built from the ``sam2`` package's modules without its global Hydra (``import sam2`` initialises Hydra at
-import time; see :func:`_import_sam2`): the model yaml is read with OmegaConf and its ``model`` node is
-instantiated with ``hydra.utils.instantiate``. Parity with the reference (method.md §5.2, §9.1 item 1):
+Built from a model yaml without sam2's global Hydra (:mod:`ntt.backbones.sam2_configs`). Parity with the
+reference (method.md §5.2, §9.1 item 1):
 
 * ``encode_image``: ImageNet normalisation, ``forward_image`` (Hiera trunk + FPN neck, the two high-res
   levels through ``conv_s0`` / ``conv_s1``), the last ``num_feature_levels`` levels as in
@@ -27,9 +26,7 @@ instantiated with ``hydra.utils.instantiate``. Parity with the reference (method
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from torch import Tensor, nn
 
 from ntt.backbones.allocator import tune_malloc
 from ntt.backbones.checkpoints import CheckpointError, load_state_dict_strict, resolve_checkpoint, torch_load
+from ntt.backbones.sam2_configs import instantiate_sam2, resolve_sam2_config
 from ntt.backbones.sam2_decoder import CachedSAM2Decoder, DecoderImageCache
 
 log = logging.getLogger(__name__)
@@ -48,9 +46,6 @@ RANDOM_INIT_WARNING = "random weights: outputs are meaningless; plumbing/speed o
 # Prompts per decoder call: >= 8 gives the same bits as the reference's big batches on our CPUs, and 16
 # keeps the per-call temporaries near 0.7 GB (they grow ~45 MB per prompt).
 DEFAULT_DECODER_CHUNK = 16
-
-# ntt ships a few model yamls of its own (tiny random models for tests and smoke runs).
-NTT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
@@ -65,19 +60,6 @@ class SAM2ImageFeatures:
 
     image_embed: Tensor
     high_res_feats: list[Tensor]
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.image_embed.shape[0])
-
-    def select(self, index: int) -> SAM2ImageFeatures:
-        """The features of one image of the batch (batch dimension kept, size 1)."""
-        return SAM2ImageFeatures(
-            self.image_embed[index : index + 1], [f[index : index + 1] for f in self.high_res_feats]
-        )
-
-    def to(self, device: torch.device | str) -> SAM2ImageFeatures:
-        return SAM2ImageFeatures(self.image_embed.to(device), [f.to(device) for f in self.high_res_feats])
 
 
 def exact_sdpa_context(device: torch.device, enabled: bool | str = True) -> contextlib.AbstractContextManager:
@@ -411,90 +393,6 @@ class SAM2Backbone(nn.Module):
         )
 
 
-# ----------------------------------------------------------------------------------------------------
-# Building
-# ----------------------------------------------------------------------------------------------------
-
-
-def _import_sam2() -> None:
-    """Import the ``sam2`` package without leaving its global Hydra initialised.
-
-    ``sam2/__init__.py`` calls ``initialize_config_module("sam2")`` when no Hydra is initialised (and does
-    nothing inside a running ``@hydra.main`` app). Any ``sam2.*`` import runs it. If that import is what
-    initialised Hydra, the global state is cleared again so a later ``@hydra.main`` / ``hydra.initialize``
-    in this process still works.
-    """
-    if "sam2" in sys.modules:
-        return
-    from hydra.core.global_hydra import GlobalHydra
-
-    was_initialized = GlobalHydra.instance().is_initialized()
-    import sam2  # noqa: F401
-
-    if not was_initialized and GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-
-
-def _sam2_package_dir() -> Path:
-    spec = importlib.util.find_spec("sam2")  # does not import the package
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The `sam2` package is not installed (SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps "
-            "sam2==1.1.0; see docs/INSTALL.md)."
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def packaged_sam2_configs() -> list[str]:
-    """The model configs shipped by the installed ``sam2`` package, e.g. ``sam2.1/sam2.1_hiera_l.yaml``."""
-    root = _sam2_package_dir() / "configs"
-    return sorted(
-        p.relative_to(root).as_posix()
-        for p in root.glob("*/*.yaml")
-        if p.parent.name in ("sam2", "sam2.1") and "training" not in p.parent.name
-    )
-
-
-def resolve_sam2_config(config: str | Path) -> Path:
-    """Find a SAM2 model yaml.
-
-    Looked up in this order: an existing file path; a yaml shipped with ntt
-    (``ntt/backbones/configs/<config>``); a config of the ``sam2`` package, given as
-    ``sam2/sam2_hiera_l.yaml``, ``configs/sam2.1/sam2.1_hiera_t.yaml`` or ``sam2_hiera_l.yaml``.
-    """
-    config = str(config)
-    path = Path(config).expanduser()
-    if path.is_file():
-        return path
-    candidates = [NTT_CONFIG_DIR / config]
-    try:
-        pkg = _sam2_package_dir()
-        rel = config[len("configs/") :] if config.startswith("configs/") else config
-        candidates += [pkg / "configs" / rel, pkg / rel]
-    except ImportError:
-        pkg = None
-    for c in candidates:
-        if c.is_file():
-            return c
-    known = [p.name for p in NTT_CONFIG_DIR.glob("*.yaml")] + (packaged_sam2_configs() if pkg else [])
-    raise FileNotFoundError(
-        f"SAM2 config '{config}' not found (looked for the file {path.resolve()}, in {NTT_CONFIG_DIR} and in the "
-        f"sam2 package configs). Known configs: {', '.join(known)}"
-    )
-
-
-def _instantiate_sam2(config_path: Path) -> nn.Module:
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(config_path)
-    if "model" not in cfg:
-        raise ValueError(f"SAM2 config {config_path} has no `model` node (not a sam2 model config)")
-    OmegaConf.resolve(cfg)
-    _import_sam2()
-    return instantiate(cfg.model, _recursive_=True)
-
-
 def load_sam2_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
     """Load an official-format SAM2 checkpoint (``{"model": state_dict}``) strictly into ``model``.
 
@@ -570,10 +468,10 @@ def build_sam2(
         with torch.random.fork_rng(devices=[]):
             if init_seed is not None:
                 torch.manual_seed(int(init_seed))
-            model = _instantiate_sam2(config_path)
+            model = instantiate_sam2(config_path)
     else:
         ckpt = resolve_checkpoint(checkpoint, name=name)
-        model = _instantiate_sam2(config_path)
+        model = instantiate_sam2(config_path)
         load_sam2_checkpoint(model, ckpt)
         log.info("SAM2 '%s': loaded %s (config %s)", name, ckpt, config_path)
     model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
@@ -591,13 +489,6 @@ def build_sam2(
     return backbone.eval()
 
 
-def sam2_state_dict_keys(config: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the state dict a SAM2 config expects (builds the model once on the CPU; the Hiera
-    trunk cannot be built on the meta device)."""
-    model = _instantiate_sam2(resolve_sam2_config(config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 __all__ = [
     "SAM2Backbone",
     "SAM2ImageFeatures",
@@ -605,7 +496,4 @@ __all__ = [
     "exact_sdpa_context",
     "imagenet_normalize",
     "load_sam2_checkpoint",
-    "packaged_sam2_configs",
-    "resolve_sam2_config",
-    "sam2_state_dict_keys",
 ]

@@ -33,12 +33,12 @@ class DecoderImageCache:
     """The prompt-independent decoder state of one image (batch dimension 1 everywhere).
 
     Attributes:
-        keys: ``[1, HW, C]`` image embedding + ``no_mask_embed`` (the transformer's initial keys), in the
-            official code's layout (a permuted view of ``[1, C, H, W]``).
-        key_pe: ``[1, HW, C]`` dense positional encoding, same layout.
-        keys_rows: ``keys`` stored row-major (same values): the block-0 residual ``keys + attn_out`` then
-            runs on contiguous memory (an element-wise sum: the layout does not change its values).
-        key_pe_rows: ``key_pe`` stored row-major, for the later blocks' ``keys + key_pe`` (idem).
+        keys_rows: ``[1, HW, C]`` image embedding + ``no_mask_embed`` (the transformer's initial keys), stored
+            row-major (the official code's ``keys`` is a permuted view of ``[1, C, H, W]``; same values): the
+            block-0 residual ``keys + attn_out`` then runs on contiguous memory (an element-wise sum: the
+            layout does not change its values).
+        key_pe_rows: ``[1, HW, C]`` dense positional encoding ``key_pe``, stored row-major, for the later
+            blocks' ``keys + key_pe`` (idem).
         t2i_k: ``[1, heads, HW, c]`` block 0 token->image attention keys (``k_proj(keys + key_pe)``).
         t2i_v: ``[1, heads, HW, c]`` block 0 token->image attention values (``v_proj(keys)``).
         i2t_q: ``[1, heads, HW, c]`` block 0 image->token attention queries (``q_proj(keys + key_pe)``).
@@ -46,8 +46,6 @@ class DecoderImageCache:
         size: ``(H, W)`` of the embedding grid.
     """
 
-    keys: Tensor
-    key_pe: Tensor
     keys_rows: Tensor
     key_pe_rows: Tensor
     t2i_k: Tensor
@@ -133,8 +131,6 @@ class CachedSAM2Decoder:
         k = keys + key_pe
         t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
         return DecoderImageCache(
-            keys=keys,
-            key_pe=key_pe,
             keys_rows=keys.contiguous(),
             key_pe_rows=key_pe.contiguous(),
             t2i_k=t2i._separate_heads(t2i.k_proj(k), t2i.num_heads),

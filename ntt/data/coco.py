@@ -255,14 +255,12 @@ class CocoDataset:
         class_split: str | None = None,
     ) -> None:
         if isinstance(json_file, dict):
-            self.json_file: Path | None = None
             self._source = "<in-memory COCO dict>"
             _check_structure(json_file, self._source)
             self.raw: dict = json_file
         else:
-            self.json_file = Path(json_file)
-            self._source = str(self.json_file)
-            self.raw = load_coco_json(self.json_file)
+            self._source = str(json_file)
+            self.raw = load_coco_json(json_file)
         self.image_root = Path(image_root) if image_root is not None else None
 
         self._cats: dict[int, dict] = {}
@@ -281,7 +279,7 @@ class CocoDataset:
 
         self.category_ids: list[int] = self._select_categories(class_names, class_split)
         self.category_names: list[str] = [str(self._cats[c]["name"]) for c in self.category_ids]
-        self._label = {cid: i for i, cid in enumerate(self.category_ids)}
+        self._selected = set(self.category_ids)
 
         self._anns: dict[int, dict] = {}
         self._img_anns: dict[int, list[int]] = {iid: [] for iid in self._images}
@@ -303,7 +301,7 @@ class CocoDataset:
                 f"{orphans[:10]}{' ...' if len(orphans) > 10 else ''}"
             )
 
-        selected = [a for a in self._anns.values() if int(a["category_id"]) in self._label]
+        selected = [a for a in self._anns.values() if int(a["category_id"]) in self._selected]
         with_seg = sum(has_segmentation(a) for a in self._anns.values())
         #: True when every selected annotation has a segmentation (instance mask).
         self.has_masks: bool = all(has_segmentation(a) for a in selected)
@@ -348,24 +346,6 @@ class CocoDataset:
         """All categories of the json (selected or not), in json order."""
         return list(self.raw["categories"])
 
-    @property
-    def num_classes(self) -> int:
-        """Number of selected categories."""
-        return len(self.category_ids)
-
-    def label_of(self, cat_id: int) -> int:
-        """Class index of a selected category id (position in the ascending selected ids).
-
-        Args:
-            cat_id: A selected category id.
-        """
-        try:
-            return self._label[int(cat_id)]
-        except KeyError:
-            raise KeyError(
-                f"category id {cat_id} is not selected (selected ids: {self.category_ids})"
-            ) from None
-
     def name_of(self, cat_id: int) -> str:
         """Name of any category id of the json.
 
@@ -378,11 +358,6 @@ class CocoDataset:
             raise KeyError(f"category id {cat_id} is not in {self._source}") from None
 
     # ---- images ---------------------------------------------------------------------------------
-
-    @property
-    def images(self) -> list[dict]:
-        """Image records in json order."""
-        return list(self.raw["images"])
 
     @property
     def image_ids(self) -> list[int]:
@@ -445,73 +420,19 @@ class CocoDataset:
 
     # ---- annotations ----------------------------------------------------------------------------
 
-    def annotations(self, img_id: int, selected_only: bool = True) -> list[dict]:
-        """Annotations of one image, in json order (normalised copies).
+    def annotations(self, img_id: int) -> list[dict]:
+        """Annotations of the selected categories on one image, in json order (normalised copies).
 
         Args:
             img_id: An image id.
-            selected_only: Keep only annotations of the selected categories.
         """
         self._image(img_id)
-        out = []
-        for aid in self._img_anns[int(img_id)]:
-            ann = self._anns[aid]
-            if selected_only and int(ann["category_id"]) not in self._label:
-                continue
-            out.append(dict(ann))
-        return out
+        anns = (self._anns[aid] for aid in self._img_anns[int(img_id)])
+        return [dict(a) for a in anns if int(a["category_id"]) in self._selected]
 
-    def all_annotations(self, selected_only: bool = True) -> list[dict]:
-        """All annotations in json order (normalised copies).
-
-        Args:
-            selected_only: Keep only annotations of the selected categories.
-        """
-        return [
-            dict(a) for a in self._anns.values() if not selected_only or int(a["category_id"]) in self._label
-        ]
-
-    def annotation(self, ann_id: int) -> dict:
-        """One annotation by id (normalised copy).
-
-        Args:
-            ann_id: An annotation id.
-        """
-        try:
-            return dict(self._anns[int(ann_id)])
-        except KeyError:
-            raise KeyError(f"annotation id {ann_id} is not in {self._source}") from None
-
-    def validate_references(self, ann_ids: Iterable[int]) -> None:
-        """Check annotations used as references: known id, selected category, a box and a mask.
-
-        Args:
-            ann_ids: Annotation ids to check.
-
-        Raises:
-            ValueError: listing every offending annotation id with its problem (or the boxes-only message).
-        """
-        problems = []
-        no_seg = []
-        for aid in ann_ids:
-            ann = self._anns.get(int(aid))
-            if ann is None:
-                problems.append(f"annotation id {aid}: not in the json")
-                continue
-            if int(ann["category_id"]) not in self._label:
-                problems.append(f"annotation id {aid}: category {ann['category_id']} is not selected")
-            bbox = ann.get("bbox")
-            if bbox is None or len(bbox) != 4 or float(bbox[2]) <= 0 or float(bbox[3]) <= 0:
-                problems.append(f"annotation id {aid}: missing or empty 'bbox' ({bbox!r})")
-            if not has_segmentation(ann):
-                no_seg.append(int(aid))
-        if no_seg:
-            if self.boxes_only:
-                problems.insert(0, f"{BOXES_ONLY_MESSAGE} (annotation ids {no_seg[:10]})")
-            else:
-                problems.append(f"annotation ids {no_seg[:20]}: missing or empty 'segmentation'")
-        if problems:
-            raise ValueError(f"invalid reference annotations in {self._source}:\n  " + "\n  ".join(problems))
+    def all_annotations(self) -> list[dict]:
+        """All annotations of the selected categories, in json order (normalised copies)."""
+        return [dict(a) for a in self._anns.values() if int(a["category_id"]) in self._selected]
 
     def mask(self, ann_id: int) -> np.ndarray:
         """Boolean instance mask ``[H, W]`` of an annotation (H, W from the json image record).
@@ -531,16 +452,6 @@ class CocoDataset:
             raise ValueError(f"{self._source}: annotation id {ann_id} has no usable 'segmentation'")
         info = self.image_info(ann["image_id"])
         return ann_to_mask(ann, info["height"], info["width"])
-
-    # ---- evaluation -----------------------------------------------------------------------------
-
-    def filtered_gt(self, image_ids: Iterable[int] | None = None) -> dict:
-        """COCO ground truth restricted to the selected classes (see :func:`filter_coco_gt`).
-
-        Args:
-            image_ids: Optional subset of images to keep; default all images of the json.
-        """
-        return filter_coco_gt(self.raw, self.category_ids, image_ids, source=self._source)
 
     def __repr__(self) -> str:
         return (

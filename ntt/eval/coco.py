@@ -11,7 +11,7 @@ Protocol, as in the reference ``COCORefTestDataset.evaluate``:
 Two interchangeable backends: ``pycocotools`` (the reference) and ``faster_coco_eval`` (C++, optional
 dependency, identical numbers). Empty results never reach ``loadRes`` (which crashes on ``[]`` in
 pycocotools): an empty detection set is built directly, giving 0 where ground truth exists and -1 where
-none does. Library prints are captured and logged at DEBUG level (``verbose=True``: INFO).
+none does. Library prints are captured and logged at DEBUG level.
 
 Usage (detectron2 style)::
 
@@ -71,7 +71,6 @@ class CocoEvaluator:
         backend: ``"pycocotools"`` (default, the reference) or ``"faster_coco_eval"``.
         iou_types: Subset of ``("bbox", "segm")``. ``segm`` is dropped with a warning when the ground
             truth has no masks (boxes-only datasets).
-        verbose: Log the libraries' summary tables at INFO instead of DEBUG.
 
     Raises:
         ValueError: unknown backend / iou type, category ids not in the json, or image ids not in the json.
@@ -86,7 +85,6 @@ class CocoEvaluator:
         image_ids: Sequence[int] | None = None,
         backend: str = "pycocotools",
         iou_types: Sequence[str] = IOU_TYPES,
-        verbose: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown eval backend {backend!r}; choose one of {BACKENDS}")
@@ -95,7 +93,6 @@ class CocoEvaluator:
             raise ValueError(f"iou_types must be a non-empty subset of {IOU_TYPES}, got {list(iou_types)}")
         self._coco_cls, self._eval_cls = _backend_classes(backend)
         self.backend = backend
-        self.verbose = verbose
         if isinstance(gt, dict):
             source = "<ground-truth dict>"
             data = gt
@@ -176,9 +173,7 @@ class CocoEvaluator:
             yield
         text = buf.getvalue().rstrip()
         if text:
-            logger.log(
-                logging.INFO if self.verbose else logging.DEBUG, "%s [%s]:\n%s", what, self.backend, text
-            )
+            logger.debug("%s [%s]:\n%s", what, self.backend, text)
 
     def _load_results(self, gt, results: list[dict]):
         unknown = sorted({int(r["image_id"]) for r in results} - self._image_id_set)

@@ -14,15 +14,12 @@ The data root defaults to ``$NTT_DATA`` or ``./data`` as in ``conf/paths/default
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
-from ntt.prepare.box_to_mask import MASK_MODELS_HELP, PrepareError
-
-log = logging.getLogger(__name__)
-
-BENCHMARKS = ("coco", "voc", "cdfsod", "lvis", "masks")
+from ntt.prepare.box_to_mask import PrepareError
+from ntt.prepare.contours import BACKENDS
+from ntt.prepare.mask_models import MASK_MODELS_HELP
 
 
 def _data_root() -> Path:
@@ -41,7 +38,7 @@ def _add_mask_args(p: argparse.ArgumentParser, *, optional: bool) -> None:
     p.add_argument(
         "--checkpoints", default=None, help="checkpoint folder (default $NTT_CHECKPOINTS or ./checkpoints)"
     )
-    p.add_argument("--contours", default="auto", choices=("auto", "opencv", "python"), help="contour tracer")
+    p.add_argument("--contours", default="auto", choices=BACKENDS, help="contour tracer")
     p.add_argument("--overwrite", action="store_true", help="redo *_with_segm.json files that exist")
 
 
@@ -76,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _masker(args):
     if not getattr(args, "mask_model", None):
         return None
-    from ntt.prepare.box_to_mask import build_masker
+    from ntt.prepare.mask_models import build_masker
 
     device = args.device
     if device == "auto":

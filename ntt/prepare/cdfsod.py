@@ -65,7 +65,7 @@ def prepare_cdfsod(
     Args:
         root: folder holding the dataset folders.
         names: dataset folders to do (default: all six).
-        masker: mask model (:func:`ntt.prepare.box_to_mask.build_masker`); None = check the layout only.
+        masker: mask model (:func:`ntt.prepare.mask_models.build_masker`); None = check the layout only.
         contour_backend: see :mod:`ntt.prepare.contours`.
         overwrite: redo existing ``*_with_segm.json`` files.
     """

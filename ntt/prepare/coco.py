@@ -9,12 +9,9 @@ Expected under ``<root>`` (default ``data/coco``, what ``conf/dataset/coco_{fews
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from ntt.prepare.box_to_mask import PrepareError
-
-log = logging.getLogger(__name__)
 
 REQUIRED = {
     "annotations/instances_train2017.json": "images.cocodataset.org/annotations/annotations_trainval2017.zip",

@@ -15,11 +15,7 @@ OpenCV where OpenCV is installed, and on crafted masks with known answers everyw
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 # chain code directions (x, y): 0 = right, then counter-clockwise on screen (y grows downwards)
 _DX = (1, 1, 0, -1, -1, -1, 0, 1)

@@ -172,7 +172,7 @@ def prepare_voc(
 
     Args:
         root: folder holding ``VOCdevkit/``; outputs go to ``<root>/annotations`` and ``<root>/allimages``.
-        masker: a mask model from :func:`ntt.prepare.box_to_mask.build_masker`; None = boxes only.
+        masker: a mask model from :func:`ntt.prepare.mask_models.build_masker`; None = boxes only.
         copy_images: copy the JPEGs instead of linking them.
         contour_backend: see :mod:`ntt.prepare.contours`.
         overwrite: redo existing `_with_segm` files.

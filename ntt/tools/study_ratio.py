@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ntt.tools.bench import _machine_busy_s, device_slug, hardware_info
+from ntt.tools.machine import CONTENTION_CORES, command_line, device_slug, hardware_info, machine_busy_s
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def clean_test_outputs(output_dir: Path) -> int:
 def timed(cmd: list[str], env: dict[str, str], log_file: Path) -> dict[str, Any]:
     """Run `cmd` to completion (output to `log_file`); wall time, its CPU time and the others' load."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0, load0, t0 = _machine_busy_s(), os.getloadavg()[0], time.perf_counter()
+    busy0, load0, t0 = machine_busy_s(), os.getloadavg()[0], time.perf_counter()
     with open(log_file, "w") as out:
         rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
     wall = time.perf_counter() - t0
-    busy1, r1 = _machine_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, r1 = machine_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     other = None if busy0 is None or busy1 is None else round(max(0.0, busy1 - busy0 - cpu) / wall, 2)
     if rc != 0:
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = {
         "WARNING": WARNING,
         "timestamp_utc": started.isoformat(timespec="seconds"),
-        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
+        "command": command_line("ntt.tools.study_ratio", argv),
         "hardware": hardware,
         "settings": {
             "banks": len(shots) * len(seeds),
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
             f"round {x['round']} {n}: other processes used {x[n]['other_load_cores']} cores"
             for x in rounds
             for n in ("single", "study")
-            if (x[n]["other_load_cores"] or 0) > 0.25
+            if (x[n]["other_load_cores"] or 0) > CONTENTION_CORES
         ],
     }
     out_dir = Path(args.out)
