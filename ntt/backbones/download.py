@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from ntt.backbones.checkpoints import ENV_CHECKPOINT_DIR, OFFICIAL_CHECKPOINTS, default_checkpoint_dir
 from ntt.utils.errors import UserError
-from ntt.utils.files import sha256_file
+from ntt.utils.files import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def download(
         )
     os.replace(part, dest)
     if expected is None:
-        (dest_dir / (filename + ".sha256")).write_text(f"{got}  {filename}\n")
+        write_text_atomic(dest_dir / (filename + ".sha256"), f"{got}  {filename}\n")
         log.warning(
             "%s: no known sha256 for %s: could NOT verify the download; recorded the computed sha256 %s in %s",
             label,

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ntt.utils.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLASSES = ("circle", "square", "triangle", "star")
@@ -270,7 +272,7 @@ def _mask_annotation(mask: np.ndarray) -> tuple[dict, list[float], int]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")) + "\n")
 
 
 def generate_synthetic_dataset(

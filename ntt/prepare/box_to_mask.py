@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import traceback
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import numpy as np
 
 from ntt.prepare.contours import BACKENDS, external_contours, opencv_available
 from ntt.utils.errors import UserError
-from ntt.utils.files import sha256_file
+from ntt.utils.files import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +207,7 @@ def add_masks(
         "source_sha256": source_sha,
         "created": time.strftime("%Y-%m-%d"),
     }
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(data))
     partial.unlink()
     log.info("wrote %s (%d annotations with masks)", out, sum(len(v) for v in done.values()))
     return out

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 from ntt.prepare.box_to_mask import PrepareError
+from ntt.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def prepare_lvis(root: str | Path, coco_root: str | Path) -> list[Path]:
         data = fix_lvis_json(json.loads((orig / name).read_text()))
         if name == "lvis_v1_val.json":
             val = data
-        (root / name).write_text(json.dumps(data))
+        write_text_atomic(root / name, json.dumps(data))
         written.append(root / name)
         log.info("%s: %d images, %d annotations", root / name, len(data["images"]), len(data["annotations"]))
     minival_src = orig / "lvis_v1_minival.json"
@@ -82,6 +83,6 @@ def prepare_lvis(root: str | Path, coco_root: str | Path) -> list[Path]:
         for a in minival["annotations"]:
             if "segmentation" not in a or not a["segmentation"]:
                 a["segmentation"] = by_id[a["id"]]["segmentation"]
-        (root / "lvis_v1_minival.json").write_text(json.dumps(minival))
+        write_text_atomic(root / "lvis_v1_minival.json", json.dumps(minival))
         written.append(root / "lvis_v1_minival.json")
     return written

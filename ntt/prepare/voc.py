@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ntt.data.splits import VOC_CLASSES
 from ntt.prepare.box_to_mask import PrepareError, add_masks
+from ntt.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def prepare_voc(
             if coco is None:
                 continue
             path = ann_dir / f"{prefix}_{split}.json"
-            path.write_text(json.dumps(coco))
+            write_text_atomic(path, json.dumps(coco))
             log.info("%s: %d images, %d boxes", path, len(coco["images"]), len(coco["annotations"]))
             written.append(path)
     n = flatten_images(devkit, root / "allimages", copy=copy_images)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ntt.utils import dist
 from ntt.utils.console import show_traceback, take_verbose, user_error_exit
 from ntt.utils.errors import UserError
+from ntt.utils.files import write_json_atomic
 
 log = logging.getLogger("ntt")
 
@@ -67,7 +68,6 @@ class FailedJobs(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         import hashlib
-        import json
 
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
@@ -86,7 +86,7 @@ class FailedJobs(Callback):
         folder = os.environ.get(FAILURES_ENV)
         if folder and Path(folder).is_dir():
             name = hashlib.sha256(overrides.encode()).hexdigest()[:16] + ".json"
-            (Path(folder) / name).write_text(json.dumps({"overrides": overrides, "error": why}))
+            write_json_atomic(Path(folder) / name, {"overrides": overrides, "error": why}, indent=None)
 
 
 def _collect_failed_jobs() -> list[tuple[str, str]]:

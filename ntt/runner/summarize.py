@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ntt.utils.errors import UserError
+from ntt.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -258,20 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or args.root)
     out.mkdir(parents=True, exist_ok=True)
     runs = runs.sort_values(["benchmark", "dataset", "shots", "seed"], kind="stable")
-    runs.to_csv(out / "runs.csv", index=False)
-    (out / "runs.md").write_text(markdown_table(runs.drop(columns=["run_dir"]), index=False) + "\n")
-    summarize(runs).to_csv(out / "summary.csv", index=False)
+    write_text_atomic(out / "runs.csv", runs.to_csv(index=False))
+    write_text_atomic(out / "runs.md", markdown_table(runs.drop(columns=["run_dir"]), index=False) + "\n")
+    write_text_atomic(out / "summary.csv", summarize(runs).to_csv(index=False))
     per_class = collect_per_class(args.root, study=args.study)
-    per_class.to_csv(out / "per_class.csv", index=False)
+    write_text_atomic(out / "per_class.csv", per_class.to_csv(index=False))
     if not per_class.empty:
         valid_dirs = set(runs[runs["valid"]]["run_dir"])
         pc = per_class[per_class["run_dir"].isin(valid_dirs)]
         metric_cols = [c for c in pc.columns if c.startswith(("bbox_", "segm_"))]
         keys = SETTING[:-1] + ["setting_id", "shots", "category_id", "name"]
-        pc.groupby(keys, dropna=False)[metric_cols].mean().reset_index().to_csv(
-            out / "per_class_summary.csv", index=False
-        )
+        table = pc.groupby(keys, dropna=False)[metric_cols].mean().reset_index()
+        write_text_atomic(out / "per_class_summary.csv", table.to_csv(index=False))
     text = render_markdown(runs, paper_tables(runs), args.study)
-    (out / "summary.md").write_text(text)
+    write_text_atomic(out / "summary.md", text)
     print(text)  # the table is this command's output
     return 0

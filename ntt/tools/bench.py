@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from ntt.tools.hotspots import (
 )
 from ntt.tools.machine import CONTENTION_CORES, command_line, device_slug, hardware_info, load_average
 from ntt.tools.random_models import build_models
+from ntt.utils.files import write_json_atomic
 
 __all__ = ["main", "RANDOM_WEIGHTS_NOTE"]
 
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"results-{started:%Y%m%d}-{device_slug(device)}{'-quick' if args.quick else ''}.json"
     path = out_dir / name
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(path, report, indent=2)
     log.info("wrote %s (%.0f s in all)", path, report["total_wall_s"])
     log.warning(RANDOM_WEIGHTS_NOTE)
     print(f"\n{RANDOM_WEIGHTS_NOTE}\n{hardware['cpu_model']}, device {args.device}\n{table}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import re
 import signal
@@ -46,6 +45,7 @@ import torch
 from ntt.tools.fastpath_measure import RANDOM_WEIGHTS_NOTE, measure, raise_interrupted
 from ntt.tools.fastpath_modes import DEFAULT_MODES, MODES
 from ntt.tools.machine import command_line, load_average
+from ntt.utils.files import write_json_atomic, write_text_atomic
 
 __all__ = ["RANDOM_WEIGHTS_NOTE", "main"]
 
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', args.tag)}" if args.tag else ""
     path = out_dir / f"fastpaths-{started:%Y%m%d}-{report['device_slug']}{tag}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(md)
+    write_json_atomic(path, report, indent=2)
+    write_text_atomic(path.with_suffix(".md"), md)
     log.info("wrote %s and %s", path, path.with_suffix(".md").name)
     print(md)
     return path

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import re
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from ntt.tools.machine import CONTENTION_CORES, command_line, device_slug, hardware_info, machine_busy_s
+from ntt.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
     out = out_dir / f"study-ratio-{started:%Y%m%d}-{device_slug(torch.device(args.device))}{suffix}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(out, result, indent=1)
     log.info(
         "%d banks vs one run: test stage %sx, whole command %sx -> %s",
         len(shots) * len(seeds),
