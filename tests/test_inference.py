@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_path
+from pycocotools import mask as mask_utils
 
 from ntt.inference import InferenceParams, infer_image
 from ntt.proposals import point_grid
@@ -175,7 +176,17 @@ def test_fixture_image14_end_to_end_with_real_backbones(parity_dir, setting, nms
         compared += 1
     assert compared >= 20
     results = json.loads((parity_dir / setting / "coco_results.json").read_text())
-    assert detections_to_coco(det, 14, [1, 2, 3]) == [r for r in results if r["image_id"] == 14]
+    got, want = detections_to_coco(det, 14, [1, 2, 3]), [r for r in results if r["image_id"] == 14]
+    # the same detections; floats and mask pixels to the fixture README's tolerances (tests/test_parity.py says
+    # why: an Intel Xeon's kernels moved scores by up to 1.8e-6 and flipped a near-tie pixel of one mask)
+    assert [(r["category_id"], r["bbox"]) for r in got] == [(r["category_id"], r["bbox"]) for r in want]
+    assert np.abs(np.array([r["score"] for r in got]) - [r["score"] for r in want]).max() <= 1e-5
+    for a, b in zip(got, want):
+        ma, mb = (
+            mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()})
+            for r in (a, b)
+        )
+        assert np.logical_and(ma, mb).sum() / max(1, np.logical_or(ma, mb).sum()) > 0.999
 
 
 def test_params_from_settings_take_every_field_from_the_config_nodes():
