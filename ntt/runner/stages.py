@@ -167,11 +167,8 @@ def stage_postprocess_memory(ctx: RunContext) -> Path:
     out = ctx.path(PROTOTYPES_FILE)
     if not ctx.is_main:
         return out
-    mem = ctx.matcher.memory
     bank = MemoryBank.load(ctx.path(MEMORY_FILE), expect=bank_expectation(ctx))
-    bank = postprocess_memory(
-        bank, compute_stats=mem.compute_stats, kmeans_k=mem.kmeans_k, n_pca=mem.n_pca, seed=int(ctx.cfg.seed)
-    )
+    bank = postprocess_memory(bank)
     bank.save(out)
     return out
 
