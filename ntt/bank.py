@@ -278,8 +278,18 @@ class MemoryBank:
             )
 
 
+# matcher.memory keys of the configs saved in ntt-reference-bank v1 files that ntt no longer has (the
+# unread statistics of postprocess_memory)
+_REMOVED_MEMORY_KEYS = ("compute_stats", "kmeans_k", "n_pca")
+
+
 def _from_reference_bank_v1(meta: dict, payload: dict) -> MemoryBank:
     """A bank from the former practitioner format (``ntt-reference-bank`` v1: names, references, counts)."""
+    config = meta.get("config", {})
+    memory = config.get("matcher", {}).get("memory")
+    if isinstance(memory, dict):
+        for key in _REMOVED_MEMORY_KEYS:
+            memory.pop(key, None)
     return MemoryBank(
         instance_means=payload["instance_means"],
         weight_sums=payload["weight_sums"],
@@ -290,7 +300,7 @@ def _from_reference_bank_v1(meta: dict, payload: dict) -> MemoryBank:
         ntt_version=meta.get("ntt_version", "unknown"),
         refs=meta["references"],
         fill_settings=dict(meta["fill_settings"]),
-        config=meta.get("config", {}),
+        config=config,
     )
 
 
