@@ -6,13 +6,13 @@ _register_resolver()  # `${ntt.config_id:}` in conf/main.yaml's run_name (light:
 
 __version__ = "0.1.0"
 
-__all__ = ["Segmenter", "Instances", "ReferenceBank", "__version__"]
+__all__ = ["Segmenter", "Instances", "MemoryBank", "__version__"]
 
-# The practitioner API (ntt.app.segmenter) imports torch: load it on first use so `import ntt` stays light.
+# The practitioner API and the bank import torch: load them on first use so `import ntt` stays light.
 _LAZY = {
     "Segmenter": "ntt.app.segmenter",
-    "Instances": "ntt.app.segmenter",
-    "ReferenceBank": "ntt.app.segmenter",
+    "Instances": "ntt.app.instances",
+    "MemoryBank": "ntt.bank",
 }
 
 

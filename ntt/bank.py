@@ -1,8 +1,13 @@
-"""The bank files: what the test needs from the references (instance features + metadata, never weights).
+"""The memory bank: what the test needs from the references (instance features + metadata, never weights).
 
-``MemoryBank`` is the benchmark pipeline's bank (``memory.pt``: ``[C, K, D]`` instance means, K shots per
-class); ``ReferenceBank`` is the practitioner's (``bank.ntt``: any number of references per class). Both are a
-``torch.save`` of plain tensors and JSON metadata, loadable with ``weights_only=True``.
+One class for both paths: the benchmark pipeline's ``memory.pt`` / ``memory_postprocessed.pt`` (K shots per
+class) and the practitioner's ``bank.ntt`` (``Segmenter.save``: any number of references per class). The
+file is a ``torch.save`` of plain tensors and JSON metadata, loadable with ``weights_only=True``.
+
+Format ``ntt-memory``: version 2 adds ragged classes (``counts``) and the segmenter's config nodes
+(``config``). A bank that uses neither is written as version 1, byte for byte what version-1 writers wrote
+(run directories record the sha256 of their memory files). ``load`` also reads the practitioner's former
+format, ``ntt-reference-bank`` version 1.
 """
 
 from __future__ import annotations
@@ -20,12 +25,11 @@ import torch.nn.functional as F
 
 from ntt.utils.files import write_bytes_atomic
 
-__all__ = ["MemoryBank", "ReferenceBank", "compute_prototypes"]
+__all__ = ["MemoryBank", "compute_prototypes"]
 
 MEMORY_FORMAT = "ntt-memory"
-MEMORY_FORMAT_VERSION = 1
-BANK_FORMAT = "ntt-reference-bank"
-BANK_FORMAT_VERSION = 1
+MEMORY_FORMAT_VERSION = 2
+REFERENCE_BANK_FORMAT = "ntt-reference-bank"  # the practitioner's format before version 2 (read only)
 
 
 def _ntt_version() -> str:
@@ -50,21 +54,29 @@ def compute_prototypes(instance_means: torch.Tensor) -> torch.Tensor:
 class MemoryBank:
     """Everything the test stage needs from the references (megabytes, never model weights).
 
+    Row c is class ``category_names[c]``; its references are ``instance_means[c, :counts[c]]``, the rest of
+    the row is zero padding that no computation reads. A benchmark bank has ``shots`` references in every
+    class; a practitioner's bank any number.
+
     Args:
-        instance_means: ``[C, K, D]`` float32 mask-weighted mean feature per reference.
+        instance_means: ``[C, K, D]`` float32 mask-weighted mean feature per reference (K: the most
+            references of any class).
         weight_sums: ``[C, K]`` sum of the patch-grid mask weights per reference.
         category_ids: ``C`` ascending category ids (row c = class index c).
         category_names: ``C`` names.
-        shots: K.
-        seed: the reference-sampling seed (``None`` for fixed reference files).
+        shots: K of a benchmark bank (every class has K references); None for a practitioner's bank.
+        counts: ``[C]`` int64 number of references of each class (default: K for every class).
+        seed: the reference-sampling seed (``None`` for fixed reference files and practitioner banks).
         encoder: encoder name.
         feature_dim: D.
         config_hash: hash of the config that built it.
         ntt_version: ntt version that built it.
-        refs: per class, per slot ``{"image_id", "ann_id"}``.
+        refs: per class, per reference: its provenance (benchmark: ``{"image_id", "ann_id"}``;
+            practitioner: ``{"source", "prompt", "bbox"}``).
         postprocessed: set by ``postprocess_memory``.
-        stats: optional statistics (tensors), only from ``postprocess_memory(compute_stats=True)``.
         fill_settings: settings of the fill (context_ratio, mask_pooling, img_size, grid_size).
+        config: the segmenter's ``backbone`` / ``proposer`` / ``matcher`` config nodes, unresolved
+            (``Segmenter.save``; empty for a benchmark bank, whose run directory holds the config).
         patch_features: optional ``[C, K, N, D]`` raw patch features (``keep_patch_features=True``).
         patch_weights: optional ``[C, K, N]`` patch-grid mask weights (``keep_patch_features=True``).
     """
@@ -73,7 +85,8 @@ class MemoryBank:
     weight_sums: torch.Tensor
     category_ids: list[int]
     category_names: list[str]
-    shots: int
+    shots: int | None = None
+    counts: torch.Tensor | None = None
     seed: int | None = None
     encoder: str = ""
     feature_dim: int = 0
@@ -81,8 +94,8 @@ class MemoryBank:
     ntt_version: str = field(default_factory=_ntt_version)
     refs: list[list[dict]] = field(default_factory=list)
     postprocessed: bool = False
-    stats: dict[str, torch.Tensor] | None = None
     fill_settings: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
     patch_features: torch.Tensor | None = None
     patch_weights: torch.Tensor | None = None
 
@@ -101,31 +114,48 @@ class MemoryBank:
     )
 
     def __post_init__(self):
+        n_classes, width = (int(s) for s in self.instance_means.shape[:2])
         if self.feature_dim == 0 and self.instance_means.dim() == 3:
             self.feature_dim = int(self.instance_means.shape[-1])
+        if self.counts is None:
+            self.counts = torch.full((n_classes,), width, dtype=torch.int64)
+        self.counts = torch.as_tensor(self.counts, dtype=torch.int64)
+        if self.counts.shape != (n_classes,) or bool((self.counts > width).any()):
+            raise ValueError(
+                f"MemoryBank: counts {self.counts.tolist()} do not fit instance_means [{n_classes}, {width}, D]"
+            )
+        if self.shots is not None and bool((self.counts != self.shots).any()):
+            raise ValueError(
+                f"MemoryBank: shots={self.shots} but the classes have {self.counts.tolist()} references"
+            )
+
+    @property
+    def ragged(self) -> bool:
+        """Whether some class has fewer references than the widest one (its row is padded)."""
+        return bool((self.counts != self.instance_means.shape[1]).any())
 
     @property
     def mask_weights(self) -> torch.Tensor | None:
         """Alias of ``patch_weights`` (``[C, K, N]`` patch-grid mask weights, when kept)."""
         return self.patch_weights
 
-    @property
-    def num_classes(self) -> int:
-        """C."""
-        return int(self.instance_means.shape[0])
-
     def prototypes(self) -> torch.Tensor:
-        """``[C, D]`` L2-normalised class prototypes (computed on demand from the instance means)."""
-        return compute_prototypes(self.instance_means)
+        """``[C, D]`` L2-normalised class prototypes: per class the mean of its own references only."""
+        if not self.ragged:
+            return compute_prototypes(self.instance_means)
+        rows = [
+            compute_prototypes(self.instance_means[c : c + 1, :n]) for c, n in enumerate(self.counts.tolist())
+        ]
+        return torch.cat(rows)
 
     def meta(self) -> dict:
-        """JSON-able metadata."""
-        return {
+        """JSON-able metadata (``format_version`` 1 unless the bank is ragged or holds a config)."""
+        meta = {
             "format": MEMORY_FORMAT,
-            "format_version": MEMORY_FORMAT_VERSION,
+            "format_version": MEMORY_FORMAT_VERSION if self.ragged or self.config else 1,
             "category_ids": [int(c) for c in self.category_ids],
             "category_names": [str(n) for n in self.category_names],
-            "shots": int(self.shots),
+            "shots": None if self.shots is None else int(self.shots),
             "seed": None if self.seed is None else int(self.seed),
             "encoder": str(self.encoder),
             "feature_dim": int(self.feature_dim),
@@ -135,20 +165,23 @@ class MemoryBank:
             "postprocessed": bool(self.postprocessed),
             "fill_settings": dict(self.fill_settings),
         }
+        if self.config:
+            meta["config"] = self.config
+        return meta
 
-    def save(self, path: str | os.PathLike) -> None:
-        """``torch.save`` plain tensors + JSON-able metadata (atomic: temp file + rename).
+    def save(self, path: str | os.PathLike) -> Path:
+        """``torch.save`` plain tensors + JSON-able metadata (atomic: temp file + rename). Returns the path.
 
         Args:
-            path: output file (e.g. ``<run_dir>/memory.pt``).
+            path: output file (``<run_dir>/memory.pt``, ``bank.ntt``).
         """
         payload: dict[str, Any] = {
             "meta_json": json.dumps(self.meta(), sort_keys=True),
             "instance_means": self.instance_means.detach().to("cpu", torch.float32).contiguous(),
             "weight_sums": self.weight_sums.detach().to("cpu", torch.float32).contiguous(),
         }
-        if self.stats is not None:
-            payload["stats"] = {k: v.detach().cpu().contiguous() for k, v in self.stats.items()}
+        if self.ragged:  # a uniform bank leaves it out: its bytes stay those of format version 1
+            payload["counts"] = self.counts.detach().cpu().contiguous()
         if self.patch_features is not None:
             payload["patch_features"] = self.patch_features.detach().cpu().contiguous()
         if self.patch_weights is not None:
@@ -157,24 +190,31 @@ class MemoryBank:
         # first gives the same bytes whatever the (temp) file name, so equal banks are equal files.
         buf = io.BytesIO()
         torch.save(payload, buf)
-        write_bytes_atomic(path, buf.getvalue())
+        path = Path(path)
+        write_bytes_atomic(path, buf.getvalue())  # with the umask's mode (mkstemp's 0600 would hide it)
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> MemoryBank:
         """Load a bank saved by ``save`` (``torch.load(weights_only=True)``) and check it against the run.
 
+        Reads format ``ntt-memory`` up to version 2 and the former ``ntt-reference-bank`` version 1.
+
         Args:
-            path: the memory file.
+            path: the bank file.
             expect: ``{field: value}`` this run expects (any of ``MemoryBank.CHECKABLE``); every mismatch
                 is named in one error.
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: not an ntt memory file, or metadata mismatches.
+            ValueError: not an ntt memory bank, a newer format, or metadata mismatches.
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"memory file not found: {path} (run stage fill_memory first)")
+            raise FileNotFoundError(
+                f"memory bank not found: {path} (run stage fill_memory first, or build and save one with "
+                "Segmenter)"
+            )
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -184,26 +224,33 @@ class MemoryBank:
                 f"{path} is not an ntt memory file (no metadata): delete it or rerun fill_memory"
             )
         meta = json.loads(payload["meta_json"])
-        if meta.get("format") != MEMORY_FORMAT:
-            raise ValueError(f"{path}: unknown memory format {meta.get('format')!r}")
-        bank = cls(
-            instance_means=payload["instance_means"],
-            weight_sums=payload["weight_sums"],
-            category_ids=[int(c) for c in meta["category_ids"]],
-            category_names=list(meta["category_names"]),
-            shots=int(meta["shots"]),
-            seed=meta.get("seed"),
-            encoder=meta.get("encoder", ""),
-            feature_dim=int(meta.get("feature_dim", 0)),
-            config_hash=meta.get("config_hash", ""),
-            ntt_version=meta.get("ntt_version", "unknown"),
-            refs=meta.get("refs", []),
-            postprocessed=bool(meta.get("postprocessed", False)),
-            stats=payload.get("stats"),
-            fill_settings=meta.get("fill_settings", {}),
-            patch_features=payload.get("patch_features"),
-            patch_weights=payload.get("patch_weights"),
-        )
+        fmt, version = meta.get("format"), int(meta.get("format_version", 1))
+        if fmt == REFERENCE_BANK_FORMAT and version == 1:
+            bank = _from_reference_bank_v1(meta, payload)
+        elif fmt != MEMORY_FORMAT:
+            raise ValueError(f"{path}: unknown memory format {fmt!r}")
+        elif version > MEMORY_FORMAT_VERSION:
+            raise ValueError(f"{path}: memory format version {version} is newer than this ntt; upgrade ntt")
+        else:
+            bank = cls(
+                instance_means=payload["instance_means"],
+                weight_sums=payload["weight_sums"],
+                category_ids=[int(c) for c in meta["category_ids"]],
+                category_names=list(meta["category_names"]),
+                shots=None if meta.get("shots") is None else int(meta["shots"]),
+                counts=payload.get("counts"),
+                seed=meta.get("seed"),
+                encoder=meta.get("encoder", ""),
+                feature_dim=int(meta.get("feature_dim", 0)),
+                config_hash=meta.get("config_hash", ""),
+                ntt_version=meta.get("ntt_version", "unknown"),
+                refs=meta.get("refs", []),
+                postprocessed=bool(meta.get("postprocessed", False)),
+                fill_settings=meta.get("fill_settings", {}),
+                config=meta.get("config", {}),
+                patch_features=payload.get("patch_features"),
+                patch_weights=payload.get("patch_weights"),
+            )
         if expect:
             bank.check(expect, source=str(path))
         return bank
@@ -231,6 +278,32 @@ class MemoryBank:
             )
 
 
+# matcher.memory keys of the configs saved in ntt-reference-bank v1 files that ntt no longer has (the
+# unread statistics of postprocess_memory)
+_REMOVED_MEMORY_KEYS = ("compute_stats", "kmeans_k", "n_pca")
+
+
+def _from_reference_bank_v1(meta: dict, payload: dict) -> MemoryBank:
+    """A bank from the former practitioner format (``ntt-reference-bank`` v1: names, references, counts)."""
+    config = meta.get("config", {})
+    memory = config.get("matcher", {}).get("memory")
+    if isinstance(memory, dict):
+        for key in _REMOVED_MEMORY_KEYS:
+            memory.pop(key, None)
+    return MemoryBank(
+        instance_means=payload["instance_means"],
+        weight_sums=payload["weight_sums"],
+        category_ids=[int(c) for c in meta["category_ids"]],
+        category_names=list(meta["names"]),
+        counts=payload["counts"],
+        encoder=str(meta["encoder"]),
+        ntt_version=meta.get("ntt_version", "unknown"),
+        refs=meta["references"],
+        fill_settings=dict(meta["fill_settings"]),
+        config=config,
+    )
+
+
 def _normalise(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_normalise(x) for x in v]
@@ -239,112 +312,3 @@ def _normalise(v: Any) -> Any:
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
-
-
-@dataclass
-class ReferenceBank:
-    """Per-class reference features with any number of references per class (a small file, no weights).
-
-    Row c is class ``names[c]``; its real references are ``instance_means[c, :counts[c]]``; the rest of the
-    row is zero padding that no computation reads.
-
-    Args:
-        names: C class names, ordered by category id.
-        category_ids: C ascending category ids.
-        instance_means: ``[C, Kmax, D]`` float32 mask-weighted mean feature per reference.
-        weight_sums: ``[C, Kmax]`` patch-grid mask weight sums.
-        counts: ``[C]`` int64 number of references of each class.
-        encoder: DINOv2 config name the features come from.
-        fill_settings: context_ratio, mask_pooling, img_size, grid_size.
-        references: per class, per reference: provenance (source, prompt kind, COCO box).
-        config: the segmenter's ``backbone`` / ``proposer`` / ``matcher`` config nodes (unresolved).
-    """
-
-    names: list[str]
-    category_ids: list[int]
-    instance_means: torch.Tensor
-    weight_sums: torch.Tensor
-    counts: torch.Tensor
-    encoder: str
-    fill_settings: dict
-    references: list[list[dict]]
-    config: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        """C."""
-        return len(self.names)
-
-    def prototypes(self) -> torch.Tensor:
-        """``[C, D]`` L2-normalised class prototypes: the mean over each class's own references only."""
-        rows = [
-            compute_prototypes(self.instance_means[c : c + 1, : int(self.counts[c])])
-            for c in range(self.num_classes)
-        ]
-        return torch.cat(rows)
-
-    def meta(self) -> dict:
-        """JSON-able metadata."""
-        return {
-            "format": BANK_FORMAT,
-            "format_version": BANK_FORMAT_VERSION,
-            "names": list(self.names),
-            "category_ids": [int(c) for c in self.category_ids],
-            "encoder": self.encoder,
-            "fill_settings": dict(self.fill_settings),
-            "references": self.references,
-            "config": self.config,
-            "ntt_version": _ntt_version(),
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the bank (``torch.save`` of plain tensors + JSON metadata; atomic). Returns the path."""
-        payload = {
-            "meta_json": json.dumps(self.meta(), sort_keys=True),
-            "instance_means": self.instance_means.detach().to("cpu", torch.float32).contiguous(),
-            "weight_sums": self.weight_sums.detach().to("cpu", torch.float32).contiguous(),
-            "counts": self.counts.detach().to("cpu", torch.int64).contiguous(),
-        }
-        path = Path(path)
-        buf = io.BytesIO()  # bytes independent of the file name (see MemoryBank.save)
-        torch.save(payload, buf)
-        write_bytes_atomic(path, buf.getvalue())  # with the umask's mode (mkstemp's 0600 would hide it)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ReferenceBank:
-        """Read a bank written by :meth:`save` (``weights_only=True``: no code is unpickled).
-
-        Raises:
-            FileNotFoundError: no such file. ValueError: not an ntt reference bank.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference bank not found: {path}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            meta = json.loads(payload["meta_json"])
-        except Exception as err:
-            raise ValueError(f"{path} is not an ntt reference bank (Segmenter.save): {err}") from err
-        if meta.get("format") != BANK_FORMAT:
-            hint = (
-                " (that is a benchmark memory bank: use Segmenter.from_memory_bank)"
-                if "shots" in meta
-                else ""
-            )
-            raise ValueError(f"{path} is not an ntt reference bank (format {meta.get('format')!r}){hint}")
-        if int(meta.get("format_version", 0)) > BANK_FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: bank format {meta['format_version']} is newer than this ntt; upgrade ntt"
-            )
-        return cls(
-            names=list(meta["names"]),
-            category_ids=[int(c) for c in meta["category_ids"]],
-            instance_means=payload["instance_means"],
-            weight_sums=payload["weight_sums"],
-            counts=payload["counts"],
-            encoder=str(meta["encoder"]),
-            fill_settings=dict(meta["fill_settings"]),
-            references=meta["references"],
-            config=meta.get("config", {}),
-        )

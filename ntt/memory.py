@@ -1,8 +1,11 @@
-"""Memory bank: reference crops (method.md §3.1), patch-grid mask weights, instance means, prototypes (§4).
+"""Encoding references (method.md §3): crops, patch-grid mask weights, instance means, batches, the bank.
 
-Stage ``fill_memory`` turns each reference instance into one mask-weighted mean DINOv2 feature
-(``instance_means[C, K, D]``); the prototype of a class is the L2-normalised mean over its K shots. Stage
-``postprocess_memory`` marks the bank ready and can compute optional statistics (never used at test).
+Each reference instance becomes one mask-weighted mean DINOv2 feature (``instance_means[C, K, D]`` of a
+``ntt.bank.MemoryBank``; a class's prototype is the L2-normalised mean of its own references). One path for
+every caller: jobs (a reference each, with the function that loads its image, mask and box) -> a
+``FillPlan`` (validated, batched) -> ``encode_references`` (all batches, or one process's share) ->
+``assemble_bank``. The benchmark's stage ``fill_memory`` (``ntt.fill``, references from a COCO json) and the
+practitioner's ``Segmenter.build`` (references held in memory) only make the jobs.
 
 Parity defaults: square context crop with ``int()`` truncation in float64, bicubic image / bilinear mask
 resize to 518 (no antialias), soft mask sampled at the top-left pixel of each patch
@@ -12,22 +15,15 @@ resize to 518 (no antialias), soft mask sampled at the top-left pixel of each pa
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ntt.bank import MemoryBank, compute_prototypes
+from ntt.bank import MemoryBank
 from ntt.utils.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "MASK_POOLING",
@@ -35,16 +31,13 @@ __all__ = [
     "crop_reference",
     "mask_patch_weights",
     "instance_mean",
-    "compute_prototypes",
     "BadReferenceError",
+    "ReferenceJob",
     "FillPlan",
     "EncodedReferences",
     "reference_batches",
-    "plan_fill",
     "encode_references",
     "assemble_bank",
-    "fill_memory",
-    "postprocess_memory",
 ]
 
 MASK_POOLING = ("nearest", "area")
@@ -165,12 +158,33 @@ def instance_mean(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fill_memory: plan -> encode (all batches, or one process's share) -> assemble
+# Encoding references: plan -> encode (all batches, or one process's share) -> assemble. Shared by the
+# benchmark's fill_memory (references from a COCO json) and the practitioner's Segmenter.build (tensors).
 
 
 class BadReferenceError(UserError, ValueError):
     """A reference that cannot fill its memory slot (unreadable image, empty crop, all-zero mask); the
-    message names its class, shot, annotation and image."""
+    message names it (class, shot or reference, annotation, image)."""
+
+
+@dataclass
+class ReferenceJob:
+    """One reference instance to encode.
+
+    Args:
+        cls: class index (row of the bank).
+        slot: its position among the references of its class.
+        description: how error messages name it (class, shot or reference, annotation, image).
+        provenance: what the bank records about it (``MemoryBank.refs``).
+        load: ``() -> (image [3, H, W] float32 in [0, 1], mask [H, W], COCO box xywh of the crop)``;
+            raises OSError / ValueError for a reference that cannot be read.
+    """
+
+    cls: int
+    slot: int
+    description: str
+    provenance: dict
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor, Sequence[float]]]
 
 
 def _encoder_device(encoder: Any) -> torch.device:
@@ -183,13 +197,13 @@ def _encoder_device(encoder: Any) -> torch.device:
 
 
 def reference_batches(n_jobs: int, batch_size: int) -> list[range]:
-    """The encoder batches of ``fill_memory``: consecutive runs of ``batch_size`` jobs (the last may be short).
+    """The encoder batches: consecutive runs of ``batch_size`` jobs (the last may be short).
 
     They depend on the job count and ``batch_size`` only, never on how many processes share them: a
     batched forward's bits can depend on the batch's composition, so equal batches give equal banks.
 
     Args:
-        n_jobs: number of reference jobs (C * K).
+        n_jobs: number of reference jobs (C * K for the benchmark).
         batch_size: crops per encoder call.
     """
     if batch_size < 1:
@@ -199,100 +213,70 @@ def reference_batches(n_jobs: int, batch_size: int) -> list[range]:
 
 @dataclass
 class FillPlan:
-    """What ``fill_memory`` derives from its inputs before encoding (validated; identical on every process).
+    """What to encode and how (validated; identical on every process). Build it with :meth:`create`.
 
     Args:
-        class_ids: selected category ids, ascending (class index = position).
-        shots: K.
-        jobs: ``(class index, shot, RefEntry)`` in the canonical order (class ascending, then shot).
+        jobs: the references in encoding order (class ascending, then slot).
         batches: ``reference_batches(len(jobs), batch_size)``.
-        images: image id -> json record.
-        annotations: annotation id -> json record.
-        category_names: category id -> name.
-        image_root: folder of the images.
+        category_ids: C ascending category ids (class index = position).
+        category_names: C names.
+        shots: K of a benchmark plan (every class has K jobs); None for a practitioner's.
         size: encoder input side.
         grid: encoder patch grid side.
         dim: feature dimension D.
         context_ratio: crop context.
         mask_pooling: ``"nearest"`` or ``"area"``.
         keep_patch_features: also keep raw patch features and weights.
-        apply_exif: EXIF-transpose the images.
+        stage: names the step in messages and on the progress bar (``fill_memory``, ``Segmenter.build``).
     """
 
-    class_ids: list[int]
-    shots: int
-    jobs: list[tuple[int, int, Any]]
+    jobs: list[ReferenceJob]
     batches: list[range]
-    images: dict
-    annotations: dict
-    category_names: dict[int, str]
-    image_root: Path
+    category_ids: list[int]
+    category_names: list[str]
+    shots: int | None
     size: int
     grid: int
     dim: int
     context_ratio: float
     mask_pooling: str
     keep_patch_features: bool
-    apply_exif: bool
+    stage: str
 
-    def describe(self, job: int) -> str:
-        """``class <id> (<name>), shot <k>: annotation <a> on image <i>`` of job index ``job``."""
-        ci, k, entry = self.jobs[job]
-        cat_id = self.class_ids[ci]
-        return (
-            f"class {cat_id} ({self.category_names.get(cat_id, '?')}), shot {k}: annotation {entry.ann_ids[0]} "
-            f"on image {entry.image_id}"
+    @classmethod
+    def create(
+        cls,
+        jobs: list[ReferenceJob],
+        *,
+        category_ids: Sequence[int],
+        category_names: Sequence[str],
+        encoder: Any,
+        context_ratio: float = 0.2,
+        mask_pooling: str = "nearest",
+        batch_size: int = 8,
+        keep_patch_features: bool = False,
+        shots: int | None = None,
+        stage: str = "fill_memory",
+    ) -> FillPlan:
+        """Validate the settings and fix the batches (arguments as the fields; ``encoder`` as ``fill_memory``)."""
+        if mask_pooling not in MASK_POOLING:
+            raise ValueError(f"{stage}: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
+        if batch_size < 1:
+            raise ValueError(f"{stage}: batch_size must be >= 1, got {batch_size}")
+        return cls(
+            jobs=jobs,
+            batches=reference_batches(len(jobs), batch_size),
+            category_ids=[int(c) for c in category_ids],
+            category_names=[str(n) for n in category_names],
+            shots=None if shots is None else int(shots),
+            size=int(encoder.img_size),
+            grid=int(encoder.grid_size),
+            dim=int(encoder.embed_dim),
+            context_ratio=float(context_ratio),
+            mask_pooling=mask_pooling,
+            keep_patch_features=bool(keep_patch_features),
+            stage=stage,
         )
-
-
-def plan_fill(
-    refs: Mapping[int, list],
-    *,
-    dataset_json: Mapping,
-    image_root: str | os.PathLike,
-    encoder: Any,
-    class_ids: Iterable[int],
-    context_ratio: float = 0.2,
-    mask_pooling: str = "nearest",
-    batch_size: int = 8,
-    keep_patch_features: bool = False,
-    shots: int | None = None,
-    apply_exif: bool = False,
-) -> FillPlan:
-    """Validate ``fill_memory``'s inputs and fix its jobs and batches (arguments as ``fill_memory``)."""
-    from ntt.refs import validate_refs
-
-    if mask_pooling not in MASK_POOLING:
-        raise ValueError(f"fill_memory: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
-    if batch_size < 1:
-        raise ValueError(f"fill_memory: batch_size must be >= 1, got {batch_size}")
-    class_ids = sorted(int(c) for c in class_ids)
-    if not class_ids:
-        raise ValueError("fill_memory: no classes selected")
-    if shots is None:
-        lengths = {len(refs[c]) for c in class_ids if c in refs}
-        shots = max(lengths) if lengths else 0
-    validate_refs(refs, dataset_json, class_ids, shots)
-    jobs = [(ci, k, refs[cat_id][k]) for ci, cat_id in enumerate(class_ids) for k in range(shots)]
-    return FillPlan(
-        class_ids=class_ids,
-        shots=int(shots),
-        jobs=jobs,
-        batches=reference_batches(len(jobs), batch_size),
-        images={im["id"]: im for im in dataset_json.get("images", [])},
-        annotations={a["id"]: a for a in dataset_json.get("annotations", [])},
-        category_names={
-            int(c["id"]): str(c.get("name", c["id"])) for c in dataset_json.get("categories", [])
-        },
-        image_root=Path(image_root),
-        size=int(encoder.img_size),
-        grid=int(encoder.grid_size),
-        dim=int(encoder.embed_dim),
-        context_ratio=float(context_ratio),
-        mask_pooling=mask_pooling,
-        keep_patch_features=bool(keep_patch_features),
-        apply_exif=bool(apply_exif),
-    )
 
 
 @dataclass
@@ -314,15 +298,15 @@ class EncodedReferences:
     patch_weights: torch.Tensor | None = None
 
 
-def _zero_mask_message(plan: FillPlan, job: int) -> str:
+def _zero_mask_message(plan: FillPlan, job: ReferenceJob) -> str:
     grid, pooling = plan.grid, plan.mask_pooling
     return (
-        f"fill_memory: {plan.describe(job)} has an all-zero mask on the {grid}x{grid} "
+        f"{plan.stage}: {job.description} has an all-zero mask on the {grid}x{grid} "
         f"patch grid (mask_pooling={pooling!r}"
         + (", which samples the top-left pixel of each patch" if pooling == "nearest" else "")
         + "). Its instance mean would be NaN, and so would the class prototype (the reference "
-        "code fails on this too). Use mask_pooling='area' or choose another reference for this "
-        "class."
+        "code fails on this too). Use mask_pooling='area' (matcher.memory.mask_pooling=area, one of the "
+        "fixes of matcher=fixed) or choose another reference for this class."
     )
 
 
@@ -335,19 +319,16 @@ def encode_references(
     bit-identical whichever process encodes it.
 
     Args:
-        plan: from ``plan_fill``.
-        encoder: the ``fill_memory`` encoder.
+        plan: a ``FillPlan``.
+        encoder: callable ``images [B, 3, S, S] in [0, 1] -> [B, h, w, D]`` (``fill_memory``'s).
         batches: indices into ``plan.batches``.
         progress: show a tqdm bar.
 
     Raises:
-        BadReferenceError: a reference's image cannot be loaded, its crop is empty or its mask is all zero
-            on the patch grid (the message names class, shot, annotation and image).
+        BadReferenceError: a reference cannot be loaded, its crop is empty or its mask is all zero on the
+            patch grid (the message names it).
     """
     from tqdm import tqdm
-
-    from ntt.data.images import load_reference_image
-    from ntt.data.masks import ann_to_mask
 
     chosen = list(range(len(plan.batches))) if batches is None else list(batches)
     jobs = [j for b in chosen for j in plan.batches[b]]
@@ -359,49 +340,32 @@ def encode_references(
     sums = torch.zeros((n,), dtype=torch.float32)
     patch_features = torch.zeros((n, n_patches, dim), dtype=torch.float32) if keep else None
     patch_weights = torch.zeros((n, n_patches), dtype=torch.float32) if keep else None
-    cache: OrderedDict[Any, torch.Tensor] = OrderedDict()
-
-    def _image(img_id):
-        if img_id in cache:
-            cache.move_to_end(img_id)
-            return cache[img_id]
-        info = plan.images[img_id]
-        img = load_reference_image(
-            plan.image_root / info["file_name"], info["height"], info["width"], apply_exif=plan.apply_exif
-        )
-        cache[img_id] = img
-        if len(cache) > 4:
-            cache.popitem(last=False)
-        return img
 
     row = 0
-    bar = tqdm(total=n, desc="fill_memory", unit="ref", disable=not progress)
+    bar = tqdm(total=n, desc=plan.stage, unit="ref", disable=not progress)
     with torch.inference_mode():
         for b in chosen:
             batch = plan.batches[b]
             crops, masks = [], []
             for j in batch:
-                _ci, _k, entry = plan.jobs[j]
-                info = plan.images[entry.image_id]
-                ann = plan.annotations[entry.ann_ids[0]]
+                job = plan.jobs[j]
                 try:
-                    image = _image(entry.image_id)
-                    mask = torch.from_numpy(ann_to_mask(ann, info["height"], info["width"])).to(torch.float32)
+                    image, mask, bbox_xywh = job.load()
                     crop, soft = crop_reference(
-                        image, mask, ann["bbox"], context_ratio=plan.context_ratio, size=size
+                        image, mask, bbox_xywh, context_ratio=plan.context_ratio, size=size
                     )
                 except (OSError, ValueError) as err:  # unreadable / missing image, empty crop
-                    raise BadReferenceError(f"fill_memory: {plan.describe(j)}: {err}") from err
+                    raise BadReferenceError(f"{plan.stage}: {job.description}: {err}") from err
                 w = mask_patch_weights(soft, grid, mask_pooling=plan.mask_pooling)
                 if not bool((w != 0).any()):
-                    raise BadReferenceError(_zero_mask_message(plan, j))
+                    raise BadReferenceError(_zero_mask_message(plan, job))
                 crops.append(crop)
                 masks.append(w)
             x = torch.stack(crops).to(device)
             feats = encoder(x)
             if feats.dim() != 4 or tuple(feats.shape[1:]) != (grid, grid, dim):
                 raise ValueError(
-                    f"fill_memory: encoder returned {tuple(feats.shape)}, expected [B, {grid}, {grid}, {dim}]"
+                    f"{plan.stage}: encoder returned {tuple(feats.shape)}, expected [B, {grid}, {grid}, {dim}]"
                 )
             feats = feats.reshape(len(batch), n_patches, dim)
             for i in range(len(batch)):
@@ -418,19 +382,21 @@ def encode_references(
     return EncodedReferences(jobs, means, sums, patch_features, patch_weights)
 
 
-def _assemble(plan: FillPlan, parts: list[EncodedReferences], name: str) -> torch.Tensor | None:
-    """``[C, K, ...]`` from the parts' rows of tensor ``name``, placed by job index (copies only)."""
-    tensors = [getattr(p, name) for p in parts]
-    if any(t is None for t in tensors):
-        return None
-    n_jobs = len(plan.jobs)
-    if len(parts) == 1 and parts[0].jobs == list(range(n_jobs)):
-        flat = tensors[0]  # one process encoded everything in job order: no copy
-    else:
-        flat = torch.empty((n_jobs, *tensors[0].shape[1:]), dtype=tensors[0].dtype)
-        for part, t in zip(parts, tensors):
-            flat[torch.as_tensor(part.jobs, dtype=torch.long)] = t
-    return flat.reshape(len(plan.class_ids), plan.shots, *flat.shape[1:])
+def _place(plan: FillPlan, parts: list[EncodedReferences], name: str, width: int) -> torch.Tensor:
+    """``[C, width, ...]`` from the parts' rows of tensor ``name``, each at its job's (class, slot); the
+    slots no job fills stay zero (the padding of a ragged bank)."""
+    row_shape = {
+        "instance_means": (plan.dim,),
+        "weight_sums": (),
+        "patch_features": (plan.grid * plan.grid, plan.dim),
+        "patch_weights": (plan.grid * plan.grid,),
+    }[name]
+    out = torch.zeros((len(plan.category_ids), width, *row_shape), dtype=torch.float32)
+    for part in parts:
+        cls = torch.as_tensor([plan.jobs[j].cls for j in part.jobs], dtype=torch.long)
+        slot = torch.as_tensor([plan.jobs[j].slot for j in part.jobs], dtype=torch.long)
+        out[cls, slot] = getattr(part, name)
+    return out
 
 
 def assemble_bank(
@@ -440,17 +406,19 @@ def assemble_bank(
     encoder_name: str,
     seed: int | None = None,
     config_hash: str = "",
+    config: dict | None = None,
 ) -> MemoryBank:
     """The ``MemoryBank`` of ``plan`` from encoded parts that together cover every job exactly once.
 
-    Rows are placed by job index, so the bank's bytes do not depend on how the jobs were split.
+    Rows are placed by job, so the bank's bytes do not depend on how the jobs were split.
 
     Args:
-        plan: from ``plan_fill``.
+        plan: a ``FillPlan``.
         parts: ``EncodedReferences`` in any order.
         encoder_name: encoder name to record.
         seed: the sampling seed to record.
         config_hash: config hash to record.
+        config: the segmenter's config nodes to record (``Segmenter.build``).
 
     Raises:
         ValueError: a job is missing or encoded twice.
@@ -460,30 +428,28 @@ def assemble_bank(
     if covered != list(range(len(plan.jobs))):
         missing = sorted(set(range(len(plan.jobs))) - set(covered))
         raise ValueError(
-            f"fill_memory: the encoded parts cover {len(covered)} jobs for {len(plan.jobs)} references "
+            f"{plan.stage}: the encoded parts cover {len(covered)} jobs for {len(plan.jobs)} references "
             f"(missing {missing[:10]}, duplicates {len(covered) - len(set(covered))})"
         )
-    if not parts:  # no references at all (shots=0): empty tensors of the right shape
-        parts = [EncodedReferences([], torch.zeros((0, plan.dim)), torch.zeros((0,)))]
-    ref_list = [
-        [
-            {"image_id": int(entry.image_id), "ann_id": int(entry.ann_ids[0])}
-            for ci_, _k, entry in plan.jobs
-            if ci_ == ci
-        ]
-        for ci in range(len(plan.class_ids))
-    ]
+    counts = [0] * len(plan.category_ids)
+    refs: list[list[dict]] = [[] for _ in plan.category_ids]
+    for job in plan.jobs:
+        counts[job.cls] += 1
+        refs[job.cls].append(job.provenance)
+    width = max(counts, default=0)
+    patches = plan.keep_patch_features and bool(parts)
     return MemoryBank(
-        instance_means=_assemble(plan, parts, "instance_means"),
-        weight_sums=_assemble(plan, parts, "weight_sums"),
-        category_ids=list(plan.class_ids),
-        category_names=[plan.category_names.get(c, str(c)) for c in plan.class_ids],
+        instance_means=_place(plan, parts, "instance_means", width),
+        weight_sums=_place(plan, parts, "weight_sums", width),
+        category_ids=list(plan.category_ids),
+        category_names=list(plan.category_names),
         shots=plan.shots,
+        counts=torch.tensor(counts, dtype=torch.int64),
         seed=seed,
         encoder=encoder_name,
         feature_dim=plan.dim,
         config_hash=config_hash,
-        refs=ref_list,
+        refs=refs,
         postprocessed=False,
         fill_settings={
             "context_ratio": float(plan.context_ratio),
@@ -491,195 +457,7 @@ def assemble_bank(
             "img_size": plan.size,
             "grid_size": plan.grid,
         },
-        patch_features=_assemble(plan, parts, "patch_features") if plan.keep_patch_features else None,
-        patch_weights=_assemble(plan, parts, "patch_weights") if plan.keep_patch_features else None,
+        config=dict(config or {}),
+        patch_features=_place(plan, parts, "patch_features", width) if patches else None,
+        patch_weights=_place(plan, parts, "patch_weights", width) if patches else None,
     )
-
-
-def encoder_name_of(encoder: Any, encoder_name: str | None = None) -> str:
-    """The encoder name a bank records: ``encoder_name``, else ``encoder.name``, else its class name."""
-    if encoder_name is not None:
-        return encoder_name
-    return str(getattr(encoder, "name", type(encoder).__name__))
-
-
-def fill_memory(
-    refs: Mapping[int, list],
-    *,
-    dataset_json: Mapping,
-    image_root: str | os.PathLike,
-    encoder: Any,
-    class_ids: Iterable[int],
-    context_ratio: float = 0.2,
-    mask_pooling: str = "nearest",
-    batch_size: int = 8,
-    progress: bool = True,
-    keep_patch_features: bool = False,
-    shots: int | None = None,
-    seed: int | None = None,
-    encoder_name: str | None = None,
-    config_hash: str = "",
-    apply_exif: bool = False,
-) -> MemoryBank:
-    """Encode every reference crop and store its mask-weighted mean feature (stage ``fill_memory``).
-
-    For each class in ascending id order and each slot k in refs order: load the image at the json
-    height/width, decode ``ann_ids[0]``, crop with context, resize to the encoder size, encode (batched),
-    pool with the patch-grid soft mask. ``ntt.runner.memory_shard.fill_memory_sharded`` splits the same batches
-    over processes and gives the same bank.
-
-    Args:
-        refs: ``{category_id: [RefEntry]}`` (``ntt.refs``); validated against ``dataset_json`` first.
-        dataset_json: the COCO json the references come from.
-        image_root: folder of the images (``file_name`` is relative to it).
-        encoder: callable ``images [B, 3, S, S] in [0, 1] -> [B, h, w, D]`` with ``img_size``,
-            ``grid_size`` and ``embed_dim`` attributes (``DINOv2Encoder``).
-        class_ids: selected category ids (sorted here; class index = position).
-        context_ratio: crop context (0.2).
-        mask_pooling: ``"nearest"`` (parity) or ``"area"`` (fix of method.md §9.1 item 2).
-        batch_size: crops per encoder call.
-        progress: show a tqdm bar.
-        keep_patch_features: also keep the raw ``[C, K, N, D]`` features and ``[C, K, N]`` weights (for
-            statistics / analysis; large for big C*K).
-        shots: K (default: the length of the reference lists).
-        seed: the sampling seed to record.
-        encoder_name: name to record (default: ``encoder.name`` or its class name).
-        config_hash: config hash to record.
-        apply_exif: EXIF-transpose the images (``dataset.exif_orientation``; off for parity).
-
-    Returns:
-        A ``MemoryBank`` (``postprocessed=False``).
-
-    Raises:
-        ValueError: invalid references.
-        BadReferenceError: a reference whose image cannot be read, whose crop is empty or whose mask is all
-            zero on the patch grid (the message names the class, shot, annotation and image).
-    """
-    plan = plan_fill(
-        refs,
-        dataset_json=dataset_json,
-        image_root=image_root,
-        encoder=encoder,
-        class_ids=class_ids,
-        context_ratio=context_ratio,
-        mask_pooling=mask_pooling,
-        batch_size=batch_size,
-        keep_patch_features=keep_patch_features,
-        shots=shots,
-        apply_exif=apply_exif,
-    )
-    part = encode_references(plan, encoder, progress=progress)
-    return assemble_bank(
-        plan, [part], encoder_name=encoder_name_of(encoder, encoder_name), seed=seed, config_hash=config_hash
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# postprocess_memory
-
-
-def _kmeans_cosine(feats: torch.Tensor, k: int, n_iter: int, generator: torch.Generator) -> torch.Tensor:
-    """The reference's k-means: randperm init, cosine assignment, plain-mean update, normalised centres.
-
-    Empty clusters give NaN centres (as the reference); fewer points than ``k`` leaves NaN rows.
-    """
-    n, d = feats.shape
-    init = torch.randperm(n, generator=generator)[:k].to(feats.device)
-    centers = torch.full((k, d), float("nan"), dtype=feats.dtype, device=feats.device)
-    centers[: init.numel()] = feats[init]
-    fn = F.normalize(feats, p=2, dim=-1)
-    for _ in range(n_iter):
-        assign = torch.argmax(fn @ F.normalize(centers, p=2, dim=-1).t(), dim=1)
-        centers = torch.stack([feats[assign == j].mean(dim=0) for j in range(k)])
-    return F.normalize(centers, dim=-1)
-
-
-def _pca(feats: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA by SVD of the centred data; component signs fixed so each row's largest-|.| entry is positive."""
-    mean = feats.mean(dim=0)
-    _, _, vh = torch.linalg.svd(feats - mean, full_matrices=False)
-    comps = vh[:n_components]
-    idx = comps.abs().argmax(dim=1)
-    signs = torch.sign(comps[torch.arange(comps.shape[0]), idx])
-    signs[signs == 0] = 1
-    comps = comps * signs[:, None]
-    if comps.shape[0] < n_components:
-        pad = torch.full((n_components - comps.shape[0], feats.shape[1]), float("nan"), dtype=feats.dtype)
-        comps = torch.cat([comps, pad.to(feats.device)])
-    return mean, comps
-
-
-def postprocess_memory(
-    bank: MemoryBank,
-    *,
-    compute_stats: bool = False,
-    kmeans_k: int = 4,
-    n_pca: int = 3,
-    seed: int = 42,
-    kmeans_iters: int = 100,
-) -> MemoryBank:
-    """Mark the bank ready for testing; optionally compute the reference's (unused) statistics.
-
-    Idempotent: the result depends only on the filled data and the arguments (nothing accumulates).
-    Prototypes are never stored; ``MemoryBank.prototypes()`` computes them from the instance means.
-
-    Args:
-        bank: a filled bank.
-        compute_stats: compute ``stats``: ``class_pixel_weighted_mean [C, D]`` (from instance means and
-            weight sums), ``covariances [C, D, D]`` (biased over shots of the instance means; zero for K=1);
-            with patch features kept at fill time also ``ins_sim_avg [C]`` (leave-one-out, only for K>1),
-            ``kmeans_centers [C, kmeans_k, D]``, ``pca_mean [C, D]``, ``pca_components [C, n_pca, D]``.
-        kmeans_k: k-means clusters per class (4).
-        n_pca: PCA components (3).
-        seed: seed of the k-means initialisation (``torch.randperm``), 42 as the reference.
-        kmeans_iters: k-means iterations (100).
-
-    Returns:
-        A new ``MemoryBank`` with ``postprocessed=True`` and ``stats`` (``None`` without ``compute_stats``).
-    """
-    means = bank.instance_means
-    if not torch.isfinite(means).all():
-        bad = sorted({int(c) for c in torch.nonzero(~torch.isfinite(means).all(dim=-1))[:, 0]})
-        raise ValueError(
-            "postprocess_memory: non-finite instance means for classes "
-            f"{[bank.category_ids[c] for c in bad]}: rerun stage fill_memory"
-        )
-    stats = None
-    if compute_stats:
-        stats = {}
-        ws = bank.weight_sums.to(means.dtype)
-        stats["class_pixel_weighted_mean"] = (means * ws[..., None]).sum(dim=1) / ws.sum(dim=1, keepdim=True)
-        centered = means - means.mean(dim=1, keepdim=True)
-        stats["covariances"] = centered.transpose(1, 2) @ centered / float(means.shape[1])
-        if bank.patch_features is None or bank.patch_weights is None:
-            logger.info(
-                "postprocess_memory: no patch features in the bank (fill_memory keep_patch_features=False): "
-                "k-means, PCA and leave-one-out similarity are skipped"
-            )
-        else:
-            pf, pw = bank.patch_features, bank.patch_weights
-            n_cls, k_shots = pw.shape[:2]
-            gen = torch.Generator().manual_seed(int(seed))
-            centers, pca_mean, pca_comp, ins_sim = [], [], [], []
-            for c in range(n_cls):
-                fg = pf[c].reshape(-1, pf.shape[-1])[pw[c].reshape(-1) > 0]
-                if k_shots > 1:
-                    sims = []
-                    for j in range(k_shots):
-                        own = pf[c, j][pw[c, j] > 0].mean(dim=0, keepdim=True)
-                        rest_f = torch.cat((pf[c, :j], pf[c, j + 1 :])).reshape(-1, pf.shape[-1])
-                        rest_w = torch.cat((pw[c, :j], pw[c, j + 1 :])).reshape(-1)
-                        rest = rest_f[rest_w > 0].mean(dim=0, keepdim=True)
-                        s = F.normalize(own, dim=1) @ F.normalize(rest, dim=-1).t()
-                        sims.append((s + 1.0) * 0.5)
-                    ins_sim.append(torch.stack(sims).mean())
-                centers.append(_kmeans_cosine(fg, kmeans_k, kmeans_iters, gen))
-                m, comp = _pca(fg, n_pca)
-                pca_mean.append(m)
-                pca_comp.append(comp)
-            if ins_sim:
-                stats["ins_sim_avg"] = torch.stack(ins_sim)
-            stats["kmeans_centers"] = torch.stack(centers)
-            stats["pca_mean"] = torch.stack(pca_mean)
-            stats["pca_components"] = torch.stack(pca_comp)
-    return dataclasses.replace(bank, postprocessed=True, stats=stats)

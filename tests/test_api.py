@@ -3,11 +3,13 @@
 Plumbing, not accuracy: random weights make every mask and score meaningless. What is checked: references
 from masks, boxes and clicks each give a bank and predictions in the documented formats; any number of
 references per class without padding; prototypes identical to the benchmark's fill_memory for the same
-references; save -> load -> predict gives identical predictions.
+references; save -> load -> predict gives identical predictions, also from a file in the former
+``ntt-reference-bank`` layout.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -19,8 +21,9 @@ import torch
 from conftest import DATA, require_path
 from helpers_backbones import tiny_dinov2, tiny_sam2
 
-from ntt.app.segmenter import Segmenter, compose_config
-from ntt.bank import ReferenceBank
+from ntt.app.segmenter import Segmenter
+from ntt.app.settings import compose_config
+from ntt.bank import MemoryBank
 from ntt.prompts import normalize_boxes, normalize_points
 
 FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
@@ -65,15 +68,14 @@ def test_prototype_of_a_class_is_the_mean_of_its_own_references_only():
     g = torch.Generator().manual_seed(0)
     means = torch.randn(2, 3, 8, generator=g)
     means[1, 1:] = 1e6  # padding rows of class 1 (1 reference): must never be read
-    bank = ReferenceBank(
-        names=["a", "b"],
+    bank = MemoryBank(
+        category_names=["a", "b"],
         category_ids=[1, 2],
         instance_means=means,
         weight_sums=torch.ones(2, 3),
         counts=torch.tensor([3, 1]),
         encoder="x",
-        fill_settings={},
-        references=[[{}] * 3, [{}]],
+        refs=[[{}] * 3, [{}]],
     )
     protos = bank.prototypes()
     want = torch.stack([means[0].mean(0), means[1, 0]])
@@ -153,7 +155,7 @@ def test_prototypes_are_exactly_the_benchmark_fill_memory_ones():
     """Equal references through the API and through the benchmark's fill_memory: bit-identical features."""
     require_path(FRUITS, "fruits_nuts dataset")
     from ntt.data.coco import CocoDataset
-    from ntt.memory import fill_memory
+    from ntt.fill import fill_memory
     from ntt.refs import RefEntry
 
     ds = CocoDataset(FRUITS / "trainval.json", FRUITS / "images")
@@ -183,7 +185,7 @@ def test_prototypes_are_exactly_the_benchmark_fill_memory_ones():
                 category_id=c,
             )
     bank = seg.build(progress=False)
-    assert bank.names == bank_ref.category_names and bank.category_ids == bank_ref.category_ids
+    assert bank.category_names == bank_ref.category_names and bank.category_ids == bank_ref.category_ids
     assert bank.counts.tolist() == [3, 3, 3]
     assert torch.equal(bank.instance_means, bank_ref.instance_means)
     assert torch.equal(bank.weight_sums, bank_ref.weight_sums)
@@ -204,10 +206,10 @@ def fss_segmenter():
 def test_references_from_mask_box_and_points_give_a_bank_and_predictions(fss_segmenter, tmp_path):
     seg = fss_segmenter
     bank = seg.build(progress=False)
-    assert bank.names == ["apple", "basketball"] and bank.category_ids == [1, 2]
+    assert bank.category_names == ["apple", "basketball"] and bank.category_ids == [1, 2]
     assert bank.counts.tolist() == [2, 1]  # no padding to a common K
-    assert [r["prompt"] for r in bank.references[0]] == ["mask", "points"]
-    assert bank.references[1][0]["prompt"] == "box" and bank.references[1][0]["bbox"] == [30, 30, 160, 160]
+    assert [r["prompt"] for r in bank.refs[0]] == ["mask", "points"]
+    assert bank.refs[1][0]["prompt"] == "box" and bank.refs[1][0]["bbox"] == [30, 30, 160, 160]
     assert torch.allclose(bank.prototypes().norm(dim=-1), torch.ones(2))
     inst = seg.predict(FSS / "images/apple/5.jpg")
     check_instances(inst, 224, 224, ["apple", "basketball"])
@@ -237,10 +239,44 @@ def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
         loaded.add_reference(image, "apple", boxes=[0, 0, 10, 10])
 
 
+def test_a_bank_in_the_former_reference_bank_layout_loads_and_predicts_alike(fss_segmenter, tmp_path):
+    """bank.ntt files written before the one MemoryBank (format ntt-reference-bank v1) still load."""
+    seg = fss_segmenter
+    bank = seg.build(progress=False)
+    config = copy.deepcopy(bank.config)  # with the matcher.memory keys of the time
+    config["matcher"]["memory"].update(compute_stats=False, kmeans_k=4, n_pca=3)
+    meta = {  # the layout of ReferenceBank.save (ntt 0.1.0 before the bank classes were merged)
+        "format": "ntt-reference-bank",
+        "format_version": 1,
+        "names": bank.category_names,
+        "category_ids": bank.category_ids,
+        "encoder": bank.encoder,
+        "fill_settings": bank.fill_settings,
+        "references": bank.refs,
+        "config": config,
+        "ntt_version": "0.1.0",
+    }
+    payload = {
+        "meta_json": json.dumps(meta, sort_keys=True),
+        "instance_means": bank.instance_means,
+        "weight_sums": bank.weight_sums,
+        "counts": bank.counts,
+    }
+    torch.save(payload, tmp_path / "old.ntt")
+    loaded = Segmenter.load(tmp_path / "old.ntt", device="cpu", sam2=seg.sam2, dinov2=seg.dinov2)
+    assert loaded.params == seg.params and loaded.class_names == ["apple", "basketball"]
+    assert (
+        loaded.bank.counts.tolist() == [2, 1] and loaded.bank.refs == bank.refs and loaded.bank.shots is None
+    )
+    assert torch.equal(loaded.bank.prototypes(), bank.prototypes()) and loaded.bank.config == bank.config
+    image = FSS / "images/basketball/6.jpg"
+    assert json.dumps(loaded.predict(image).to_coco(1)) == json.dumps(seg.predict(image).to_coco(1))
+
+
 def test_box_references_from_a_boxes_only_coco_json(tmp_path):
     """NEU-DET has boxes only: its annotations become references through SAM2 box prompts."""
     require_path(NEU, "NEU-DET dataset")
-    from ntt.app.segment import add_references, load_reference_specs
+    from ntt.app.references import add_references, load_reference_specs
 
     full = json.loads((NEU / "instances_neu_det_bbox.json").read_text())
     keep_cats = {1, 6}
@@ -259,14 +295,14 @@ def test_box_references_from_a_boxes_only_coco_json(tmp_path):
     seg = tiny_segmenter()
     assert add_references(seg, specs) == 2
     bank = seg.build(progress=False)
-    assert bank.category_ids == [1, 6] and bank.names == ["crazing", "scratches"]
+    assert bank.category_ids == [1, 6] and bank.category_names == ["crazing", "scratches"]
     assert bank.counts.tolist() == [1, 1] and torch.isfinite(bank.instance_means).all()
     target = NEU / "IMAGES" / sub["images"][0]["file_name"]
     check_instances(seg.predict(target), 416, 416, ["crazing", "scratches"])
 
 
 def test_predictions_equal_the_benchmark_test_stage_for_its_memory_bank(tmp_path):
-    """A benchmark run's bank through Segmenter.from_memory_bank gives the run's own predictions."""
+    """A benchmark run's bank through Segmenter.load (with the run's config) gives the run's own predictions."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -292,7 +328,9 @@ def test_predictions_equal_the_benchmark_test_stage_for_its_memory_bank(tmp_path
     run_pipeline(cfg)
     run_dir = next(p.parent for p in tmp_path.rglob("memory_postprocessed.pt"))
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    seg = Segmenter.from_memory_bank(run_dir / "memory_postprocessed.pt", run_cfg, device="cpu")
+    with pytest.raises(ValueError, match="records no segmenter config"):
+        Segmenter.load(run_dir / "memory_postprocessed.pt", device="cpu")
+    seg = Segmenter.load(run_dir / "memory_postprocessed.pt", config=run_cfg, device="cpu")
     preds = json.loads((run_dir / "predictions.json").read_text())
     test = json.loads(Path(run_cfg.dataset.test_json).read_text())
     image = test["images"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from functools import partial
@@ -17,14 +18,13 @@ from helpers_memory import FakeEncoder, toy_dataset
 from ntt.bank import MemoryBank, compute_prototypes
 from ntt.data.images import load_reference_image
 from ntt.data.masks import ann_to_mask
+from ntt.fill import fill_memory, postprocess_memory
 from ntt.memory import (
     BadReferenceError,
     context_crop_box,
     crop_reference,
-    fill_memory,
     instance_mean,
     mask_patch_weights,
-    postprocess_memory,
 )
 from ntt.refs import RefEntry, load_refs
 from ntt.utils.errors import UserError
@@ -185,50 +185,114 @@ def test_bank_load_names_every_mismatch(tmp_path):
         MemoryBank.load(tmp_path / "other.pt")
 
 
-def test_postprocess_idempotent_and_stats(tmp_path):
-    g = torch.Generator().manual_seed(5)
-    pf = torch.randn(3, 2, 9, 4, generator=g)
-    pw = (torch.rand(3, 2, 9, generator=g) > 0.3).float() * torch.rand(3, 2, 9, generator=g)
-    pw[:, :, 0] = 1.0
-    means = torch.stack(
-        [torch.stack([instance_mean(pf[c, k], pw[c, k]) for k in range(2)]) for c in range(3)]
-    )
-    bank = _bank(instance_means=means, weight_sums=pw.sum(-1), patch_features=pf, patch_weights=pw)
+def test_postprocess_is_idempotent_and_refuses_non_finite_means():
+    bank = _bank()
     p1 = postprocess_memory(bank)
-    assert p1.postprocessed and p1.stats is None and not bank.postprocessed
-    assert torch.equal(postprocess_memory(p1).instance_means, bank.instance_means)
-    s1 = postprocess_memory(bank, compute_stats=True)
-    s2 = postprocess_memory(s1, compute_stats=True)
-    assert set(s1.stats) == {
-        "class_pixel_weighted_mean",
-        "covariances",
-        "ins_sim_avg",
-        "kmeans_centers",
-        "pca_mean",
-        "pca_components",
-    }
-    for key in s1.stats:
-        assert torch.equal(s1.stats[key].nan_to_num(7.0), s2.stats[key].nan_to_num(7.0)), key
-    # pixel-weighted class mean = sum_{k,q} m f / sum_{k,q} m
-    exp = (pf * pw[..., None]).sum(dim=(1, 2)) / pw.sum(dim=(1, 2))[:, None]
-    assert torch.allclose(s1.stats["class_pixel_weighted_mean"], exp, atol=1e-6)
-    # biased covariance over shots: for K=2, ((r0 - r1) / 2) outer itself
-    d = (means[0, 0] - means[0, 1]) / 2
-    assert torch.allclose(s1.stats["covariances"][0], torch.outer(d, d), atol=1e-6)
-    assert s1.stats["kmeans_centers"].shape == (3, 4, 4) and s1.stats["pca_components"].shape == (3, 3, 4)
-    # saved with stats and reloaded
-    s1.save(tmp_path / "m.pt")
-    back = MemoryBank.load(tmp_path / "m.pt", expect={"postprocessed": True})
-    assert torch.equal(back.stats["covariances"], s1.stats["covariances"])
+    assert p1.postprocessed and not bank.postprocessed
+    p2 = postprocess_memory(p1)
+    assert torch.equal(p2.instance_means, bank.instance_means) and p2.meta() == p1.meta()
+    bad = bank.instance_means.clone()
+    bad[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite instance means for classes \[2\]"):
+        postprocess_memory(_bank(instance_means=bad))
 
 
-def test_postprocess_k1_has_no_nan():
-    bank = _bank(k=1)
-    s = postprocess_memory(bank, compute_stats=True)
-    for key, v in s.stats.items():
-        assert torch.isfinite(v).all(), key
-    assert torch.equal(s.stats["covariances"], torch.zeros(3, 4, 4))
-    assert torch.allclose(s.stats["class_pixel_weighted_mean"], bank.instance_means[:, 0])
+# A uniform bank's file must keep the bytes format-1 writers gave it: run directories record the sha256 of
+# memory.pt / memory_postprocessed.pt, and resuming compares them. The metadata is pinned as the literal
+# JSON string; the tensors' bytes are torch.save's own (compared against torch.save of the same payload, so
+# the guard holds on every torch version, whose zip layout may differ).
+V1_META_JSON = (
+    '{"category_ids": [1, 5], "category_names": ["a", "b"], "config_hash": "abc123", "encoder": "fake", '
+    '"feature_dim": 3, "fill_settings": {"context_ratio": 0.2, "grid_size": 4, "img_size": 56, '
+    '"mask_pooling": "nearest"}, "format": "ntt-memory", "format_version": 1, "ntt_version": "0.1.0", '
+    '"postprocessed": true, "refs": [[{"ann_id": 10, "image_id": 1}, {"ann_id": 11, "image_id": 1}], '
+    '[{"ann_id": 20, "image_id": 2}, {"ann_id": 21, "image_id": 3}]], "seed": 33, "shots": 2}'
+)
+
+
+def _tiny_known_bank(**kw) -> MemoryBank:
+    args = dict(
+        instance_means=torch.arange(12, dtype=torch.float32).reshape(2, 2, 3) / 7.0 - 1.0,
+        weight_sums=torch.tensor([[1.5, 2.0], [0.25, 3.0]]),
+        category_ids=[1, 5],
+        category_names=["a", "b"],
+        shots=2,
+        seed=33,
+        encoder="fake",
+        config_hash="abc123",
+        ntt_version="0.1.0",
+        refs=[
+            [{"image_id": 1, "ann_id": 10}, {"image_id": 1, "ann_id": 11}],
+            [{"image_id": 2, "ann_id": 20}, {"image_id": 3, "ann_id": 21}],
+        ],
+        postprocessed=True,
+        fill_settings={"context_ratio": 0.2, "mask_pooling": "nearest", "img_size": 56, "grid_size": 4},
+    )
+    args.update(kw)
+    return MemoryBank(**args)
+
+
+def test_uniform_bank_file_keeps_the_format_1_bytes(tmp_path):
+    bank = _tiny_known_bank()
+    bank.save(tmp_path / "memory.pt")
+    expected = io.BytesIO()
+    torch.save(
+        {"meta_json": V1_META_JSON, "instance_means": bank.instance_means, "weight_sums": bank.weight_sums},
+        expected,
+    )
+    assert (tmp_path / "memory.pt").read_bytes() == expected.getvalue()
+    back = MemoryBank.load(tmp_path / "memory.pt")
+    assert back.counts.tolist() == [2, 2] and not back.ragged and back.config == {}
+
+
+def test_ragged_bank_roundtrip_and_prototypes_of_own_references(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(2, 3, 8, generator=g)
+    means[1, 1:] = 0.0  # the padding of class 1 (1 reference)
+    bank = MemoryBank(
+        instance_means=means,
+        weight_sums=torch.ones(2, 3),
+        category_ids=[1, 2],
+        category_names=["a", "b"],
+        counts=torch.tensor([3, 1]),
+        encoder="x",
+        refs=[[{"source": "s"}] * 3, [{"source": "t"}]],
+        config={"matcher": {"nms_thr": 0.5}},
+    )
+    assert bank.ragged and bank.shots is None
+    bank.save(tmp_path / "bank.ntt")
+    raw = torch.load(tmp_path / "bank.ntt", weights_only=True)
+    assert set(raw) == {"meta_json", "instance_means", "weight_sums", "counts"}
+    assert json.loads(raw["meta_json"])["format_version"] == 2
+    back = MemoryBank.load(tmp_path / "bank.ntt")
+    assert back.counts.tolist() == [3, 1] and back.config == bank.config and back.meta() == bank.meta()
+    want = torch.stack([compute_prototypes(means[:1])[0], compute_prototypes(means[1:, :1])[0]])
+    assert torch.equal(back.prototypes(), want)  # the same computation per class: bit-identical
+    with pytest.raises(ValueError, match="shots=3 but the classes have"):
+        MemoryBank(
+            instance_means=means,
+            weight_sums=torch.ones(2, 3),
+            category_ids=[1, 2],
+            category_names=["a", "b"],
+            shots=3,
+            counts=torch.tensor([3, 1]),
+        )
+
+
+def test_newer_bank_format_is_refused(tmp_path):
+    meta = json.loads(V1_META_JSON)
+    meta["format_version"] = 3
+    bank = _tiny_known_bank()
+    torch.save(
+        {
+            "meta_json": json.dumps(meta),
+            "instance_means": bank.instance_means,
+            "weight_sums": bank.weight_sums,
+        },
+        tmp_path / "m.pt",
+    )
+    with pytest.raises(ValueError, match="version 3 is newer than this ntt"):
+        MemoryBank.load(tmp_path / "m.pt")
 
 
 # ------------------------------------------------------------------------------------------------ fill
@@ -413,6 +477,4 @@ def test_fixture_memory_parity():
     assert maxdiff(bank.instance_means, ref["instance_means"]) <= 1e-5
     assert maxdiff(bank.prototypes(), ref["prototypes"]) <= 1e-5
     assert maxdiff(bank.instance_means.mean(1), ref["prototypes_unnormalized"]) <= 1e-5
-    post = postprocess_memory(bank, compute_stats=True)
-    assert maxdiff(post.stats["class_pixel_weighted_mean"], ref["class_pixel_weighted_mean"]) <= 1e-5
     assert ref["fill_counts"].tolist() == [bank.shots] * 3

@@ -19,7 +19,8 @@ import torch
 from conftest import REPO
 from helpers_memory import FakeEncoder, toy_dataset
 
-from ntt.memory import BadReferenceError, fill_memory, reference_batches
+from ntt.fill import fill_memory
+from ntt.memory import BadReferenceError, reference_batches
 from ntt.refs import RefEntry
 from ntt.runner.memory_shard import (
     OtherProcessFailedError,

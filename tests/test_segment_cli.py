@@ -15,7 +15,8 @@ import pytest
 from conftest import DATA, require_path
 from PIL import Image
 
-from ntt.app.segment import load_reference_specs, main
+from ntt.app.references import load_reference_specs
+from ntt.app.segment import main
 
 FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
 MODELS = ["--sam2", "tiny_random", "--dinov2", "tiny_random", "--device", "cpu"]
@@ -94,11 +95,11 @@ def test_prompt_json_references_with_boxes_and_points(fss, tmp_path):
         + ["--no-overlays", *MODELS, *GRID]
     )
     assert rc == 0 and not (out / "overlays").exists()
-    from ntt.bank import ReferenceBank
+    from ntt.bank import MemoryBank
 
-    bank = ReferenceBank.load(out / "bank.ntt")
-    assert bank.names == ["apple", "basketball"] and bank.counts.tolist() == [2, 1]
-    assert [r["prompt"] for r in bank.references[0]] == ["points", "mask"]
+    bank = MemoryBank.load(out / "bank.ntt")
+    assert bank.category_names == ["apple", "basketball"] and bank.counts.tolist() == [2, 1]
+    assert [r["prompt"] for r in bank.refs[0]] == ["points", "mask"]
 
 
 def test_folder_references_fss_layout_are_read():

@@ -11,10 +11,11 @@
         print(inst.path, inst.class_names, inst.scores)
         inst.overlay().save(f"{inst.path}.overlay.png")
 
-Any number of references per class (no padding): the prototype of a class is the L2-normalised mean of its
-own references' features only (docs/method.md §4). Each reference feature is computed with the same
-functions, in the same order and batches, as the benchmark's ``fill_memory`` (``ntt.memory``), so equal
-references give bit-identical prototypes (tests/test_api.py checks it).
+Any number of references per class: the prototype of a class is the L2-normalised mean of its own
+references' features only (docs/method.md §4). The references are encoded by the benchmark's own functions
+(``ntt.memory``: ``FillPlan`` -> ``encode_references`` -> ``assemble_bank``), in the same order and batches,
+so equal references give bit-identical prototypes (tests/test_api.py checks it); the bank is the benchmark's
+``ntt.bank.MemoryBank``.
 
 Images given as paths are read upright (EXIF orientation applied); the benchmark pipeline keeps the stored
 frame for parity. Masks and boxes are in the pixels of the upright image.
@@ -27,107 +28,26 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ntt.app.instances import Instances
+from ntt.app.settings import compose_config, params_from_config, saved_config
 from ntt.backbones import build_backbone
-from ntt.bank import ReferenceBank
+from ntt.bank import MemoryBank
 from ntt.data.images import list_images, read_image
 from ntt.data.masks import mask_bbox_xywh, read_mask
 from ntt.inference import InferenceParams
 from ntt.utils.dist import resolve_device
 from ntt.utils.speed import format_seconds
 
-__all__ = ["Segmenter", "Instances", "compose_config"]
+__all__ = ["Segmenter"]
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class Instances:
-    """The detections of one image, best first.
-
-    Args:
-        masks: ``[N, H, W]`` bool masks (CPU).
-        boxes: ``[N, 4]`` float32 ``x1, y1, x2, y2`` inclusive pixel extents of the masks.
-        scores: ``[N]`` semantic scores (after soft merging).
-        labels: ``[N]`` int64 class indices into ``names``.
-        names: the segmenter's class names (index = label).
-        category_ids: the segmenter's category ids (index = label).
-        height: image height.
-        width: image width.
-        path: the image file, when predicted from one.
-        image: the RGB ``PIL.Image`` that was segmented (for :meth:`overlay`).
-        box_plus_one: COCO box width/height convention of :meth:`to_coco` (``matcher.box_plus_one``).
-    """
-
-    masks: torch.Tensor
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    labels: torch.Tensor
-    names: list[str]
-    category_ids: list[int]
-    height: int
-    width: int
-    path: str | None = None
-    image: Any = field(default=None, repr=False)
-    box_plus_one: bool = False
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-    @property
-    def class_names(self) -> list[str]:
-        """The class name of each detection."""
-        return [self.names[int(i)] for i in self.labels]
-
-    def to_coco(self, image_id: int) -> list[dict]:
-        """COCO result dicts (RLE masks, xywh boxes), exactly as the benchmark writes them.
-
-        Args:
-            image_id: the image id to record.
-        """
-        from types import SimpleNamespace
-
-        from ntt.results import detections_to_coco
-
-        det = SimpleNamespace(masks=self.masks, boxes_xyxy=self.boxes, scores=self.scores, labels=self.labels)
-        return detections_to_coco(det, image_id, self.category_ids, box_plus_one=self.box_plus_one)
-
-    def overlay(self, image=None, *, score_thr: float = 0.0, max_instances: int | None = 50):
-        """An RGB ``PIL.Image`` of the image with the detections drawn (``ntt.app.visualize.draw_instances``).
-
-        Args:
-            image: the image to draw on (default: the one that was segmented).
-            score_thr: draw detections scoring at least this.
-            max_instances: draw at most this many (best first); None = all.
-        """
-        from ntt.app.visualize import draw_instances
-
-        base = image if image is not None else self.image
-        if base is None and self.path is not None:
-            base = self.path
-        if base is None:
-            raise ValueError("Instances.overlay: no image kept; pass the image")
-        pil, _ = read_image(base)
-        return draw_instances(
-            pil,
-            self.masks,
-            self.boxes,
-            self.labels,
-            self.scores,
-            self.names,
-            score_thr=score_thr,
-            max_instances=max_instances,
-        )
 
 
 @dataclass
@@ -139,52 +59,9 @@ class _Reference:
     bbox_xywh: list[float]
     provenance: dict
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-
-
-def compose_config(
-    *,
-    sam2: str | None = None,
-    dinov2: str | None = None,
-    proposer: str | None = None,
-    matcher: str | None = None,
-    overrides: Sequence[str] = (),
-):
-    """Compose ``conf/main.yaml`` with Hydra's compose API (the same groups as ``ntt run``).
-
-    Args:
-        sam2: option of ``conf/backbone/sam2`` (e.g. ``sam2.1_hiera_t``, ``tiny_random``).
-        dinov2: option of ``conf/backbone/dinov2`` (e.g. ``vits14``; ``dinov2_vits14`` is accepted).
-        proposer: option of ``conf/proposer`` (``paper``, ``grid16``, ``cpu_fast``).
-        matcher: option of ``conf/matcher`` (``paper``, ``fixed``).
-        overrides: further Hydra overrides (``matcher.nms_thr=0.6``, ``paths.checkpoints=/models``, ...).
-
-    Returns:
-        The composed ``DictConfig``.
-    """
-    from ntt.utils.config import compose
-
-    opts = []
-    if sam2:
-        opts.append(f"backbone/sam2={sam2}")
-    if dinov2:
-        name = dinov2[len("dinov2_") :] if dinov2.startswith("dinov2_") else dinov2
-        opts.append(f"backbone/dinov2={name}")
-    if proposer:
-        opts.append(f"proposer={proposer}")
-    if matcher:
-        opts.append(f"matcher={matcher}")
-    return compose([*opts, *overrides])
-
-
-def _params_from_cfg(cfg) -> InferenceParams:
-    from ntt.utils.config import MatcherConfig, ProposerConfig, build_node
-
-    prop = build_node(cfg.proposer, ProposerConfig)
-    mat = build_node(cfg.matcher, MatcherConfig)
-    return InferenceParams.from_settings(prop, mat)
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """``(image, mask, crop box)``: a ``ntt.memory.ReferenceJob.load``."""
+        return self.image, self.mask, self.bbox_xywh
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,13 +99,13 @@ class Segmenter:
                 raise ValueError(f"Segmenter: the config has no '{key}' node (use Segmenter.from_config)")
         self.cfg = cfg
         self.device = resolve_device(str(device or cfg.get("device", "auto")))
-        self.params = _params_from_cfg(cfg)
+        self.params = params_from_config(cfg)
         self.memory = build_node(cfg.matcher, MatcherConfig).memory
         self._sam2 = sam2
         self._dinov2 = dinov2
         self._refs: dict[str, list[_Reference]] = {}
         self._category_ids: dict[str, int] = {}
-        self.bank: ReferenceBank | None = None
+        self.bank: MemoryBank | None = None
         if self.device == "cpu" and self.params.points_per_side > 16:
             log.warning(
                 "%dx%d prompt grid on the CPU: expect minutes per image (about %s). For a quick look use "
@@ -284,7 +161,7 @@ class Segmenter:
     def class_names(self) -> list[str]:
         """Class names ordered by category id (= label order of the predictions)."""
         if self.bank is not None and not self._refs:
-            return list(self.bank.names)
+            return list(self.bank.category_names)
         return sorted(self._category_ids, key=self._category_ids.__getitem__)
 
     # -------------------------------------------------------------------------------------------------
@@ -391,85 +268,62 @@ class Segmenter:
         return pil_to_tensor(resize_pil(pil, size, size)).to(self.device)
 
     # -------------------------------------------------------------------------------------------------
-    def build(self, *, progress: bool = True) -> ReferenceBank:
+    def build(self, *, progress: bool = True) -> MemoryBank:
         """Encode every reference with DINOv2 into the bank (instance means; prototypes on demand).
 
-        References are encoded as ``ntt.memory.fill_memory`` does (same crop, resize, mask pooling, batches
-        of ``matcher.memory.batch_size`` in class order then reference order).
+        References are encoded by ``ntt.memory.encode_references``, as the benchmark's ``fill_memory``
+        encodes its own (same crop, resize, mask pooling, batches of ``matcher.memory.batch_size`` in class
+        order then reference order).
 
         Args:
             progress: show a tqdm bar.
 
         Returns:
-            The :class:`ReferenceBank` (also kept as ``self.bank``).
-        """
-        from tqdm import tqdm
+            The :class:`ntt.bank.MemoryBank` (also kept as ``self.bank``).
 
-        from ntt.memory import crop_reference, instance_mean, mask_patch_weights
+        Raises:
+            ntt.memory.BadReferenceError: a reference whose crop is empty or whose mask is all zero on the
+                patch grid.
+        """
+        from omegaconf import OmegaConf
+
+        from ntt.memory import FillPlan, ReferenceJob, assemble_bank, encode_references
 
         if not self._refs:
             raise ValueError("Segmenter.build: no references: call add_reference first")
         names = self.class_names
-        enc = self.dinov2
-        size, grid, dim = int(enc.img_size), int(enc.grid_size), int(enc.embed_dim)
+        jobs = [
+            ReferenceJob(
+                cls=ci,
+                slot=k,
+                description=f"class {name!r} reference {k} ({ref.provenance['source']})",
+                provenance=ref.provenance,
+                load=ref.load,
+            )
+            for ci, name in enumerate(names)
+            for k, ref in enumerate(self._refs[name])
+        ]
         mem = self.memory
-        counts = [len(self._refs[n]) for n in names]
-        kmax = max(counts)
-        means = torch.zeros((len(names), kmax, dim), dtype=torch.float32)
-        wsums = torch.zeros((len(names), kmax), dtype=torch.float32)
-        jobs = [(ci, k, self._refs[n][k]) for ci, n in enumerate(names) for k in range(counts[ci])]
-        device = next(enc.parameters()).device if isinstance(enc, torch.nn.Module) else self.device
-        bar = tqdm(total=len(jobs), desc="references", unit="ref", disable=not progress)
-        with torch.inference_mode():
-            for start in range(0, len(jobs), int(mem.batch_size)):
-                batch = jobs[start : start + int(mem.batch_size)]
-                crops, weights = [], []
-                for ci, k, ref in batch:
-                    what = f"class {names[ci]!r} reference {k} ({ref.provenance['source']})"
-                    try:
-                        crop, soft = crop_reference(
-                            ref.image, ref.mask, ref.bbox_xywh, context_ratio=mem.context_ratio, size=size
-                        )
-                    except ValueError as err:
-                        raise ValueError(f"{what}: {err}") from err
-                    w = mask_patch_weights(soft, grid, mask_pooling=mem.mask_pooling)
-                    if not bool((w != 0).any()):
-                        raise ValueError(
-                            f"{what}: the mask is all zero on the {grid}x{grid} patch grid (too thin or small "
-                            f"for mask_pooling={mem.mask_pooling!r}); use matcher=fixed (mask_pooling=area) "
-                            "or another reference"
-                        )
-                    crops.append(crop)
-                    weights.append(w)
-                feats = enc(torch.stack(crops).to(device)).reshape(len(batch), grid * grid, dim)
-                for b, (ci, k, _ref) in enumerate(batch):
-                    f_b = feats[b].to(torch.float32)
-                    w_b = weights[b].to(f_b.device)
-                    means[ci, k] = instance_mean(f_b, w_b).cpu()
-                    wsums[ci, k] = w_b.sum().cpu()
-                bar.update(len(batch))
-        bar.close()
-        from omegaconf import OmegaConf
-
-        self.bank = ReferenceBank(
-            names=names,
+        plan = FillPlan.create(
+            jobs,
             category_ids=[self._category_ids[n] for n in names],
-            instance_means=means,
-            weight_sums=wsums,
-            counts=torch.tensor(counts, dtype=torch.int64),
-            encoder=str(self.cfg.backbone.dinov2.name),
-            fill_settings={
-                "context_ratio": float(mem.context_ratio),
-                "mask_pooling": str(mem.mask_pooling),
-                "img_size": size,
-                "grid_size": grid,
-            },
-            references=[[r.provenance for r in self._refs[n]] for n in names],
+            category_names=names,
+            encoder=self.dinov2,
+            context_ratio=mem.context_ratio,
+            mask_pooling=str(mem.mask_pooling),
+            batch_size=int(mem.batch_size),
+            stage="Segmenter.build",
+        )
+        self.bank = assemble_bank(
+            plan,
+            [encode_references(plan, self.dinov2, progress=progress)],
+            encoder_name=str(self.cfg.backbone.dinov2.name),
             config={
                 k: OmegaConf.to_container(self.cfg[k], resolve=False)
                 for k in ("backbone", "proposer", "matcher")
             },
         )
+        counts = self.bank.counts.tolist()
         log.info(
             "reference bank: %d classes, %s references (%s)",
             len(names),
@@ -496,6 +350,7 @@ class Segmenter:
         cls,
         path: str | os.PathLike,
         *,
+        config=None,
         device: str = "auto",
         overrides: Sequence[str] = (),
         sam2=None,
@@ -504,66 +359,39 @@ class Segmenter:
         """A segmenter from a saved bank, with the backbones and settings it was saved with.
 
         Args:
-            path: a file written by :meth:`save`.
+            path: a file written by :meth:`save` (or by an older ntt's ``Segmenter.save``), or a benchmark
+                run's ``memory_postprocessed.pt`` (then pass ``config``).
+            config: the config to segment with instead of the one saved in the bank; needed for a benchmark
+                run's bank, which records none: ``OmegaConf.load("<run_dir>/config.yaml")``.
             device: ``auto``, ``cpu``, ``cuda``...
-            overrides: Hydra overrides applied on top (``proposer=cpu_fast``, ``proposer.points_per_side=12``,
-                ``backbone/sam2=sam2_hiera_l``, ``paths.checkpoints=/models``); the DINOv2 encoder cannot change
-                (the bank holds its features).
+            overrides: Hydra overrides applied on top of the saved config (``proposer=cpu_fast``,
+                ``proposer.points_per_side=12``, ``backbone/sam2=sam2_hiera_l``, ``paths.checkpoints=/models``);
+                the DINOv2 encoder cannot change (the bank holds its features). Not with ``config``.
             sam2: an already built SAM2 backbone (e.g. ``other_segmenter.sam2``) instead of building one.
             dinov2: an already built DINOv2 encoder of the bank's kind instead of building one.
         """
-        from omegaconf import OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-        bank = ReferenceBank.load(path)
-        cfg = compose_config(overrides=overrides)
-        saved = OmegaConf.create(bank.config)
-        keys = [ov.split("=", 1)[0].lstrip("+~") for ov in overrides]
-        dotted = []
-        # each node comes from the bank unless the caller chose another option of its group
-        for group, node in (("backbone/sam2", "backbone.sam2"), ("backbone/dinov2", "backbone.dinov2"),
-                            ("proposer", "proposer"), ("matcher", "matcher")):  # fmt: skip
-            value = OmegaConf.select(saved, node)
-            if group in keys or value is None:
-                continue
-            OmegaConf.update(cfg, node, value, merge=False)
-            dotted += [ov.lstrip("+") for ov, k in zip(overrides, keys) if k.startswith(node + ".")]
-        if dotted:  # the caller's key=value overrides apply on top of the bank's nodes too
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
-        if str(cfg.backbone.dinov2.name) != bank.encoder:
+        bank = MemoryBank.load(path)
+        if config is not None and overrides:
+            raise ValueError("Segmenter.load: give config or overrides, not both (edit the config instead)")
+        if config is None:
+            if not bank.config:
+                raise ValueError(
+                    f"{path} records no segmenter config (a benchmark run's memory bank): pass "
+                    "config=OmegaConf.load('<run_dir>/config.yaml')"
+                )
+            config = saved_config(bank.config, overrides)
+        elif not isinstance(config, DictConfig):
+            config = OmegaConf.create(config)
+        if str(config.backbone.dinov2.name) != bank.encoder:
             raise ValueError(
-                f"{path} holds {bank.encoder} features but the config's DINOv2 is {cfg.backbone.dinov2.name}: "
+                f"{path} holds {bank.encoder} features but the config's DINOv2 is {config.backbone.dinov2.name}: "
                 "rebuild the bank with that encoder"
             )
-        seg = cls(cfg, device=device, sam2=sam2, dinov2=dinov2)
+        seg = cls(config, device=device, sam2=sam2, dinov2=dinov2)
         seg.bank = bank
-        seg._category_ids = dict(zip(bank.names, bank.category_ids))
-        return seg
-
-    @classmethod
-    def from_memory_bank(cls, path: str | os.PathLike, cfg, *, device: str | None = None) -> Segmenter:
-        """A segmenter that uses a benchmark run's memory bank (``memory_postprocessed.pt``).
-
-        Args:
-            path: ``<run_dir>/memory.pt`` or ``memory_postprocessed.pt``.
-            cfg: the run's config (e.g. ``OmegaConf.load(<run_dir>/config.yaml)``).
-            device: as in the constructor.
-        """
-        from ntt.bank import MemoryBank
-
-        mb = MemoryBank.load(path)
-        seg = cls(cfg, device=device)
-        k = int(mb.instance_means.shape[1])
-        seg.bank = ReferenceBank(
-            names=list(mb.category_names),
-            category_ids=list(mb.category_ids),
-            instance_means=mb.instance_means,
-            weight_sums=mb.weight_sums,
-            counts=torch.full((mb.num_classes,), k, dtype=torch.int64),
-            encoder=mb.encoder,
-            fill_settings=dict(mb.fill_settings),
-            references=[[dict(r) for r in row] for row in mb.refs],
-        )
-        seg._category_ids = dict(zip(seg.bank.names, seg.bank.category_ids))
+        seg._category_ids = dict(zip(bank.category_names, bank.category_ids))
         return seg
 
     # -------------------------------------------------------------------------------------------------
@@ -696,7 +524,7 @@ class Segmenter:
             boxes=det.boxes_xyxy.cpu(),
             scores=det.scores.cpu(),
             labels=det.labels.cpu(),
-            names=list(self.bank.names),
+            names=list(self.bank.category_names),
             category_ids=list(self.bank.category_ids),
             height=height,
             width=width,

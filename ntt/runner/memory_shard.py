@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ntt.bank import MemoryBank
-from ntt.memory import assemble_bank, encode_references, encoder_name_of, plan_fill
+from ntt.fill import encoder_name_of, plan_fill
+from ntt.memory import assemble_bank, encode_references
 from ntt.utils import dist
 from ntt.utils.errors import UserError
 
@@ -62,7 +63,7 @@ def fill_memory_sharded(
     gather: Callable[[Any], list[Any] | None] = dist.gather_object,
     **plan_kwargs: Any,
 ) -> MemoryBank | None:
-    """``ntt.memory.fill_memory`` with the encoder batches shared by ``world_size`` processes.
+    """``ntt.fill.fill_memory`` with the encoder batches shared by ``world_size`` processes.
 
     Every process of the world must call it with the same arguments (bar ``rank``/``progress``).
 

@@ -162,16 +162,13 @@ def _save_memory_trace(ctx: RunContext, bank) -> None:
 def stage_postprocess_memory(ctx: RunContext) -> Path:
     """The bank the test stage reads (method.md §4: prototypes are computed from it on demand)."""
     from ntt.bank import MemoryBank
-    from ntt.memory import postprocess_memory
+    from ntt.fill import postprocess_memory
 
     out = ctx.path(PROTOTYPES_FILE)
     if not ctx.is_main:
         return out
-    mem = ctx.matcher.memory
     bank = MemoryBank.load(ctx.path(MEMORY_FILE), expect=bank_expectation(ctx))
-    bank = postprocess_memory(
-        bank, compute_stats=mem.compute_stats, kmeans_k=mem.kmeans_k, n_pca=mem.n_pca, seed=int(ctx.cfg.seed)
-    )
+    bank = postprocess_memory(bank)
     bank.save(out)
     return out
 

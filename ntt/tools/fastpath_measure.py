@@ -85,7 +85,7 @@ def load_data(args: argparse.Namespace) -> EvalData:
 def build_prototypes(data: EvalData, dino, *, shots: int, seed: int, device) -> torch.Tensor:
     """``[C, D]`` prototypes of ``shots`` references per class sampled as the pipeline does; also picks the
     test images (with a single json: the images holding no reference)."""
-    from ntt.memory import fill_memory
+    from ntt.fill import fill_memory
     from ntt.refs import sample_references
 
     cat_ids = list(data.ref_ds.category_ids)

@@ -87,17 +87,11 @@ class MemoryConfig:
         mask_pooling: `nearest` = soft mask value at each patch's top-left pixel (parity);
             `area` = mean of the mask over each patch (fix of method.md §9.1 item 2).
         batch_size: reference crops per encoder forward.
-        compute_stats: also compute k-means centres, PCA and covariances (never used for scoring).
-        kmeans_k: k-means clusters per class when `compute_stats`.
-        n_pca: PCA components per class when `compute_stats`.
     """
 
     context_ratio: float = 0.2
     mask_pooling: str = "nearest"
     batch_size: int = 8
-    compute_stats: bool = False
-    kmeans_k: int = 4
-    n_pca: int = 3
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,82 @@
+"""The segmenter's config: composed from option names, rebuilt from a saved bank, and the inference
+parameters it gives (``ntt.app.segmenter.Segmenter``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ntt.inference import InferenceParams
+
+__all__ = ["compose_config", "params_from_config", "saved_config"]
+
+
+def compose_config(
+    *,
+    sam2: str | None = None,
+    dinov2: str | None = None,
+    proposer: str | None = None,
+    matcher: str | None = None,
+    overrides: Sequence[str] = (),
+):
+    """Compose ``conf/main.yaml`` with Hydra's compose API (the same groups as ``ntt run``).
+
+    Args:
+        sam2: option of ``conf/backbone/sam2`` (e.g. ``sam2.1_hiera_t``, ``tiny_random``).
+        dinov2: option of ``conf/backbone/dinov2`` (e.g. ``vits14``; ``dinov2_vits14`` is accepted).
+        proposer: option of ``conf/proposer`` (``paper``, ``grid16``, ``cpu_fast``).
+        matcher: option of ``conf/matcher`` (``paper``, ``fixed``).
+        overrides: further Hydra overrides (``matcher.nms_thr=0.6``, ``paths.checkpoints=/models``, ...).
+
+    Returns:
+        The composed ``DictConfig``.
+    """
+    from ntt.utils.config import compose
+
+    opts = []
+    if sam2:
+        opts.append(f"backbone/sam2={sam2}")
+    if dinov2:
+        name = dinov2[len("dinov2_") :] if dinov2.startswith("dinov2_") else dinov2
+        opts.append(f"backbone/dinov2={name}")
+    if proposer:
+        opts.append(f"proposer={proposer}")
+    if matcher:
+        opts.append(f"matcher={matcher}")
+    return compose([*opts, *overrides])
+
+
+def params_from_config(cfg) -> InferenceParams:
+    """The inference parameters of a config's ``proposer`` and ``matcher`` nodes (every predict knob)."""
+    from ntt.utils.config import MatcherConfig, ProposerConfig, build_node
+
+    prop = build_node(cfg.proposer, ProposerConfig)
+    mat = build_node(cfg.matcher, MatcherConfig)
+    return InferenceParams.from_settings(prop, mat)
+
+
+def saved_config(saved_nodes: dict, overrides: Sequence[str]):
+    """The config a saved bank was built with: its nodes over the defaults, then the caller's ``overrides``.
+
+    Each node comes from the bank unless the caller chose another option of its group
+    (``proposer=cpu_fast``); the caller's ``key=value`` overrides apply on top of the bank's nodes too.
+
+    Args:
+        saved_nodes: the bank's ``config`` (``backbone`` / ``proposer`` / ``matcher`` nodes, unresolved).
+        overrides: Hydra overrides, as on the ``ntt segment`` line.
+    """
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(overrides=overrides)
+    saved = OmegaConf.create(saved_nodes)
+    keys = [ov.split("=", 1)[0].lstrip("+~") for ov in overrides]
+    dotted = []
+    for group, node in (("backbone/sam2", "backbone.sam2"), ("backbone/dinov2", "backbone.dinov2"),
+                        ("proposer", "proposer"), ("matcher", "matcher")):  # fmt: skip
+        value = OmegaConf.select(saved, node)
+        if group in keys or value is None:
+            continue
+        OmegaConf.update(cfg, node, value, merge=False)
+        dotted += [ov.lstrip("+") for ov, k in zip(overrides, keys) if k.startswith(node + ".")]
+    if dotted:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+    return cfg
