@@ -18,7 +18,8 @@ ARGS ?=
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
-	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) ARGS='<extra hydra overrides for demo/smoke>'"
+	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) ARGS='<extra arguments of the target>' STUDY_ARGS='<study-ratio options (bench, bench-study)>'"
+	@echo "  ARGS: hydra overrides for demo, smoke, study-*; pytest options for test*, parity*; tool options for bench*, prepare-*"
 
 setup: $(STAMP) ## create $(VENV) and install ntt + torch + sam2/dinov2 (--no-deps) + dev tools
 
@@ -78,7 +79,7 @@ bench-study: setup ## only the N-bank study ratio: one run vs `ntt study` of 60 
 bench-fastpaths: setup ## fast paths vs parity mode: images/s, memory, agreement (random weights); benchmarks/fastpaths-*
 	$(PY) -m ntt.tools.fastpaths $(ARGS)
 
-# Benchmark data: public downloads -> the jsons conf/dataset/* read (README, "Benchmark data").
+# Benchmark data: public downloads -> the jsons conf/dataset/* read (docs/reproducing.md).
 MASK_MODEL ?= sam_vit_h
 prepare-coco: setup ## check the COCO 2017 layout in data/coco (nothing to convert)
 	$(PY) -m ntt prepare coco $(ARGS)
@@ -97,7 +98,7 @@ prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not
 # The paper's accuracy studies: one each (experiments/study/*.yaml), then its tables in
 # $(OUTPUTS)/tables/<study>/ (summary.md). The table is written even when some runs failed (listed there).
 # `ntt study` runs every job of the sweep with ONE pass over the test images for all their memory banks
-# (results byte-identical to separate runs, ntt/runner/study.py). STUDY_RUN="$(PY) -m ntt run" runs the jobs one
+# (results byte-identical to separate runs, tests/test_study.py). STUDY_RUN="$(PY) -m ntt run" runs the jobs one
 # by one as a Hydra multirun instead (e.g. on SLURM with ARGS=hydra/launcher=slurm).
 # (Not to be confused with the timing targets above: `bench*` measure speed, `study-*` measure accuracy.)
 OUTPUTS ?= outputs
