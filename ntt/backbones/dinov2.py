@@ -63,7 +63,7 @@ def _dinov2_classes() -> tuple[type, type, type]:
         from dinov2.models.vision_transformer import DinoVisionTransformer
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
-            "The `dinov2` package is not installed (pip install --no-deps dinov2==0.0.1.dev2; see README.md, 'Install')."
+            "The `dinov2` package is not installed (pip install --no-deps dinov2==0.0.1.dev2; see docs/install.md)."
         ) from exc
     finally:
         dinov2_logger.setLevel(level)

@@ -41,7 +41,7 @@ def _sam2_package_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "The `sam2` package is not installed (SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps "
-            "sam2==1.1.0; see README.md, 'Install')."
+            "sam2==1.1.0; see docs/install.md)."
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

@@ -4,7 +4,7 @@ Inference is sharded by image id: process r takes ids r, r + W, r + 2W, ... (a f
 assignment is a function of the id list and W only), writes its own result shard, and the main process
 merges shards in dataset order. Results therefore never depend on the number of processes.
 
-Launchers that start the processes (README, "Multi-GPU, multi-node, SLURM"):
+Launchers that start the processes (docs/running.md, "Multi-GPU, multi-node, SLURM"):
 - `torchrun` and `accelerate launch` (GPUs; `--multi_gpu` also starts several CPU processes with gloo);
 - Hydra's submitit launcher (`hydra/launcher=slurm`): the tasks of one job form one world (`_submitit_world`).
 `accelerate launch --cpu --num_processes N` starts ONE process (Accelerate runs several CPU processes only
