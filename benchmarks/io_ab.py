@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["w0_sync", "w0_async", "w1_sync", "w1_async"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, required=True, help="JSON lines file (appended)")
-    p.add_argument("overrides", nargs="*", help="ntt.runner.main overrides after --")
+    p.add_argument("overrides", nargs="*", help="`ntt run` overrides after --")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="ntt_io_ab_") as tmp:
         for r in range(args.rounds):

@@ -19,6 +19,9 @@ so equal references give bit-identical prototypes (tests/test_api.py checks it);
 
 Images given as paths are read upright (EXIF orientation applied); the benchmark pipeline keeps the stored
 frame for parity. Masks and boxes are in the pixels of the upright image.
+
+One class, the practitioner's whole surface (references in, the bank, predictions out): a little over the
+usual few hundred lines, most of them its documented arguments.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ntt.app.instances import Instances
@@ -40,7 +42,7 @@ from ntt.app.settings import compose_config, params_from_config, saved_config
 from ntt.backbones import build_backbone
 from ntt.bank import MemoryBank
 from ntt.data.images import list_images, read_image
-from ntt.data.masks import mask_bbox_xywh, read_mask
+from ntt.data.masks import mask_bbox_xywh, read_masks
 from ntt.inference import InferenceParams
 from ntt.utils.dist import resolve_device
 from ntt.utils.speed import format_seconds
@@ -219,7 +221,7 @@ class Segmenter:
         tensor = pil_to_tensor(pil)
         if masks is not None:
             kind = "mask"
-            mask_list = _as_mask_list(masks, height, width, source)
+            mask_list = read_masks(masks, height, width, source)
             if bboxes_xywh is not None and len(bboxes_xywh) != len(mask_list):
                 raise ValueError(f"add_reference: {len(bboxes_xywh)} boxes for {len(mask_list)} masks")
             crop_boxes = [list(map(float, b)) for b in bboxes_xywh] if bboxes_xywh is not None else None
@@ -532,14 +534,3 @@ class Segmenter:
             image=pil if keep_image else None,
             box_plus_one=params.box_plus_one,
         )
-
-
-def _as_mask_list(masks, height: int, width: int, source: str) -> list[torch.Tensor]:
-    """One or several masks (path, array, tensor, or a list of them) -> list of ``[H, W]`` bool tensors."""
-    if isinstance(masks, (str, os.PathLike)):
-        return [read_mask(masks, height, width, f"{source}: {Path(masks).name}")]
-    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 3:
-        return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
-    if isinstance(masks, (list, tuple)):
-        return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
-    return [read_mask(masks, height, width, f"{source}: mask")]

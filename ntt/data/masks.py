@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ann_to_rle", "ann_to_mask", "read_mask", "mask_bbox_xywh"]
+__all__ = ["ann_to_rle", "ann_to_mask", "read_mask", "read_masks", "mask_bbox_xywh"]
 
 
 def ann_to_rle(ann: dict, height: int, width: int) -> dict:
@@ -104,3 +104,21 @@ def mask_bbox_xywh(mask: torch.Tensor) -> list[float]:
     ys, xs = torch.nonzero(mask, as_tuple=True)
     x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
     return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]
+
+
+def read_masks(masks, height: int, width: int, source: str) -> list[torch.Tensor]:
+    """One or several masks as ``[H, W]`` bool tensors (``read_mask`` each; errors name ``source`` and the mask).
+
+    Args:
+        masks: a path, one ``[H, W]`` or several ``[N, H, W]`` masks as an array or tensor, or a list of them.
+        height: image height.
+        width: image width.
+        source: how to name the image in errors.
+    """
+    if isinstance(masks, (str, os.PathLike)):
+        return [read_mask(masks, height, width, f"{source}: {Path(masks).name}")]
+    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 3:
+        return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
+    if isinstance(masks, (list, tuple)):
+        return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
+    return [read_mask(masks, height, width, f"{source}: mask")]
