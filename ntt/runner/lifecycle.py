@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ntt.runner.configcheck import check_config
 from ntt.runner.context import (
     RANDOM_WEIGHTS_NOTE,
     RunContext,
@@ -122,6 +123,7 @@ def run_jobs(cfgs: list[DictConfig], names: list[str] | None = None, *, keep_goi
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         try:
+            check_config(job.cfg)  # before anything is written
             job.ctx = make_context(job.cfg, shared)
         except Exception as err:  # a config that does not even resolve
             if not _recorded(job, err, keep_going):

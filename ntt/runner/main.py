@@ -152,8 +152,10 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def run_main(argv: list[str] | None = None) -> int:
-    """`ntt run [overrides]`: Hydra's app parses the overrides (and its own flags: `-m`, `--cfg`, ...)."""
+    """`ntt run [overrides]`: Hydra's app parses the overrides (and its own flags: `-m`, `--cfg`, ...), after
+    `check_command_line` refused a bad line."""
     argv = take_verbose(sys.argv[1:] if argv is None else argv)
+    check_command_line(argv)
     sys.argv = ["ntt run", *argv]
     try:
         _app()
@@ -163,6 +165,36 @@ def run_main(argv: list[str] | None = None) -> int:
         # as a script: `_collect_failed_jobs` reads the lists from that module object
         report_failures(_collect_failed_jobs(), "multirun")
     return 0
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse a bad `ntt run` line before Hydra's app makes a directory: every job of it (every job of the
+    sweep with `-m`) composed exactly as Hydra will, then `configcheck.check_config` (keys, types, stages,
+    writable folders). Lines that ask for Hydra's own output (`--help`, `--cfg`, `--info`, ...) or another
+    config tree (`-cp`, `-cn`, `-cd`) are left to Hydra's app.
+
+    Raises:
+        ConfigError: Hydra's composition error or the first bad key, as one line.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    from ntt.runner.configcheck import check_config
+    from ntt.utils.config import compose_all
+
+    args = get_args_parser().parse_args(argv)
+    hydra_own = (
+        args.help,
+        args.hydra_help,
+        args.cfg,
+        args.info,
+        args.shell_completion,
+        args.experimental_rerun,
+    )
+    if any(hydra_own) or args.config_path or args.config_name or args.config_dir:
+        return
+    jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+    for cfg in compose_all(jobs, return_hydra_config=True, job_name="run"):
+        check_config(cfg)
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -209,6 +241,7 @@ Results equal separate `ntt run` jobs byte for byte; each lands in its own run d
 
 def study_main(argv: list[str] | None = None) -> int:
     """`ntt study [-v] [--list] [overrides]`: see `STUDY_USAGE`; exit status 1 when a job failed."""
+    from ntt.runner.configcheck import check_config
     from ntt.runner.lifecycle import run_jobs
 
     argv = take_verbose(list(sys.argv[1:] if argv is None else argv))
@@ -217,12 +250,9 @@ def study_main(argv: list[str] | None = None) -> int:
         return 0
     list_only = "--list" in argv
     overrides = [a for a in argv if a != "--list"]
-    try:
-        jobs = compose_jobs(overrides)
-    except UserError:
-        raise
-    except Exception as err:  # Hydra's own override / config errors are the user's to fix
-        raise UserError(str(err)) from err
+    jobs = compose_jobs(overrides)  # Hydra's composition errors are `ConfigError`s
+    for _, cfg in jobs:
+        check_config(cfg)  # every job, before the first one writes anything
     if list_only:
         for job, cfg in jobs:
             print(f"{cfg.run_dir}\t{' '.join(job)}")

@@ -1,6 +1,6 @@
 """What one job will do, decided once when it opens: which stages run, which test images are left.
 
-`plan_run` validates `stages`, adopts the memory stages a sibling run directory already computed under the
+`plan_run` adopts the memory stages a sibling run directory already computed under the
 same keys, and records each planned stage's status: the stages from the first one that is not current on
 will run (`RunPlan.will_run`: what the preflight checks and which models it builds). `test_images` computes
 the test images' keys once and reads the finished result lines once (`TestImages`); `plan_test` turns them
@@ -48,17 +48,10 @@ class RunPlan:
         return [*self.before_test, *(["test"] if self.test else []), *self.after_test]
 
 
-def validate_stages(stages: list[str]) -> None:
-    """`stages` names only known stages (one message naming the unknown ones)."""
-    unknown = [s for s in stages if s not in STAGE_NAMES]
-    if unknown:
-        raise StageError(f"stages={list(stages)}: unknown {unknown}; choose from {STAGE_NAMES}")
-
-
 def plan_run(ctx: RunContext) -> RunPlan:
-    """Validate `stages`, adopt a sibling's current memory stages, and decide what will run."""
+    """Adopt a sibling's current memory stages and decide what will run (`stages` was checked by
+    `configcheck.check_config`)."""
     stages = [str(s) for s in ctx.cfg.stages]
-    validate_stages(stages)
     cut = stages.index("test") if "test" in stages else len(stages)
     plan = RunPlan(before_test=stages[:cut], test="test" in stages, after_test=stages[cut + 1 :])
     adopt_sibling_stages(ctx, plan)
@@ -110,16 +103,22 @@ def check_upstream(ctx: RunContext, plan: RunPlan, *, done: set[str], only: str 
             if why is None:
                 continue
             artifact = STAGE_ARTIFACTS[up]
+            # `up` is the first stage not current: every stage from it to `stage` must run (each one's
+            # artifact is made from the one before), with the planned ones
+            needed = set(plan.stages) | set(STAGE_NAMES[STAGE_NAMES.index(up) : STAGE_NAMES.index(stage) + 1])
+            chain = ",".join(s for s in STAGE_NAMES if s in needed)
+            makers = STAGE_NAMES[STAGE_NAMES.index(up) : STAGE_NAMES.index(stage)]
+            todo = f"stages=[{chain}]" + (" (the default)" if chain == ",".join(STAGE_NAMES) else "")
             if not ctx.path(artifact).exists():
                 raise StageError(
-                    f"stage {stage} needs {ctx.path(artifact)}, written by stage {up}: add it to "
-                    f"`stages` (e.g. stages=[{up},{stage}])"
+                    f"stage {stage} needs the artifacts of stage{'s' if len(makers) > 1 else ''} "
+                    f"{', '.join(makers)} ({ctx.path(artifact)} is missing): use {todo}, or point run_dir at a "
+                    "run that has them"
                 )
-            chain = ",".join(STAGE_NAMES[STAGE_NAMES.index(up) : STAGE_NAMES.index(stage) + 1])
             raise StageError(
                 f"stage {stage} would use {artifact} from {ctx.run_dir}, but it does not match the present "
                 f"config ({why}; stage {up} made it).{'' if only else ' Nothing was run; config.yaml is unchanged.'}"
-                f" Add the stages that recompute it (stages=[{chain}], or leave `stages` at its default), or use "
+                f" Add the stages that recompute it ({todo}, or leave `stages` at its default), or use "
                 "another run_dir."
             )
 

@@ -1,15 +1,21 @@
-"""Typed views of the config groups, run-directory naming and config hashing.
+"""Typed views of the config groups, config hashing, and the one config composer.
 
-Every non-backbone group (`dataset`, `proposer`, `matcher`, `eval`, `logger`) names one of the
-dataclasses below as its `_target_`, so the compose-all test can bind each yaml to a real signature and a
-typo in a key fails loudly instead of being ignored.
+Every non-backbone group (`dataset`, `proposer`, `matcher`, `eval`) names one of the dataclasses below as its
+`_target_`, and the top level of a run is `RunSettings`: `build_node` checks each key's type against these
+signatures and names an unknown key with the closest valid one, so a typo or a wrong type fails loudly with
+one line (a `ConfigError`) instead of being ignored or crashing a stage. `compose` turns Hydra's own
+composition errors (an unknown option or key, an override it cannot parse) into such one-line errors too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +197,62 @@ class IOConfig:
         return resolve_num_workers(self.num_workers, device)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The top-level values of a run's config (conf/main.yaml): its factors and how it runs.
+
+    Args:
+        shots: K, references per class (>= 1).
+        seed: the reference-sampling seed.
+        variant: free label of a deviation from parity (part of the run directory).
+        study_name: the study a run belongs to (W&B group, `ntt summarize --study`).
+        stages: the stages to run, in order.
+        force: recompute every stage even if its artifact matches.
+        device: `auto`, `cpu`, `cuda`, `cuda:<i>` or `mps`.
+        trace: save per-image intermediates for parity checks.
+        fail_fast: stop on the first image that fails.
+    """
+
+    shots: int
+    seed: int
+    variant: str
+    study_name: str
+    stages: list[str]
+    force: bool
+    device: str
+    trace: bool
+    fail_fast: bool
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise ValueError(f"shots={self.shots}: use a number of references per class >= 1")
+
+
+# the top-level keys that are not `RunSettings` values: config groups and what conf/main.yaml derives
+CONFIG_NODES = (
+    "paths",
+    "dataset",
+    "backbone",
+    "proposer",
+    "matcher",
+    "eval",
+    "logger",
+    "io",
+    "run_name",
+    "run_dir",
+)
+# where each typed node sits in the config (named in error messages)
+NODE_KEYS = {
+    RunSettings: "",
+    DatasetSpec: "dataset",
+    ProposerConfig: "proposer",
+    MatcherConfig: "matcher",
+    MemoryConfig: "matcher.memory",
+    EvalConfig: "eval",
+    IOConfig: "io",
+}
+
+
 def to_plain(cfg: Any) -> Any:
     """Resolve an OmegaConf node (or pass through plain data) to JSON-able Python objects."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -201,10 +263,37 @@ def to_plain(cfg: Any) -> Any:
 
 
 def build_node(node: Any, cls: type, **overrides: Any) -> Any:
-    """Build one of the dataclasses above from its config node (dropping `_target_`)."""
-    data = dict(to_plain(node) or {})
+    """Build one of the dataclasses above from its config node (dropping `_target_`).
+
+    Every key must be a field of `cls` and every value of the field's type (an int is a float, a list a
+    tuple; a nested dataclass node is built in turn); `__post_init__` checks the rest.
+
+    Raises:
+        ConfigError: one line naming the key (`matcher.nms_thr=abc: expected a number`), an unknown key
+            with the closest valid one, a missing key, or what `__post_init__` refused.
+    """
+    where = NODE_KEYS.get(cls, cls.__name__)
+    try:
+        data = dict(to_plain(node) or {})
+    except Exception as err:  # an interpolation that does not resolve, a missing value (`???`)
+        raise ConfigError(f"{where or 'config'}: {_first_line(err)}") from err
     data.pop("_target_", None)
     data.update(overrides)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            dotted = _dotted(where, key)
+            raise ConfigError(unknown_key_message(f"{dotted}={_show(data[key])}", dotted))
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing key(s) {', '.join(missing)}")
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            data[key] = build_node(value, hint)
+        elif not _fits(value, hint):
+            raise ConfigError(f"{_dotted(where, key)}={_show(value)}: expected {_describe(hint)}")
     if cls is EvalConfig and "iou_types" in data:
         data["iou_types"] = tuple(data["iou_types"])
     try:
@@ -213,6 +302,113 @@ def build_node(node: Any, cls: type, **overrides: Any) -> Any:
         raise
     except ValueError as err:  # a value check in __post_init__: the user's to fix, one message, exit 2
         raise ConfigError(str(err)) from err
+
+
+def validate_config(cfg: Any) -> RunSettings:
+    """Check a composed run config: no unknown top-level key, every typed node and top-level value typed.
+
+    Args:
+        cfg: the composed config (with or without the `hydra` node).
+
+    Returns:
+        Its top-level values.
+
+    Raises:
+        ConfigError: naming the first bad key (an unknown key with the closest valid one).
+    """
+    names = [f.name for f in dataclasses.fields(RunSettings)]
+    for key in cfg:
+        if key not in (*names, *CONFIG_NODES, "hydra"):
+            raise ConfigError(unknown_key_message(f"{key}={_show(cfg.get(key))}", key))
+    settings = build_node({k: to_plain(cfg[k]) for k in names if k in cfg}, RunSettings)
+    for cls in (DatasetSpec, ProposerConfig, MatcherConfig, EvalConfig, IOConfig):
+        build_node(cfg.get(NODE_KEYS[cls]) or {}, cls)
+    return settings
+
+
+def unknown_key_message(line: str, full_key: str) -> str:
+    """`<line>: `<key>` is not a config key (did you mean <closest>?)`, with the valid keys of a typed node.
+
+    Args:
+        line: the override (or key=value) at fault.
+        full_key: its dotted key.
+    """
+    where, _, key = full_key.rpartition(".")
+    nodes = {v: k for k, v in NODE_KEYS.items()}
+    known = [f.name for f in dataclasses.fields(nodes[where])] if where in nodes else []
+    if not where:
+        known += CONFIG_NODES
+    listed = f"; the {f'keys of {where}' if where else 'top-level keys'}: {', '.join(known)}" if known else ""
+    return f"{line}: `{full_key}` is not a config key{_did_you_mean(key, known, where)}{listed}"
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _did_you_mean(key: str, names: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {_dotted(where, close[0])}?)" if close else ""
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(to_plain(value), default=str).replace('"', "")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain config value has the type of a dataclass field (as far as configs go)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        arms = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_fits(v, arms[0]) for v in value if arms)
+    if origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """A field type in words (`a whole number`, `a list of strings or null`)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in typing.get_args(hint))
+    if origin in (list, tuple):
+        arms = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        inner = _describe(arms[0]) if arms else "values"
+        return "a list of " + inner.replace("a whole number", "whole numbers").replace("a string", "strings")
+    words = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    if hint is type(None):
+        return "null"
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return "a group of keys"
+    return words.get(hint, str(hint))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def config_hash(*parts: Any) -> str:
@@ -287,11 +483,44 @@ def compose_all(
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3", job_name=job_name):
-            return [
-                hydra_compose(
-                    config_name=config_name, overrides=list(ov), return_hydra_config=return_hydra_config
-                )
-                for ov in override_lists
-            ]
+            configs = []
+            for ov in override_lists:
+                try:
+                    configs.append(
+                        hydra_compose(
+                            config_name=config_name,
+                            overrides=list(ov),
+                            return_hydra_config=return_hydra_config,
+                        )
+                    )
+                except Exception as err:  # Hydra's and OmegaConf's: an option, key or override it refused
+                    raise ConfigError(composition_message(err, list(ov))) from err
+            return configs
     finally:
         restore_gh_from_backup(backup)
+
+
+def composition_message(err: BaseException, overrides: list[str]) -> str:
+    """One line for an error of Hydra's composition: the override at fault and what to do.
+
+    Args:
+        err: what Hydra raised (an unknown option of a group, an unknown key, an unparseable override, ...).
+        overrides: the overrides being composed.
+    """
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, option = str(err.missing_cfg_file).rpartition("/")
+        if group:
+            close = difflib.get_close_matches(option, err.options, n=1)
+            hint = f" (did you mean {group}={close[0]}?)" if close else ""
+            return f"{group}={option}: `{group}` has no option `{option}`{hint}; its options: {', '.join(err.options)}"
+    if isinstance(err, OverrideParseException):
+        return f"{err.override}: not a valid override ({_first_line(err)}): write key=value, e.g. shots=5"
+    full_key = getattr(err.__cause__, "full_key", None)
+    if full_key and "not in struct" in str(err.__cause__):
+        line = next((o for o in overrides if o.lstrip("+~").split("=")[0] == full_key), str(full_key))
+        return unknown_key_message(line, str(full_key))
+    # anything else: Hydra's words on one line, without its config search path
+    text = str(err).split("Config search path:")[0]
+    return "; ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(err).__name__

@@ -1,0 +1,70 @@
+"""A job's config is refused before anything is written: its keys and types, its stages, its output folders.
+
+`ntt run` checks every job of its command line before Hydra's app makes a directory (`main.check_command_line`
+composes them exactly as Hydra will), `ntt study` checks every job of its sweep, and `run_jobs` checks each
+job it is given, so a bad value is one `ConfigError` line naming the key and what to do (exit status 2),
+with no run directory and no config.yaml left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ntt.runner.context import StageError
+from ntt.runner.stages import STAGE_NAMES
+from ntt.utils.config import validate_config
+from ntt.utils.errors import ConfigError
+
+
+def check_config(cfg: Any) -> None:
+    """Every key known and typed (`utils.config.validate_config`), known stages, writable output folders.
+
+    Args:
+        cfg: a job's composed config; with the `hydra` node, the folders Hydra's app makes are checked too.
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    settings = validate_config(cfg)
+    validate_stages(settings.stages)
+    output_dir = Path(str(cfg.paths.output_dir))
+    check_writable(Path(str(cfg.run_dir)), "run_dir", output_dir)
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        folder = OmegaConf.select(cfg, key) if "hydra" in cfg else None
+        if folder is not None:
+            check_writable(Path(str(folder)), key, output_dir)
+
+
+def validate_stages(stages: list[str]) -> None:
+    """`stages` names only known stages (one message naming the unknown ones)."""
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown:
+        raise StageError(f"stages={list(stages)}: unknown {unknown}; choose from {STAGE_NAMES}")
+
+
+def check_writable(folder: Path, key: str, output_dir: Path) -> None:
+    """`folder` exists as a writable folder or can be made (its nearest existing parent is writable).
+
+    Args:
+        folder: the folder a run will write.
+        key: the config key it comes from (named in the message).
+        output_dir: `paths.output_dir`, named as the key to change when `folder` lies inside it.
+    """
+    folder, output_dir = folder.absolute(), output_dir.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    inside = folder.is_relative_to(output_dir)
+    lead = f"paths.output_dir={output_dir}" if inside else f"{key}={folder}"
+    what = "paths.output_dir (env NTT_OUTPUT)" if inside else key
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{lead}: cannot make {folder}: {existing} is a file, not a folder. Point {what} at a folder."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{lead}: cannot write {folder}: {existing} is not writable by this user (or is on a read-only "
+            f"filesystem). Point {what} at a folder you can write."
+        )
