@@ -294,19 +294,26 @@ def refs_from_coco(
                 new.extend([e] * len(e["ann_ids"]) if len(e["ann_ids"]) > 1 else [e])
             grouped[cat_id] = new
 
-    rng = random.Random(COCO_TO_PKL_SEED)
+    wanted = list(grouped) if category_ids is None else [int(c) for c in category_ids]
+    rng = random.Random(COCO_TO_PKL_SEED)  # every class draws, selected or not (the reference's order)
+    padded = []
     for cat_id, lst in grouped.items():
         if len(lst) < n_shot:
-            logger.info(
-                "refs_from_coco: class %s has %d entries < %d: padding with random.choices (seed %d)",
-                cat_id,
-                len(lst),
-                n_shot,
-                COCO_TO_PKL_SEED,
-            )
+            if cat_id in wanted:
+                padded.append(f"class {cat_id} ({names.get(cat_id, '?')}): {len(lst)}")
             lst.extend(rng.choices(lst, k=n_shot - len(lst)))
+    if padded:
+        logger.warning(
+            "refs_from_coco: %s: %d class(es) have fewer than shots=%d reference entries and are padded with "
+            "duplicates of their own (random.choices, seed %d, as the reference's coco_to_pkl), which add no "
+            "information: %s. Give more references of these classes, or lower `shots`.",
+            source,
+            len(padded),
+            n_shot,
+            COCO_TO_PKL_SEED,
+            "; ".join(padded),
+        )
 
-    wanted = list(grouped) if category_ids is None else [int(c) for c in category_ids]
     out: RefSet = OrderedDict()
     for cat_id, lst in grouped.items():
         if cat_id not in wanted:

@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 BOXES_ONLY_MESSAGE = (
     "this dataset has boxes only (its annotations have no 'segmentation'); reference masks are needed. "
-    "Set reference masks from boxes (not implemented yet; the reference pre-computes SAM-H masks from the "
-    "boxes, method.md §1.5) or use a json with instance masks"
+    "Make them from the boxes with `ntt prepare masks <box json> <image folder>` (SAM masks, as the authors "
+    "made them, method.md §1.5) and point the config at the *_with_segm.json it writes, or segment your own "
+    "images from box references with `ntt segment` (it turns boxes into masks itself)"
 )
 
 
@@ -159,6 +160,31 @@ def annotation_area(ann: dict, height: int, width: int) -> float:
     if bbox is not None and len(bbox) == 4:
         return float(bbox[2]) * float(bbox[3])
     return 0.0
+
+
+def image_record_problem(image: dict) -> str | None:
+    """What makes an ``images`` record unusable (sizes come from the json, never from the file), or None.
+
+    Args:
+        image: a record of the json's ``images``.
+    """
+    missing = [k for k in ("file_name", "height", "width") if image.get(k) is None]
+    if missing:
+        return f"({image.get('file_name', 'no file name')}) has no {', '.join(missing)}"
+    bad = [
+        f"{k}={image[k]!r}"
+        for k in ("height", "width")
+        if isinstance(image[k], bool)
+        or not isinstance(image[k], (int, float))
+        or not float(image[k]).is_integer()
+        or image[k] <= 0
+    ]
+    return f"({image['file_name']}) has {', '.join(bad)}" if bad else None
+
+
+IMAGE_RECORD_ADVICE = (
+    "give each image record its file_name, and its width and height in pixels of the stored file"
+)
 
 
 def normalize_annotation(ann: dict, height: int, width: int) -> dict:
@@ -303,6 +329,8 @@ class CocoDataset:
 
         selected = [a for a in self._anns.values() if int(a["category_id"]) in self._selected]
         with_seg = sum(has_segmentation(a) for a in self._anns.values())
+        #: the images holding an annotation of a selected class (the reference candidates)
+        self.annotated_image_ids: list[int] = list(dict.fromkeys(int(a["image_id"]) for a in selected))
         #: True when every selected annotation has a segmentation (instance mask).
         self.has_masks: bool = all(has_segmentation(a) for a in selected)
         #: True when no annotation of the json has a segmentation (box-only dataset).
@@ -381,20 +409,23 @@ class CocoDataset:
 
         Raises:
             KeyError: unknown image id.
-            ValueError: the json record lacks ``height``/``width``/``file_name``.
+            ValueError: the json record lacks ``height``/``width``/``file_name`` (or they are not usable).
         """
         im = self._image(img_id)
-        missing = [k for k in ("file_name", "height", "width") if im.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"{self._source}: image id {img_id} lacks {missing} (needed: height/width come from the json)"
-            )
+        problem = image_record_problem(im)
+        if problem:
+            raise ValueError(f"{self._source}: image {img_id} {problem}: {IMAGE_RECORD_ADVICE}")
         return {
             "id": int(im["id"]),
             "file_name": str(im["file_name"]),
             "height": int(im["height"]),
             "width": int(im["width"]),
         }
+
+    def image_problems(self, img_ids: Iterable[int]) -> list[str]:
+        """``image <id> (<file>) has <what>`` for every record of ``img_ids`` that `image_info` refuses."""
+        problems = ((i, image_record_problem(self._image(i))) for i in img_ids)
+        return [f"image {i} {p}" for i, p in problems if p]
 
     def image_path(self, img_id: int, *, check: bool = True) -> Path:
         """Path of an image file: ``image_root / file_name``.

@@ -48,7 +48,14 @@ from ntt.runner.plan import (
     plan_test,
     test_image_ids,
 )
-from ntt.runner.preflight import annotation_problems, check_device, check_shots, report_annotations
+from ntt.runner.preflight import (
+    annotation_problems,
+    check_device,
+    check_image_records,
+    check_reference_masks,
+    check_shots,
+    report_annotations,
+)
 from ntt.runner.runlock import RunLock
 from ntt.runner.stages import MEMORY_STAGES, mark_stage_done, stage_status
 from ntt.runner.testloop import load_prototypes, test_pass
@@ -322,8 +329,9 @@ def _release(job: Job) -> None:
 def preflight(ctx: RunContext, plan: RunPlan) -> None:
     """Validate everything the stages that will run need, before the first one runs (ntt/runner/preflight.py).
 
-    Device; dataset jsons present and parseable with the selected class names; enough usable references
-    per class for `shots`; annotations (invalid references are fatal when they are used, the others are
+    Device; dataset jsons present and parseable with the selected class names; the image records of the
+    reference candidates and the evaluated images (file name, sizes); reference masks (a box-only pool is
+    refused); enough usable references per class for `shots`; annotations (invalid references are fatal when they are used, the others are
     reported); a non-empty test set; the backbones' checkpoints present and matching (the models are built
     here, strictly, and reused by the stages).
     """
@@ -334,6 +342,11 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
     spec = ctx.dataset
     if will_run & {"sample_refs", "fill_memory"}:
         ref_ds = load_split(ctx, "ref")
+        candidates = ref_ds.annotated_image_ids
+        check_image_records(ref_ds, candidates, f"dataset.ref_json={spec.ref_json}", "reference candidate")
+        if "fill_memory" in will_run and not ref_ds.has_masks:
+            anns = [a["id"] for a in ref_ds.all_annotations()]
+            check_reference_masks(ref_ds.raw, anns, spec.ref_json, spec.ref_image_root, every=True)
         if "sample_refs" in will_run and not spec.refs_file and ctx.is_main:
             check_shots(
                 ref_ds.raw,
@@ -345,6 +358,7 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
     if "test" in will_run:
         test_ds = load_split(ctx, "test")
         ids = test_image_ids(ctx, test_ds)
+        check_image_records(test_ds, ids, f"dataset.test_json={spec.test_json}", "evaluated")
         if ctx.eval.enabled and ctx.is_main:
             wanted = set(ids)
             anns = [a["id"] for a in test_ds.all_annotations() if a["image_id"] in wanted]

@@ -180,7 +180,9 @@ def test_images(ctx: RunContext) -> TestImages:
     ids = test_image_ids(ctx, test_ds)
     keys, files = image_keys(ctx, test_ds, ids)
     pred_dir = ctx.path("predictions")
-    records = read_lines(pred_dir, keys) if pred_dir.exists() else {}
+    # the lines of older settings or inputs are said once per job, by the main process
+    say = ctx.is_main and cached is None
+    records = read_lines(pred_dir, keys, log_stale=say) if pred_dir.exists() else {}
     ctx.memo["test_images"] = TestImages(test_ds, ids, keys, files, settings, records)
     return ctx.memo["test_images"]
 

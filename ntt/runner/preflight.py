@@ -1,4 +1,5 @@
-"""Validate a run before computing anything: device, dataset files, classes, shots, annotations, weights.
+"""Validate a run before computing anything: device, dataset files, classes, shots, image records,
+annotations, reference masks, weights.
 
 Everything here is cheap next to a stage, and every failure is a `UserError` naming the config key, file,
 image id or annotation id, so a typo costs seconds rather than a finished stage (docs/bad_inputs.md lists
@@ -166,3 +167,58 @@ def check_shots(coco: dict, category_ids: list[int], names: list[str], shots: in
             f"Lower `shots` (at most {min(k for _, _, k in short)}), drop these classes "
             "(dataset.class_names), or give a refs file (dataset.refs_file)."
         )
+
+
+def check_image_records(dataset: Any, image_ids: Iterable[int], where: str, what: str) -> None:
+    """Every image record a stage will read has a file name and whole positive sizes (all listed at once).
+
+    Args:
+        dataset: the `CocoDataset` of the json.
+        image_ids: the records to check.
+        where: the json's config key and value (`dataset.test_json=<path>`), named in the message.
+        what: which images these are (e.g. "evaluated").
+
+    Raises:
+        PreflightError: naming the json, each record (image id, file) and what to add.
+    """
+    from ntt.data.coco import IMAGE_RECORD_ADVICE
+
+    problems = dataset.image_problems(image_ids)
+    if problems:
+        shown = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise PreflightError(
+            f"{where}: {len(problems)} {what} image record(s) cannot be used:\n  {shown}{more}\n"
+            f"Image sizes come from the json, never from the file: {IMAGE_RECORD_ADVICE}."
+        )
+
+
+def check_reference_masks(
+    coco: dict, ann_ids: Iterable[int], ref_json: str, image_root: str, *, every: bool
+) -> None:
+    """The references have masks: the memory is built from masks, and boxes alone are refused with the two
+    commands that make masks from them.
+
+    Args:
+        coco: the reference-pool json.
+        ann_ids: the reference annotations (used, or candidates).
+        ref_json: `dataset.ref_json` (named in the message).
+        image_root: `dataset.ref_image_root` (named in the commands).
+        every: refuse only when none of `ann_ids` has a mask (candidates before sampling) instead of when one
+            lacks it (the references that will be encoded).
+    """
+    from ntt.data.coco import has_segmentation
+
+    wanted = {int(a) for a in ann_ids}
+    anns = [a for a in coco.get("annotations", []) if a.get("id") in wanted]
+    bare = [a for a in anns if not has_segmentation(a)]
+    if not bare or (every and len(bare) < len(anns)):
+        return
+    first = ", ".join(f"image {a.get('image_id')} annotation {a.get('id')}" for a in bare[:3])
+    raise PreflightError(
+        f"{len(bare)} reference annotation(s) of {ref_json} have no mask ('segmentation'; {first}"
+        f"{', ...' if len(bare) > 3 else ''}): the memory is built from reference masks. Make masks from the "
+        f"boxes with `ntt prepare masks {ref_json} {image_root}` (SAM masks, as the authors made them) and point "
+        f"dataset.ref_json at the *_with_segm.json it writes, or segment your images from these box references "
+        f"with `ntt segment --refs {ref_json} --ref-images {image_root} --images <folder> --out <folder>`."
+    )

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ntt import __version__
 from ntt.runner.context import RunContext, StageError, build_backbone, load_split
 from ntt.runner.keys import MEMORY_FILE, PROTOTYPES_FILE, REFS_FILE, STAGE_ARTIFACTS, stage_key
-from ntt.runner.preflight import annotation_problems, report_annotations
+from ntt.runner.preflight import annotation_problems, check_reference_masks, report_annotations
 from ntt.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,7 @@ def stage_sample_refs(ctx: RunContext) -> Path:
             if fmt == "auto":
                 fmt = "pkl" if source.endswith(".pkl") else _sniff_json_refs(source)
             if fmt == "coco":
-                refs = refs_mod.refs_from_coco(
-                    json.loads(Path(source).read_text()), ref_ds.category_ids, shots, mode=spec.refs_coco_mode
-                )
+                refs = refs_mod.refs_from_coco(source, ref_ds.category_ids, shots, mode=spec.refs_coco_mode)
             else:
                 refs = refs_mod.load_refs(source)
         except (ValueError, KeyError, TypeError) as err:  # json errors are ValueErrors
@@ -107,6 +105,7 @@ def stage_fill_memory(ctx: RunContext) -> Path:
     report_annotations(
         annotation_problems(ref_ds.raw, used), ctx.dataset.ref_json, fatal=True, what="reference annotations"
     )
+    check_reference_masks(ref_ds.raw, used, ctx.dataset.ref_json, ctx.dataset.ref_image_root, every=False)
     encoder = build_backbone(ctx, "dinov2")
     mem = ctx.matcher.memory
     bank = fill_memory_sharded(

@@ -5,6 +5,10 @@ Every subcommand (`ntt run`, `ntt study`, `ntt segment`, ...) reports bad input 
 do); the `ntt` dispatcher (and `ntt run`'s Hydra app) turns it into one log line and exit status 2.
 `-v` / `--verbose` anywhere on the line (or `NTT_TRACEBACK=1`, `HYDRA_FULL_ERROR=1`) shows the traceback
 too. Any other exception is a bug and keeps its traceback.
+
+With several processes (torchrun, `accelerate launch`, MPI, a multi-task SLURM job) every log line starts
+with `[rank <r>]` and only the main process logs below WARNING (`RankFilter`, on the handlers made here and
+on those of Hydra's job_logging, conf/hydra/default.yaml).
 """
 
 from __future__ import annotations
@@ -13,7 +17,12 @@ import logging
 import os
 from collections.abc import Sequence
 
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+from ntt.utils.dist import WORLD_SIZE_VARS
+
+# `rank` is set by `RankFilter`; conf/hydra/default.yaml's job_logging format is the same
+LOG_FORMAT = "%(rank)s[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+# the rank variable of each launcher, in the order of `WORLD_SIZE_VARS` (torch.distributed env://, MPI)
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 USER_ERROR_EXIT = 2
 VERBOSE_FLAGS = ("-v", "--verbose")
 TRACEBACK_ENV = "NTT_TRACEBACK"
@@ -21,10 +30,32 @@ TRACEBACK_ENV = "NTT_TRACEBACK"
 log = logging.getLogger("ntt")
 
 
+def process_rank() -> tuple[int, int]:
+    """`(rank, world size)` as the launcher announced them in the environment; `(0, 1)` for one process."""
+    env = os.environ
+    for size_var, rank_var in zip(WORLD_SIZE_VARS, RANK_VARS, strict=True):
+        if env.get(size_var):
+            return int(env.get(rank_var) or 0), int(env[size_var])
+    return 0, 1
+
+
+class RankFilter(logging.Filter):
+    """With several processes: `[rank <r>] ` before every line (the `rank` field of the format), and records
+    below WARNING only from the main process. The rank is read at each record: a SLURM task learns it late."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank, world = process_rank()
+        record.rank = f"[rank {rank}]" if world > 1 else ""
+        return world <= 1 or rank == 0 or record.levelno >= logging.WARNING
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """INFO logs in the one format, unless the process already configured logging (Hydra's app, a test)."""
+    """INFO logs in the one format (`RankFilter` on), unless the process already configured logging (Hydra's
+    app, a test)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format=LOG_FORMAT)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RankFilter())
 
 
 def take_verbose(argv: Sequence[str]) -> list[str]:
