@@ -21,6 +21,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, read_write
 
 import ntt  # noqa: F401  registers `${ntt.config_id:}` (run_name)
+from ntt.utils.config import validate_config
 
 CONF = REPO / "conf"
 EXPERIMENTS = REPO / "experiments"
@@ -111,6 +112,7 @@ def test_option_composes_resolves_and_binds(override, yaml_file):
     cfg = _compose(override)
     assert cfg.run_dir and "${" not in str(cfg.run_dir)
     assert str(cfg.hydra.run.dir) == str(cfg.run_dir)  # run dir comes from the config, not the clock
+    validate_config(cfg)  # every key known and of its type (what `ntt run` checks before anything runs)
     targets = _targets(cfg)
     assert {p for p, _ in targets} >= {
         "dataset",
@@ -169,3 +171,61 @@ def test_guard_every_yaml_on_disk_has_a_compose_case():
     missing = sorted(str(p.relative_to(REPO)) for p in on_disk - covered)
     assert len(covered) > 40, f"only {len(covered)} compose cases: the case builder found too little"
     assert not missing, f"yaml files no compose case covers: {missing}"
+
+
+def test_debug_smoke_alone_picks_the_synthetic_dataset_and_a_dataset_on_the_line_wins():
+    assert _compose("debug=smoke").dataset.name == "synthetic"
+    assert _compose("debug=smoke", "dataset=fruits_nuts").dataset.name == "fruits_nuts"
+    assert _compose("dataset=fruits_nuts", "debug=smoke").dataset.name == "fruits_nuts"
+    # `make smoke`'s line (dataset=synthetic debug=smoke) is the same config, run directory included
+    assert _compose("dataset=synthetic", "debug=smoke").run_dir == _compose("debug=smoke").run_dir
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("matcher.nms_thres=0.6", "matcher.nms_thres=0.6: `matcher.nms_thres` is not a config key (did you mean matcher.nms_thr?)"),
+        ("foo=1", "foo=1: `foo` is not a config key; the top-level keys: shots, seed"),
+        ("paper=coco_30sht", "paper=coco_30sht: `paper` has no option `coco_30sht` (did you mean paper=coco_30shot?)"),
+        ("shots=[1", "shots=[1: not a valid override"),
+    ],
+)  # fmt: skip
+def test_compose_turns_hydra_errors_into_one_line_config_errors(override, message):
+    """`ntt.utils.config.compose` (used by `ntt segment`, `Segmenter.from_config`, `ntt study`)."""
+    from ntt.utils.config import compose as ntt_compose
+    from ntt.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        ntt_compose([override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("shots=abc", "shots=abc: expected a whole number"),
+        ("shots=0", "shots=0: use a number of references per class >= 1"),
+        ("+shot=3", "shot=3: `shot` is not a config key (did you mean shots?)"),
+        ("+matcher.memory.bach_size=2", "matcher.memory.bach_size=2: `matcher.memory.bach_size` is not a config key (did you mean matcher.memory.batch_size?)"),
+        ("proposer.iou_thr=high", "proposer.iou_thr=high: expected a number"),
+        ("dataset.class_names=[a,1]", "dataset.class_names=[a, 1]: expected a list of strings or null"),
+        ("stages=test", "stages=test: expected a list of strings"),
+        ("force=maybe", "force=maybe: expected true or false"),
+    ],
+)  # fmt: skip
+def test_validate_config_names_the_key_its_type_and_the_closest_valid_key(override, message):
+    from ntt.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(_compose(override))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_top_level_keys_of_the_config_are_the_ones_validate_config_knows():
+    """A key added to conf/main.yaml must be added to `RunSettings` or `CONFIG_NODES` (or it is refused)."""
+    import dataclasses
+
+    from ntt.utils.config import CONFIG_NODES, RunSettings
+
+    known = {f.name for f in dataclasses.fields(RunSettings)} | set(CONFIG_NODES) | {"hydra"}
+    assert set(_compose("")) == known

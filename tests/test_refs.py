@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -246,6 +247,21 @@ def test_refs_from_coco_padding_stream_matches_reference():
     assert _ids(refs) == {7: exp7, 6: exp6}
     # known answer of that stream
     assert exp7 == [1, 4, 4, 1, 1] and exp6 == [2, 3, 2, 3, 3]
+
+
+def test_refs_from_coco_padding_is_one_warning_naming_the_selected_classes_and_counts(caplog):
+    coco = {
+        "images": [{"id": i, "width": 100, "height": 100} for i in range(5)],
+        "annotations": [_ann(1, 7, 0, VALID), _ann(2, 6, 1, VALID), _ann(3, 8, 2, VALID)],
+        "categories": [{"id": 6, "name": "six"}, {"id": 7, "name": "seven"}, {"id": 8, "name": "eight"}],
+    }
+    with caplog.at_level(logging.INFO, logger="ntt.refs"):
+        refs_from_coco(coco, [6, 7], 3, mode="per_annotation")
+    (record,) = [r for r in caplog.records if "padded" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    msg = record.getMessage()
+    assert "2 class(es)" in msg and "class 7 (seven): 1; class 6 (six): 1" in msg and "shots=3" in msg
+    assert "eight" not in msg  # not selected: its padding changes nothing of this run
 
 
 def test_refs_from_coco_never_truncates():

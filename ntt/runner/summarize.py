@@ -12,8 +12,9 @@ Writes into ``--out`` (default ROOT):
 
 Rules: a run with failed or missing test images is excluded from every mean and listed; a metric of -1
 (COCOeval's "no ground truth", e.g. an empty test set) is shown as n/a, never as -100; runs are grouped
-by their ``setting_id`` (ntt/utils/identity.py), so different settings are never averaged together; rows from
-random-weight runs are flagged (plumbing and speed only, never accuracy).
+by their ``setting_id`` (ntt/utils/identity.py), so different settings are never averaged together, and a
+setting is named by what differs: its backbones, variant and the config values that are not conf/main.yaml's
+defaults (`setting_names`); rows from random-weight runs are flagged (plumbing and speed only, never accuracy).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ from typing import Any
 
 from ntt.utils.errors import UserError
 from ntt.utils.files import write_text_atomic
+from ntt.utils.identity import setting_keys
 
 log = logging.getLogger(__name__)
 
 SETTING = ["dataset", "sam2", "dinov2", "variant", "shots"]
+# the setting values a table's heading names otherwise (the backbones by name, the variant) or that only say
+# which data (a generated dataset's size): left out of a setting's name unless two settings differ only there
+NAMED_APART = ("variant", "backbone.", "dataset._target_", "dataset.synthetic")
+MISSING = object()
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50")]
 GROUP = ["benchmark", "sam2", "dinov2", "variant", "setting_id", "random_weights"]
 # benchmark -> (metric columns of its paper table, what the metric is called)
@@ -80,7 +86,7 @@ def collect(root: str | Path, study: str | None = None):
     """
     import pandas as pd
 
-    rows = []
+    rows, identities = [], {}
     for path in sorted(Path(root).rglob("metrics.json")):
         try:
             m = json.loads(path.read_text())
@@ -103,7 +109,70 @@ def collect(root: str | Path, study: str | None = None):
         row["random_weights"] = "note" in m
         row["run_dir"] = str(path.parent)
         rows.append(row)
-    return pd.DataFrame(rows)
+        if "identity" in m:
+            identities.setdefault(row["setting_id"], flat(setting_keys(m["identity"])))
+    runs = pd.DataFrame(rows)
+    if not runs.empty:
+        runs["setting"] = runs["setting_id"].map(setting_names(runs, identities))
+    return runs
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config values as ``{"matcher.memory.batch_size": 8, ...}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Per setting id, what names the setting next to its backbones and variant: its config values that differ
+    from conf/main.yaml's defaults (`paper settings` when none), plus what tells apart two settings of one
+    benchmark, backbones and variant that would otherwise read the same; `setting <id>` for a metrics.json
+    without its identity (written before ntt recorded it).
+
+    Args:
+        runs: the rows of `collect` (``setting_id`` and the family columns).
+        identities: per setting id, its flattened `ntt.utils.identity.setting_keys`.
+    """
+    from ntt.utils.config import compose
+
+    defaults = flat(setting_keys(compose([]))) if identities else {}
+    names = {}
+    for sid in runs["setting_id"].unique():
+        values = identities.get(sid)
+        if values is None:
+            names[sid] = f"setting {sid or '?'}"
+            continue
+        diff = [
+            k for k, v in values.items() if not k.startswith(NAMED_APART) and defaults.get(k, MISSING) != v
+        ]
+        names[sid] = _values(values, diff) or "paper settings"
+    family = runs.drop_duplicates("setting_id").groupby(
+        ["benchmark", "sam2", "dinov2", "variant"], dropna=False
+    )
+    for _, group in family:
+        by_name: dict[str, list[str]] = {}
+        for sid in group["setting_id"]:
+            by_name.setdefault(names[sid], []).append(sid)
+        for same in (
+            sids for sids in by_name.values() if len(sids) > 1 and all(s in identities for s in sids)
+        ):
+            keys = sorted({k for s in same for k in identities[s]})
+            apart = [
+                k for k in keys if len({json.dumps(identities[s].get(k), default=str) for s in same}) > 1
+            ]
+            for sid in same:
+                names[sid] = f"{names[sid]}; {_values(identities[sid], apart)}"
+    return names
+
+
+def _values(values: dict[str, Any], keys: list[str]) -> str:
+    """`key=value, ...` as on the command line."""
+    shown = {k: values.get(k) for k in keys}
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in shown.items())
 
 
 def collect_per_class(root: str | Path, study: str | None = None):
@@ -185,7 +254,9 @@ def paper_tables(runs) -> list[dict[str, Any]]:
                 for d in datasets
             }
             table = pd.DataFrame(data, index=pd.Index(shots, name="shots"))
-            title = f"{bench}: {label} - {sam2} + {dinov2}, {variant} (setting {setting or '?'})"
+            name = group["setting"].iloc[0] if "setting" in group else f"setting {setting or '?'}"
+            what = bench if bench != "other" else ", ".join(datasets)
+            title = f"{what}: {label} - {sam2} + {dinov2}, {variant} ({name})"
             if random_weights:
                 title += " - RANDOM WEIGHTS (plumbing only)"
             out.append({"title": title, "benchmark": bench, "metric": column, "table": table})

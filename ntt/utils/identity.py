@@ -71,12 +71,21 @@ def config_id(cfg: Any) -> str:
     return _digest(identity_keys(cfg))
 
 
-def setting_id(cfg: Any) -> str:
-    """8-hex hash of the identity without the per-run factors (dataset files/classes, shots, seed)."""
+def setting_keys(cfg: Any) -> dict[str, Any]:
+    """:func:`identity_keys` without the per-run factors (dataset files/classes, shots, seed): a setting.
+
+    Args:
+        cfg: the composed config, or its identity keys (metrics.json's ``identity``).
+    """
     keys = {k: v for k, v in identity_keys(cfg).items() if k not in RUN_FACTORS}
     if isinstance(keys.get("dataset"), dict):
         keys["dataset"] = {k: v for k, v in keys["dataset"].items() if k not in DATASET_FACTORS}
-    return _digest(keys)
+    return keys
+
+
+def setting_id(cfg: Any) -> str:
+    """8-hex hash of :func:`setting_keys`."""
+    return _digest(setting_keys(cfg))
 
 
 def _resolve_config_id(*, _root_) -> str:
