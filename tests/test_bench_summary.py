@@ -57,7 +57,7 @@ def test_smoke_sweep_2_shots_x_2_seeds_gives_the_table_of_its_metrics_files(tmp_
     assert len(set(dirs.values())) == 4
     assert main([str(tmp_path / "out"), "--study", "smoke_study", "--out", str(tmp_path / "t")]) == 0
     md = (tmp_path / "t" / "summary.md").read_text()
-    rows = _table_rows(md, "other: bbox AP")
+    rows = _table_rows(md, "synthetic: bbox AP")
     for k in (1, 2):
         aps = [json.loads((dirs[(k, s)] / "metrics.json").read_text())["bbox"]["AP"] for s in (1, 2)]
         expected = cell([100 * a if a >= 0 else math.nan for a in aps])
@@ -102,6 +102,29 @@ def test_failed_runs_are_excluded_and_listed_and_minus_one_is_never_minus_100(tm
     assert "99" not in (tmp_path / "t" / "runs.csv").read_text()
     per_class = (tmp_path / "t" / "per_class.csv").read_text()
     assert "-100" not in per_class
+
+
+def test_settings_are_named_by_what_differs_not_by_a_hash(tmp_path):
+    from ntt.utils.config import compose as ntt_compose
+    from ntt.utils.identity import identity_keys, setting_id
+
+    def write(name, *overrides, dataset="coco_fewshot"):
+        cfg = ntt_compose([f"dataset={dataset}", *overrides])
+        _write(tmp_path, name, dataset=dataset, setting=setting_id(cfg), identity=identity_keys(cfg))
+
+    write("paper")
+    write("nms", "matcher.nms_thr=0.6", "proposer=grid16")
+    write("synth_a", "debug=smoke", "dataset.synthetic.num_images=9", dataset="synthetic")
+    write("synth_b", "debug=smoke", "dataset.synthetic.num_images=12", dataset="synthetic")
+    assert main([str(tmp_path), "--out", str(tmp_path / "t")]) == 0
+    titles = [ln for ln in (tmp_path / "t" / "summary.md").read_text().splitlines() if ln.startswith("## ")]
+    assert "## coco: bbox nAP - a + b, parity (paper settings)" in titles
+    assert "## coco: bbox nAP - a + b, parity (proposer.points_per_side=16, matcher.nms_thr=0.6)" in titles
+    smoke = "proposer.points_per_side=4, proposer.points_batch_size=16, proposer.iou_thr=0.0"
+    for n in (9, 12):  # same name but for the generated dataset's size: that tells them apart
+        title = f"## synthetic: bbox AP - a + b, parity (dataset.max_test_images=4, {smoke}; dataset.synthetic.num_images={n})"
+        assert title in titles, titles
+    assert not [t for t in titles if "setting " in t or "other:" in t]
 
 
 def test_cell_format():

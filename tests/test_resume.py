@@ -281,3 +281,11 @@ def test_kill_9_mid_test_stage_then_rerun_is_byte_identical(tmp_path):
     subprocess.run(cmd(clean), cwd=REPO, check=True, capture_output=True, timeout=600)
     for name in ["refs.json", "memory.pt", "memory_postprocessed.pt", "predictions.json", "metrics.json"]:
         assert (killed / "run" / name).read_bytes() == (clean / "run" / name).read_bytes(), name
+
+
+def test_result_lines_of_other_settings_are_said_once_per_job(tmp_path, caplog):
+    run(tmp_path, "dataset.max_test_images=2")
+    caplog.set_level("INFO")
+    run(tmp_path, "dataset.max_test_images=2", "matcher.nms_thr=0.6")  # same run_dir, other settings
+    said = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert said == ["test: 2 per-image result(s) of other settings or older inputs ignored"]
