@@ -331,9 +331,9 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
 
     Device; dataset jsons present and parseable with the selected class names; the image records of the
     reference candidates and the evaluated images (file name, sizes); reference masks (a box-only pool is
-    refused); enough usable references per class for `shots`; annotations (invalid references are fatal when they are used, the others are
-    reported); a non-empty test set; the backbones' checkpoints present and matching (the models are built
-    here, strictly, and reused by the stages).
+    refused); enough usable references per class for `shots`; annotations (invalid references are fatal
+    when they are used, the others are reported); a non-empty test set; the backbones' checkpoints present
+    and matching (the models are built here, strictly, and reused by the stages).
     """
     will_run = plan.will_run
     if not will_run:

@@ -112,14 +112,14 @@ def check_upstream(ctx: RunContext, plan: RunPlan, *, done: set[str], only: str 
             if not ctx.path(artifact).exists():
                 raise StageError(
                     f"stage {stage} needs the artifacts of stage{'s' if len(makers) > 1 else ''} "
-                    f"{', '.join(makers)} ({ctx.path(artifact)} is missing): use {todo}, or point run_dir at a "
-                    "run that has them"
+                    f"{', '.join(makers)} ({ctx.path(artifact)} is missing): use {todo}, or point run_dir "
+                    "at a run that has them"
                 )
             raise StageError(
                 f"stage {stage} would use {artifact} from {ctx.run_dir}, but it does not match the present "
                 f"config ({why}; stage {up} made it).{'' if only else ' Nothing was run; config.yaml is unchanged.'}"
-                f" Add the stages that recompute it ({todo}, or leave `stages` at its default), or use "
-                "another run_dir."
+                f" Add the stages that recompute it (stages=[{chain}], or leave `stages` at its default), or "
+                "use another run_dir."
             )
 
 

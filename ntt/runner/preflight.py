@@ -217,8 +217,9 @@ def check_reference_masks(
     first = ", ".join(f"image {a.get('image_id')} annotation {a.get('id')}" for a in bare[:3])
     raise PreflightError(
         f"{len(bare)} reference annotation(s) of {ref_json} have no mask ('segmentation'; {first}"
-        f"{', ...' if len(bare) > 3 else ''}): the memory is built from reference masks. Make masks from the "
-        f"boxes with `ntt prepare masks {ref_json} {image_root}` (SAM masks, as the authors made them) and point "
-        f"dataset.ref_json at the *_with_segm.json it writes, or segment your images from these box references "
-        f"with `ntt segment --refs {ref_json} --ref-images {image_root} --images <folder> --out <folder>`."
+        f"{', ...' if len(bare) > 3 else ''}): the memory is built from reference masks. Make masks from "
+        f"the boxes with `ntt prepare masks {ref_json} {image_root}` (SAM masks, as the authors made them) "
+        "and point dataset.ref_json at the *_with_segm.json it writes, or segment your images from these box "
+        f"references with `ntt segment --refs {ref_json} --ref-images {image_root} --images <folder> --out "
+        "<folder>`."
     )

@@ -13,8 +13,9 @@ Writes into ``--out`` (default ROOT):
 Rules: a run with failed or missing test images is excluded from every mean and listed; a metric of -1
 (COCOeval's "no ground truth", e.g. an empty test set) is shown as n/a, never as -100; runs are grouped
 by their ``setting_id`` (ntt/utils/identity.py), so different settings are never averaged together, and a
-setting is named by what differs: its backbones, variant and the config values that are not conf/main.yaml's
-defaults (`setting_names`); rows from random-weight runs are flagged (plumbing and speed only, never accuracy).
+setting is named by what differs: its backbones, variant and the config values that are not
+conf/main.yaml's defaults (`setting_names`); rows from random-weight runs are flagged (plumbing and speed
+only, never accuracy).
 """
 
 from __future__ import annotations

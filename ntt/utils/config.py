@@ -514,7 +514,8 @@ def composition_message(err: BaseException, overrides: list[str]) -> str:
         if group:
             close = difflib.get_close_matches(option, err.options, n=1)
             hint = f" (did you mean {group}={close[0]}?)" if close else ""
-            return f"{group}={option}: `{group}` has no option `{option}`{hint}; its options: {', '.join(err.options)}"
+            options = ", ".join(err.options)
+            return f"{group}={option}: `{group}` has no option `{option}`{hint}; its options: {options}"
     if isinstance(err, OverrideParseException):
         return f"{err.override}: not a valid override ({_first_line(err)}): write key=value, e.g. shots=5"
     full_key = getattr(err.__cause__, "full_key", None)
