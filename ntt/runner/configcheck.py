@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ntt.runner.context import StageError
 from ntt.runner.stages import STAGE_NAMES
@@ -31,12 +32,14 @@ def check_config(cfg: Any) -> None:
     """
     settings = validate_config(cfg)
     validate_stages(settings.stages)
-    output_dir = Path(str(cfg.paths.output_dir))
-    check_writable(Path(str(cfg.run_dir)), "run_dir", output_dir)
-    for key in ("hydra.run.dir", "hydra.sweep.dir"):
-        folder = OmegaConf.select(cfg, key) if "hydra" in cfg else None
-        if folder is not None:
-            check_writable(Path(str(folder)), key, output_dir)
+    keys = ["run_dir", *(["hydra.run.dir", "hydra.sweep.dir"] if "hydra" in cfg else [])]
+    try:
+        output_dir = Path(str(cfg.paths.output_dir))
+        folders = {key: OmegaConf.select(cfg, key, throw_on_missing=True) for key in keys}
+    except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
+        raise ConfigError(f"{err.full_key or 'run_dir'}: {str(err).splitlines()[0]}") from err
+    for key, folder in folders.items():
+        check_writable(Path(str(folder)), key, output_dir)
 
 
 def validate_stages(stages: list[str]) -> None:

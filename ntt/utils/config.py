@@ -273,9 +273,11 @@ def build_node(node: Any, cls: type, **overrides: Any) -> Any:
             with the closest valid one, a missing key, or what `__post_init__` refused.
     """
     where = NODE_KEYS.get(cls, cls.__name__)
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         data = dict(to_plain(node) or {})
-    except Exception as err:  # an interpolation that does not resolve, a missing value (`???`)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve, a missing value (`???`)
         raise ConfigError(f"{where or 'config'}: {_first_line(err)}") from err
     data.pop("_target_", None)
     data.update(overrides)
@@ -474,7 +476,9 @@ def compose_all(
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from omegaconf.errors import OmegaConfBaseException
 
     from ntt.utils.identity import register_resolver
 
@@ -493,7 +497,7 @@ def compose_all(
                             return_hydra_config=return_hydra_config,
                         )
                     )
-                except Exception as err:  # Hydra's and OmegaConf's: an option, key or override it refused
+                except (HydraException, OmegaConfBaseException) as err:  # an option, key or override refused
                     raise ConfigError(composition_message(err, list(ov))) from err
             return configs
     finally:
