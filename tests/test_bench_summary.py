@@ -116,14 +116,20 @@ def test_settings_are_named_by_what_differs_not_by_a_hash(tmp_path):
     write("nms", "matcher.nms_thr=0.6", "proposer=grid16")
     write("synth_a", "debug=smoke", "dataset.synthetic.num_images=9", dataset="synthetic")
     write("synth_b", "debug=smoke", "dataset.synthetic.num_images=12", dataset="synthetic")
+    write("ckpt", "backbone.sam2.checkpoint=/other/sam2.pt")  # same backbone name, other weights
     assert main([str(tmp_path), "--out", str(tmp_path / "t")]) == 0
     titles = [ln for ln in (tmp_path / "t" / "summary.md").read_text().splitlines() if ln.startswith("## ")]
-    assert "## coco: bbox nAP - a + b, parity (paper settings)" in titles
     assert "## coco: bbox nAP - a + b, parity (proposer.points_per_side=16, matcher.nms_thr=0.6)" in titles
+    # the defaults of the setting's own dataset option (conf/dataset/synthetic.yaml: 24 images)
     smoke = "proposer.points_per_side=4, proposer.points_batch_size=16, proposer.iou_thr=0.0"
-    for n in (9, 12):  # same name but for the generated dataset's size: that tells them apart
-        title = f"## synthetic: bbox AP - a + b, parity (dataset.max_test_images=4, {smoke}; dataset.synthetic.num_images={n})"
+    for n in (9, 12):
+        title = f"## synthetic: bbox AP - a + b, parity (dataset.max_test_images=4, dataset.synthetic.num_images={n}, {smoke})"
         assert title in titles, titles
+    # two settings that would read the same (the backbone is named apart): what tells them apart is added
+    ckpt = "backbone.sam2.checkpoint={p}"
+    assert f"## coco: bbox nAP - a + b, parity (paper settings; {ckpt.format(p='/other/sam2.pt')})" in titles
+    default_ckpt = "${paths.checkpoints}/sam2_hiera_large.pt"
+    assert f"## coco: bbox nAP - a + b, parity (paper settings; {ckpt.format(p=default_ckpt)})" in titles
     assert not [t for t in titles if "setting " in t or "other:" in t]
 
 

@@ -33,9 +33,9 @@ from ntt.utils.identity import setting_keys
 log = logging.getLogger(__name__)
 
 SETTING = ["dataset", "sam2", "dinov2", "variant", "shots"]
-# the setting values a table's heading names otherwise (the backbones by name, the variant) or that only say
-# which data (a generated dataset's size): left out of a setting's name unless two settings differ only there
-NAMED_APART = ("variant", "backbone.", "dataset._target_", "dataset.synthetic")
+# the setting values a table's heading names otherwise (the backbones by name, the variant): left out of a
+# setting's name unless two settings differ only there
+NAMED_APART = ("variant", "backbone.", "dataset._target_")
 MISSING = object()
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50")]
 GROUP = ["benchmark", "sam2", "dinov2", "variant", "setting_id", "random_weights"]
@@ -130,41 +130,45 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Per setting id, what names the setting next to its backbones and variant: its config values that differ
-    from conf/main.yaml's defaults (`paper settings` when none), plus what tells apart two settings of one
-    benchmark, backbones and variant that would otherwise read the same; `setting <id>` for a metrics.json
-    without its identity (written before ntt recorded it).
+    from the defaults (conf/main.yaml with the setting's `dataset` option; `paper settings` when none), plus
+    what tells apart two settings of one benchmark, backbones and variant that would otherwise read the same;
+    `setting <id>` for a metrics.json without its identity (written before ntt recorded it).
 
     Args:
-        runs: the rows of `collect` (``setting_id`` and the family columns).
+        runs: the rows of `collect` (``setting_id``, ``dataset`` and the family columns).
         identities: per setting id, its flattened `ntt.utils.identity.setting_keys`.
     """
     from ntt.utils.config import compose
+    from ntt.utils.errors import ConfigError
 
-    defaults = flat(setting_keys(compose([]))) if identities else {}
+    defaults: dict[str, dict[str, Any]] = {}
+
+    def defaults_of(dataset: str) -> dict[str, Any]:
+        if dataset not in defaults:
+            try:
+                cfg = compose([f"dataset={dataset}"])
+            except ConfigError:  # a dataset without an option of its own (e.g. `custom` renamed)
+                cfg = compose([])
+            defaults[dataset] = flat(setting_keys(cfg))
+        return defaults[dataset]
+
+    settings = runs.drop_duplicates("setting_id")
     names = {}
-    for sid in runs["setting_id"].unique():
+    for sid, dataset in zip(settings["setting_id"], settings["dataset"], strict=True):
         values = identities.get(sid)
         if values is None:
             names[sid] = f"setting {sid or '?'}"
             continue
-        diff = [
-            k for k, v in values.items() if not k.startswith(NAMED_APART) and defaults.get(k, MISSING) != v
-        ]
+        base = defaults_of(str(dataset))
+        diff = [k for k, v in values.items() if not k.startswith(NAMED_APART) and base.get(k, MISSING) != v]
         names[sid] = _values(values, diff) or "paper settings"
-    family = runs.drop_duplicates("setting_id").groupby(
-        ["benchmark", "sam2", "dinov2", "variant"], dropna=False
-    )
-    for _, group in family:
+    for _, group in settings.groupby(["benchmark", "sam2", "dinov2", "variant"], dropna=False):
         by_name: dict[str, list[str]] = {}
         for sid in group["setting_id"]:
             by_name.setdefault(names[sid], []).append(sid)
-        for same in (
-            sids for sids in by_name.values() if len(sids) > 1 and all(s in identities for s in sids)
-        ):
-            keys = sorted({k for s in same for k in identities[s]})
-            apart = [
-                k for k in keys if len({json.dumps(identities[s].get(k), default=str) for s in same}) > 1
-            ]
+        for same in (s for s in by_name.values() if len(s) > 1 and all(sid in identities for sid in s)):
+            keys = sorted({k for sid in same for k in identities[sid]})
+            apart = [k for k in keys if len({json.dumps(identities[s].get(k)) for s in same}) > 1]
             for sid in same:
                 names[sid] = f"{names[sid]}; {_values(identities[sid], apart)}"
     return names
