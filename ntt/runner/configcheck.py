@@ -28,7 +28,7 @@ def check_config(cfg: Any) -> None:
         cfg: a job's composed config; with the `hydra` node, the folders Hydra's app makes are checked too.
 
     Raises:
-        ConfigError: naming the first bad key.
+        ConfigError: naming the first bad key; `StageError` for an unknown stage.
     """
     settings = validate_config(cfg)
     validate_stages(settings.stages)
