@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
@@ -23,15 +23,30 @@ help: ## list the targets
 
 setup: $(STAMP) ## create $(VENV) and install ntt + torch + sam2/dinov2 (--no-deps) + dev tools
 
-$(STAMP): pyproject.toml Makefile
+# The versions the test suite passed with (pip constraints; pyproject.toml keeps its ranges): `make lock`
+# refreshes the file, `make test` then checks them.
+LOCK := constraints.txt
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade -c $(LOCK) pip setuptools wheel
 	@if [ -n "$(TORCH)" ]; then echo "installing $(TORCH)"; $(PIP) install -q "$(TORCH)"; \
 	 else echo "TORCH is empty: keeping the installed torch"; $(PY) -c "import torch; print('torch', torch.__version__)"; fi
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
 	@# sam2 and dinov2 declare dependencies that pull torchvision / CUDA torch / xformers: install them bare.
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0 dinov2==0.0.1.dev2
 	@touch $@
+
+lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a fresh venv (then `make test`)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH)" ]; then .venv-lock/bin/python -m pip install -q "$(TORCH)"; fi
+	.venv-lock/bin/python -m pip install -q ".[dev]"
+	@{ sed -n '1,6p' $(LOCK); \
+	   echo "# This file: \`make lock\` on $$(date +%F), $$(.venv-lock/bin/python -V), $$(uname -m) $$(uname -s)."; \
+	   .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(torch|sam2|dinov2|ntt)==' ; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls .venv with these versions) and commit the file if it passes"
 
 test: setup ## run the default test suite (< 15 min on 2 CPU cores); fails if no test ran
 	@set -o pipefail; $(PY) -m pytest -q $(ARGS); rc=$$?; \
