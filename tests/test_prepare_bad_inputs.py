@@ -54,14 +54,7 @@ def coco_tree(root: Path) -> Path:
 
 
 def voc_tree(root: Path) -> Path:
-    make_devkit(root / "voc")
-    for year, splits in (("2007", ("train", "val")), ("2012", ("train", "val"))):
-        main = root / "voc" / "VOCdevkit" / f"VOC{year}" / "ImageSets" / "Main"
-        names = (main / "trainval.txt").read_text().split()
-        for split in splits:  # the official tarballs ship train/val lists too
-            part = names[: len(names) // 2 or 1] if split == "train" else names[len(names) // 2 or 1 :]
-            (main / f"{split}.txt").write_text("".join(f"{n}\n" for n in part))
-    return root / "voc" / "VOCdevkit"
+    return make_devkit(root / "voc")
 
 
 def lvis_tree(root: Path) -> Path:

@@ -26,8 +26,9 @@ from conftest import DATA, require_path
 from PIL import Image
 
 from ntt.prepare import main as prepare_main
-from ntt.prepare.box_to_mask import PrepareError, add_masks
+from ntt.prepare.box_to_mask import add_masks
 from ntt.prepare.contours import external_contours
+from ntt.prepare.errors import PrepareError
 from ntt.prepare.mask_models import build_masker
 
 CKPT_NAME = "sam_vit_h_4b8939.pth"  # the official file name build_masker looks for
