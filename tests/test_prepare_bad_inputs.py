@@ -23,6 +23,7 @@ from test_prepare_cdfsod import _coco, make_fish
 from test_prepare_voc import SquareMasker, make_devkit
 
 from ntt import cli
+from ntt.prepare.errors import PrepareError
 
 FAKE = ["--mask-model", "fake", "--device", "cpu"]  # the test double (see `fake_masker`)
 
@@ -512,3 +513,115 @@ def test_bad_input_meets_the_bar(case, tmp_path, monkeypatch, caplog, capsys, fa
     assert _snapshot(tmp_path) == before, "something was written or changed"
 
     assert re.search(expected, message), f"{message!r} does not match {expected!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the bar alone does not show
+
+
+def test_verbose_shows_the_traceback(tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("NTT_DATA", str(tmp_path))
+    monkeypatch.delenv("NTT_TRACEBACK", raising=False)  # -v sets it: restored after the test
+    rc, errors, _ = run_prepare(["lvis", "-v"], caplog, capsys)
+    assert rc == 2 and len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_the_mask_model_is_built_only_after_the_data_passed(
+    tmp_path, monkeypatch, caplog, capsys, fake_masker
+):
+    monkeypatch.setenv("NTT_DATA", str(tmp_path))
+    voc_tree(tmp_path)
+    _xml(tmp_path, "2007", "000005").write_text("<annotation/>")
+    rc, errors, _ = run_prepare(["voc", *FAKE], caplog, capsys)
+    assert rc == 2 and "000005.xml" in errors[0].getMessage() and fake_masker["built"] == 0
+    voc_tree(tmp_path / "good")
+    before = _snapshot(tmp_path)
+    rc, errors, output = run_prepare(
+        ["voc", "--root", str(tmp_path / "good/voc"), "--check-only", *FAKE], caplog, capsys
+    )
+    assert (rc, errors, fake_masker["built"]) == (0, [], 0) and "checked, ready" in output
+    assert _snapshot(tmp_path) == before
+    rc, _, _ = run_prepare(["voc", "--root", str(tmp_path / "good/voc"), *FAKE], caplog, capsys)
+    assert rc == 0 and fake_masker["built"] == 1
+
+
+def test_a_failure_in_the_mask_step_puts_no_output_in_place(tmp_path, monkeypatch):
+    """VOC all-or-nothing: an image failing in the mask model (after every check passed) leaves no json and
+    no allimages/ in place, only the resume files; the rerun makes everything and redoes only that image."""
+    from ntt.prepare.voc import prepare_voc
+
+    voc_tree(tmp_path)
+    root = tmp_path / "voc"
+    failing = SquareMasker(fail_on="000001.jpg")
+    with pytest.raises(PrepareError, match=r"1 image\(s\) failed.*000001\.jpg.*rerun the same command"):
+        prepare_voc(root, make_masker=lambda: failing, contour_backend="python")
+    left = sorted(p.name for p in (root / "annotations").iterdir())
+    assert left == [
+        "voc0712_trainval_with_segm.json.partial.jsonl",
+        "voc07_test_with_segm.json.partial.jsonl",
+    ]
+    assert not (root / "allimages").exists()
+    again = SquareMasker()
+    written = prepare_voc(root, make_masker=lambda: again, contour_backend="python")
+    assert again.calls == ["000001.jpg"] and len(written) == 12
+    assert sorted(p.name for p in (root / "annotations").iterdir()) == sorted(p.name for p in written)
+
+
+def test_box_jsons_are_the_same_bytes_with_and_without_masks(tmp_path):
+    from ntt.prepare.voc import prepare_voc
+
+    voc_tree(tmp_path / "a")
+    voc_tree(tmp_path / "b")
+    boxes = prepare_voc(tmp_path / "a/voc")
+    prepare_voc(tmp_path / "b/voc", make_masker=SquareMasker, contour_backend="python")
+    for p in boxes:
+        assert p.read_bytes() == (tmp_path / "b/voc/annotations" / p.name).read_bytes(), p.name
+
+
+def test_a_with_segm_json_of_an_older_box_json_is_made_again(tmp_path, caplog):
+    """Its recorded sha256 is not the box json's any more: kept, it would pair today's boxes with masks of
+    other boxes, silently; so it is redone with a warning (an up-to-date one, or one without a record, is
+    kept)."""
+    from ntt.prepare.box_to_mask import add_masks
+
+    box, img = masks_tree(tmp_path)
+    out = add_masks(box, img, SquareMasker(), contour_backend="python", progress=False)
+    first = json.loads(out.read_text())
+    kept = SquareMasker()
+    add_masks(box, img, kept, contour_backend="python", progress=False)
+    assert kept.calls == []
+    _edit_json(box, lambda j: j["annotations"][0].update(bbox=[0, 0, 4, 4]))
+    redo = SquareMasker()
+    with caplog.at_level(logging.WARNING):
+        add_masks(box, img, redo, contour_backend="python", progress=False)
+    assert redo.calls == ["a.jpg"]
+    assert any("made from another version of boxes.json" in r.getMessage() for r in caplog.records)
+    second = json.loads(out.read_text())
+    assert second["ntt_masks"]["source_sha256"] != first["ntt_masks"]["source_sha256"]
+    assert second["annotations"][0]["area"] == 16.0 and first["annotations"][0]["area"] == 30.0
+    del second["ntt_masks"]  # as the authors' files: no record of the box json
+    out.write_text(json.dumps(second))
+    _edit_json(box, lambda j: j["annotations"][0].update(bbox=[1, 1, 4, 4]))
+    unknown = SquareMasker()
+    add_masks(box, img, unknown, contour_backend="python", progress=False)
+    assert unknown.calls == []
+
+
+def test_make_prepare_checks_the_data_before_downloading_sam(tmp_path):
+    """`make prepare-voc` / `prepare-cdfsod`: the free data check, then the 2.5 GB download, then the work."""
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    for target in ("prepare-voc", "prepare-cdfsod"):
+        lines = subprocess.run(
+            ["make", "-n", "-o", ".venv/.ntt-installed", target], cwd=REPO, capture_output=True, text=True
+        ).stdout.splitlines()
+        order = [
+            next(i for i, ln in enumerate(lines) if key in ln)
+            for key in ("--check-only", "ntt download sam_vit_h", "--mask-model")
+        ]
+        assert order == sorted(order), lines

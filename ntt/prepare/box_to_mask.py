@@ -152,6 +152,7 @@ def plan_masks(
             fix_missing=f"put them into {folder} (the folder the file_name values of {box_json.name} are "
             "relative to), or give the right folder",
             fix_size=f"fix width/height in {box_json.name} (or replace the image)",
+            fix_unreadable="replace them with the image files (a copy cut short or of another format?)",
         )
     if not overwrite and _up_to_date(output, box_json, source_sha):
         return None

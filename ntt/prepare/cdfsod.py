@@ -36,7 +36,7 @@ DATASETS = {
 }
 SHOTS = (1, 5, 10)
 DOWNLOADS = (
-    "the CD-FSOD benchmark (CD-ViTO, ECCV 2024) distributes the six datasets in this layout; see the "
+    "The CD-FSOD benchmark (CD-ViTO, ECCV 2024) distributes the six datasets in this layout; see the "
     "benchmark's repository (lovelyqian/CDFSOD-benchmark) for the download links"
 )
 
@@ -94,11 +94,15 @@ def prepare_cdfsod(
     if missing:
         lines = "; ".join(
             f"{k}: missing "
-            + (f"{root / k}/ (the whole folder)" if not (root / k).is_dir() else ", ".join(v))
+            + (
+                ", ".join(str(Path(p).relative_to(root / k)) for p in v)
+                if (root / k).is_dir()
+                else "the whole folder"
+            )
             for k, v in missing.items()
         )
         raise PrepareError(f"CD-FSOD layout incomplete under {root}: {lines}. {DOWNLOADS}")
-    fix = f"the file is broken: download the dataset again ({DOWNLOADS})"
+    fix = "fix it, or download the dataset again (the links: lovelyqian/CDFSOD-benchmark)"
     planned = [
         (plan_masks(box_json, image_dir, overwrite=overwrite, fix=fix), with_segm_path(box_json))
         for name in names or list(DATASETS)

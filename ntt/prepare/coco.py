@@ -65,13 +65,13 @@ def check_coco(root: str | Path, *, deep: bool = False) -> list[str]:
         path = root / rel
         if rel.endswith(".json"):
             if not path.is_file():
-                problems.append(f"{path} is not a file (download {url})")
+                problems.append(f"{path} is not a file: download {url}")
             elif not _looks_whole(path):
-                problems.append(f"{path} is truncated or not json (download {url} again)")
+                problems.append(f"{path} is not a whole json object (cut short?): download {url} again")
         elif not path.is_dir():
-            problems.append(f"{path} is not a folder (extract {url} into {root})")
+            problems.append(f"{path} is not a folder: extract {url} into {root}")
         elif not _has_image(path):
-            problems.append(f"{path} holds no images (extract {url} into {root})")
+            problems.append(f"{path} holds no images: extract {url} into {root}")
     if problems:
         raise PrepareError(f"COCO 2017 layout under {root}: {named(problems)}")
     report = [f"{root / rel}: present" for rel in REQUIRED]

@@ -35,11 +35,11 @@ def read_coco_json(path: str | Path, *, fix: str) -> dict:
 
     Args:
         path: the json file.
-        fix: what to do when it is missing or broken (e.g. which archive to download again).
+        fix: what to do when it is broken (e.g. which archive to download again).
     """
     path = Path(path)
     if not path.is_file():
-        raise PrepareError(f"{path} {'is not a file' if path.exists() else 'not found'}: {fix}")
+        raise PrepareError(f"{path} {'is not a file' if path.exists() else 'not found'}: check the path")
     try:
         return load_coco_json(path)
     except UnicodeDecodeError as exc:
@@ -104,13 +104,20 @@ def check_coco_records(data: dict, path: str | Path, *, fix: str = BOX_JSON_FIX)
         raise PrepareError(f"{path}: {named(problems)}: {fix}")
 
 
-def check_images(images: Iterable[tuple[Path, int, int, str]], *, fix_missing: str, fix_size: str) -> int:
+def check_images(
+    images: Iterable[tuple[Path, int, int, str]],
+    *,
+    fix_missing: str,
+    fix_size: str,
+    fix_unreadable: str | None = None,
+) -> int:
     """Every image file is there, its header reads, and its size is the recorded one.
 
     Args:
         images: ``(file, width, height, where that size is recorded)`` per image.
-        fix_missing: what to do about missing or unreadable files (e.g. which archive to extract).
+        fix_missing: what to do about missing files (e.g. which archive to extract).
         fix_size: what to do about a size that disagrees.
+        fix_unreadable: what to do about files that are not images (default: `fix_missing`).
 
     Returns:
         The number of images checked.
@@ -137,7 +144,9 @@ def check_images(images: Iterable[tuple[Path, int, int, str]], *, fix_missing: s
     if missing:
         parts.append(f"{len(missing)} image file(s) not found: {named(missing)}: {fix_missing}")
     if unreadable:
-        parts.append(f"{len(unreadable)} image file(s) cannot be read: {named(unreadable)}: {fix_missing}")
+        parts.append(
+            f"{len(unreadable)} image file(s) cannot be read: {named(unreadable)}: {fix_unreadable or fix_missing}"
+        )
     if wrong:
         parts.append(f"{named(wrong)}: {fix_size}")
     if parts:
