@@ -227,13 +227,13 @@ def make_masks(
         staged.add(job.output, json.dumps(_with_masks(job, done, masker.info, contours)))
         staged.remove_after_commit(job.partial)
     if failures:
-        job, failed = failures[0]
+        first, failed = failures[0]
         image_id, error = next(iter(failed.items()))
         n = sum(len(f) for _, f in failures)
         kept = ", ".join(str(job.partial) for job, _ in failures)
         raise PrepareError(
-            f"{n} image(s) failed in the mask step, e.g. {job.image_files[image_id]} (image {image_id} of "
-            f"{job.box_json}): {error}; the finished images are kept in {kept}: fix what the error names, then "
+            f"{n} image(s) failed in the mask step, e.g. {first.image_files[image_id]} (image {image_id} of "
+            f"{first.box_json}): {error}; the finished images are kept in {kept}: fix what the error names, then "
             "rerun the same command (only the failed images are redone)"
         )
 
