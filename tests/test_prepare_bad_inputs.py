@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -452,6 +453,43 @@ def _case_masks_data_checked_before_the_model(r):
     return args, r"a\.jpg"
 
 
+def _case_coco_deep_image_of_another_size(r):
+    d = coco_tree(r)
+    Image.new("RGB", (20, 17)).save(d / "val2017" / "000000000001.jpg")
+    return ["coco", "--deep"], r"val2017/000000000001\.jpg is 20x17.*instances_val2017\.json.*height=16"
+
+
+def _case_voc2012_missing(r):
+    voc_tree(r)
+    shutil.rmtree(r / "voc/VOCdevkit/VOC2012")
+    return ["voc", "--boxes-only"], r"VOC2012/Annotations.*VOCtrainval_11-May-2012\.tar"
+
+
+def _case_voc_xml_empty_file(r):
+    voc_tree(r)
+    _xml(r, "2007", "000007").write_text("")
+    return ["voc", "--boxes-only"], r"000007\.xml.*not readable xml"
+
+
+def _case_cdfsod_test_json_missing(r):
+    make_fish(r / "cdfsod")
+    (r / "cdfsod/FISH/annotations/test.json").unlink()
+    return ["cdfsod", "--datasets", "FISH", *FAKE], r"FISH: missing annotations/test\.json.*CDFSOD-benchmark"
+
+
+def _case_lvis_val_json_is_a_folder(r):
+    orig = lvis_tree(r)
+    (orig / "lvis_v1_val.json").unlink()
+    (orig / "lvis_v1_val.json").mkdir()
+    return ["lvis"], r"lvis_v1_val\.json is not a file"
+
+
+def _case_masks_images_not_objects(r):
+    masks_tree(r)
+    _edit_json(r / "mine/boxes.json", lambda j: j.update(images=[1, 2]))
+    return _masks_args(r), r"boxes\.json: images\[0\] is not an object"
+
+
 CASES = {name[len("_case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("_case_")}
 
 
@@ -609,7 +647,6 @@ def test_a_with_segm_json_of_an_older_box_json_is_made_again(tmp_path, caplog):
 
 def test_make_prepare_checks_the_data_before_downloading_sam(tmp_path):
     """`make prepare-voc` / `prepare-cdfsod`: the free data check, then the 2.5 GB download, then the work."""
-    import shutil
     import subprocess
 
     from conftest import REPO
