@@ -109,7 +109,7 @@ def prepare_cdfsod(
         for box_json, image_dir in jobs(root / name)
     ]
     if make_masker is None or check_only:
-        log.info("CD-FSOD layout complete under %s (no mask model given: nothing converted)", root)
+        log.info("CD-FSOD layout complete under %s: every json and image checked (no masks made)", root)
         return []
     with StagedOutputs() as staged:
         make_masks([job for job, _ in planned], make_masker, staged, contour_backend=contour_backend)
