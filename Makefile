@@ -95,16 +95,22 @@ bench-fastpaths: setup ## fast paths vs parity mode: images/s, memory, agreement
 	$(PY) -m ntt.tools.fastpaths $(ARGS)
 
 # Benchmark data: public downloads -> the jsons conf/dataset/* read (docs/reproducing.md).
+# The data is checked first (--check-only: free, seconds); SAM ViT-H (2.5 GB) is downloaded only after that
+# check passed, and only when it is the mask model asked for and masks are made (not with --boxes-only).
 MASK_MODEL ?= sam_vit_h
+FETCH_SAM_VIT_H = if [ "$(MASK_MODEL)" = sam_vit_h ] && [[ " $(ARGS) " != *" --boxes-only "* ]]; then \
+	$(PY) -m ntt download sam_vit_h --quiet || true; fi
 prepare-coco: setup ## check the COCO 2017 layout in data/coco (nothing to convert)
 	$(PY) -m ntt prepare coco $(ARGS)
 
 prepare-voc: setup ## VOC07+12 xml -> COCO jsons + SAM masks in data/voc (MASK_MODEL=sam_vit_h; GPU advised)
-	$(PY) -m ntt download sam_vit_h --quiet || true
+	$(PY) -m ntt prepare voc --check-only $(ARGS)
+	$(FETCH_SAM_VIT_H)
 	$(PY) -m ntt prepare voc --mask-model $(MASK_MODEL) $(ARGS)
 
 prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and test.json in data/cdfsod
-	$(PY) -m ntt download sam_vit_h --quiet || true
+	$(PY) -m ntt prepare cdfsod --check-only $(ARGS)
+	$(FETCH_SAM_VIT_H)
 	$(PY) -m ntt prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
 
 prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
