@@ -234,12 +234,17 @@ def test_killed_after_two_images_a_rerun_segments_only_the_third_and_ends_with_t
     assert killed.returncode == -9, killed.stderr[-2000:]
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["file_name"] for line in lines] == ["a5.jpg", "b6.png"]  # kill -9 kept them
+    with open(out / "predictions.jsonl", "a") as f:  # and a kill in the middle of a line: ended, then ignored
+        f.write(lines[0][:40])
     caplog.set_level("INFO")
     assert main(_argv(three, out)) == 0
     assert calls == {"images": 1, "builds": 0}  # only the third image; the saved bank was kept
     assert "2 of 3 image(s) already segmented with this bank and these settings" in caplog.text
     assert "made from these references and settings, kept (not encoded again)" in caplog.text
     _same_outputs(out, uninterrupted)
+    assert [
+        json.loads(line)["file_name"] for line in (out / "predictions.jsonl").read_text().splitlines()[3:]
+    ] == ["b7.jpg"]
 
 
 def test_ctrl_c_keeps_the_finished_images_and_writes_their_jsons(three, uninterrupted, monkeypatch, caplog):

@@ -113,7 +113,7 @@ def segment_folder(
         rel = path.relative_to(image_root).as_posix() if image_root is not None else path.name
         targets.append(_Image(img_id, path, rel, image_key(settings, file_sha(digests, path), rel)))
     lines = out / LINES_FILE
-    keys = [(t.id, t.file_name, t.key) for t in targets]
+    entries = [(t.id, t.file_name, t.key) for t in targets]  # what write_results lists, in id order
     done, stale = read_lines(lines, {t.key for t in targets})
     if stale:
         log.info("%s: %d line(s) of other settings, banks or older images ignored", lines, stale)
@@ -126,44 +126,17 @@ def segment_folder(
             lines,
             len(todo),
         )
-    names = _overlay_names(targets)
-    drawn = [score_thr, max_draw] if overlays else None
+    pictures = _overlay_files(out / "overlays", targets) if overlays else None
+    drawn = [score_thr, max_draw] if overlays else None  # recorded in each line: a rerun redraws others
     try:
         with open_lines(lines) as sink:
-            if overlays:
-                for t in targets:
-                    rec = done.get(t.key)
-                    target = out / "overlays" / f"{names[t.id]}.png"
-                    if (
-                        rec is not None
-                        and rec["ok"]
-                        and (rec.get("overlay") != drawn or not target.is_file())
-                    ):
-                        _redraw(seg, t, rec, target, score_thr, max_draw)
-                        append_line(sink, lines, {**rec, "overlay": drawn})
-            sizes = _read_sizes(todo, sink, lines)  # unreadable images are recorded now, as failures
-            readable = [t for t in todo if t.id in sizes]
-            results = seg.iter_predict([t.path for t in readable], errors="yield")
-            for inst, t in zip(results, readable):  # results first: the generator ends (its bar completes)
-                if isinstance(inst, Exception):  # one bad image must not lose the others
-                    log.error("image %s failed: %s (recorded in failed.json; the others go on)", t.path, inst)
-                    error = {
-                        "error": f"{type(inst).__name__}: {inst}",
-                        "traceback": "".join(traceback.format_exception(inst)),
-                    }
-                    record = _line(t, False, sizes[t.id], failure=error)
-                else:
-                    if overlays:
-                        write_png_atomic(
-                            inst.overlay(score_thr=score_thr, max_instances=max_draw),
-                            out / "overlays" / f"{names[t.id]}.png",
-                        )
-                    record = _line(t, True, sizes[t.id], results=inst.to_coco(t.id), overlay=drawn)
-                append_line(sink, lines, record)  # after its overlay: a line means the image is complete
+            if pictures is not None:
+                _redraw_overlays(seg, targets, done, pictures, drawn, sink, lines)
+            _segment(seg, todo, pictures, drawn, sink, lines)
     except BaseException as stop:
-        _merge_what_is_done(out, lines, keys, seg.bank, stop)
+        _merge_what_is_done(out, lines, entries, seg.bank, stop)
         raise
-    summary = write_results(out, keys, read_lines(lines, {k for *_, k in keys})[0], seg.bank)
+    summary = write_results(out, entries, read_lines(lines, {t.key for t in targets})[0], seg.bank)
     with naming(out / CACHE_FILE):
         digests.save()
     failed = summary["failed"]
@@ -177,15 +150,60 @@ def segment_folder(
     return {**summary, "reused": len(targets) - len(todo), "segmented": len(todo)}
 
 
-def _overlay_names(targets: list[_Image]) -> dict[int, str]:
-    """Overlay file names: the image's stem, made unique with the image id for equal stems."""
-    names: dict[int, str] = {}
+def _overlay_files(folder: Path, targets: list[_Image]) -> dict[int, Path]:
+    """Overlay file per image id: ``<stem>.png``, made unique with the image id for equal stems."""
+    files: dict[int, Path] = {}
     stems: dict[str, int] = {}
     for t in targets:
         stem = t.path.stem
         stems[stem] = stems.get(stem, 0) + 1
-        names[t.id] = stem if stems[stem] == 1 else f"{stem}_{t.id}"
-    return names
+        files[t.id] = folder / (f"{stem}.png" if stems[stem] == 1 else f"{stem}_{t.id}.png")
+    return files
+
+
+def _segment(seg, todo: list[_Image], pictures: dict[int, Path] | None, drawn, sink, lines: Path) -> None:
+    """Segment the images to do, appending each one's line (after its overlay) as it finishes."""
+    sizes = _read_sizes(todo, sink, lines)  # unreadable images are recorded now, as failures
+    readable = [t for t in todo if t.id in sizes]
+    if not readable:
+        return
+    results = seg.iter_predict([t.path for t in readable], errors="yield")
+    for inst, t in zip(results, readable):  # results first: the generator ends (its bar completes)
+        if isinstance(inst, Exception):  # one bad image must not lose the others
+            log.error("image %s failed: %s (recorded in failed.json; the others go on)", t.path, inst)
+            error = {
+                "error": f"{type(inst).__name__}: {inst}",
+                "traceback": "".join(traceback.format_exception(inst)),
+            }
+            record = _line(t, False, sizes[t.id], failure=error)
+        else:
+            if pictures is not None:
+                write_png_atomic(inst.overlay(score_thr=drawn[0], max_instances=drawn[1]), pictures[t.id])
+            record = _line(t, True, sizes[t.id], results=inst.to_coco(t.id), overlay=drawn)
+        append_line(sink, lines, record)  # a line means the image is complete, overlay included
+
+
+def _redraw_overlays(seg, targets, done: dict[str, dict], pictures, drawn, sink, lines: Path) -> None:
+    """Kept images whose overlay is missing or was drawn with other settings: drawn again from their line
+    (the same picture as drawing their Instances), and the line appended again with the new settings."""
+    from ntt.app.visualize import draw_results
+    from ntt.data.images import read_image
+
+    bank = seg.bank
+    for t in targets:
+        rec = done.get(t.key)
+        if rec is None or not rec["ok"] or (rec.get("overlay") == drawn and pictures[t.id].is_file()):
+            continue
+        picture = draw_results(
+            read_image(t.path)[0],
+            rec["results"],
+            bank.category_names,
+            bank.category_ids,
+            score_thr=drawn[0],
+            max_instances=drawn[1],
+        )
+        write_png_atomic(picture, pictures[t.id])
+        append_line(sink, lines, {**rec, "overlay": drawn})
 
 
 def _line(t: _Image, ok: bool, size: tuple[int, int] | None, **fields: Any) -> dict[str, Any]:
@@ -212,28 +230,10 @@ def _read_sizes(todo: list[_Image], sink, lines: Path) -> dict[int, tuple[int, i
     return sizes
 
 
-def _redraw(seg, t: _Image, rec: dict, target: Path, score_thr: float, max_draw: int | None) -> None:
-    """A kept image's overlay drawn again from its line (the same picture as drawing its Instances)."""
-    from ntt.app.visualize import draw_results
-    from ntt.data.images import read_image
-
-    pil, _ = read_image(t.path)
-    bank = seg.bank
-    picture = draw_results(
-        pil,
-        rec["results"],
-        bank.category_names,
-        bank.category_ids,
-        score_thr=score_thr,
-        max_instances=max_draw,
-    )
-    write_png_atomic(picture, target)
-
-
-def _merge_what_is_done(out: Path, lines: Path, keys: list, bank, stop: BaseException) -> None:
+def _merge_what_is_done(out: Path, lines: Path, entries: list, bank, stop: BaseException) -> None:
     """On Ctrl-C or an error: the jsons of the images finished so far (best effort: the disk may be full)."""
     try:
-        summary = write_results(out, keys, read_lines(lines, {k for *_, k in keys})[0], bank)
+        summary = write_results(out, entries, read_lines(lines, {key for *_, key in entries})[0], bank)
     except Exception as err:  # noqa: BLE001 - the original error is the one to report
         log.error("could not write the results of the finished images: %s", err)
         return
@@ -241,8 +241,8 @@ def _merge_what_is_done(out: Path, lines: Path, keys: list, bank, stop: BaseExce
         log.warning(
             "interrupted: %d of %d image(s) done and kept (%s, predictions.json, dataset.json); rerun the "
             "same command to segment the other %d",
-            len(keys) - summary["missing"],
-            len(keys),
+            len(entries) - summary["missing"],
+            len(entries),
             lines,
             summary["missing"],
         )
