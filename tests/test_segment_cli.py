@@ -296,6 +296,14 @@ def test_deleted_overlays_are_redrawn_from_the_lines_without_segmenting(three, u
     assert main(_argv(three, out)) == 0
     assert calls == {"images": 0, "builds": 0}
     _same_outputs(out, uninterrupted)  # drawn from the lines: the same pictures
+    assert main(_argv(three, out, "--max-draw", "1")) == 0  # other drawing settings: redrawn, not segmented
+    assert calls == {"images": 0, "builds": 0}
+    kept = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[-3:]]
+    assert [(line["file_name"], line["overlay"]) for line in kept] == [
+        ("a5.jpg", [0.0, 1]),
+        ("b6.png", [0.0, 1]),
+        ("b7.jpg", [0.0, 1]),
+    ]
 
 
 def _full_disk_at(monkeypatch, file_name: str) -> None:
