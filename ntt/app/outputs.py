@@ -107,7 +107,7 @@ def check_writable(folder: Path) -> None:
         ) from err
 
 
-OVERLAY_SUFFIX = ".overlay.png"  # the Python API's documented overlay name: <image>.overlay.png
+OVERLAY_SUFFIX = ".overlay.png"  # what earlier examples of the Python API wrote beside each photo
 
 
 def skip_own_outputs(files: list[Path], out: Path | None, folder: str | os.PathLike) -> list[Path]:

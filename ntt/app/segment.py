@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     """``ntt segment``: references + a folder of images -> COCO results json and overlay PNGs."""
     ap = argparse.ArgumentParser(
         prog="ntt segment",
-        description=__doc__.split("\n\n", 1)[0],
+        description="Segment a folder of your own images from a few references, in one command.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
