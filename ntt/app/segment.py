@@ -285,7 +285,6 @@ paths.checkpoints=/models ...). No checkpoints yet: `ntt download sam2.1_hiera_t
 
 Stopped (Ctrl-C, kill, full disk)? Rerun the same command: the finished images are kept (OUT/predictions.jsonl)
 and only the others are segmented; an edited image is redone, a changed setting redoes every image.
-More: docs/practitioner.md.
 """
 
 
