@@ -9,7 +9,7 @@
     seg.save("pets.ntt")                                                   # kilobytes, no model weights
     for inst in seg.predict("photos/"):                                    # an image, a list or a folder
         print(inst.path, inst.class_names, inst.scores)
-        inst.overlay().save(f"overlays/{Path(inst.path).stem}.png")       # not into photos/
+        inst.overlay().save(f"out/{Path(inst.path).stem}.png")            # not into photos/
 
 Any number of references per class: the prototype of a class is the L2-normalised mean of its own
 references' features only (docs/method.md §4). The references are encoded by the benchmark's own functions
