@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
@@ -23,15 +23,30 @@ help: ## list the targets
 
 setup: $(STAMP) ## create $(VENV) and install ntt + torch + sam2/dinov2 (--no-deps) + dev tools
 
-$(STAMP): pyproject.toml Makefile
+# The versions the test suite passed with (pip constraints; pyproject.toml keeps its ranges): `make lock`
+# refreshes the file, `make test` then checks them.
+LOCK := constraints.txt
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade -c $(LOCK) pip setuptools wheel
 	@if [ -n "$(TORCH)" ]; then echo "installing $(TORCH)"; $(PIP) install -q "$(TORCH)"; \
 	 else echo "TORCH is empty: keeping the installed torch"; $(PY) -c "import torch; print('torch', torch.__version__)"; fi
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
 	@# sam2 and dinov2 declare dependencies that pull torchvision / CUDA torch / xformers: install them bare.
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0 dinov2==0.0.1.dev2
 	@touch $@
+
+lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a fresh venv (then `make test`)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH)" ]; then .venv-lock/bin/python -m pip install -q "$(TORCH)"; fi
+	.venv-lock/bin/python -m pip install -q ".[dev]"
+	@{ sed -n '1,6p' $(LOCK); \
+	   echo "# This file: \`make lock\` on $$(date +%F), $$(.venv-lock/bin/python -V), $$(uname -m) $$(uname -s)."; \
+	   .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(torch|sam2|dinov2|ntt)==' ; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls .venv with these versions) and commit the file if it passes"
 
 test: setup ## run the default test suite (< 15 min on 2 CPU cores); fails if no test ran
 	@set -o pipefail; $(PY) -m pytest -q $(ARGS); rc=$$?; \
@@ -80,16 +95,22 @@ bench-fastpaths: setup ## fast paths vs parity mode: images/s, memory, agreement
 	$(PY) -m ntt.tools.fastpaths $(ARGS)
 
 # Benchmark data: public downloads -> the jsons conf/dataset/* read (docs/reproducing.md).
+# The data is checked first (--check-only: free, seconds); SAM ViT-H (2.5 GB) is downloaded only after that
+# check passed, and only when it is the mask model asked for and masks are made (not with --boxes-only).
 MASK_MODEL ?= sam_vit_h
+FETCH_SAM_VIT_H = if [ "$(MASK_MODEL)" = sam_vit_h ] && [[ " $(ARGS) " != *" --boxes-only "* ]]; then \
+	$(PY) -m ntt download sam_vit_h --quiet || true; fi
 prepare-coco: setup ## check the COCO 2017 layout in data/coco (nothing to convert)
 	$(PY) -m ntt prepare coco $(ARGS)
 
 prepare-voc: setup ## VOC07+12 xml -> COCO jsons + SAM masks in data/voc (MASK_MODEL=sam_vit_h; GPU advised)
-	$(PY) -m ntt download sam_vit_h --quiet || true
+	$(PY) -m ntt prepare voc --check-only $(ARGS)
+	$(FETCH_SAM_VIT_H)
 	$(PY) -m ntt prepare voc --mask-model $(MASK_MODEL) $(ARGS)
 
 prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and test.json in data/cdfsod
-	$(PY) -m ntt download sam_vit_h --quiet || true
+	$(PY) -m ntt prepare cdfsod --check-only $(ARGS)
+	$(FETCH_SAM_VIT_H)
 	$(PY) -m ntt prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
 
 prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,39 @@ def test_a_bank_in_the_former_reference_bank_layout_loads_and_predicts_alike(fss
     assert torch.equal(loaded.bank.prototypes(), bank.prototypes()) and loaded.bank.config == bank.config
     image = FSS / "images/basketball/6.jpg"
     assert json.dumps(loaded.predict(image).to_coco(1)) == json.dumps(seg.predict(image).to_coco(1))
+
+
+def test_progress_bar_counts_each_image_as_it_finishes(fss_segmenter, monkeypatch):
+    """The bar stood one short: it counted an image when the next one was asked for, never the last."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if kwargs.get("desc") == "segment":
+                bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    images = [FSS / "images/apple/5.jpg", FSS / "images/basketball/6.jpg"]
+    fss_segmenter.build(progress=False)
+    seen = []
+    for _ in fss_segmenter.iter_predict(images, keep_image=False):  # as a consumer that stops at the last
+        seen.append(bars[-1].n)
+    assert seen == [1, 2] and bars[-1].total == 2
+
+
+def test_a_folder_predict_skips_the_overlays_written_next_to_the_images(fss_segmenter, tmp_path):
+    """The documented ``<image>.overlay.png`` next to a photo is not segmented by the next predict."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(FSS / "images/apple/5.jpg", photos / "a.jpg")
+    shutil.copy(FSS / "images/apple/5.jpg", photos / "a.jpg.overlay.png")
+    assert [Path(inst.path).name for inst in fss_segmenter.predict(photos, keep_image=False)] == ["a.jpg"]
+    (photos / "a.jpg").unlink()
+    with pytest.raises(ValueError, match="besides the overlays ntt wrote"):
+        fss_segmenter.predict(photos)
 
 
 def test_box_references_from_a_boxes_only_coco_json(tmp_path):

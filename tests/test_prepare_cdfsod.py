@@ -10,9 +10,9 @@ from PIL import Image
 from test_prepare_voc import SquareMasker
 
 from ntt.prepare import main as prepare_main
-from ntt.prepare.box_to_mask import PrepareError
 from ntt.prepare.cdfsod import check_layout, prepare_cdfsod
 from ntt.prepare.coco import check_coco
+from ntt.prepare.errors import PrepareError
 from ntt.prepare.lvis import fix_lvis_json, prepare_lvis
 
 
@@ -55,7 +55,7 @@ def test_cdfsod_layout_report_names_missing_files(tmp_path):
 
 def test_cdfsod_masks_for_shot_files_and_test(tmp_path):
     d = make_fish(tmp_path)
-    written = prepare_cdfsod(tmp_path, names=["FISH"], masker=SquareMasker(), contour_backend="python")
+    written = prepare_cdfsod(tmp_path, names=["FISH"], make_masker=SquareMasker, contour_backend="python")
     assert sorted(p.name for p in written) == [
         "10_shot_with_segm.json", "1_shot_with_segm.json", "5_shot_with_segm.json", "test_with_segm.json",
     ]  # fmt: skip
@@ -74,6 +74,7 @@ def test_coco_layout_check(tmp_path):
     (tmp_path / "annotations").mkdir()
     for rel in ("train2017", "val2017"):
         (tmp_path / rel).mkdir()
+        Image.new("RGB", (20, 16)).save(tmp_path / rel / "other.jpg")  # an empty image folder is refused
     for rel in ("instances_train2017.json", "instances_val2017.json"):
         (tmp_path / "annotations" / rel).write_text(json.dumps(_coco([(1, "x.jpg")], [])))
     assert len(check_coco(tmp_path)) == 4

@@ -26,8 +26,9 @@ from conftest import DATA, require_path
 from PIL import Image
 
 from ntt.prepare import main as prepare_main
-from ntt.prepare.box_to_mask import PrepareError, add_masks
+from ntt.prepare.box_to_mask import add_masks
 from ntt.prepare.contours import external_contours
+from ntt.prepare.errors import PrepareError
 from ntt.prepare.mask_models import build_masker
 
 CKPT_NAME = "sam_vit_h_4b8939.pth"  # the official file name build_masker looks for
@@ -349,3 +350,50 @@ def test_resume_with_another_contour_tracer_starts_afresh(tmp_path):
         assert data["ntt_masks"]["contours"] == "python"
     for a in data["annotations"]:
         assert a["segmentation"] == [[3, 4, 3, 8, 6, 8, 6, 4]] and a["area"] == 20.0
+
+
+# (Pillow's CMYK value of a pixel of a CMYK JPEG, the RGB cv2.imread + BGR->RGB gave for it, Pillow's own
+# convert("RGB")), read off a random CMYK JPEG with OpenCV 5.1.0 and Pillow 13.0.0: Pillow rounds c * k / 255,
+# OpenCV shifts by 8 bits, so Pillow was 1 off in most pixels
+CMYK_PIXELS = [
+    ((96, 130, 194, 220), (22, 18, 9), (22, 17, 8)),
+    ((124, 199, 219, 109), (76, 33, 22), (75, 32, 21)),
+    ((255, 84, 162, 22), (1, 157, 86), (0, 156, 85)),
+    ((205, 156, 156, 232), (5, 9, 9), (5, 9, 9)),
+    ((229, 174, 4, 123), (14, 43, 130), (13, 42, 130)),
+    ((12, 142, 217, 148), (102, 48, 17), (102, 47, 16)),
+]
+
+
+def test_cmyk_pixels_convert_as_opencv_does():
+    from ntt.prepare.mask_models import cmyk_jpeg_to_rgb
+
+    cmyk = np.array([[p for p, _, _ in CMYK_PIXELS]], dtype=np.uint8)
+    opencv = np.array([[rgb for _, rgb, _ in CMYK_PIXELS]], dtype=np.uint8)
+    pillow = np.array([[rgb for _, _, rgb in CMYK_PIXELS]], dtype=np.uint8)
+    np.testing.assert_array_equal(cmyk_jpeg_to_rgb(cmyk), opencv)  # exact: integer arithmetic both ways
+    np.testing.assert_array_equal(np.asarray(Image.fromarray(cmyk, "CMYK").convert("RGB")), pillow)
+
+
+def test_without_opencv_a_cmyk_jpeg_reads_as_opencv_and_other_modes_are_refused(tmp_path, monkeypatch):
+    """The SAM ViT-H reader without OpenCV: a CMYK JPEG through OpenCV's formula (not Pillow's, 1 off); a
+    16-bit PNG, which the two libraries decode differently, refused with a line naming the file."""
+    from ntt.prepare import mask_models
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), "CMYK").save(tmp_path / "c.jpg")
+    Image.fromarray(rng.integers(0, 65535, (6, 5), dtype=np.uint16)).save(tmp_path / "deep.png")
+    monkeypatch.setattr(mask_models, "opencv_available", lambda: False)
+    got = mask_models._read_rgb_uint8(tmp_path / "c.jpg")
+    with Image.open(tmp_path / "c.jpg") as im:
+        expected = mask_models.cmyk_jpeg_to_rgb(np.asarray(im))
+        pillow = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(got, expected)
+    assert (got != pillow).any()  # the conversion the fallback used before
+    with pytest.raises(PrepareError, match=r"deep\.png is PNG mode I;16.*opencv-python-headless"):
+        mask_models._read_rgb_uint8(tmp_path / "deep.png")
+    try:
+        import cv2
+    except ImportError:
+        return
+    np.testing.assert_array_equal(got, cv2.cvtColor(cv2.imread(str(tmp_path / "c.jpg")), cv2.COLOR_BGR2RGB))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ntt.prepare.box_to_mask import PrepareError, add_masks
+from ntt.prepare.box_to_mask import add_masks
+from ntt.prepare.errors import PrepareError
 from ntt.prepare.voc import convert_split, prepare_voc
 
 XML = """<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objs}</annotation>"""
@@ -67,6 +68,11 @@ def make_devkit(root: Path) -> Path:
                 )
                 (base / "Annotations" / f"{name}.xml").write_text(XML.format(w=w, h=h, objs=body))
                 Image.new("RGB", (w, h), (120, 60, 30)).save(base / "JPEGImages" / f"{name}.jpg")
+        # the official tarballs also hold the train and val halves of trainval
+        names = [n for n, *_ in splits["trainval"]]
+        half = (len(names) + 1) // 2
+        (base / "ImageSets/Main/train.txt").write_text("".join(f"{n}\n" for n in names[:half]))
+        (base / "ImageSets/Main/val.txt").write_text("".join(f"{n}\n" for n in names[half:]))
     return root / "VOCdevkit"
 
 
@@ -100,7 +106,7 @@ def test_voc_xml_to_coco_known_answers(tmp_path):
 
 def test_voc0712_concatenates_2007_then_2012_and_flattens_images(tmp_path):
     make_devkit(tmp_path)
-    written = prepare_voc(tmp_path, masker=None)
+    written = prepare_voc(tmp_path)
     names = sorted(p.name for p in written)
     assert "voc0712_trainval.json" in names and "voc07_test.json" in names and "voc12_trainval.json" in names
     both = json.loads((tmp_path / "annotations/voc0712_trainval.json").read_text())
@@ -116,7 +122,7 @@ def test_voc0712_concatenates_2007_then_2012_and_flattens_images(tmp_path):
 
 def test_prepare_voc_with_masks_writes_the_configs_files(tmp_path):
     make_devkit(tmp_path)
-    prepare_voc(tmp_path, masker=SquareMasker(), contour_backend="python")
+    prepare_voc(tmp_path, make_masker=SquareMasker, contour_backend="python")
     out = json.loads((tmp_path / "annotations/voc0712_trainval_with_segm.json").read_text())
     assert out["ntt_masks"]["model"] == "fake_square" and out["ntt_masks"]["contours"] == "python"
     assert out["ntt_masks"]["source_json"] == "voc0712_trainval.json"
@@ -142,7 +148,7 @@ def test_missing_devkit_names_what_to_download(tmp_path):
 
 def test_add_masks_resumes_and_keeps_work_when_an_image_fails(tmp_path):
     make_devkit(tmp_path)
-    prepare_voc(tmp_path, masker=None)
+    prepare_voc(tmp_path)
     box_json = tmp_path / "annotations/voc0712_trainval.json"
     bad = SquareMasker(fail_on="2008_000002.jpg")
     with pytest.raises(PrepareError, match="1 image"):

@@ -96,6 +96,11 @@ def _specs_from_folder(folder: Path) -> list[RefSpec]:
             if fss
             else [p for p in files if not (p.suffix.lower() == ".png" and p.stem in stems_non_png)]
         )
+        if not images:  # a class without references would silently vanish from the results
+            raise ValueError(
+                f"class folder {d} holds no reference image: add an image with its mask PNG "
+                "(<name>.jpg + <name>.mask.png), or remove the folder"
+            )
         for img in images:
             if fss:
                 cands = [folder / "masks" / d.name / (img.stem + ".png")]
@@ -110,8 +115,6 @@ def _specs_from_folder(folder: Path) -> list[RefSpec]:
                     + " or ".join(str(c.relative_to(folder)) for c in cands)
                 )
             specs.append(RefSpec(image=img, cls=d.name, masks=[mask], source=str(img.relative_to(folder))))
-    if not specs:
-        raise ValueError(f"{folder}: no reference images found in the class folders")
     return specs
 
 

@@ -8,10 +8,15 @@ References (``--refs``): a folder of images with mask PNGs, a COCO json or a pro
 (``ntt.app.references`` describes each).
 
 Targets (``--images``): a folder of images (jpg, png, ...; no json needed: sizes are read from the files,
-EXIF orientation applied) or image files. Output in ``--out``: ``predictions.json`` (COCO results, RLE
-masks), ``dataset.json`` (the COCO ``images`` and ``categories`` the results refer to), ``overlays/<name>.png``
-(each the size of its image), ``bank.ntt`` (the reference bank: reuse it with ``--bank``), and
-``failed.json`` when some images could not be segmented (the others are kept; exit status 1).
+EXIF orientation applied; overlays ntt wrote are skipped) or image files. Output in ``--out``:
+``predictions.json`` (COCO results, RLE masks), ``dataset.json`` (the COCO ``images`` and ``categories`` the
+results refer to), ``overlays/<name>.png`` (each the size of its image), ``bank.ntt`` (the reference bank:
+reuse it with ``--bank``), and ``failed.json`` when some images could not be segmented (the others are kept;
+exit status 1).
+
+Nothing finished is lost: each image's result is appended to ``predictions.jsonl`` as it finishes, and a
+rerun of the same command keeps the bank and those results and segments only the rest (``ntt.app.outputs``
+says what decides it). Ctrl-C writes the jsons of the images done so far and exits with status 130.
 """
 
 from __future__ import annotations
@@ -20,11 +25,31 @@ import argparse
 import logging
 import os
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ntt.app.outputs import (
+    BANK_FILE,
+    LINES_FILE,
+    append_line,
+    bank_key,
+    check_writable,
+    file_sha,
+    image_key,
+    naming,
+    open_lines,
+    read_lines,
+    record_bank,
+    saved_bank,
+    settings_key,
+    skip_own_outputs,
+    write_png_atomic,
+    write_results,
+)
 from ntt.app.references import add_references, load_reference_specs
-from ntt.utils.files import write_json_atomic
+from ntt.backbones.checkpoints import MissingCheckpointError
+from ntt.utils.files import CACHE_FILE, FileDigests
 
 __all__ = ["segment_folder", "main"]
 
@@ -32,6 +57,16 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # Segmenting a folder
+
+
+@dataclass
+class _Image:
+    """One target image: its id in the results, file, ``file_name`` and line key."""
+
+    id: int
+    path: Path
+    file_name: str
+    key: str
 
 
 def segment_folder(
@@ -46,7 +81,11 @@ def segment_folder(
 ) -> dict[str, Any]:
     """Segment images, writing ``predictions.json``, ``dataset.json``, overlays and ``failed.json``.
 
-    A failing image is recorded (with its error) and the others go on.
+    Resumes (``ntt.app.outputs``): each image's result is appended to ``predictions.jsonl`` as it finishes,
+    and the images that already have a line made with this bank and these settings are not segmented again
+    (their overlays are redrawn from the line when missing or drawn with other ``score_thr`` / ``max_draw``).
+    The jsons are merged from the lines at the end, and also when stopped by Ctrl-C or an error. A failing
+    image is recorded (with its error) and the others go on; a rerun retries it.
 
     Args:
         seg: a ``Segmenter`` with references or a loaded bank.
@@ -58,98 +97,204 @@ def segment_folder(
         max_draw: overlays draw at most this many detections (best first).
 
     Returns:
-        ``{"images", "detections", "failed"}`` counts and the failed list.
+        ``{"images", "detections", "failed", "missing", "reused", "segmented"}``: counts and the failed list.
     """
-    from ntt.data.images import read_image
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if overlays:
-        (out / "overlays").mkdir(exist_ok=True)
+    with naming(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if overlays:
+            (out / "overlays").mkdir(exist_ok=True)
     if seg.bank is None:
         seg.build()
-    results: list[dict] = []
-    image_records: list[dict] = []
-    failed: list[dict] = []
-    readable: list[tuple[int, Path]] = []
+    digests = FileDigests(out / CACHE_FILE)
+    settings = settings_key(seg, digests)
+    targets = []
     for img_id, path in enumerate(images, start=1):
         rel = path.relative_to(image_root).as_posix() if image_root is not None else path.name
-        try:
-            pil, _ = read_image(path)
-        except (OSError, ValueError) as err:
-            log.error("image %s cannot be read: %s (recorded in failed.json)", path, err)
-            failed.append({"image_id": img_id, "file_name": rel, "error": f"{type(err).__name__}: {err}"})
-            continue
-        image_records.append({"id": img_id, "file_name": rel, "width": pil.size[0], "height": pil.size[1]})
-        readable.append((img_id, path))
-    names = {}
-    stems: dict[str, int] = {}
-    for img_id, path in readable:  # unique overlay names even for equal stems in different folders
-        stem = path.stem
-        stems[stem] = stems.get(stem, 0) + 1
-        names[img_id] = stem if stems[stem] == 1 else f"{stem}_{img_id}"
-
-    for (img_id, path), inst in zip(readable, seg.iter_predict([p for _, p in readable], errors="yield")):
-        if isinstance(inst, Exception):  # one bad image must not lose the others
-            log.error("image %s failed: %s (recorded in failed.json; the others go on)", path, inst)
-            failed.append(
-                {
-                    "image_id": img_id,
-                    "file_name": path.name,
-                    "error": f"{type(inst).__name__}: {inst}",
-                    "traceback": "".join(traceback.format_exception(inst)),
-                }
-            )
-            continue
-        results.extend(inst.to_coco(img_id))
-        if overlays:
-            inst.overlay(score_thr=score_thr, max_instances=max_draw).save(
-                out / "overlays" / f"{names[img_id]}.png"
-            )
-    bank = seg.bank
-    categories = [{"id": int(c), "name": n} for c, n in zip(bank.category_ids, bank.category_names)]
-    write_json_atomic(out / "predictions.json", results, indent=None)
-    write_json_atomic(
-        out / "dataset.json", {"images": image_records, "annotations": [], "categories": categories}
-    )
-    if failed:
-        write_json_atomic(out / "failed.json", failed)
-    elif (out / "failed.json").exists():
-        (out / "failed.json").unlink()
+        targets.append(_Image(img_id, path, rel, image_key(settings, file_sha(digests, path), rel)))
+    lines = out / LINES_FILE
+    entries = [(t.id, t.file_name, t.key) for t in targets]  # what write_results lists, in id order
+    done, stale = read_lines(lines, {t.key for t in targets})
+    if stale:
+        log.info("%s: %d line(s) of other settings, banks or older images ignored", lines, stale)
+    todo = [t for t in targets if not done.get(t.key, {}).get("ok")]
+    if len(todo) < len(targets):
+        log.info(
+            "%d of %d image(s) already segmented with this bank and these settings (%s): kept; segmenting %d",
+            len(targets) - len(todo),
+            len(targets),
+            lines,
+            len(todo),
+        )
+    pictures = _overlay_files(out / "overlays", targets) if overlays else None
+    drawn = [score_thr, max_draw] if overlays else None  # recorded in each line: a rerun redraws others
+    try:
+        with open_lines(lines) as sink:
+            if pictures is not None:
+                _redraw_overlays(seg, targets, done, pictures, drawn, sink, lines)
+            _segment(seg, todo, pictures, drawn, sink, lines)
+    except BaseException as stop:
+        _merge_what_is_done(out, lines, entries, seg.bank, stop)
+        raise
+    summary = write_results(out, entries, read_lines(lines, {t.key for t in targets})[0], seg.bank)
+    with naming(out / CACHE_FILE):
+        digests.save()
+    failed = summary["failed"]
     log.info(
         "%d images, %d detections -> %s%s",
-        len(images) - len(failed),
-        len(results),
+        summary["images"],
+        summary["detections"],
         out,
         f"; {len(failed)} failed (see failed.json)" if failed else "",
     )
-    return {"images": len(images) - len(failed), "detections": len(results), "failed": failed}
+    return {**summary, "reused": len(targets) - len(todo), "segmented": len(todo)}
 
 
-def _target_images(items: list[str]) -> tuple[list[Path], Path | None]:
+def _overlay_files(folder: Path, targets: list[_Image]) -> dict[int, Path]:
+    """Overlay file per image id: ``<stem>.png``, made unique with the image id for equal stems."""
+    files: dict[int, Path] = {}
+    stems: dict[str, int] = {}
+    for t in targets:
+        stem = t.path.stem
+        stems[stem] = stems.get(stem, 0) + 1
+        files[t.id] = folder / (f"{stem}.png" if stems[stem] == 1 else f"{stem}_{t.id}.png")
+    return files
+
+
+def _segment(seg, todo: list[_Image], pictures: dict[int, Path] | None, drawn, sink, lines: Path) -> None:
+    """Segment the images to do, appending each one's line (after its overlay) as it finishes."""
+    sizes = _read_sizes(todo, sink, lines)  # unreadable images are recorded now, as failures
+    readable = [t for t in todo if t.id in sizes]
+    if not readable:
+        return
+    results = seg.iter_predict([t.path for t in readable], errors="yield")
+    for inst, t in zip(results, readable):  # results first: the generator ends (its bar completes)
+        if isinstance(inst, Exception):  # one bad image must not lose the others
+            log.error("image %s failed: %s (recorded in failed.json; the others go on)", t.path, inst)
+            error = {
+                "error": f"{type(inst).__name__}: {inst}",
+                "traceback": "".join(traceback.format_exception(inst)),
+            }
+            record = _line(t, False, sizes[t.id], failure=error)
+        else:
+            if pictures is not None:
+                write_png_atomic(inst.overlay(score_thr=drawn[0], max_instances=drawn[1]), pictures[t.id])
+            record = _line(t, True, sizes[t.id], results=inst.to_coco(t.id), overlay=drawn)
+        append_line(sink, lines, record)  # a line means the image is complete, overlay included
+
+
+def _redraw_overlays(seg, targets, done: dict[str, dict], pictures, drawn, sink, lines: Path) -> None:
+    """Kept images whose overlay is missing or was drawn with other settings: drawn again from their line
+    (the same picture as drawing their Instances), and the line appended again with the new settings."""
+    from ntt.app.visualize import draw_results
+    from ntt.data.images import read_image
+
+    bank = seg.bank
+    for t in targets:
+        rec = done.get(t.key)
+        if rec is None or not rec["ok"] or (rec.get("overlay") == drawn and pictures[t.id].is_file()):
+            continue
+        picture = draw_results(
+            read_image(t.path)[0],
+            rec["results"],
+            bank.category_names,
+            bank.category_ids,
+            score_thr=drawn[0],
+            max_instances=drawn[1],
+        )
+        write_png_atomic(picture, pictures[t.id])
+        append_line(sink, lines, {**rec, "overlay": drawn})
+
+
+def _line(t: _Image, ok: bool, size: tuple[int, int] | None, **fields: Any) -> dict[str, Any]:
+    """An image's line: its key, ``file_name``, success, size (when it was read) and ``fields``."""
+    line: dict[str, Any] = {"key": t.key, "file_name": t.file_name, "ok": ok}
+    if size is not None:
+        line["width"], line["height"] = size
+    return {**line, **fields}
+
+
+def _read_sizes(todo: list[_Image], sink, lines: Path) -> dict[int, tuple[int, int]]:
+    """The upright size of each readable image, by id; an unreadable one gets its failure line."""
+    from ntt.data.images import read_image
+
+    sizes = {}
+    for t in todo:
+        try:
+            pil, _ = read_image(t.path)
+        except (OSError, ValueError) as err:
+            log.error("image %s cannot be read: %s (recorded in failed.json)", t.path, err)
+            append_line(sink, lines, _line(t, False, None, failure={"error": f"{type(err).__name__}: {err}"}))
+            continue
+        sizes[t.id] = pil.size
+    return sizes
+
+
+def _merge_what_is_done(out: Path, lines: Path, entries: list, bank, stop: BaseException) -> None:
+    """On Ctrl-C or an error: the jsons of the images finished so far (best effort: the disk may be full)."""
+    try:
+        summary = write_results(out, entries, read_lines(lines, {key for *_, key in entries})[0], bank)
+    except Exception as err:  # noqa: BLE001 - the original error is the one to report
+        log.error("could not write the results of the finished images: %s", err)
+        return
+    if isinstance(stop, KeyboardInterrupt):
+        log.warning(
+            "interrupted: %d of %d image(s) done and kept (%s, predictions.json, dataset.json); rerun the "
+            "same command to segment the other %d",
+            len(entries) - summary["missing"],
+            len(entries),
+            lines,
+            summary["missing"],
+        )
+
+
+def _target_images(items: list[str], out: Path) -> tuple[list[Path], Path | None]:
     from ntt.data.images import list_images
 
-    if len(items) == 1 and Path(items[0]).is_dir():
-        return list_images(items[0]), Path(items[0])
     files = []
     for it in items:
         p = Path(it)
         if p.is_dir():
-            files.extend(list_images(p))
+            files.extend(skip_own_outputs(list_images(p), out, p))
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"--images: {p} is neither an image file nor a folder")
-    return files, None
+    if not files:
+        raise ValueError(f"--images {' '.join(items)}: no image files besides the overlays ntt wrote")
+    return files, Path(items[0]) if len(items) == 1 and Path(items[0]).is_dir() else None
+
+
+OFFLINE_HINT = (
+    "  no weights at hand? `--sam2 tiny_random --dinov2 tiny_random` gives an offline plumbing run "
+    "(random weights: the masks and scores mean nothing)"
+)
+
+EPILOG = """\
+references (--refs), one of:
+  a folder       one sub-folder per class, a mask PNG beside each image (one instance per mask):
+                   refs/dog/1.jpg + refs/dog/1.mask.png (or refs/images/dog/1.jpg + refs/masks/dog/1.png)
+  a COCO json    images, annotations (polygons, RLE or boxes only), categories; images under --ref-images:
+                   --refs refs/instances.json --ref-images refs/images
+  a prompt json  boxes (x1, y1, x2, y2), clicks or mask files per image, paths relative to the json:
+                   {"references": [{"image": "a.jpg", "class": "dog", "boxes": [[10, 20, 200, 240]]}]}
+
+Extra KEY=VALUE arguments are Hydra overrides of conf/ (proposer=cpu_fast, matcher.nms_thr=0.6,
+paths.checkpoints=/models ...). No checkpoints yet: `ntt download sam2.1_hiera_t dinov2_vits14`, or
+`--sam2 tiny_random --dinov2 tiny_random` for an offline plumbing run (random weights, no accuracy).
+
+Stopped (Ctrl-C, kill, full disk)? Rerun the same command: the finished images are kept (OUT/predictions.jsonl)
+and only the others are segmented; an edited image is redone, a changed setting redoes every image.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """``ntt segment``: references + a folder of images -> COCO results json and overlay PNGs."""
     ap = argparse.ArgumentParser(
         prog="ntt segment",
-        description=__doc__.split("\n\n", 1)[0],
-        epilog="Extra KEY=VALUE arguments are Hydra overrides of conf/ (proposer=cpu_fast, matcher.nms_thr=0.6, "
-        "paths.checkpoints=/models ...). See `ntt segment --help` and the README's Quick start.",
+        description="Segment a folder of your own images from a few references, in one command.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--refs", help="references: a folder (class sub-folders with mask PNGs), a COCO json or a prompt json"
@@ -159,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--bank", default=None, help="a saved reference bank (bank.ntt) instead of --refs")
     ap.add_argument("--images", nargs="+", required=True, help="a folder of images, or image files")
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--out", required=True, help="output folder (a rerun resumes in it)")
     ap.add_argument("--sam2", default="sam2.1_hiera_t", help="conf/backbone/sam2 option (sam2.1_hiera_t)")
     ap.add_argument("--dinov2", default="vits14", help="conf/backbone/dinov2 option (vits14)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
@@ -177,34 +322,62 @@ def main(argv: list[str] | None = None) -> int:
     from ntt.app.segmenter import Segmenter
     from ntt.utils.errors import UserError
 
+    out = Path(args.out)
     try:
-        images, root = _target_images(args.images)
+        images, root = _target_images(args.images, out)
+        check_writable(out)  # before any model is built or reference encoded
         if args.bank is not None:
             seg = Segmenter.load(args.bank, device=args.device, overrides=rest)
+            _ = seg.sam2, seg.dinov2  # a missing checkpoint fails now, not on every image
         else:
             specs = load_reference_specs(args.refs, args.ref_images)
             seg = Segmenter.from_config(
                 sam2=args.sam2, dinov2=args.dinov2, device=args.device, overrides=rest
             )
-            _ = seg.sam2, seg.dinov2  # both models are needed: a missing checkpoint fails now, not midway
-            add_references(seg, specs)
-            seg.build()
-            seg.save(Path(args.out) / "bank.ntt")
+            try:
+                _ = seg.sam2, seg.dinov2  # both models are needed: a missing checkpoint fails now, not midway
+            except MissingCheckpointError as err:
+                raise MissingCheckpointError(f"{err}\n{OFFLINE_HINT}") from err
+            seg = _bank_for(seg, specs, out)
         summary = segment_folder(
             seg,
             images,
-            args.out,
+            out,
             image_root=root,
             overlays=not args.no_overlays,
             score_thr=args.score_thr,
             max_draw=args.max_draw,
         )
+    except KeyboardInterrupt:  # segment_folder has written what is done and said so
+        return 130
     except UserError:
         raise
     except (OSError, ValueError) as err:  # a file or value the API refused: the user's to fix
         raise UserError(str(err)) from err
     print(
-        f"{summary['images']} images, {summary['detections']} detections -> {args.out}/predictions.json"
-        + ("" if args.no_overlays else f", overlays in {args.out}/overlays")
+        f"{summary['images']} images, {summary['detections']} detections -> {out}/predictions.json"
+        + ("" if args.no_overlays else f", overlays in {out}/overlays")
     )
     return 1 if summary["failed"] else 0
+
+
+def _bank_for(seg, specs, out: Path):
+    """The segmenter with the folder's bank when it was made from these references and settings (kept),
+    else with a new bank encoded from them and saved (``bank.ntt`` + ``bank_inputs.json``)."""
+    from ntt.bank import MemoryBank
+
+    digests = FileDigests(out / CACHE_FILE)
+    key = bank_key(seg, specs, digests)
+    kept = saved_bank(out, key)
+    if kept is not None:
+        log.info("reference bank %s: made from these references and settings, kept (not encoded again)", kept)
+        seg.use_bank(MemoryBank.load(kept))
+        return seg
+    add_references(seg, specs)
+    seg.build()
+    with naming(out / BANK_FILE):
+        seg.save(out / BANK_FILE)
+    record_bank(out, key, specs, digests)
+    with naming(out / CACHE_FILE):
+        digests.save()
+    return seg

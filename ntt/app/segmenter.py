@@ -9,7 +9,7 @@
     seg.save("pets.ntt")                                                   # kilobytes, no model weights
     for inst in seg.predict("photos/"):                                    # an image, a list or a folder
         print(inst.path, inst.class_names, inst.scores)
-        inst.overlay().save(f"{inst.path}.overlay.png")
+        inst.overlay().save(f"out/{Path(inst.path).stem}.png")            # not into photos/
 
 Any number of references per class: the prototype of a class is the L2-normalised mean of its own
 references' features only (docs/method.md §4). The references are encoded by the benchmark's own functions
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ntt.app.instances import Instances
+from ntt.app.outputs import skip_own_outputs
 from ntt.app.settings import compose_config, params_from_config, saved_config
 from ntt.backbones import build_backbone
 from ntt.bank import MemoryBank
@@ -392,9 +393,23 @@ class Segmenter:
                 "rebuild the bank with that encoder"
             )
         seg = cls(config, device=device, sam2=sam2, dinov2=dinov2)
-        seg.bank = bank
-        seg._category_ids = dict(zip(bank.category_names, bank.category_ids))
+        seg.use_bank(bank)
         return seg
+
+    def use_bank(self, bank: MemoryBank) -> None:
+        """Segment with ``bank`` (e.g. ``MemoryBank.load(path)``) instead of references added so far.
+
+        Args:
+            bank: a bank of this segmenter's DINOv2 encoder.
+        """
+        if bank.encoder != str(self.cfg.backbone.dinov2.name):
+            raise ValueError(
+                f"the bank holds {bank.encoder} features but the DINOv2 encoder is "
+                f"{self.cfg.backbone.dinov2.name}: rebuild the bank"
+            )
+        self._refs = {}
+        self.bank = bank
+        self._category_ids = dict(zip(bank.category_names, bank.category_ids))
 
     # -------------------------------------------------------------------------------------------------
     def estimate_seconds_per_image(self, params: InferenceParams | None = None) -> float | None:
@@ -416,7 +431,8 @@ class Segmenter:
         """Segment one image, a list of images, or every image of a folder.
 
         Args:
-            images: an image (path, ``PIL.Image``, array, tensor), a list of them, or a folder path.
+            images: an image (path, ``PIL.Image``, array, tensor), a list of them, or a folder path (its
+                ``*.overlay.png`` files, overlays written by an earlier run, are skipped).
             progress: tqdm bar for lists and folders.
             keep_image: keep the RGB image on each result (for :meth:`Instances.overlay`).
             **params: any :class:`ntt.inference.InferenceParams` field for this call only
@@ -433,7 +449,12 @@ class Segmenter:
         )
         if single:
             return self._predict_one(images, self._call_params(params), keep_image=keep_image)
-        items = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
+        if isinstance(images, (str, os.PathLike)):
+            items = skip_own_outputs(list_images(images), None, images)
+            if not items:
+                raise ValueError(f"no image files in {images} besides the overlays ntt wrote (*.overlay.png)")
+        else:
+            items = list(images)
         p = self._call_params(params)
         return [r for r in self.iter_predict(items, params=p, progress=progress, keep_image=keep_image)]
 
@@ -474,24 +495,28 @@ class Segmenter:
             if est is not None
             else "the time per image is logged after the first one",
         )
-        for i, item in enumerate(tqdm(items, desc="segment", unit="img", disable=not progress)):
-            t0 = time.perf_counter()
-            try:
-                result = self._predict_one(item, p, keep_image=keep_image)
-            except Exception as err:
-                if errors == "raise":
-                    raise
-                result = err
-            yield result
-            if i == 0:
-                dt = time.perf_counter() - t0
-                log.info(
-                    "first image took %s%s",
-                    format_seconds(dt),
-                    f"; the remaining {len(items) - 1} should take about {format_seconds(dt * (len(items) - 1))}"
-                    if len(items) > 1
-                    else "",
-                )
+        # the bar counts finished images (a bar over the items counts started ones: it stopped one short)
+        with tqdm(total=len(items), desc="segment", unit="img", disable=not progress) as bar:
+            for i, item in enumerate(items):
+                t0 = time.perf_counter()
+                try:
+                    result = self._predict_one(item, p, keep_image=keep_image)
+                except Exception as err:
+                    if errors == "raise":
+                        raise
+                    result = err
+                bar.update(1)
+                if i == 0:
+                    dt = time.perf_counter() - t0
+                    log.info(
+                        "first image took %s%s",
+                        format_seconds(dt),
+                        f"; the remaining {len(items) - 1} should take about "
+                        f"{format_seconds(dt * (len(items) - 1))}"
+                        if len(items) > 1
+                        else "",
+                    )
+                yield result
 
     def _call_params(self, params: Mapping[str, Any]) -> InferenceParams:
         known = {f.name for f in dataclasses.fields(InferenceParams)}

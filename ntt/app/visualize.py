@@ -22,7 +22,15 @@ import torch
 
 from ntt.utils.errors import UserError
 
-__all__ = ["PALETTE", "class_color", "draw_instances", "side_by_side", "visualize_run", "main"]
+__all__ = [
+    "PALETTE",
+    "class_color",
+    "draw_instances",
+    "draw_results",
+    "side_by_side",
+    "visualize_run",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +161,43 @@ def draw_instances(
     return canvas
 
 
+def draw_results(
+    image,
+    results: Sequence[dict],
+    names: Sequence[str],
+    category_ids: Sequence[int],
+    *,
+    score_thr: float = 0.0,
+    max_instances: int | None = 50,
+):
+    """:func:`draw_instances` of COCO result dicts (RLE masks, xywh boxes), in their order.
+
+    Drawn from the results of ``Instances.to_coco`` it gives the same picture as ``Instances.overlay``.
+
+    Args:
+        image: RGB ``PIL.Image``.
+        results: ``{"category_id", "bbox", "score", "segmentation"}`` dicts (without segmentation: boxes).
+        names: class names by index.
+        category_ids: category id by index (an unknown id is drawn as index 0).
+        score_thr: draw results scoring at least this.
+        max_instances: draw at most this many (in the given order).
+    """
+    from pycocotools import mask as mask_utils
+
+    index = {int(c): i for i, c in enumerate(category_ids)}
+    has_seg = bool(results) and all("segmentation" in r for r in results)
+    return draw_instances(
+        image,
+        np.stack([mask_utils.decode(r["segmentation"]).astype(bool) for r in results]) if has_seg else None,
+        [_xyxy(r["bbox"]) for r in results],
+        [index.get(int(r["category_id"]), 0) for r in results],
+        [float(r["score"]) for r in results],
+        names,
+        score_thr=score_thr,
+        max_instances=max_instances,
+    )
+
+
 def side_by_side(left, right, titles: Sequence[str] = ("ground truth", "prediction")):
     """Two image-sized panels next to each other (``2W x H``), each titled in its bottom-left corner."""
     from PIL import Image, ImageDraw
@@ -217,7 +262,6 @@ def visualize_run(
         The written files.
     """
     from omegaconf import OmegaConf
-    from pycocotools import mask as mask_utils
     from tqdm import tqdm
 
     from ntt.data.coco import CocoDataset
@@ -278,17 +322,7 @@ def visualize_run(
             max_instances=None,
         )
         rs = sorted(by_image[img_id], key=lambda r: -float(r["score"]))
-        has_seg = bool(rs) and all("segmentation" in r for r in rs)
-        right = draw_instances(
-            pil,
-            np.stack([mask_utils.decode(r["segmentation"]).astype(bool) for r in rs]) if has_seg else None,
-            [_xyxy(r["bbox"]) for r in rs],
-            [index.get(int(r["category_id"]), 0) for r in rs],
-            [float(r["score"]) for r in rs],
-            names,
-            score_thr=score_thr,
-            max_instances=max_draw,
-        )
+        right = draw_results(pil, rs, names, ds.category_ids, score_thr=score_thr, max_instances=max_draw)
         target = out / f"img{img_id}.png"
         side_by_side(left, right).save(target)
         written.append(target)

@@ -6,6 +6,10 @@
     ntt prepare lvis   [--root data/lvis] [--coco data/coco]   LVIS json fix-ups (pycocotools route)
     ntt prepare masks  BOX_JSON IMAGE_DIR [--out OUT]          the box -> mask step on any COCO json
 
+Every command checks all of its input first (files there, jsons and xml files readable, images there and of
+the recorded size; ``--check-only`` stops there), builds the mask model only then, and moves its outputs into
+place only when all are made: bad input gives one line naming the file (exit status 2) and writes nothing.
+
 Mask models (``--mask-model``): ``sam_vit_h`` (default, the paper's: needs ``pip install
 segment-anything torchvision`` and ``ntt download sam_vit_h``) or ``sam2:<conf/backbone/sam2 option>``.
 The data root defaults to ``$NTT_DATA`` or ``./data`` as in ``conf/paths/default.yaml``.
@@ -17,9 +21,10 @@ import argparse
 import os
 from pathlib import Path
 
-from ntt.prepare.box_to_mask import PrepareError
 from ntt.prepare.contours import BACKENDS
+from ntt.prepare.errors import PrepareError
 from ntt.prepare.mask_models import MASK_MODELS_HELP
+from ntt.utils.errors import UserError
 
 
 def _data_root() -> Path:
@@ -39,7 +44,10 @@ def _add_mask_args(p: argparse.ArgumentParser, *, optional: bool) -> None:
         "--checkpoints", default=None, help="checkpoint folder (default $NTT_CHECKPOINTS or ./checkpoints)"
     )
     p.add_argument("--contours", default="auto", choices=BACKENDS, help="contour tracer")
-    p.add_argument("--overwrite", action="store_true", help="redo *_with_segm.json files that exist")
+    p.add_argument("--overwrite", action="store_true", help="redo *_with_segm.json files that are up to date")
+    p.add_argument(
+        "--check-only", action="store_true", help="check the data and stop (no model built, nothing written)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,71 +78,87 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _masker(args):
+def _mask_model(args):
+    """A builder of the mask model asked for (None: none asked): called only once the data passed its checks."""
     if not getattr(args, "mask_model", None):
         return None
-    from ntt.prepare.mask_models import build_masker
 
-    device = args.device
-    if device == "auto":
-        import torch
+    def build():
+        from ntt.prepare import mask_models
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return build_masker(args.mask_model, checkpoint_dir=args.checkpoints, device=device)
+        device = args.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return mask_models.build_masker(args.mask_model, checkpoint_dir=args.checkpoints, device=device)
+
+    return build
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ntt prepare`; raises `PrepareError` (a user error: exit status 2) when it cannot go on."""
     args = build_parser().parse_args(argv)
-    data = _data_root()
     try:
-        if args.benchmark == "coco":
-            from ntt.prepare.coco import check_coco
-
-            for line in check_coco(args.root or data / "coco", deep=args.deep):
-                print(line)
-        elif args.benchmark == "voc":
-            from ntt.prepare.voc import prepare_voc
-
-            masker = None if args.boxes_only else _masker(args)
-            for p in prepare_voc(
-                args.root or data / "voc",
-                masker=masker,
-                copy_images=args.copy_images,
-                contour_backend=args.contours,
-                overwrite=args.overwrite,
-            ):
-                print(p)
-        elif args.benchmark == "cdfsod":
-            from ntt.prepare.cdfsod import prepare_cdfsod
-
-            names = [n.strip() for n in args.datasets.split(",")] if args.datasets else None
-            root = args.root or data / "cdfsod"
-            written = prepare_cdfsod(
-                root,
-                names=names,
-                masker=_masker(args),
-                contour_backend=args.contours,
-                overwrite=args.overwrite,
-            )
-            print("\n".join(map(str, written)) if written else f"CD-FSOD layout complete under {root}")
-        elif args.benchmark == "lvis":
-            from ntt.prepare.lvis import prepare_lvis
-
-            for p in prepare_lvis(args.root or data / "lvis", args.coco or data / "coco"):
-                print(p)
-        else:
-            from ntt.prepare.box_to_mask import add_masks
-
-            out = add_masks(
-                args.box_json,
-                args.image_dir,
-                _masker(args),
-                output_json=args.out,
-                contour_backend=args.contours,
-                overwrite=args.overwrite,
-            )
-            print(out)
-    except FileNotFoundError as exc:  # a file named on the command line that is not there
-        raise PrepareError(str(exc)) from exc
+        _run(args, _data_root())
+    except PrepareError:
+        raise
+    except UserError as exc:  # e.g. a missing checkpoint: the same message, on one line
+        raise PrepareError("; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())) from exc
+    except OSError as exc:  # a file that vanished or cannot be read: name it
+        if exc.filename is None:
+            raise
+        raise PrepareError(f"cannot use {exc.filename}: {exc.strerror}") from exc
     return 0
+
+
+def _run(args, data: Path) -> None:
+    if args.benchmark == "coco":
+        from ntt.prepare.coco import check_coco
+
+        for line in check_coco(args.root or data / "coco", deep=args.deep):
+            print(line)
+    elif args.benchmark == "voc":
+        from ntt.prepare.voc import prepare_voc
+
+        root = args.root or data / "voc"
+        written = prepare_voc(
+            root,
+            make_masker=None if args.boxes_only else _mask_model(args),
+            copy_images=args.copy_images,
+            contour_backend=args.contours,
+            overwrite=args.overwrite,
+            check_only=args.check_only,
+        )
+        print("\n".join(map(str, written)) if written else f"PASCAL VOC under {root}: checked, ready")
+    elif args.benchmark == "cdfsod":
+        from ntt.prepare.cdfsod import prepare_cdfsod
+
+        names = [n.strip() for n in args.datasets.split(",")] if args.datasets else None
+        root = args.root or data / "cdfsod"
+        written = prepare_cdfsod(
+            root,
+            names=names,
+            make_masker=_mask_model(args),
+            contour_backend=args.contours,
+            overwrite=args.overwrite,
+            check_only=args.check_only,
+        )
+        print("\n".join(map(str, written)) if written else f"CD-FSOD layout complete under {root}")
+    elif args.benchmark == "lvis":
+        from ntt.prepare.lvis import prepare_lvis
+
+        for p in prepare_lvis(args.root or data / "lvis", args.coco or data / "coco"):
+            print(p)
+    else:
+        from ntt.prepare.box_to_mask import make_masks, plan_masks, with_segm_path
+        from ntt.prepare.outputs import StagedOutputs
+
+        job = plan_masks(args.box_json, args.image_dir, output_json=args.out, overwrite=args.overwrite)
+        if args.check_only:
+            print(f"{args.box_json} and its images: checked, ready")
+            return
+        with StagedOutputs() as staged:
+            make_masks([job], _mask_model(args), staged, contour_backend=args.contours)
+            staged.commit()
+        print(args.out or with_segm_path(args.box_json))

@@ -7,15 +7,21 @@ The benchmark is used in its own layout, one folder per dataset under ``<root>``
 (the folder names ``conf/dataset/cdfsod_*.yaml`` read: ArTaxOr, clipart1k, DIOR, FISH, NEU-DET, UODD).
 The shot files and test.json have boxes only; like the authors, ntt gives every box a SAM mask and
 writes ``annotations/{1,5,10}_shot_with_segm.json`` (images in ``train/``) and
-``annotations/test_with_segm.json`` (images in ``test/``), which the dataset configs read.
+``annotations/test_with_segm.json`` (images in ``test/``), which the dataset configs read. Every json and
+image is checked first (also by the layout check without a mask model); outputs are moved into place
+together when all are made.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ntt.prepare.box_to_mask import PrepareError, add_masks
+from ntt.prepare.box_to_mask import make_masks, plan_masks, with_segm_path
+from ntt.prepare.errors import PrepareError
+from ntt.prepare.outputs import StagedOutputs
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +36,7 @@ DATASETS = {
 }
 SHOTS = (1, 5, 10)
 DOWNLOADS = (
-    "the CD-FSOD benchmark (CD-ViTO, ECCV 2024) distributes the six datasets in this layout; see the "
+    "The CD-FSOD benchmark (CD-ViTO, ECCV 2024) distributes the six datasets in this layout; see the "
     "benchmark's repository (lovelyqian/CDFSOD-benchmark) for the download links"
 )
 
@@ -56,36 +62,56 @@ def prepare_cdfsod(
     root: str | Path,
     *,
     names: list[str] | None = None,
-    masker=None,
+    make_masker: Callable[[], Any] | None = None,
     contour_backend: str = "auto",
     overwrite: bool = False,
+    check_only: bool = False,
 ) -> list[Path]:
-    """Add masks to the shot files and test.json of each dataset.
+    """Check every dataset folder, then add masks to the shot files and test.json of each.
+
+    The check reads every box json and the header of every image with boxes (there, readable, of the
+    json's size), also without a mask model; nothing is built or written when one is bad.
 
     Args:
         root: folder holding the dataset folders.
         names: dataset folders to do (default: all six).
-        masker: mask model (:func:`ntt.prepare.mask_models.build_masker`); None = check the layout only.
+        make_masker: builds the mask model (:func:`ntt.prepare.mask_models.build_masker`), called only after
+            every check passed and only when masks are still to make; None = check the layout only.
         contour_backend: see :mod:`ntt.prepare.contours`.
-        overwrite: redo existing ``*_with_segm.json`` files.
+        overwrite: redo ``*_with_segm.json`` files that are up to date.
+        check_only: check and stop (nothing built or written).
+
+    Returns:
+        Every ``*_with_segm.json`` of the datasets (made now or kept); empty without a mask model.
     """
+    root = Path(root)
     unknown = [n for n in names or [] if n not in DATASETS]
     if unknown:
-        raise PrepareError(f"unknown CD-FSOD dataset folder(s) {unknown}; expected some of {list(DATASETS)}")
-    report = check_layout(root, names)
-    missing = {k: v for k, v in report.items() if v}
-    if missing:
-        lines = [f"  {k}: missing {', '.join(v)}" for k, v in missing.items()]
         raise PrepareError(
-            "CD-FSOD layout incomplete under " + str(root) + ":\n" + "\n".join(lines) + "\n" + DOWNLOADS
+            f"unknown CD-FSOD dataset folder(s) {unknown} in --datasets: use some of {list(DATASETS)}"
         )
-    if masker is None:
-        log.info("CD-FSOD layout complete under %s (no mask model given: nothing converted)", root)
-        return []
-    written = []
-    for name in names or list(DATASETS):
-        for box_json, image_dir in jobs(Path(root) / name):
-            written.append(
-                add_masks(box_json, image_dir, masker, contour_backend=contour_backend, overwrite=overwrite)
+    missing = {k: v for k, v in check_layout(root, names).items() if v}
+    if missing:
+        lines = "; ".join(
+            f"{k}: missing "
+            + (
+                ", ".join(str(Path(p).relative_to(root / k)) for p in v)
+                if (root / k).is_dir()
+                else "the whole folder"
             )
-    return written
+            for k, v in missing.items()
+        )
+        raise PrepareError(f"CD-FSOD layout incomplete under {root}: {lines}. {DOWNLOADS}")
+    fix = "fix it, or download the dataset again (the links: lovelyqian/CDFSOD-benchmark)"
+    planned = [
+        (plan_masks(box_json, image_dir, overwrite=overwrite, fix=fix), with_segm_path(box_json))
+        for name in names or list(DATASETS)
+        for box_json, image_dir in jobs(root / name)
+    ]
+    if make_masker is None or check_only:
+        log.info("CD-FSOD layout complete under %s: every json and image checked (no masks made)", root)
+        return []
+    with StagedOutputs() as staged:
+        make_masks([job for job, _ in planned], make_masker, staged, contour_backend=contour_backend)
+        staged.commit()
+    return [output for _, output in planned]

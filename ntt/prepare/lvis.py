@@ -14,6 +14,9 @@ LVIS site, and COCO 2017 images in ``<coco>/{train2017,val2017}``. Output: ``<ro
 **Not the official LVIS metric.** ntt evaluates LVIS with pycocotools' COCOeval like the authors: no
 federated handling of ``neg_category_ids`` / ``not_exhaustive_category_ids`` and maxDets 100 instead
 of 300, so numbers are not comparable with published LVIS AP.
+
+Every input json is read and checked before any output is written; the outputs are moved into place
+together (:mod:`ntt.prepare.outputs`).
 """
 
 from __future__ import annotations
@@ -22,22 +25,34 @@ import json
 import logging
 from pathlib import Path
 
-from ntt.prepare.box_to_mask import PrepareError
-from ntt.utils.files import write_text_atomic
+from ntt.prepare.errors import PrepareError
+from ntt.prepare.inputs import read_coco_json
+from ntt.prepare.outputs import StagedOutputs
 
 log = logging.getLogger(__name__)
 
 DOWNLOADS = "LVIS v1 annotations: lvisdataset.org (lvis_v1_train.json.zip, lvis_v1_val.json.zip)"
 
 
-def fix_lvis_json(data: dict) -> dict:
-    """file_name from coco_url (``<split>/<name>``) and iscrowd = 0, in place; returns `data`."""
+def fix_lvis_json(data: dict, source: str | Path = "LVIS json") -> dict:
+    """file_name from coco_url (``<split>/<name>``) and iscrowd = 0, in place; returns `data`.
+
+    Args:
+        data: the content of an LVIS json.
+        source: its file (named by the errors).
+    """
+    official = f"use the official LVIS v1 json ({DOWNLOADS})"
     for im in data["images"]:
-        url = im.get("coco_url")
-        if not url:
-            raise PrepareError(f"LVIS image {im.get('id')} has no coco_url")
+        url = im.get("coco_url") if isinstance(im, dict) else None
+        if not isinstance(url, str) or not url:
+            name = im.get("id") if isinstance(im, dict) else im
+            raise PrepareError(f"{source}: image {name} has no coco_url: {official}")
         im["file_name"] = "/".join(url.split("/")[-2:])
+    if not isinstance(data.get("annotations"), list):
+        raise PrepareError(f"{source}: no 'annotations' list: {official}")
     for ann in data["annotations"]:
+        if not isinstance(ann, dict) or "id" not in ann:
+            raise PrepareError(f"{source}: annotation {ann!r:.80} is not an object with an id: {official}")
         ann["iscrowd"] = 0
     return data
 
@@ -62,27 +77,32 @@ def prepare_lvis(root: str | Path, coco_root: str | Path) -> list[Path]:
         raise PrepareError(
             f"LVIS layout incomplete; missing {', '.join(missing)}. {DOWNLOADS}; COCO 2017 images"
         )
-    written = []
-    val = None
-    for name in ("lvis_v1_train.json", "lvis_v1_val.json"):
-        data = fix_lvis_json(json.loads((orig / name).read_text()))
-        if name == "lvis_v1_val.json":
-            val = data
-        write_text_atomic(root / name, json.dumps(data))
-        written.append(root / name)
-        log.info("%s: %d images, %d annotations", root / name, len(data["images"]), len(data["annotations"]))
-    minival_src = orig / "lvis_v1_minival.json"
-    if minival_src.is_file():
-        minival = fix_lvis_json(json.loads(minival_src.read_text()))
+
+    def read(name: str) -> dict:
+        return fix_lvis_json(read_coco_json(orig / name, fix=f"download it again ({DOWNLOADS})"), orig / name)
+
+    val = read("lvis_v1_val.json")
+    minival = None
+    if (orig / "lvis_v1_minival.json").is_file():
+        minival = read("lvis_v1_minival.json")
         by_id = {a["id"]: a for a in val["annotations"]}
-        absent = [a["id"] for a in minival["annotations"] if "segmentation" not in a and a["id"] not in by_id]
+        need = [a for a in minival["annotations"] if not a.get("segmentation")]
+        absent = [a["id"] for a in need if not by_id.get(a["id"], {}).get("segmentation")]
         if absent:
             raise PrepareError(
-                f"minival annotations {absent[:5]} have no mask and no val annotation with that id"
+                f"{orig / 'lvis_v1_minival.json'}: annotations {absent[:5]} have no mask and no annotation with "
+                f"that id and a mask in {orig / 'lvis_v1_val.json'}: use the official files ({DOWNLOADS})"
             )
-        for a in minival["annotations"]:
-            if "segmentation" not in a or not a["segmentation"]:
-                a["segmentation"] = by_id[a["id"]]["segmentation"]
-        write_text_atomic(root / "lvis_v1_minival.json", json.dumps(minival))
-        written.append(root / "lvis_v1_minival.json")
-    return written
+        for a in need:
+            a["segmentation"] = by_id[a["id"]]["segmentation"]
+    train = read("lvis_v1_train.json")  # the largest (~1 GB) last: every check is done once it is read
+    outputs = {"lvis_v1_train.json": train, "lvis_v1_val.json": val}
+    if minival is not None:
+        outputs["lvis_v1_minival.json"] = minival
+    with StagedOutputs() as staged:
+        for name, data in outputs.items():
+            staged.add(root / name, json.dumps(data))
+            log.info(
+                "%s: %d images, %d annotations", root / name, len(data["images"]), len(data["annotations"])
+            )
+        return staged.commit()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ntt.prepare.box_to_mask import PrepareError
 from ntt.prepare.contours import opencv_available
+from ntt.prepare.errors import PrepareError
 
 MASK_MODELS_HELP = "sam_vit_h (the paper's) or sam2:<conf/backbone/sam2 option>, e.g. sam2:sam2_hiera_l"
 
@@ -190,8 +190,18 @@ def build_masker(
     raise PrepareError(f"unknown mask model {model!r}: use {MASK_MODELS_HELP}")
 
 
+# Pillow's convert("RGB") equals cv2.imread + BGR->RGB on these modes (alpha dropped by both)
+PILLOW_AS_OPENCV = ("RGB", "L", "P", "1", "RGBA", "LA")
+
+
 def _read_rgb_uint8(path: Path) -> np.ndarray:
-    """[H, W, 3] uint8 RGB: OpenCV's decoder as the authors used it when available, else Pillow."""
+    """[H, W, 3] uint8 RGB exactly as the authors' ``cv2.imread`` + BGR->RGB: OpenCV when installed, else Pillow.
+
+    Pillow gives OpenCV's pixels (compared with OpenCV 5.1 / Pillow 13; tests/test_prepare_masks_sam.py) for
+    the 8-bit modes in `PILLOW_AS_OPENCV` and, through :func:`cmyk_jpeg_to_rgb`, for CMYK JPEGs (Pillow's
+    own CMYK -> RGB rounds differently: 1 off in most pixels). Other modes (16-bit, CMYK TIFF, ...) decode
+    differently in the two libraries and are refused rather than made into other masks.
+    """
     if opencv_available():
         import cv2
 
@@ -201,6 +211,31 @@ def _read_rgb_uint8(path: Path) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps
 
-    # cv2.imread applies the EXIF orientation: so does this fallback (same pixels on JPEGs we compared)
     with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        fmt, mode = im.format, im.mode
+        # cv2.imread applies the EXIF orientation: so does this fallback
+        upright = ImageOps.exif_transpose(im)
+        if mode == "CMYK" and fmt == "JPEG":
+            return cmyk_jpeg_to_rgb(np.asarray(upright))
+        if mode not in PILLOW_AS_OPENCV:
+            raise PrepareError(
+                f"image {path} is {fmt} mode {mode}, which Pillow does not decode as OpenCV does (the authors' "
+                "reader): install OpenCV (pip install opencv-python-headless), or save the image as 8-bit RGB"
+            )
+        return np.asarray(upright.convert("RGB"))
+
+
+def cmyk_jpeg_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    """RGB of a CMYK JPEG's pixels as OpenCV computes it (``icvCvt_CMYK2BGR_8u_C4C3R`` in grfmt_jpeg).
+
+    Args:
+        cmyk: [H, W, 4] uint8 as Pillow decodes a CMYK JPEG (Adobe convention: Pillow inverts the stored
+            values, so the stored, libjpeg ones are ``255 - cmyk``).
+
+    Returns:
+        [H, W, 3] uint8: per channel ``k - ((255 - c) * k >> 8)`` on the stored values, OpenCV's integer
+        formula (Pillow rounds ``c * k / 255`` instead).
+    """
+    stored = 255 - cmyk.astype(np.int32)
+    k = stored[..., 3:]
+    return (k - (((255 - stored[..., :3]) * k) >> 8)).astype(np.uint8)

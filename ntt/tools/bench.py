@@ -164,6 +164,11 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     f"faults/prompt, load1 {max(loads, default=float('nan')):.1f}"
                     + (
                         f", x{dp['speedup_wall']:.2f}, bit-identical {dp['bit_identical']}"
+                        + (
+                            f" (padded: {dp['decoded_prompts']} prompts decoded for {dp['batch_prompts']})"
+                            if dp.get("decoded_prompts", dp["batch_prompts"]) > dp["batch_prompts"]
+                            else ""
+                        )
                         if name == "cached"
                         else ""
                     ),
