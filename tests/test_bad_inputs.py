@@ -148,7 +148,8 @@ def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), env: dict | No
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        # no traceback unless the line asks for it (an in-process `-v` of another test may have set NTT_TRACEBACK)
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "NTT_TRACEBACK": "0", **(env or {})},
         timeout=300,
     )
 
