@@ -342,7 +342,7 @@ def test_predictions_equal_the_benchmark_test_stage_for_its_memory_bank(tmp_path
     from omegaconf import OmegaConf
 
     from ntt.runner import run_pipeline
-    from ntt.utils.config import conf_path
+    from ntt.utils.compose import conf_path
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_path()), version_base="1.3"):

@@ -314,7 +314,7 @@ def test_stages_hint_names_the_whole_chain_at_once(tmp_path, data):
 
 
 def test_several_processes_prefix_every_line_with_the_rank_and_only_rank_0_logs_info(monkeypatch):
-    from ntt.utils.config import compose
+    from ntt.utils.compose import compose
     from ntt.utils.console import LOG_FORMAT, RankFilter
 
     lines = []

@@ -105,7 +105,7 @@ def test_failed_runs_are_excluded_and_listed_and_minus_one_is_never_minus_100(tm
 
 
 def test_settings_are_named_by_what_differs_not_by_a_hash(tmp_path):
-    from ntt.utils.config import compose as ntt_compose
+    from ntt.utils.compose import compose as ntt_compose
     from ntt.utils.identity import identity_keys, setting_id
 
     def write(name, *overrides, dataset="coco_fewshot"):

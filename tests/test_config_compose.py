@@ -191,8 +191,8 @@ def test_debug_smoke_alone_picks_the_synthetic_dataset_and_a_dataset_on_the_line
     ],
 )  # fmt: skip
 def test_compose_turns_hydra_errors_into_one_line_config_errors(override, message):
-    """`ntt.utils.config.compose` (used by `ntt segment`, `Segmenter.from_config`, `ntt study`)."""
-    from ntt.utils.config import compose as ntt_compose
+    """`ntt.utils.compose.compose` (used by `ntt segment`, `Segmenter.from_config`, `ntt study`)."""
+    from ntt.utils.compose import compose as ntt_compose
     from ntt.utils.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:

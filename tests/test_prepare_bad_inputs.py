@@ -537,7 +537,7 @@ def run_prepare(argv, caplog, capsys):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_meets_the_bar(case, tmp_path, monkeypatch, caplog, capsys, fake_masker):
     monkeypatch.setenv("NTT_DATA", str(tmp_path))
-    monkeypatch.delenv("NTT_TRACEBACK", raising=False)
+    monkeypatch.setenv("NTT_TRACEBACK", "0")
     monkeypatch.chdir(tmp_path)
     argv, expected = CASES[case](tmp_path)
     before = _snapshot(tmp_path)
@@ -559,7 +559,9 @@ def test_bad_input_meets_the_bar(case, tmp_path, monkeypatch, caplog, capsys, fa
 
 def test_verbose_shows_the_traceback(tmp_path, monkeypatch, caplog, capsys):
     monkeypatch.setenv("NTT_DATA", str(tmp_path))
-    monkeypatch.delenv("NTT_TRACEBACK", raising=False)  # -v sets it: restored after the test
+    # -v sets NTT_TRACEBACK in this process: setenv (not delenv, which records nothing when the variable is
+    # absent) makes monkeypatch remove it again after the test, so later tests see no traceback flag
+    monkeypatch.setenv("NTT_TRACEBACK", "0")
     rc, errors, _ = run_prepare(["lvis", "-v"], caplog, capsys)
     assert rc == 2 and len(errors) == 1 and errors[0].exc_info is not None
 

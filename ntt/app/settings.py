@@ -30,7 +30,7 @@ def compose_config(
     Returns:
         The composed ``DictConfig``.
     """
-    from ntt.utils.config import compose
+    from ntt.utils.compose import compose
 
     opts = []
     if sam2:

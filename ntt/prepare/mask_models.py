@@ -174,7 +174,7 @@ def build_masker(
         from omegaconf import OmegaConf
 
         from ntt.backbones.sam2 import build_sam2
-        from ntt.utils.config import conf_path
+        from ntt.utils.compose import conf_path
 
         option = model.split(":", 1)[1]
         yaml = Path(str(conf_path())) / "backbone" / "sam2" / f"{option}.yaml"

@@ -179,7 +179,7 @@ def check_command_line(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     from ntt.runner.configcheck import check_config
-    from ntt.utils.config import compose_all
+    from ntt.utils.compose import compose_all
 
     args = get_args_parser().parse_args(argv)
     hydra_own = (
@@ -206,7 +206,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ntt.utils.config import compose
+    from ntt.utils.compose import compose
 
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
@@ -220,7 +220,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 def compose_jobs(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
     """`(job overrides, composed config)` of every job of the sweep (the config a Hydra job receives)."""
-    from ntt.utils.config import compose_all
+    from ntt.utils.compose import compose_all
 
     jobs = expand_sweep(overrides)
     return list(zip(jobs, compose_all(jobs, job_name="ntt_study")))

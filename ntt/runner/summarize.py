@@ -138,7 +138,7 @@ def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]
         runs: the rows of `collect` (``setting_id``, ``dataset`` and the family columns).
         identities: per setting id, its flattened `ntt.utils.identity.setting_keys`.
     """
-    from ntt.utils.config import compose
+    from ntt.utils.compose import compose
     from ntt.utils.errors import ConfigError
 
     defaults: dict[str, dict[str, Any]] = {}

@@ -21,7 +21,7 @@ def option_kwargs(group: str, option: str) -> dict[str, Any]:
     """
     from omegaconf import OmegaConf
 
-    from ntt.utils.config import conf_path
+    from ntt.utils.compose import conf_path
 
     folder = Path(str(conf_path())) / "backbone" / group
     path = folder / f"{option}.yaml"
