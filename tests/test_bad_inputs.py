@@ -315,7 +315,7 @@ def test_stages_hint_names_the_whole_chain_at_once(tmp_path, data):
 
 def test_several_processes_prefix_every_line_with_the_rank_and_only_rank_0_logs_info(monkeypatch):
     from ntt.utils.compose import compose
-    from ntt.utils.console import LOG_FORMAT, RankFilter
+    from ntt.utils.console import EVERY_RANK, LOG_FORMAT, RankFilter
 
     lines = []
 
@@ -335,9 +335,11 @@ def test_several_processes_prefix_every_line_with_the_rank_and_only_rank_0_logs_
             monkeypatch.setenv("RANK", rank)
             logger.warning("w")
             logger.info("i")
+            logger.info("mine", extra=EVERY_RANK)  # a process's own share: every rank says it
     finally:
         logger.removeHandler(handler)
-    assert lines == ["WARNING w", "INFO i", "[rank 0]WARNING w", "[rank 0]INFO i", "[rank 1]WARNING w"]
+    assert lines == ["WARNING w", "INFO i", "INFO mine", "[rank 0]WARNING w", "[rank 0]INFO i", "[rank 0]INFO mine",
+                     "[rank 1]WARNING w", "[rank 1]INFO mine"]  # fmt: skip
     # Hydra's job logging (`ntt run`) uses the same format and filter on both of its handlers
     logging_cfg = compose([], return_hydra_config=True).hydra.job_logging
     assert logging_cfg.formatters.simple.format == LOG_FORMAT

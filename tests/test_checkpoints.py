@@ -18,6 +18,7 @@ from ntt.backbones.checkpoints import (
     OFFICIAL_CHECKPOINTS,
     CheckpointInfo,
     MissingCheckpointError,
+    check_checkpoints,
     resolve_checkpoint,
 )
 from ntt.backbones.download import ChecksumMismatchError, DownloadError, download, download_main
@@ -308,6 +309,35 @@ def test_resolve_checkpoint(tmp_path):
     with pytest.raises(MissingCheckpointError, match="No checkpoint given"):
         resolve_checkpoint(None, name="sam2_hiera_l")
     assert isinstance(MissingCheckpointError("x"), FileNotFoundError)
+
+
+def test_every_missing_checkpoint_is_named_at_once_with_one_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.delenv(ck.ENV_CHECKPOINT_DIR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path / "sam2.1_hiera_tiny.pt"
+    here.write_bytes(b"x")
+    sam2 = {"name": "sam2.1_hiera_t", "checkpoint": str(tmp_path / "ck" / "sam2.1_hiera_tiny.pt")}
+    dino = {"name": "dinov2_vits14", "checkpoint": str(tmp_path / "ck" / "dinov2_vits14_pretrain.pth")}
+    check_checkpoints([{**sam2, "checkpoint": str(here)}, {**dino, "checkpoint": None, "random_init": True}])
+    with pytest.raises(MissingCheckpointError) as one:  # one missing: its own message, unchanged
+        check_checkpoints([{**sam2, "checkpoint": str(here)}, dino])
+    assert "2 checkpoints" not in str(one.value) and "ntt download dinov2_vits14 --dir" in str(one.value)
+    with pytest.raises(MissingCheckpointError) as two:
+        check_checkpoints([sam2, dino])
+    msg = str(two.value)
+    assert msg.startswith("2 checkpoints are missing:")
+    assert "sam2.1_hiera_tiny.pt" in msg and "dinov2_vits14_pretrain.pth" in msg
+    assert f"fetch them all with: `ntt download sam2.1_hiera_t dinov2_vits14 --dir {tmp_path / 'ck'}`" in msg
+    with pytest.raises(MissingCheckpointError) as default_dir:  # the default folder needs no --dir
+        check_checkpoints(
+            [{**sam2, "checkpoint": "checkpoints/a.pt"}, {**dino, "checkpoint": "checkpoints/b.pth"}]
+        )
+    assert "fetch them all with: `ntt download sam2.1_hiera_t dinov2_vits14`" in str(default_dir.value)
+    with pytest.raises(MissingCheckpointError) as two_folders:  # no one command fetches into two folders
+        check_checkpoints([sam2, {**dino, "checkpoint": str(tmp_path / "other" / "d.pth")}])
+    assert "2 checkpoints are missing" in str(two_folders.value) and "fetch them all" not in str(
+        two_folders.value
+    )
 
 
 def test_unresolvable_host_fails_at_once_without_retry_waits(tmp_path):

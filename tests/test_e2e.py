@@ -220,6 +220,18 @@ def test_missing_checkpoint_is_a_clear_error_with_the_fetch_command(tmp_path):
     assert not (run_dir / "refs.json").exists() and not (run_dir / "config.yaml").exists()
 
 
+def test_two_missing_checkpoints_are_named_in_one_error(tmp_path):
+    from ntt.backbones.checkpoints import MissingCheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(MissingCheckpointError) as info:
+        run(tmp_path, *SMALL_SYNTH, "backbone/sam2=sam2.1_hiera_t", "backbone/dinov2=vits14",
+            f"paths.checkpoints={ckpt}")  # fmt: skip
+    msg = str(info.value)
+    assert str(ckpt / "sam2.1_hiera_tiny.pt") in msg and str(ckpt / "dinov2_vits14_pretrain.pth") in msg
+    assert f"`ntt download sam2.1_hiera_t dinov2_vits14 --dir {ckpt}`" in msg
+
+
 def test_missing_dataset_file_names_the_config_key(tmp_path):
     from ntt.runner import StageError
 

@@ -433,6 +433,22 @@ def test_a_missing_checkpoint_points_to_the_offline_plumbing_run(fss, caplog):
     assert "`--sam2 tiny_random --dinov2 tiny_random` gives an offline plumbing run" in message
 
 
+def test_a_coco_reference_json_without_its_image_folder_names_ref_images(fss, caplog):
+    from ntt import cli
+
+    ref_json = fss / "refs.json"  # its file_name entries are relative to refs/apple, not to the json's folder
+    ref_json.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a1.jpg", "width": 224, "height": 224}],
+        "categories": [{"id": 1, "name": "apple"}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50]}],
+    }))  # fmt: skip
+    argv = ["--refs", str(ref_json), "--images", str(fss / "images"), "--out", str(fss / "o"), *MODELS]
+    assert cli.main(["segment", *argv]) == 2
+    message = caplog.records[-1].getMessage()
+    assert f"{ref_json}: annotation 7: image {fss / 'a1.jpg'} not found" in message
+    assert "--ref-images" in message and "dataset.image_root" not in message
+
+
 def test_a_second_run_does_not_segment_the_overlays_of_the_first(fss, calls, caplog):
     out = fss / "out"
     argv = ["--refs", str(fss / "refs"), "--out", str(out), *MODELS, *GRID]

@@ -129,8 +129,14 @@ def _specs_from_coco(data: dict, json_path: Path, image_root: Path) -> list[RefS
         if cid not in ds.category_ids:
             raise ValueError(f"{json_path}: annotation {ann.get('id')} has unknown category id {cid}")
         w, h = info["width"], info["height"]
+        image = ds.image_path(ann["image_id"], check=False)
+        if not image.is_file():  # named for this json and its own option, not the dataset config's key
+            raise FileNotFoundError(
+                f"{json_path}: annotation {ann.get('id')}: image {image} not found; give the folder the json's "
+                f"file_name entries are relative to with --ref-images (Python: image_root=), now {image_root}"
+            )
         base = dict(
-            image=ds.image_path(ann["image_id"]),
+            image=image,
             cls=ds.name_of(cid),
             category_id=cid,
             json_size=(w, h),

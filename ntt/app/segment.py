@@ -48,7 +48,7 @@ from ntt.app.outputs import (
     write_results,
 )
 from ntt.app.references import add_references, load_reference_specs
-from ntt.backbones.checkpoints import MissingCheckpointError
+from ntt.backbones.checkpoints import MissingCheckpointError, check_checkpoints
 from ntt.utils.files import CACHE_FILE, FileDigests
 
 __all__ = ["segment_folder", "main"]
@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(out)  # before any model is built or reference encoded
         if args.bank is not None:
             seg = Segmenter.load(args.bank, device=args.device, overrides=rest)
+            check_checkpoints([seg.cfg.backbone.sam2, seg.cfg.backbone.dinov2])  # all missing files at once
             _ = seg.sam2, seg.dinov2  # a missing checkpoint fails now, not on every image
         else:
             specs = load_reference_specs(args.refs, args.ref_images)
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                 sam2=args.sam2, dinov2=args.dinov2, device=args.device, overrides=rest
             )
             try:
+                check_checkpoints(
+                    [seg.cfg.backbone.sam2, seg.cfg.backbone.dinov2]
+                )  # all missing files at once
                 _ = seg.sam2, seg.dinov2  # both models are needed: a missing checkpoint fails now, not midway
             except MissingCheckpointError as err:
                 raise MissingCheckpointError(f"{err}\n{OFFLINE_HINT}") from err

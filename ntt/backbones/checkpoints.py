@@ -288,6 +288,46 @@ def resolve_checkpoint(path: str | os.PathLike[str] | None, *, name: str) -> Pat
     raise MissingCheckpointError("\n".join(lines))
 
 
+def check_checkpoints(backbones: Iterable[Mapping[str, Any]]) -> None:
+    """Every named checkpoint file exists; else ONE error naming every missing file and one command for all.
+
+    The models are built one after the other, so without this a run with two missing files would name the
+    second only after the first was fetched.
+
+    Args:
+        backbones: the config node of each backbone to build (``name``, ``checkpoint``, ``random_init``);
+            random-weight ones need no file.
+
+    Raises:
+        MissingCheckpointError: the message of the one missing file, or of all of them with
+            ``ntt download <name> <name>``.
+    """
+    missing: list[tuple[str, Path | None, str]] = []
+    for node in backbones:
+        if node.get("random_init"):
+            continue
+        name, path = str(node.get("name")), node.get("checkpoint")
+        try:
+            resolve_checkpoint(path, name=name)
+        except MissingCheckpointError as err:
+            folder = Path(path).expanduser().resolve().parent if path else None
+            missing.append((name, folder, str(err)))
+    if len(missing) == 1:
+        raise MissingCheckpointError(missing[0][2])
+    if missing:
+        lines = [f"{len(missing)} checkpoints are missing:"]
+        lines += ["  " + ln for _, _, text in missing for ln in text.splitlines()]
+        official = [(name, folder) for name, folder, _ in missing if name in OFFICIAL_CHECKPOINTS]
+        folders = {folder for _, folder in official}
+        if len(official) > 1 and len(folders) == 1:  # one command fetches them all into their one folder
+            cmd = "ntt download " + " ".join(name for name, _ in official)
+            folder = folders.pop()
+            if folder is not None and folder != default_checkpoint_dir().resolve():
+                cmd += f" --dir {folder}"
+            lines.append(f"fetch them all with: `{cmd}`")
+        raise MissingCheckpointError("\n".join(lines))
+
+
 def _fmt_keys(keys: Iterable[str], limit: int = 12) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -343,6 +383,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "MissingCheckpointError",
+    "check_checkpoints",
     "default_checkpoint_dir",
     "load_state_dict_strict",
     "resolve_checkpoint",

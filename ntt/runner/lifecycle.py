@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ntt.backbones.checkpoints import check_checkpoints
 from ntt.runner.configcheck import check_config
 from ntt.runner.context import (
     RANDOM_WEIGHTS_NOTE,
@@ -368,8 +369,11 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
             report_annotations(
                 [p for p in problems if p not in crash], spec.test_json, fatal=False, what="test annotations"
             )
-    if "fill_memory" in will_run:  # every process encodes a share of the references
-        build_backbone(ctx, "dinov2")
+    needed = (
+        ["dinov2"] if "fill_memory" in will_run else []
+    )  # every process encodes a share of the references
     if "test" in will_run and images_to_segment(ctx, plan):
-        build_backbone(ctx, "sam2")
-        build_backbone(ctx, "dinov2")
+        needed = ["sam2", "dinov2"]
+    check_checkpoints(ctx.cfg.backbone[w] for w in needed)  # every missing file named at once
+    for which in needed:
+        build_backbone(ctx, which)

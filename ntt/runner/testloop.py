@@ -21,6 +21,7 @@ from typing import Any
 from ntt.runner.context import RunContext, StageError, build_backbone, log_expected_time
 from ntt.runner.lines import failure_line, failure_record, loop_timing, success_line
 from ntt.utils import dist
+from ntt.utils.console import EVERY_RANK
 from ntt.utils.timing import SectionTimer, section, timing
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def test_pass(jobs: list, label: str = "test") -> None:
         len(mine),
         ctx0.rank,
         ctx0.world_size,
+        extra=EVERY_RANK,  # each process's own share: logged by every rank
     )
     log_expected_time(ctx0, len(mine))
     fail_fast = any(bool(j.ctx.cfg.get("fail_fast")) for j in jobs)

@@ -8,7 +8,8 @@ too. Any other exception is a bug and keeps its traceback.
 
 With several processes (torchrun, `accelerate launch`, MPI, a multi-task SLURM job) every log line starts
 with `[rank <r>]` and only the main process logs below WARNING (`RankFilter`, on the handlers made here and
-on those of Hydra's job_logging, conf/hydra/default.yaml).
+on those of Hydra's job_logging, conf/hydra/default.yaml); a line about this process's own share is logged by
+every process (`extra=EVERY_RANK`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 USER_ERROR_EXIT = 2
 VERBOSE_FLAGS = ("-v", "--verbose")
 TRACEBACK_ENV = "NTT_TRACEBACK"
+# `log.info(..., extra=EVERY_RANK)`: a line each process has its own of (its share of the images), kept on all ranks
+EVERY_RANK = {"every_rank": True}
 
 log = logging.getLogger("ntt")
 
@@ -41,12 +44,14 @@ def process_rank() -> tuple[int, int]:
 
 class RankFilter(logging.Filter):
     """With several processes: `[rank <r>] ` before every line (the `rank` field of the format), and records
-    below WARNING only from the main process. The rank is read at each record: a SLURM task learns it late."""
+    below WARNING only from the main process, or marked `extra=EVERY_RANK`. The rank is read at each record: a
+    SLURM task learns it late."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         rank, world = process_rank()
         record.rank = f"[rank {rank}]" if world > 1 else ""
-        return world <= 1 or rank == 0 or record.levelno >= logging.WARNING
+        every = getattr(record, "every_rank", False)
+        return world <= 1 or rank == 0 or record.levelno >= logging.WARNING or every
 
 
 def setup_logging(level: int = logging.INFO) -> None:
