@@ -1,0 +1,104 @@
+"""AP against shots with 95% CI bands, box and mask panels (`ntt summarize`'s ``nap_vs_shots_<bench>.png``).
+
+One line per setting (and dataset, where a benchmark has several, e.g. the VOC splits): the mean over seeds
+at each shot count, a band mean +- CI95 where there are two seeds or more (`ntt.runner.seedstats`). Drawn
+with matplotlib's Agg canvas directly (no pyplot, no display: works headless and leaves no global state).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from ntt.runner.seedstats import KINDS
+from ntt.utils.files import write_bytes_atomic
+
+FIGSIZE = (11.0, 4.5)  # inches
+DPI = 100  # -> an 1100 x 450 pixel PNG
+
+
+def _line_label(row, several_datasets: bool) -> str:
+    label = f"{row['sam2']} + {row['dinov2']}, {row['variant']} ({row['setting']})"
+    if row["random_weights"]:
+        label += " [RANDOM WEIGHTS]"
+    return f"{row['dataset']}: {label}" if several_datasets else label
+
+
+def _clean(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _ci_band(ax, line: dict[str, list], color) -> None:
+    """mean +- CI95 as a band, broken (NaN) at shot counts without a CI (one seed): never drawn across them;
+    a CI with no neighbour to make a band with is an error bar."""
+    has = [c is not None for c in line["ci95"]]
+    lo = [m - c if c is not None else math.nan for m, c in zip(line["mean"], line["ci95"], strict=True)]
+    hi = [m + c if c is not None else math.nan for m, c in zip(line["mean"], line["ci95"], strict=True)]
+    ax.fill_between(line["shots"], lo, hi, alpha=0.2, color=color, linewidth=0)
+    for i, k in enumerate(line["shots"]):
+        alone = has[i] and not (i > 0 and has[i - 1]) and not (i + 1 < len(has) and has[i + 1])
+        if alone:
+            ax.errorbar([k], [line["mean"][i]], yerr=[line["ci95"][i]], color=color, capsize=3)
+
+
+def plot_data(stats) -> dict[str, dict[str, dict[str, list]]]:
+    """What `plot_shots` draws: ``{"box"|"mask": {line label: {"shots", "mean", "ci95", "n"}}}``.
+
+    Args:
+        stats: rows of `ntt.runner.seedstats.stats_table` (one benchmark). Shot counts without the metric
+            (n = 0) are left out of a line; ci95 is None where n = 1 (no band there).
+    """
+    several = stats["dataset"].nunique() > 1
+    data: dict[str, dict[str, dict[str, list]]] = {kind: {} for _, kind in KINDS}
+    for _, row in stats.sort_values("shots", kind="stable").iterrows():
+        label = _line_label(row, several)
+        for _, kind in KINDS:
+            if not row[f"{kind}_n"]:
+                continue
+            line = data[kind].setdefault(label, {"shots": [], "mean": [], "ci95": [], "n": []})
+            line["shots"].append(int(row["shots"]))
+            line["mean"].append(float(row[f"{kind}_mean"]))
+            line["ci95"].append(_clean(row[f"{kind}_ci95"]))
+            line["n"].append(int(row[f"{kind}_n"]))
+    return data
+
+
+def plot_shots(stats, path: str | Path, title: str) -> dict[str, dict[str, dict[str, list]]]:
+    """Draw `plot_data(stats)` into a PNG at `path` (FIGSIZE x DPI pixels) and return that data.
+
+    Args:
+        stats: rows of `ntt.runner.seedstats.stats_table` for one benchmark.
+        path: the PNG to write (atomically).
+        title: the figure's title (the benchmark; say RANDOM WEIGHTS where it applies).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = plot_data(stats)
+    ap = str(stats["ap"].iloc[0])
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    shots = sorted(int(k) for k in stats["shots"].unique())
+    for ax, (_, kind) in zip(axes, KINDS, strict=True):
+        for label, line in data[kind].items():
+            (drawn,) = ax.plot(line["shots"], line["mean"], marker="o", label=label)
+            _ci_band(ax, line, drawn.get_color())
+        ax.set_title(f"{kind} {ap} (COCOeval iouType {'bbox' if kind == 'box' else 'segm'})")
+        ax.set_xlabel("shots")
+        ax.set_xscale("log")
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        if not data[kind]:
+            ax.text(0.5, 0.5, f"no {kind} AP", ha="center", va="center", transform=ax.transAxes)
+        elif ax is axes[0]:
+            ax.legend(fontsize="small", loc="lower right")
+    axes[0].set_ylabel(f"{ap} (%): mean over seeds, band = 95% CI")
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    write_bytes_atomic(path, buf.getvalue())
+    return data
