@@ -120,7 +120,7 @@ def test_box_only_dataset_shows_mask_as_na_and_voc_uses_ap50(tmp_path):
 
 def test_plot_png_is_written_decodes_and_draws_the_table_numbers(tmp_path):
     from ntt.runner.seedstats import stats_table
-    from ntt.runner.shotplot import DPI, FIGSIZE, plot_shots
+    from ntt.runner.shotplot import DPI, figure_size, plot_shots
     from ntt.runner.summarize import collect
 
     _two_settings(tmp_path)
@@ -128,7 +128,9 @@ def test_plot_png_is_written_decodes_and_draws_the_table_numbers(tmp_path):
     png = tmp_path / "t" / "ap_vs_shots_coco.png"
     with Image.open(png) as im:
         im.load()  # decodes the whole image
-        assert im.format == "PNG" and im.size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI) == (1100, 450)
+        # 11 in x (4.5 in panels + 0.25 in pad + 2 legend lines x 0.25 in), at 100 dpi
+        assert figure_size(2) == (11.0, 5.25) and DPI == 100
+        assert im.format == "PNG" and im.size == (1100, 525)
 
     table = pd.read_csv(tmp_path / "t" / "seed_stats.csv")
     data = plot_shots(stats_table(collect(tmp_path)), tmp_path / "again.png", "coco")

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from ntt.runner.seedstats import KINDS
 from ntt.utils.files import write_bytes_atomic
 
-FIGSIZE = (11.0, 4.5)  # inches
-DPI = 100  # -> an 1100 x 450 pixel PNG
+WIDTH = 11.0  # inches
+PANELS_HEIGHT = 4.5  # inches: the two panels with their titles and axes
+LEGEND_LINE = 0.25  # inches per legend text line, below the panels (settings' names are long)
+LEGEND_PAD = 0.25
+LABEL_WIDTH = 140  # characters of a legend line before it wraps
+DPI = 100  # -> 1100 pixels wide, 450 + 25 per legend line + 25 high
+
+
+def figure_size(legend_lines: int) -> tuple[float, float]:
+    """(width, height) in inches: the panels plus a legend of `legend_lines` text lines under them."""
+    return WIDTH, PANELS_HEIGHT + LEGEND_PAD + LEGEND_LINE * legend_lines
 
 
 def _line_label(row, several_datasets: bool) -> str:
@@ -66,7 +76,7 @@ def plot_data(stats) -> dict[str, dict[str, dict[str, list]]]:
 
 
 def plot_shots(stats, path: str | Path, title: str) -> dict[str, dict[str, dict[str, list]]]:
-    """Draw `plot_data(stats)` into a PNG at `path` (FIGSIZE x DPI pixels) and return that data.
+    """Draw `plot_data(stats)` into a PNG at `path` (`figure_size` x DPI pixels) and return that data.
 
     Args:
         stats: rows of `ntt.runner.seedstats.stats_table` for one benchmark.
@@ -78,14 +88,23 @@ def plot_shots(stats, path: str | Path, title: str) -> dict[str, dict[str, dict[
 
     data = plot_data(stats)
     ap = str(stats["ap"].iloc[0])
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    labels = list(dict.fromkeys([*data["box"], *data["mask"]]))  # one color per line in both panels
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    wrapped = {label: textwrap.fill(label, LABEL_WIDTH, subsequent_indent="    ") for label in labels}
+    legend_lines = sum(w.count("\n") + 1 for w in wrapped.values())
+    width, height = figure_size(legend_lines)
+    fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
+    # the panels keep their height whatever the legend's: margins in inches, turned into fractions
+    legend_h = LEGEND_PAD + LEGEND_LINE * legend_lines
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.75 / height, bottom=(legend_h + 0.6) / height)
     axes = fig.subplots(1, 2, sharey=True)
     shots = sorted(int(k) for k in stats["shots"].unique())
+    handles = {}
     for ax, (_, kind) in zip(axes, KINDS, strict=True):
         for label, line in data[kind].items():
-            (drawn,) = ax.plot(line["shots"], line["mean"], marker="o", label=label)
-            _ci_band(ax, line, drawn.get_color())
+            (handles[label],) = ax.plot(line["shots"], line["mean"], marker="o", color=colors[label])
+            _ci_band(ax, line, colors[label])
         ax.set_title(f"{kind} {ap} (COCOeval iouType {'bbox' if kind == 'box' else 'segm'})")
         ax.set_xlabel("shots")
         ax.set_xscale("log")
@@ -94,8 +113,16 @@ def plot_shots(stats, path: str | Path, title: str) -> dict[str, dict[str, dict[
         ax.grid(True, alpha=0.3)
         if not data[kind]:
             ax.text(0.5, 0.5, f"no {kind} AP", ha="center", va="center", transform=ax.transAxes)
-        elif ax is axes[0]:
-            ax.legend(fontsize="small", loc="lower right")
+    fig.legend(
+        [handles[label] for label in labels],
+        [wrapped[label] for label in labels],
+        loc="lower left",
+        bbox_to_anchor=(0.01, 0.0),
+        fontsize="small",
+        frameon=False,
+        handlelength=1.5,
+        borderaxespad=0.3,
+    )
     axes[0].set_ylabel(f"{ap} (%): mean over seeds, band = 95% CI")
     fig.suptitle(title)
     buf = io.BytesIO()
