@@ -33,7 +33,7 @@ def _metrics(
         "bbox": {"AP": box, "AP50": box + 0.1, "AP75": box},
     }  # fmt: skip
     if mask is not None:
-        m["segm"] = {"AP": mask, "AP50": mask + 0.1}
+        m["segm"] = {"AP": mask, "AP50": mask + 0.1, "AP75": mask}
     (run / "metrics.json").write_text(json.dumps(m))
 
 
@@ -87,6 +87,14 @@ def test_summarize_writes_box_and_mask_statistics_side_by_side(tmp_path):
     five = stats[(stats.setting_id == "s1") & (stats.shots == 5)].iloc[0]
     assert five["box_n"] == 1 and five["box_mean"] == pytest.approx(40.0, abs=TOL)  # not the failed run's 99
     assert math.isnan(five["box_std"]) and math.isnan(five["box_ci95"])  # empty csv cells, not a number
+
+    # the long and the pandas tables: the same three APs of box (bbox) and mask (segm)
+    runs = pd.read_csv(tmp_path / "t" / "runs.csv")
+    for iou_type in ("bbox", "segm"):
+        assert {f"{iou_type}_{m}" for m in ("AP", "AP50", "AP75")} <= set(runs.columns)
+    summary = pd.read_csv(tmp_path / "t" / "summary.csv")
+    s1 = summary[(summary.setting_id == "s1") & (summary.shots == 1)].iloc[0]
+    assert s1["segm_AP75_mean"] == pytest.approx(23.0, abs=TOL) and s1["segm_AP75_count"] == 3
 
     md = (tmp_path / "t" / "summary.md").read_text()
     assert "## Over seeds: box AP and mask AP side by side" in md

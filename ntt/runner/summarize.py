@@ -44,7 +44,15 @@ SETTING = ["dataset", "sam2", "dinov2", "variant", "shots"]
 # setting's name unless two settings differ only there
 NAMED_APART = ("variant", "backbone.", "dataset._target_")
 MISSING = object()
-METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50")]
+# box AP (COCOeval bbox) and mask AP (segm), the same three of each (runs.csv, summary.csv)
+METRICS = [
+    ("bbox", "AP"),
+    ("bbox", "AP50"),
+    ("bbox", "AP75"),
+    ("segm", "AP"),
+    ("segm", "AP50"),
+    ("segm", "AP75"),
+]
 GROUP = ["benchmark", "sam2", "dinov2", "variant", "setting_id", "random_weights"]
 # benchmark -> (metric columns of its paper table, what the metric is called)
 HEADLINE = {
