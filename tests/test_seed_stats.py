@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -155,6 +156,19 @@ def test_plot_png_is_written_decodes_and_draws_the_table_numbers(tmp_path):
             assert [c for c in line["ci95"] if c] == pytest.approx([c for c in ci if c], abs=TOL)
     s1 = next(v for k, v in data["box"].items() if "(setting s1)" in k)
     assert s1["mean"] == pytest.approx([32.0, 40.0], abs=TOL) and s1["ci95"][1] is None
+
+
+def test_summarize_without_matplotlib_is_one_line_naming_no_plot(tmp_path, monkeypatch, caplog):
+    from ntt import cli
+
+    _metrics(tmp_path, "r", shots=1, seed=1, box=0.3, mask=0.2)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert cli.main(["summarize", str(tmp_path)]) == 2
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]  # the one line the user sees
+    assert "the plot needs matplotlib" in error.getMessage() and "--no-plot" in error.getMessage()
+    assert error.exc_info is None  # no traceback
+    assert (tmp_path / "seed_stats.csv").is_file() and not list(tmp_path.glob("*.png"))
+    assert cli.main(["summarize", str(tmp_path), "--no-plot"]) == 0
 
 
 def test_wandb_names_box_and_mask_ap_in_percent():

@@ -1,4 +1,4 @@
-"""AP against shots with 95% CI bands, box and mask panels (`ntt summarize`'s ``nap_vs_shots_<bench>.png``).
+"""AP against shots with 95% CI bands, box and mask panels (`ntt summarize`'s ``ap_vs_shots_<benchmark>.png``).
 
 One line per setting (and dataset, where a benchmark has several, e.g. the VOC splits): the mean over seeds
 at each shot count, a band mean +- CI95 where there are two seeds or more (`ntt.runner.seedstats`). Drawn
@@ -63,6 +63,8 @@ def plot_data(stats) -> dict[str, dict[str, dict[str, list]]]:
     several = stats["dataset"].nunique() > 1
     data: dict[str, dict[str, dict[str, list]]] = {kind: {} for _, kind in KINDS}
     for _, row in stats.sort_values("shots", kind="stable").iterrows():
+        if _clean(row["shots"]) is None:  # a metrics.json without a shot count has no place on this axis
+            continue
         label = _line_label(row, several)
         for _, kind in KINDS:
             if not row[f"{kind}_n"]:
@@ -99,7 +101,7 @@ def plot_shots(stats, path: str | Path, title: str) -> dict[str, dict[str, dict[
     legend_h = LEGEND_PAD + LEGEND_LINE * legend_lines
     fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.75 / height, bottom=(legend_h + 0.6) / height)
     axes = fig.subplots(1, 2, sharey=True)
-    shots = sorted(int(k) for k in stats["shots"].unique())
+    shots = sorted({k for line in [*data["box"].values(), *data["mask"].values()] for k in line["shots"]})
     handles = {}
     for ax, (_, kind) in zip(axes, KINDS, strict=True):
         for label, line in data[kind].items():

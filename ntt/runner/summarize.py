@@ -351,6 +351,12 @@ def write_plots(stats, out: Path) -> dict[str, Path]:
     paths = {}
     if stats.empty:
         return paths
+    try:
+        import matplotlib  # noqa: F401  (a dependency; missing only in an install made with --no-deps)
+    except ImportError as err:
+        raise UserError(
+            f"the plot needs matplotlib ({err}): `pip install matplotlib`, or pass --no-plot"
+        ) from err
     for bench, group in stats.groupby("benchmark", sort=True):
         ap = group["ap"].iloc[0]
         title = (
