@@ -76,7 +76,9 @@ def _entry_box(entry: Any, where: str, box_format: str) -> tuple[list[float], fl
         or len(box) != 4
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
     ):
-        raise BoxesError(f"{where}: bbox must be 4 finite numbers [{box_format_words(box_format)}], got {box!r}")
+        raise BoxesError(
+            f"{where}: bbox must be 4 finite numbers [{box_format_words(box_format)}], got {box!r}"
+        )
     if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
         raise BoxesError(f"{where}: score must be a finite number, got {score!r}")
     x, y, a, b = (float(v) for v in box)
@@ -93,7 +95,9 @@ def box_format_words(box_format: str) -> str:
     return "x, y, width, height" if box_format == "xywh" else "x1, y1, x2, y2"
 
 
-def load_boxes_json(path: str | Path, *, key: str = "image_id", box_format: str = "xywh") -> dict[Any, ImageBoxes]:
+def load_boxes_json(
+    path: str | Path, *, key: str = "image_id", box_format: str = "xywh"
+) -> dict[Any, ImageBoxes]:
     """Per-image boxes of a COCO-results-style json: ``[{"image_id": 1, "bbox": [x, y, w, h], "score": s}, ...]``.
 
     Any detector's output in that layout works (``category_id`` and other keys are ignored). Entries keep
@@ -117,7 +121,9 @@ def load_boxes_json(path: str | Path, *, key: str = "image_id", box_format: str 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BoxesError(f"{where} is not valid json: {err}") from err
     if not isinstance(data, list):
-        raise BoxesError(f"{where}: expected a list of {{{key}, bbox, score}} entries, got {type(data).__name__}")
+        raise BoxesError(
+            f"{where}: expected a list of {{{key}, bbox, score}} entries, got {type(data).__name__}"
+        )
     grouped: dict[Any, tuple[list, list]] = {}
     for i, entry in enumerate(data):
         ident = entry.get(key) if isinstance(entry, dict) else None
@@ -198,7 +204,9 @@ def boxes_to_frame(boxes: np.ndarray, *, width: int, height: int, size: int = 10
     return (t * size).reshape(-1, 4)
 
 
-def choose_single_output(logits: Tensor, ious: Tensor, *, stability_fallback: bool) -> tuple[Tensor, Tensor, Tensor]:
+def choose_single_output(
+    logits: Tensor, ious: Tensor, *, stability_fallback: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """The mask a box prompt gives with ``multimask_output=False``.
 
     Output 0 (the single-mask token); with ``stability_fallback`` (SAM2's ``dynamic_multimask_via_stability``,
@@ -327,7 +335,9 @@ class BoxSource:
         self.boxes_key = boxes_key
         self.box_format = box_format
         self.selection = {"top_k": top_k, "score_thr": score_thr, "clip": clip}
-        self._table = load_boxes_json(boxes_json, key=boxes_key, box_format=box_format) if boxes_json else None
+        self._table = (
+            load_boxes_json(boxes_json, key=boxes_key, box_format=box_format) if boxes_json else None
+        )
         self._detector = None
         if detector is not None:
             from hydra.utils import instantiate
@@ -394,7 +404,14 @@ class BoxSource:
         return len(missing)
 
     def boxes_for(
-        self, *, image_id: int, file_name: str, width: int, height: int, image_path=None, apply_exif: bool = False
+        self,
+        *,
+        image_id: int,
+        file_name: str,
+        width: int,
+        height: int,
+        image_path=None,
+        apply_exif: bool = False,
     ) -> ImageBoxes:
         """The selected boxes of one image (image pixels, xyxy, in proposal order); empty when it has none.
 
@@ -422,7 +439,9 @@ class BoxSource:
             boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
             scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         except (TypeError, ValueError) as err:
-            raise BoxesError(f"{where}: expected (boxes [n, 4] xyxy, scores [n]), got an error: {err}") from err
+            raise BoxesError(
+                f"{where}: expected (boxes [n, 4] xyxy, scores [n]), got an error: {err}"
+            ) from err
         if len(boxes) != len(scores) or not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise BoxesError(
                 f"{where}: {len(boxes)} boxes and {len(scores)} scores (must be as many, all finite numbers)"

@@ -48,7 +48,8 @@ def test_boxes_json_groups_entries_per_image_in_file_order_and_converts_xywh(tmp
     xyxy = load_boxes_json(f, box_format="xyxy")
     np.testing.assert_array_equal(xyxy[7].boxes[0], [10, 20, 30, 40])
     by_name = load_boxes_json(
-        write(tmp_path / "n.json", [{"file_name": "a.png", "bbox": [0, 0, 4, 4], "score": 1}]), key="file_name"
+        write(tmp_path / "n.json", [{"file_name": "a.png", "bbox": [0, 0, 4, 4], "score": 1}]),
+        key="file_name",
     )
     assert list(by_name) == ["a.png"]
 
@@ -59,10 +60,16 @@ def test_boxes_json_groups_entries_per_image_in_file_order_and_converts_xywh(tmp
         ({"image_id": 1}, "expected a list of {image_id, bbox, score} entries, got dict"),
         ([{"bbox": [0, 0, 1, 1], "score": 1}], "entry 0 has no image_id (proposer.boxes_key=image_id)"),
         (
-            [{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}, {"image_id": 2, "bbox": [0, 0, 1], "score": 1}],
+            [
+                {"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1},
+                {"image_id": 2, "bbox": [0, 0, 1], "score": 1},
+            ],
             "entry 1 (image_id 2): bbox must be 4 finite numbers [x, y, width, height], got [0, 0, 1]",
         ),
-        ([{"image_id": 1, "bbox": [0, 0, 1, 1]}], "entry 0 (image_id 1): score must be a finite number, got None"),
+        (
+            [{"image_id": 1, "bbox": [0, 0, 1, 1]}],
+            "entry 0 (image_id 1): score must be a finite number, got None",
+        ),
         ([{"image_id": 1, "bbox": [5, 5, -1, 2], "score": 1}], "has a negative width or height"),
         ([{"image_id": 1, "bbox": [0, 0, 1, "x"], "score": 1}], "bbox must be 4 finite numbers"),
     ],
@@ -105,6 +112,30 @@ def test_proposer_config_needs_exactly_one_source_and_known_choices():
     assert cfg.top_k == 100 and cfg.clip and cfg.stability_fallback
 
 
+def gt_detector(image, *, image_id, file_name, shift=0.0):
+    """A plug-in detector for the tests: two boxes from the image's size (the third call answers badly)."""
+    w, h = image.size
+    if file_name == "bad.png":
+        return [[0, 0, 1, 1]] * 3, [0.5, 0.4]
+    return [[shift, 0, w / 2, h / 2], [-5, -5, w + 5, h + 5]], [0.2, 0.9]
+
+
+def test_plug_in_detector_is_called_per_image_and_a_bad_answer_names_the_image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30)).save(path)
+    src = BoxSource(detector={"_target_": "test_boxproposals.gt_detector", "_partial_": True, "shift": 2.0})
+    got = src.boxes_for(image_id=1, file_name="a.png", width=40, height=30, image_path=path)
+    np.testing.assert_array_equal(got.boxes, [[0, 0, 40, 30], [2, 0, 20, 15]])  # sorted by score, clipped
+    with pytest.raises(BoxesError, match=r"proposer.detector on image 2 \(bad.png\): 3 boxes and 2 scores"):
+        src.boxes_for(image_id=2, file_name="bad.png", width=40, height=30, image_path=path)
+    with pytest.raises(BoxesError, match=r"_target_=json.dumps built a str, which is not callable"):
+        BoxSource(detector={"_target_": "json.dumps", "obj": 1})
+    with pytest.raises(BoxesError, match=r"_target_=no_such_module.f: cannot build it"):
+        BoxSource(detector={"_target_": "no_such_module.f"})
+
+
 # ------------------------------------------------------------------------------------ FSOD-VFM's selection
 def test_selection_thresholds_sorts_stably_cuts_then_clips_and_drops_empty_boxes():
     found = ImageBoxes(
@@ -123,7 +154,9 @@ def test_selection_thresholds_sorts_stably_cuts_then_clips_and_drops_empty_boxes
     )
     out = select_boxes(found, width=100, height=50, top_k=5, score_thr=0.01)
     # sorted: 1 (0.9), 3 (0.7), 4 (0.7), 0 (0.5), 5 (0.5); top 5 keeps all five; 4 is dropped after clipping
-    np.testing.assert_array_equal(out.boxes, [[0, 0, 8, 9], [95, 10, 100, 20], [10, 10, 20, 20], [1, 1, 2, 2]])
+    np.testing.assert_array_equal(
+        out.boxes, [[0, 0, 8, 9], [95, 10, 100, 20], [10, 10, 20, 20], [1, 1, 2, 2]]
+    )
     np.testing.assert_array_equal(out.scores, [0.9, 0.7, 0.5, 0.5])
     top2 = select_boxes(found, width=100, height=50, top_k=3, score_thr=0.01)
     assert len(top2) == 2  # the cut comes before clipping, as in FSOD-VFM: fewer than top_k can remain
@@ -240,6 +273,7 @@ def test_smoke_run_with_box_prompts_writes_results_and_an_image_without_boxes_ha
     assert len(preds) == n_first  # one proposal per box; random weights: every mask non-empty, no NMS hit
     cfg_file = (run_dir / "config.yaml").read_text()
     assert "prompts: boxes" in cfg_file
+
     # the boxes file enters the keys by content (same run directory): a copy elsewhere keeps the key, an edit
     # changes it (its images are segmented again)
     def key_with(path: Path) -> str:
@@ -285,6 +319,7 @@ def test_box_masks_match_fsod_vfm(parity_dir):
     import hashlib
 
     import torch.nn.functional as F
+
     from ntt.backbones.sam2 import build_sam2
     from ntt.postprocess import resize_masks_to_image
 
@@ -303,7 +338,9 @@ def test_box_masks_match_fsod_vfm(parity_dir):
     np.testing.assert_array_equal(sel.boxes, fx["boxes"])  # sort (ties), top 100, clip, drop: exact
     # SAM2ImagePredictor.set_image: ToTensor, then torchvision's Resize((1024, 1024)) = bilinear + antialias
     x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-    image1024 = F.interpolate(x[None], size=(1024, 1024), mode="bilinear", align_corners=False, antialias=True)
+    image1024 = F.interpolate(
+        x[None], size=(1024, 1024), mode="bilinear", align_corners=False, antialias=True
+    )
     with torch_threads(2), torch.inference_mode():
         feats = sam2.encode_image(image1024)
         props = generate_box_proposals(sam2, feats, boxes_to_frame(sel.boxes, width=width, height=height))

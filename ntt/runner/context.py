@@ -203,7 +203,7 @@ def inference_params(ctx: RunContext):
 
 def log_expected_time(ctx: RunContext, n_images: int) -> None:
     """Log the expected time of `n_images` images with this run's backbones, grid and device (main)."""
-    if not ctx.is_main:
+    if not ctx.is_main or ctx.proposer.prompts != "grid":  # the estimate knows the point grid only
         return
     from ntt.utils.speed import expected_time_message
 
