@@ -330,7 +330,10 @@ class BoxSource:
         clip: bool = True,
     ):
         if (boxes_json is None) == (detector is None):
-            raise BoxesError("proposer=boxes needs exactly one of proposer.boxes_json and proposer.detector")
+            raise BoxesError(
+                "proposer=boxes needs exactly one of proposer.boxes_json=<your detector's boxes json> and "
+                "'proposer.detector={_target_: <module.callable>}'"
+            )
         self.boxes_json = boxes_json
         self.boxes_key = boxes_key
         self.box_format = box_format

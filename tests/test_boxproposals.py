@@ -102,8 +102,10 @@ def test_a_file_without_boxes_for_any_evaluated_image_is_refused_and_partial_cov
 
 
 def test_proposer_config_needs_exactly_one_source_and_known_choices():
-    with pytest.raises(ConfigError, match="needs exactly one of proposer.boxes_json"):
-        build_node({"prompts": "boxes"}, ProposerConfig)
+    with pytest.raises(BoxesError, match="needs exactly one of proposer.boxes_json"):
+        BoxSource.from_config(build_node({"prompts": "boxes"}, ProposerConfig))
+    with pytest.raises(BoxesError, match="needs exactly one of proposer.boxes_json"):
+        BoxSource(boxes_json="x.json", detector={"_target_": "json.dumps"})
     with pytest.raises(ConfigError, match="proposer.box_format=ltrb: use one of xywh, xyxy"):
         build_node({"prompts": "boxes", "boxes_json": "x.json", "box_format": "ltrb"}, ProposerConfig)
     with pytest.raises(ConfigError, match="proposer.iou_thr=null: the point grid needs a number"):

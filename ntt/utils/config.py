@@ -117,11 +117,8 @@ class ProposerConfig:
                 raise ValueError(f"proposer.{key}={getattr(self, key)}: use one of {', '.join(allowed)}")
         if self.prompts == "grid" and self.iou_thr is None:
             raise ValueError("proposer.iou_thr=null: the point grid needs a number (paper: 0.4)")
-        if self.prompts == "boxes" and (self.boxes_json is None) == (self.detector is None):
-            raise ValueError(
-                "proposer=boxes needs exactly one of proposer.boxes_json=<your detector's boxes json> and "
-                "proposer.detector._target_=<module.callable>"
-            )
+        # boxes_json / detector: exactly one, checked by the preflight (ntt.boxproposals.BoxSource), so the
+        # option itself composes and validates like every other
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"proposer.top_k={self.top_k}: use a number of boxes >= 1, or null for all")
 
