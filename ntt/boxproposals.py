@@ -127,8 +127,11 @@ def load_boxes_json(
     grouped: dict[Any, tuple[list, list]] = {}
     for i, entry in enumerate(data):
         ident = entry.get(key) if isinstance(entry, dict) else None
-        if ident is None or isinstance(ident, bool) or not isinstance(ident, (int, str)):
+        if ident is None:
             raise BoxesError(f"{where}: entry {i} has no {key} (proposer.boxes_key={key}): {_short(entry)}")
+        want, words = (int, "a whole number") if key == "image_id" else (str, "a string")
+        if isinstance(ident, bool) or not isinstance(ident, want):
+            raise BoxesError(f"{where}: entry {i}: {key} must be {words}, got {ident!r}")
         xyxy, score = _entry_box(entry, f"{where}: entry {i} ({key} {ident!r})", box_format)
         boxes, scores = grouped.setdefault(ident, ([], []))
         boxes.append(xyxy)

@@ -72,6 +72,10 @@ def test_boxes_json_groups_entries_per_image_in_file_order_and_converts_xywh(tmp
         ),
         ([{"image_id": 1, "bbox": [5, 5, -1, 2], "score": 1}], "has a negative width or height"),
         ([{"image_id": 1, "bbox": [0, 0, 1, "x"], "score": 1}], "bbox must be 4 finite numbers"),
+        (
+            [{"image_id": "1", "bbox": [0, 0, 1, 1], "score": 1}],
+            "entry 0: image_id must be a whole number, got '1'",
+        ),
     ],
 )
 def test_malformed_boxes_file_is_one_line_naming_the_file_and_the_entry(tmp_path, data, message):
