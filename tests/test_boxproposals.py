@@ -364,3 +364,17 @@ def test_box_masks_match_fsod_vfm(parity_dir):
     # random weights: no single-mask output is stable (>= 0.98), so every box takes the fallback that
     # FSOD-VFM's build_sam2(apply_postprocessing=True) adds (its other branch: the unit test above)
     assert props.grid_best_index.gt(0).all()
+
+
+def test_inference_params_carry_the_box_settings_and_propose_image_needs_the_boxes():
+    from ntt.inference import InferenceParams, propose_image
+    from ntt.utils.config import MatcherConfig
+
+    prop = build_node({"prompts": "boxes", "boxes_json": "x.json", "iou_thr": None}, ProposerConfig)
+    params = InferenceParams.from_settings(prop, MatcherConfig())
+    assert (params.prompts, params.iou_thr, params.stability_fallback) == ("boxes", None, True)
+    assert (
+        InferenceParams.from_settings(ProposerConfig(), MatcherConfig()) == InferenceParams()
+    )  # grid as before
+    with pytest.raises(ValueError, match="prompts='boxes' needs the image's boxes"):
+        propose_image(torch.zeros(3, 1024, 1024), sam2=None, dino=None, params=params)
