@@ -5,7 +5,7 @@
 | `config_id` (ntt.utils.identity) | a result: the run directory's suffix | every config value that can change a detection or a metric | the run dir name, metrics.json |
 | `setting_id` (ntt.utils.identity) | a setting across shots and seeds | `config_id`'s values minus dataset files/classes, shots, seed | metrics.json, `ntt summarize` groups |
 | `stage_key` | a stage's artifact (refs.json, memory.pt, memory_postprocessed.pt, predictions.json) | the config parts the stage reads + the content of its input artifact and config-named files | `stage_<name>.json` |
-| `predictions_key` | the settings one image's detections depend on | both backbones (checkpoints by content), proposer, matcher, EXIF handling, the prototypes file | inside every `image_key` |
+| `predictions_key` | the settings one image's detections depend on | both backbones (checkpoints by content), proposer (its boxes file by content), matcher, EXIF handling, the prototypes file | inside every `image_key` |
 | `image_key` | one test image's result line | `predictions_key` + the image file's bytes + its json record | each line of `predictions/rank<r>.jsonl` |
 | `pass_key` | the memory-independent per-image work jobs can share | test images, both backbones, proposer, pooling, device | in memory: `ntt study`'s pass groups |
 | `backbone_key` / `split_key` (ntt.runner.context) | built models / parsed jsons shared by the jobs of one process | backbone nodes + device / the dataset node | in memory (`context.Shared`) |
@@ -50,6 +50,17 @@ def _file_id(ctx: RunContext, path: str | None) -> list[Any] | None:
 def _backbone_identity(ctx: RunContext, which: str) -> dict[str, Any]:
     """`backbone.<which>` with its checkpoint path replaced by the checkpoint's name and content digest."""
     return backbone_identity(ctx.cfg.backbone[which], ctx.files.sha256)
+
+
+def _proposer_identity(ctx: RunContext) -> Any:
+    """`proposer`, with a boxes file (`proposer=boxes`, method.md §5.11) replaced by its name and content
+    digest; the grid options' node exactly as before (their keys unchanged)."""
+    node = ctx.cfg.proposer
+    if not node.get("boxes_json"):
+        return node
+    plain = dict(to_plain(node))
+    plain["boxes_json"] = _file_id(ctx, str(plain["boxes_json"]))
+    return plain
 
 
 def artifact_sha(ctx: RunContext, name: str) -> str | None:
@@ -113,7 +124,7 @@ def predictions_key(ctx: RunContext) -> str:
         __version__,
         _backbone_identity(ctx, "sam2"),
         _backbone_identity(ctx, "dinov2"),
-        cfg.proposer,
+        _proposer_identity(ctx),
         cfg.matcher,
         ctx.dataset.exif_orientation,
         artifact_sha(ctx, PROTOTYPES_FILE),
