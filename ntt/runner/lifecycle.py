@@ -348,7 +348,10 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
         if "fill_memory" in will_run and not ref_ds.has_masks:
             anns = [a["id"] for a in ref_ds.all_annotations()]
             check_reference_masks(ref_ds.raw, anns, spec.ref_json, spec.ref_image_root, every=True)
-        if "sample_refs" in will_run and not spec.refs_file and ctx.is_main:
+        # dataset.sampling.allow_duplicates (the authors' LVIS sampler) pads short classes instead: the
+        # sampler warns about each one
+        padded = spec.sampling.allow_duplicates
+        if "sample_refs" in will_run and not spec.refs_file and ctx.is_main and not padded:
             check_shots(
                 ref_ds.raw,
                 list(ref_ds.category_ids),
