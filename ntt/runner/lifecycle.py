@@ -53,6 +53,7 @@ from ntt.runner.preflight import (
     annotation_problems,
     check_device,
     check_image_records,
+    check_lvis_eval,
     check_reference_masks,
     check_shots,
     report_annotations,
@@ -372,6 +373,10 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
             report_annotations(
                 [p for p in problems if p not in crash], spec.test_json, fatal=False, what="test annotations"
             )
+            if ctx.eval.backend == "lvis":  # the package and LVIS's fields, before any image is segmented
+                check_lvis_eval(
+                    test_ds.raw, list(test_ds.category_ids), ids, ctx.eval.iou_types, spec.test_json
+                )
     needed = (
         ["dinov2"] if "fill_memory" in will_run else []
     )  # every process encodes a share of the references
