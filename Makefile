@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
@@ -37,11 +37,14 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0 dinov2==0.0.1.dev2
 	@touch $@
 
+setup-lvis: setup ## add the optional lvis package (official LVIS metric, eval=lvis) at its constraints.txt pins
+	$(PIP) install -q -c $(LOCK) -e ".[dev,lvis]"
+
 lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a fresh venv (then `make test`)
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
 	@if [ -n "$(TORCH)" ]; then .venv-lock/bin/python -m pip install -q "$(TORCH)"; fi
-	.venv-lock/bin/python -m pip install -q ".[dev]"
+	.venv-lock/bin/python -m pip install -q ".[dev,lvis]"
 	@{ sed -n '1,6p' $(LOCK); \
 	   echo "# This file: \`make lock\` on $$(date +%F), $$(.venv-lock/bin/python -V), $$(uname -m) $$(uname -s)."; \
 	   .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(torch|sam2|dinov2|ntt)==' ; } > $(LOCK).new

@@ -189,6 +189,30 @@ def test_dataset_lvis_samples_like_the_authors_through_the_stage(tmp_path):
     run_smoke(tmp_path, "dataset=lvis", f"dataset.root={root}", "shots=4", "stages=[sample_refs]")
     doc = json.loads((tmp_path / "run" / "refs.json").read_text())
     assert doc["seed"] == 42 and doc["shots"] == 4
-    assert doc["sampling"] == {"allow_invalid": True, "allow_duplicates": True, "remove_impossible": False}
+    assert doc["sampling"] == {
+        "allow_invalid": True,
+        "allow_duplicates": True,
+        "remove_impossible": False,
+        "all_classes": True,
+    }
     theirs, pkl = _authors(tmp_path, coco, 4, 42)
     assert _layout(load_refs(tmp_path / "run" / "refs.json")) == sorted(_layout(theirs))
+
+
+def test_a_class_subset_gets_its_references_from_the_draw_over_all_classes(tmp_path):
+    """The authors' LVIS script samples every class (`--dataset lvis`) whatever split it then evaluates: a
+    subset run (here 3 of the 7 classes) must take its references from that one draw, which differs from a
+    draw over the subset alone (the shuffles of the other classes come first in the shared stream)."""
+    root = tmp_path / "lvis"
+    root.mkdir()
+    coco = _lvis_pool()
+    for name in ("lvis_v1_train.json", "lvis_v1_val.json"):
+        (root / name).write_text(json.dumps(coco))
+    subset = "dataset.class_names=[mixed,frequent,impossible]"
+    common = ("dataset=lvis", f"dataset.root={root}", "shots=3", "stages=[sample_refs]", subset)
+    run_smoke(tmp_path / "all", *common)
+    run_smoke(tmp_path / "sub", *common, "dataset.sampling.all_classes=false")
+    theirs, _ = _authors(tmp_path, coco, 3, 42)
+    wanted = [(c, lst) for c, lst in sorted(_layout(theirs)) if c in (2, 7, 9)]
+    assert _layout(load_refs(tmp_path / "all" / "run" / "refs.json")) == wanted
+    assert _layout(load_refs(tmp_path / "sub" / "run" / "refs.json")) != wanted

@@ -60,16 +60,19 @@ def stage_sample_refs(ctx: RunContext) -> Path:
             raise StageError(f"dataset.refs_file={source} ({fmt}): {type(err).__name__}: {err}") from err
         how = f"loaded from {Path(source).name} ({fmt})"
     else:
+        selected = list(ref_ds.category_ids)
+        drawn = [int(c["id"]) for c in ref_ds.raw["categories"]] if spec.sampling.all_classes else selected
         try:
             refs = refs_mod.sample_references(
                 ref_ds.raw,
-                list(ref_ds.category_ids),
+                drawn,
                 shots,
                 seed,
                 allow_invalid=spec.sampling.allow_invalid,
                 allow_duplicates=spec.sampling.allow_duplicates,
                 remove_impossible=spec.sampling.remove_impossible,
             )
+            refs = {c: lst for c, lst in refs.items() if c in set(selected)}
         except ValueError as err:
             raise StageError(f"{spec.ref_json}: {err} (config keys: dataset.sampling.*)") from err
         how = f"sampled from {Path(spec.ref_json).name} with seed {seed}"

@@ -29,7 +29,8 @@ class SamplingSpec:
     """How `sample_refs` draws the references when a class has too few usable ones (method.md §1.2).
 
     The defaults are the authors' COCO/VOC settings (a short class is an error); `conf/dataset/lvis.yaml`
-    selects their LVIS settings (`few_shot_sampling.py --dataset lvis`: all three flipped).
+    selects their LVIS settings (scripts/lvis_pipeline.sh, `few_shot_sampling.py --dataset lvis`: all four
+    flipped).
 
     Args:
         allow_invalid: a class with no valid instance (crowd, smaller than 32x32, within 10 px of a border)
@@ -38,11 +39,15 @@ class SamplingSpec:
             (entry i of the padded list is entry i mod count); false: such a class is an error.
         remove_impossible: skip annotations with `isimpossible == 1` where that key exists (the authors'
             `remove_bad`: true for COCO/VOC, false for LVIS).
+        all_classes: draw over every category of the reference json, then keep the selected classes (the
+            authors' LVIS script samples all 1203 classes whatever the split, so a subset's references come
+            from that one draw); false: draw over the selected classes only (COCO/VOC).
     """
 
     allow_invalid: bool = False
     allow_duplicates: bool = False
     remove_impossible: bool = True
+    all_classes: bool = False
 
 
 @dataclass(frozen=True)
