@@ -116,7 +116,7 @@ prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and tes
 	$(FETCH_SAM_VIT_H)
 	$(PY) -m ntt prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
 
-prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
+prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (keeps the fields the official LVIS metric, eval=lvis, reads)
 	$(PY) -m ntt prepare lvis $(ARGS)
 
 # The paper's accuracy studies: one each (experiments/study/*.yaml), then its tables in
@@ -140,7 +140,7 @@ study-voc: setup ## PASCAL VOC: 3 splits x shots 1,2,3,5,10 + table (GPU; paper 
 study-cdfsod: setup ## CD-FSOD: 6 datasets x shots 1,5,10 + table (GPU; paper 22.4 nAP)
 	$(call run_study,cdfsod)
 
-study-lvis: setup ## LVIS v1 val (pycocotools AP, not the official LVIS metric): shots 1,5,10 + table (GPU)
+study-lvis: setup ## LVIS v1 val (pycocotools AP as the authors; ARGS=eval=lvis: official LVIS AP): shots 1,5,10 + table (GPU)
 	$(call run_study,lvis)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)
