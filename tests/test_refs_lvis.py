@@ -216,3 +216,26 @@ def test_a_class_subset_gets_its_references_from_the_draw_over_all_classes(tmp_p
     wanted = [(c, lst) for c, lst in sorted(_layout(theirs)) if c in (2, 7, 9)]
     assert _layout(load_refs(tmp_path / "all" / "run" / "refs.json")) == wanted
     assert _layout(load_refs(tmp_path / "sub" / "run" / "refs.json")) != wanted
+
+
+def test_the_sampling_keys_on_a_dataset_that_does_not_write_them_say_to_add_them():
+    """COCO/VOC configs leave `dataset.sampling` out (their run ids stay as they were): setting one of its keys
+    there needs Hydra's `+`, and the message says so (before: "`dataset.sampling` is not a config key (did
+    you mean dataset.sampling?)")."""
+    from ntt.utils.compose import compose
+    from ntt.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose(["dataset.sampling.allow_duplicates=true"])
+    assert str(err.value) == (
+        "dataset.sampling.allow_duplicates=true: the chosen `dataset` option does not set `dataset.sampling`: "
+        "add it with `+dataset.sampling.allow_duplicates=true`"
+    )
+    cfg = compose(["+dataset.sampling.allow_duplicates=true"])
+    assert dict(cfg.dataset.sampling) == {"allow_duplicates": True}
+    assert dict(compose(["dataset=lvis", "dataset.sampling.all_classes=false"]).dataset.sampling) == {
+        "allow_invalid": True,
+        "allow_duplicates": True,
+        "remove_impossible": False,
+        "all_classes": False,
+    }

@@ -369,6 +369,8 @@ def unknown_key_message(line: str, full_key: str) -> str:
     where, _, key = full_key.rpartition(".")
     nodes = {v: k for k, v in NODE_KEYS.items()}
     known = [f.name for f in dataclasses.fields(nodes[where])] if where in nodes else []
+    if where and key in known:  # a valid key with a default that this option's yaml does not write
+        return f"{line}: the chosen `{where}` option does not set `{full_key}`: add it with `+{line.lstrip('+')}`"
     if not where:
         known += CONFIG_NODES
     listed = f"; the {f'keys of {where}' if where else 'top-level keys'}: {', '.join(known)}" if known else ""
