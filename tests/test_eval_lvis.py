@@ -261,3 +261,40 @@ def test_ntt_run_eval_lvis_writes_the_lvis_metrics(tmp_path):
     )
     assert metrics["bbox"] == direct["bbox"] and metrics["segm"] == direct["segm"]
     assert metrics["num_images"] == 2
+
+
+def test_on_exhaustive_ground_truth_lvis_ap_equals_cocoeval_ap():
+    """Cross-check with the authors' route: where every image lists every absent class as a negative (LVIS's
+    federated rules then judge every detection, as COCOeval does), there is no crowd and at most 100
+    detections per image, LVISEval and COCOeval compute the same AP, AP50 and AP75 (same matching, same
+    101-point interpolation), and the same box-size APs in the bbox pass. The segm pass's size APs differ by
+    design (LVIS takes a detection's area from its mask, pycocotools from its box)."""
+    import random
+
+    from ntt.eval import evaluate_coco
+
+    rng = random.Random(3)
+    anns, results, k = [], [], 0
+    for img in range(1, 7):
+        for _ in range(rng.randint(1, 4)):
+            k += 1
+            w, h = rng.randint(12, 60), rng.randint(12, 60)
+            anns.append(rect(k, img, rng.randint(1, 3), rng.randint(0, 99 - w), rng.randint(0, 99 - h), w, h))
+    gt = make_gt(anns, n_images=6)
+    present = {i: {a["category_id"] for a in anns if a["image_id"] == i} for i in range(1, 7)}
+    for im in gt["images"]:
+        im["neg_category_ids"] = sorted({1, 2, 3} - present[im["id"]])
+    for a in anns:  # a hit, a loose hit, or a miss, each with a random score; plus strays
+        results.append(pred(gt, a, rng.random(), shift=rng.choice([0, 0, 3, 8, 20])))
+        if rng.random() < 0.4:
+            results.append(pred(gt, a, rng.random(), cat=rng.randint(1, 3), shift=rng.randint(-5, 5)))
+    results = [r for r in results if 0 <= r["bbox"][0] and r["bbox"][0] + r["bbox"][2] <= 100]
+    coco = evaluate_coco(gt, results, category_ids=[1, 2, 3])
+    lvis = evaluate_lvis(gt, results, category_ids=[1, 2, 3])
+    for iou_type, keys in (
+        ("bbox", ("AP", "AP50", "AP75", "APs", "APm", "APl")),
+        ("segm", ("AP", "AP50", "AP75")),
+    ):
+        for key in keys:
+            assert lvis[iou_type][key] == pytest.approx(coco[iou_type][key], abs=EXACT), (iou_type, key)
+    assert 0.2 < lvis["bbox"]["AP"] < 0.9  # a case with hits and misses, not a trivial 0 or 1
