@@ -23,6 +23,7 @@ from typing import Any
 from ntt import __version__
 from ntt.runner.context import RunContext
 from ntt.utils.config import SamplingSpec, config_hash, to_plain
+from ntt.utils.identity import backbone_identity
 
 # the artifact of each stage, in run order (ntt.runner.stages runs them)
 REFS_FILE = "refs.json"
@@ -49,10 +50,7 @@ def _file_id(ctx: RunContext, path: str | None) -> list[Any] | None:
 
 def _backbone_identity(ctx: RunContext, which: str) -> dict[str, Any]:
     """`backbone.<which>` with its checkpoint path replaced by the checkpoint's name and content digest."""
-    node = dict(to_plain(ctx.cfg.backbone[which]))
-    if node.get("checkpoint") and not node.get("random_init"):
-        node["checkpoint"] = _file_id(ctx, str(node["checkpoint"]))
-    return node
+    return backbone_identity(ctx.cfg.backbone[which], ctx.files.sha256)
 
 
 def artifact_sha(ctx: RunContext, name: str) -> str | None:
