@@ -8,6 +8,7 @@ found at the top score has precision 1 at recall thresholds 0.00..0.50 (51 of 10
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import sys
@@ -15,15 +16,16 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip(
-    "lvis", reason="the official LVIS metric needs the lvis package: pip install -e '.[lvis]'"
-)
-
-from ntt.data.coco import ann_to_rle  # noqa: E402
-from ntt.eval import make_evaluator  # noqa: E402
-from ntt.eval.lvis import STAT_NAMES, LvisEvaluator, evaluate_lvis  # noqa: E402
+from ntt.data.coco import ann_to_rle
+from ntt.eval import make_evaluator
+from ntt.eval.lvis import STAT_NAMES, LvisEvaluator, evaluate_lvis
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+# the optional package (pyproject extra `lvis`, `make setup-lvis`); the tests of its absence run without it
+needs_lvis = pytest.mark.skipif(
+    importlib.util.find_spec("lvis") is None,
+    reason="the official LVIS metric needs the lvis package: make setup-lvis (pip install -e '.[lvis]')",
+)
 
 HALF = 51 / 101
 # LVISEval's precision is tp / (tp + fp + eps) with eps = np.spacing(1): a perfect class scores 1 - 2.2e-16,
@@ -76,6 +78,7 @@ def pred(gt, ann, score, cat=None, shift=0):
 ANNS = [rect(1, 1, 1, 10, 10, 40, 40), rect(2, 1, 3, 50, 50, 45, 40), rect(3, 2, 3, 5, 20, 60, 30)]
 
 
+@needs_lvis
 def test_ground_truth_as_prediction_is_perfect_and_groups_come_from_frequency():
     gt = make_gt(ANNS)
     m = evaluate_lvis(gt, [pred(gt, a, 0.9) for a in ANNS], category_ids=[1, 2, 3])
@@ -96,6 +99,7 @@ def test_ground_truth_as_prediction_is_perfect_and_groups_come_from_frequency():
     assert r(regrouped["bbox"])["APc"] == 1.0 and r(regrouped["bbox"])["APf"] == -1.0
 
 
+@needs_lvis
 def test_a_missed_instance_gives_the_hand_computed_ap():
     gt = make_gt(ANNS)
     results = [pred(gt, ANNS[0], 0.9), pred(gt, ANNS[1], 0.8)]  # class 3: one of its two instances
@@ -107,6 +111,7 @@ def test_a_missed_instance_gives_the_hand_computed_ap():
     assert "segm" not in m
 
 
+@needs_lvis
 def test_a_box_off_by_iou_0_6_counts_at_the_lower_thresholds_only():
     # ground truth 40 px wide, prediction moved 10 px: IoU = 30*40 / (50*40) = 0.6 -> a hit at IoU 0.50,
     # 0.55 and 0.60 (3 of the 10 thresholds), a miss above: AP = 3/10, AP50 = 1, AP75 = 0
@@ -116,6 +121,7 @@ def test_a_box_off_by_iou_0_6_counts_at_the_lower_thresholds_only():
     assert r(m["bbox"])["AP50"] == 1.0 and r(m["bbox"])["AP75"] == 0.0
 
 
+@needs_lvis
 def test_federated_rules_unlike_cocoeval():
     """A false positive counts only on an image where its class is annotated or a listed negative; on
     an image whose class is not exhaustively annotated, unmatched detections are ignored."""
@@ -136,6 +142,7 @@ def test_federated_rules_unlike_cocoeval():
     assert evaluate_lvis(ne, [hit, extra], category_ids=[1])["bbox"]["AP"] == pytest.approx(1.0, abs=EXACT)
 
 
+@needs_lvis
 def test_segm_areas_come_from_the_masks_not_the_boxes():
     """A stray detection whose mask is small (20x20 = 400 px) but whose box is medium (60x60): in the segm
     pass it is judged by its mask, so it is outside the medium range and APm stays 1; with its box area it
@@ -149,6 +156,7 @@ def test_segm_areas_come_from_the_masks_not_the_boxes():
     assert r(m["segm"])["AP"] == 0.5  # area "all": the stray detection is a false positive there
 
 
+@needs_lvis
 def test_empty_results_and_selected_classes_only():
     gt = make_gt(ANNS)
     m = evaluate_lvis(gt, [], category_ids=[1, 3])
@@ -161,6 +169,7 @@ def test_empty_results_and_selected_classes_only():
     assert r(m["bbox"])["AP"] == 1.0 and m["per_class"][0]["num_gt"] == 1 and m["num_images"] == 1
 
 
+@needs_lvis
 def test_the_caller_data_is_not_modified_and_numpy_is_left_as_found(tmp_path):
     gt = make_gt(ANNS)
     results = [pred(gt, a, 0.9) for a in ANNS]
@@ -178,6 +187,7 @@ def test_the_caller_data_is_not_modified_and_numpy_is_left_as_found(tmp_path):
     ] == pytest.approx(1.0, abs=EXACT)
 
 
+@needs_lvis
 @pytest.mark.parametrize(
     "edit,message",
     [
@@ -195,6 +205,7 @@ def test_ground_truth_without_lvis_fields_is_refused(edit, message):
         LvisEvaluator(gt, category_ids=[1, 3])
 
 
+@needs_lvis
 def test_bad_calls_are_refused():
     gt = make_gt(ANNS)
     with pytest.raises(ValueError, match=r"evaluation image ids not in the json: \[9\]"):
@@ -217,6 +228,23 @@ def test_without_the_lvis_package_the_message_says_how_to_install_it(monkeypatch
         LvisEvaluator(make_gt(ANNS), category_ids=[1])
 
 
+def test_eval_lvis_without_the_package_stops_in_the_preflight(tmp_path, monkeypatch):
+    """`ntt run eval=lvis` without the lvis package: one line saying how to install it (exit 2), before any
+    stage ran (runs with or without the package: its import is made to fail)."""
+    from helpers_pipeline import run_smoke
+
+    from ntt.runner.preflight import PreflightError
+
+    monkeypatch.setitem(sys.modules, "lvis", None)
+    small = ("dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=1")
+    with pytest.raises(
+        PreflightError, match=r"with eval.backend=lvis: eval.backend=lvis needs the lvis package"
+    ):
+        run_smoke(tmp_path, "eval=lvis", small=small)
+    assert not (tmp_path / "run" / "refs.json").exists()
+
+
+@needs_lvis
 def test_eval_lvis_is_checked_before_any_image_is_segmented(tmp_path, caplog):
     """`ntt run eval=lvis` on a test json without LVIS's fields stops in the preflight (exit 2), naming the
     json and the missing fields, before any stage ran."""
@@ -233,6 +261,7 @@ def test_eval_lvis_is_checked_before_any_image_is_segmented(tmp_path, caplog):
     assert not (tmp_path / "run" / "refs.json").exists()
 
 
+@needs_lvis
 @pytest.mark.slow  # about 20 s on 2 busy cores: the whole smoke pipeline
 def test_ntt_run_eval_lvis_writes_the_lvis_metrics(tmp_path):
     """`ntt run eval=lvis` (smoke: tiny random models, plumbing only) on the synthetic shapes made LVIS-like:
@@ -263,6 +292,7 @@ def test_ntt_run_eval_lvis_writes_the_lvis_metrics(tmp_path):
     assert metrics["num_images"] == 2
 
 
+@needs_lvis
 def test_on_exhaustive_ground_truth_lvis_ap_equals_cocoeval_ap():
     """Cross-check with the authors' route: where every image lists every absent class as a negative (LVIS's
     federated rules then judge every detection, as COCOeval does), there is no crowd and at most 100
