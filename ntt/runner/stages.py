@@ -61,6 +61,7 @@ def stage_sample_refs(ctx: RunContext) -> Path:
         how = f"loaded from {Path(source).name} ({fmt})"
     else:
         selected = list(ref_ds.category_ids)
+        # all_classes: the authors' LVIS draw over every class; the selected ones are kept below
         drawn = [int(c["id"]) for c in ref_ds.raw["categories"]] if spec.sampling.all_classes else selected
         try:
             refs = refs_mod.sample_references(
@@ -72,7 +73,8 @@ def stage_sample_refs(ctx: RunContext) -> Path:
                 allow_duplicates=spec.sampling.allow_duplicates,
                 remove_impossible=spec.sampling.remove_impossible,
             )
-            refs = {c: lst for c, lst in refs.items() if c in set(selected)}
+            keep = set(selected)
+            refs = {c: lst for c, lst in refs.items() if c in keep}
         except ValueError as err:
             raise StageError(f"{spec.ref_json}: {err} (config keys: dataset.sampling.*)") from err
         how = f"sampled from {Path(spec.ref_json).name} with seed {seed}"
