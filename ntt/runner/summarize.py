@@ -4,7 +4,8 @@ Writes into ``--out`` (default ROOT):
 
 * ``summary.md``: per benchmark and setting, a paper-style table (rows: shots; columns: datasets or
   splits; cells ``mean +- std (n seeds)``) of the benchmark's headline metric (COCO: bbox and segm nAP;
-  VOC: nAP50 = COCOeval bbox AP50; CD-FSOD: bbox nAP; LVIS: bbox and segm AP with pycocotools), then the
+  VOC: nAP50 = COCOeval bbox AP50; CD-FSOD: bbox nAP; LVIS: bbox and segm AP with pycocotools, or with the
+  official LVIS metric and its APr/APc/APf for eval=lvis runs), then the
   runs left out and why;
 * ``runs.csv`` / ``runs.md``: the long table, one row per run (metrics in percent);
 * ``summary.csv``: mean, std and count over seeds for every setting and metric;
