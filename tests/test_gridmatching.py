@@ -1,0 +1,131 @@
+"""FSOD-VFM's semantic side (ntt/gridmatching.py, method.md §3.5 / §5.13) against FSOD-VFM's own code.
+
+The fixture (tests/fixtures/fsod_vfm_refs, made by its generate.py with FSOD-VFM's functions at f5559b6 and
+OpenCV 4.14) holds every step; ntt must give the same bits on CPU: the same float32 operations in the same
+order, so every comparison here is exact (``torch.equal``), none needs a tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_backbones import tiny_dinov2
+from PIL import Image
+
+from ntt.backbones.sam2 import imagenet_normalize
+from ntt.bank import compute_prototypes
+from ntt.gridmatching import (
+    class_prototypes,
+    cosine_top1,
+    long_side_input,
+    long_side_size,
+    query_embeddings,
+    reference_vectors,
+    resize_masks_linear,
+    sam_iou_decay,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fsod_vfm_refs" / "fixture.npz"
+
+
+@pytest.fixture(scope="module")
+def fx():
+    with np.load(FIXTURE) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _masks(fx, key: str) -> torch.Tensor:
+    width = fx[f"{key.split('_')[0]}_image"].shape[1]
+    return torch.from_numpy(np.unpackbits(fx[key], axis=-1, count=width).astype(bool))
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _features(fx, which: str) -> torch.Tensor:
+    """ntt's encoder on ntt's long-side input, channels first as theirs, checked against their digests."""
+    x = long_side_input(Image.fromarray(fx[f"{which}_image"]))[None]
+    assert _sha(imagenet_normalize(x)) == str(fx[f"{which}_input_sha256"])
+    feats = tiny_dinov2(0)(x, final_norm=False)[0]  # [h, w, D]
+    assert _sha(feats.permute(2, 0, 1)[None]) == str(fx[f"{which}_feats_sha256"])
+    return feats
+
+
+def test_long_side_size_floors_to_the_patch():
+    assert long_side_size(333, 250) == (630, 462)  # int(630 / 1.332) = 472 -> 33 patches
+    assert long_side_size(250, 333) == (462, 630)
+    assert long_side_size(2000, 10) == (630, 14)  # at least one patch
+
+
+def test_encoder_input_and_features_equal_fsod_vfm(fx):
+    for which in ("ref", "query"):
+        feats = _features(fx, which)  # asserts the input and feature digests
+        assert feats.shape == (45, 45, 64)  # the square 630 transform: 45 x 45 whatever the aspect
+        assert torch.equal(feats.permute(2, 0, 1)[None, :4], torch.from_numpy(fx[f"{which}_feats_head"]))
+
+
+def test_final_norm_differs_from_fsod_vfm_features(fx):
+    x = long_side_input(Image.fromarray(fx["ref_image"]))[None]
+    normed = tiny_dinov2(0)(x)[0]
+    assert not torch.allclose(normed, tiny_dinov2(0)(x, final_norm=False)[0], atol=1e-3)
+
+
+def test_grid_masks_equal_cv2(fx):
+    for name in ("ref", "query", "blob0", "blob1", "blob2", "blob3"):
+        shape = tuple(int(v) for v in fx[f"cv2_{name}_shape"])
+        masks = np.unpackbits(fx[f"cv2_{name}_masks"], axis=-1, count=shape[-1]).astype(bool)
+        values = fx[f"cv2_{name}_values"]
+        got = resize_masks_linear(torch.from_numpy(masks), values.shape[1:])
+        assert torch.equal(got, torch.from_numpy(values > 0.5)), name
+    assert torch.equal(resize_masks_linear(_masks(fx, "ref_masks"), (45, 45)), torch.from_numpy(fx["ref_grid_masks"]))
+    assert torch.equal(
+        resize_masks_linear(_masks(fx, "query_masks"), (45, 45)), torch.from_numpy(fx["query_grid_masks"])
+    )
+
+
+def test_reference_vectors_and_prototypes_equal_fsod_vfm(fx):
+    feats = _features(fx, "ref")
+    vectors, valid = reference_vectors(feats, torch.from_numpy(fx["ref_grid_masks"]))
+    assert valid.tolist() == fx["ref_valid"].tolist()
+    assert valid.tolist().count(False) == 2  # the all-zero and the one-pixel masks are dropped
+    assert torch.equal(vectors[valid], torch.from_numpy(fx["ref_vectors"])[valid])
+    classes = torch.from_numpy(fx["ref_classes"])
+    per_class = [vectors[valid & (classes == c)] for c in range(len(fx["class_names"]))]
+    protos = class_prototypes(per_class)
+    assert list(fx["prototype_classes"]) == list(fx["class_names"])
+    assert torch.equal(protos, torch.from_numpy(fx["prototypes_dc"]).T)
+    # ntt's own formula (bank.compute_prototypes: normalised along the contiguous [C, D] rows) is the same
+    # maths in another reduction order: equal within float32 rounding of unit vectors (a few 1e-8), not in
+    # bits, so the FSOD-VFM mode uses class_prototypes
+    ntt_protos = torch.cat([compute_prototypes(v[None]) for v in per_class])
+    assert torch.allclose(ntt_protos, protos, rtol=0, atol=1e-7)
+
+
+def test_query_vectors_and_scores_equal_fsod_vfm(fx):
+    feats = _features(fx, "query")
+    emb = query_embeddings(feats, torch.from_numpy(fx["query_grid_masks"]))
+    assert torch.equal(emb, torch.from_numpy(fx["query_vectors"]))
+    assert torch.equal(emb[-2], torch.zeros(64))  # the empty proposal: zero vector, not NaN
+    sim, labels, scores = cosine_top1(emb, torch.from_numpy(fx["prototypes_dc"]).T)
+    assert torch.equal(sim, torch.from_numpy(fx["query_sims"]))
+    assert labels.tolist() == fx["query_labels"].tolist()
+    assert scores.double().tolist() == fx["query_scores"].tolist()
+    assert bool((sim < 0).any())  # unclamped: FSOD-VFM keeps negative cosines (NTT clamps them to 0)
+
+
+def test_cosine_top1_takes_the_first_of_tied_maxima():
+    emb = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    sim, labels, scores = cosine_top1(emb, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert labels.tolist() == [0, 0] and scores.tolist() == [1.0, 0.0]
+    assert cosine_top1(torch.zeros(0, 2), torch.eye(2))[1].shape == (0,)
+
+
+def test_sam_iou_decay_known_values():
+    out = sam_iou_decay(torch.tensor([1.0, 0.5, 0.8]), torch.tensor([0.45, 0.95, 0.25]))
+    # sigmoid(0) = 0.5; sigmoid(10) = 0.9999546; sigmoid(-4) = 0.0179862 (float32: 1e-6 relative)
+    assert torch.allclose(out, torch.tensor([0.5, 0.5 * 0.9999546, 0.8 * 0.0179862]), rtol=1e-6, atol=0)
