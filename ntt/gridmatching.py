@@ -54,7 +54,9 @@ QUERY_NORM_EPS = 1e-2  # metric.py: F.normalize(..., eps=1e-2)
 # Encoder input
 
 
-def long_side_size(width: int, height: int, *, long_side: int = FSOD_VFM_LONG_SIDE, patch: int = FSOD_VFM_PATCH):
+def long_side_size(
+    width: int, height: int, *, long_side: int = FSOD_VFM_LONG_SIDE, patch: int = FSOD_VFM_PATCH
+):
     """``resize_with_aspect_ratio``'s output size: long side ``long_side``, each side floored to ``patch``.
 
     Args:

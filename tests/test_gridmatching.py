@@ -82,7 +82,9 @@ def test_grid_masks_equal_cv2(fx):
         values = fx[f"cv2_{name}_values"]
         got = resize_masks_linear(torch.from_numpy(masks), values.shape[1:])
         assert torch.equal(got, torch.from_numpy(values > 0.5)), name
-    assert torch.equal(resize_masks_linear(_masks(fx, "ref_masks"), (45, 45)), torch.from_numpy(fx["ref_grid_masks"]))
+    assert torch.equal(
+        resize_masks_linear(_masks(fx, "ref_masks"), (45, 45)), torch.from_numpy(fx["ref_grid_masks"])
+    )
     assert torch.equal(
         resize_masks_linear(_masks(fx, "query_masks"), (45, 45)), torch.from_numpy(fx["query_grid_masks"])
     )
