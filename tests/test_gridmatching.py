@@ -131,3 +131,86 @@ def test_sam_iou_decay_known_values():
     out = sam_iou_decay(torch.tensor([1.0, 0.5, 0.8]), torch.tensor([0.45, 0.95, 0.25]))
     # sigmoid(0) = 0.5; sigmoid(10) = 0.9999546; sigmoid(-4) = 0.0179862 (float32: 1e-6 relative)
     assert torch.allclose(out, torch.tensor([0.5, 0.5 * 0.9999546, 0.8 * 0.0179862]), rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------- wired into ntt's stages
+FSOD_VFM_SEMANTICS = dict(encoder_input="long_side", final_norm=False, references="whole_image",
+                          proposal_pooling="grid_mask", scoring="cosine")  # fmt: skip
+
+
+def test_whole_image_bank_prototypes_equal_fsod_vfm(fx):
+    """fill_memory's path (FillPlan -> encode_references -> assemble_bank -> MemoryBank.prototypes) with
+    FSOD-VFM's references gives their prototypes bit for bit, the two empty-on-grid references left out."""
+    from ntt.data.images import pil_to_tensor
+    from ntt.memory import FillPlan, ReferenceJob, assemble_bank, encode_references
+    from ntt.utils.config import SemanticsConfig
+
+    image = pil_to_tensor(Image.fromarray(fx["ref_image"]))
+    masks = _masks(fx, "ref_masks")
+    classes = fx["ref_classes"].tolist()
+    slots = [classes[:i].count(c) for i, c in enumerate(classes)]
+    order = sorted(range(len(classes)), key=lambda i: (classes[i], slots[i]))
+    jobs = [
+        ReferenceJob(
+            classes[i],
+            slots[i],
+            f"ref {i}",
+            {"i": i},
+            lambda i=i: (image, masks[i], fx["ref_boxes_xywh"][i].tolist()),
+        )  # fmt: skip
+        for i in order
+    ]
+    semantics = SemanticsConfig(**FSOD_VFM_SEMANTICS)
+    plan = FillPlan.create(
+        jobs, category_ids=[1, 2, 3], category_names=list(fx["class_names"]), encoder=tiny_dinov2(0),
+        batch_size=1, semantics=semantics,
+    )  # fmt: skip
+    assert (plan.size, plan.grid) == (630, 45)
+    bank = assemble_bank(plan, [encode_references(plan, tiny_dinov2(0), progress=False)], encoder_name="tiny")
+    used = [bank.weight_sums[c, :n] for c, n in enumerate(bank.counts.tolist())]  # the rest is padding
+    assert sum(int((w == 0).sum()) for w in used) == 2
+    assert torch.equal(bank.prototypes(), torch.from_numpy(fx["prototypes_dc"]).T)
+    assert bank.fill_settings["semantics"]["references"] == "whole_image"
+
+
+def test_smoke_run_with_fsod_vfm_semantics(tmp_path):
+    from conftest import torch_threads
+    from test_e2e import SMALL_SYNTH, compose_cfg
+
+    from ntt.runner import run_pipeline
+    from ntt.runner.context import inference_params, make_context
+    from ntt.runner.keys import pass_key, predictions_key, stage_key
+
+    with torch_threads(2):
+        cfg = compose_cfg(tmp_path, *SMALL_SYNTH, "matcher=fsod_vfm", "matcher.semantics.sam_iou_decay=true")
+        metrics = run_pipeline(cfg)
+    run_dir = Path(str(cfg.run_dir))
+    assert metrics["num_images"] == 2 and metrics["failed_images"] == []
+    assert (run_dir / "predictions.json").is_file()
+    assert "references: whole_image" in (run_dir / "config.yaml").read_text()
+    ctx = make_context(cfg)
+    params = inference_params(ctx)
+    assert (params.encoder_input, params.proposal_pooling, params.scoring) == (
+        "long_side",
+        "grid_mask",
+        "cosine",
+    )
+    # each key is its own switch: one changed value changes the memory, test and pass keys it affects
+    other = make_context(compose_cfg(tmp_path, *SMALL_SYNTH, "matcher=fsod_vfm", "matcher.semantics.final_norm=true"))  # fmt: skip
+    assert stage_key(other, "fill_memory") != stage_key(ctx, "fill_memory")
+    assert predictions_key(other) != predictions_key(ctx)
+    assert pass_key(other) != pass_key(ctx)
+    # NTT's matcher has no semantics node: its keys carry nothing new
+    paper = make_context(compose_cfg(tmp_path, *SMALL_SYNTH))
+    assert "semantics" not in paper.cfg.matcher and paper.matcher.semantics.is_default
+    assert paper.cfg.run_dir != cfg.run_dir
+
+
+def test_bad_semantics_value_is_one_line(tmp_path):
+    from ntt.utils.config import MatcherConfig, build_node
+    from ntt.utils.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"matcher.semantics.scoring=dot: choose one of clamped_cosine, cosine"
+    ):
+        build_node({"semantics": {"scoring": "dot"}}, MatcherConfig)
