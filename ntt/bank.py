@@ -142,7 +142,7 @@ class MemoryBank:
     def prototypes(self) -> torch.Tensor:
         """``[C, D]`` L2-normalised class prototypes: per class the mean of its own references only.
 
-        A bank of FSOD-VFM's whole-image references (method.md §3.5) leaves out the references whose mask
+        A bank of FSOD-VFM's whole-image references (method.md §3.4) leaves out the references whose mask
         was empty on the grid (weight sum 0) and uses FSOD-VFM's arithmetic (``class_prototypes``).
         """
         if (self.fill_settings.get("semantics") or {}).get("references") == "whole_image":

@@ -167,7 +167,7 @@ def fill_memory(
         config_hash: config hash to record.
         apply_exif: EXIF-transpose the images (``dataset.exif_orientation``; off for parity).
         semantics: ``matcher.semantics`` (None: NTT's crops); ``references="whole_image"`` encodes FSOD-VFM's
-            whole-image references instead (method.md §3.5).
+            whole-image references instead (method.md §3.4).
 
     Returns:
         A ``MemoryBank`` (``postprocessed=False``).

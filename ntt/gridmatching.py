@@ -1,4 +1,4 @@
-"""FSOD-VFM's semantic side on the DINOv2 patch grid (method.md §3.5, §5.13): encoder input, pooling, scores.
+"""FSOD-VFM's semantic side on the DINOv2 patch grid (method.md §3.4, §5.13): encoder input, pooling, scores.
 
 FSOD-VFM (ICLR 2026, commit f5559b6: support_util.py, metric.py, model/dinov2.py) encodes the *whole* image,
 reference or target alike, pools a mask on the patch grid and scores by plain cosine:

@@ -230,7 +230,7 @@ class FillPlan:
         keep_patch_features: also keep raw patch features and weights.
         stage: names the step in messages and on the progress bar (``fill_memory``, ``Segmenter.build``).
         semantics: ``matcher.semantics`` (``ntt.utils.config.SemanticsConfig``); None or
-            ``references="context_crop"``: NTT's crops; ``whole_image``: FSOD-VFM's references (§3.5).
+            ``references="context_crop"``: NTT's crops; ``whole_image``: FSOD-VFM's references (§3.4).
     """
 
     jobs: list[ReferenceJob]
@@ -249,7 +249,7 @@ class FillPlan:
 
     @property
     def whole_image(self) -> bool:
-        """Whether the references are encoded as FSOD-VFM's whole images (method.md §3.5)."""
+        """Whether the references are encoded as FSOD-VFM's whole images (method.md §3.4)."""
         return self.semantics is not None and self.semantics.references == "whole_image"
 
     @classmethod
@@ -417,7 +417,7 @@ def _whole_image_input(image: torch.Tensor, semantics: Any, size: int) -> torch.
 def _encode_whole_images(
     plan: FillPlan, encoder: Any, chosen: list[int], *, progress: bool = True
 ) -> EncodedReferences:
-    """FSOD-VFM's references (method.md §3.5): the whole image encoded, the mask resized to the grid as cv2
+    """FSOD-VFM's references (method.md §3.4): the whole image encoded, the mask resized to the grid as cv2
     INTER_LINEAR > 0.5, the masked mean. A mask empty on the grid leaves a zero row with weight sum 0: the
     prototypes skip it, as FSOD-VFM drops that reference (``assemble_bank`` refuses a class left empty)."""
     from tqdm import tqdm

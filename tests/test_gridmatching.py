@@ -1,4 +1,4 @@
-"""FSOD-VFM's semantic side (ntt/gridmatching.py, method.md §3.5 / §5.13) against FSOD-VFM's own code.
+"""FSOD-VFM's semantic side (ntt/gridmatching.py, method.md §3.4 / §5.13) against FSOD-VFM's own code.
 
 The fixture (tests/fixtures/fsod_vfm_refs, made by its generate.py with FSOD-VFM's functions at f5559b6 and
 OpenCV 4.14) holds every step; ntt must give the same bits on CPU: the same float32 operations in the same

@@ -65,7 +65,7 @@ def _proposer_identity(ctx: RunContext) -> Any:
 
 
 def _semantics(ctx: RunContext) -> list[Any]:
-    """`matcher.semantics` (method.md §3.5, §5.13) for the memory stages' keys, only when a key differs
+    """`matcher.semantics` (method.md §3.4, §5.13) for the memory stages' keys, only when a key differs
     from NTT's: the runs with NTT's semantics keep their stage keys."""
     sem = ctx.matcher.semantics
     return [] if sem.is_default else [dataclasses.asdict(sem)]

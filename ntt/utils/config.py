@@ -175,7 +175,7 @@ SCORINGS = ("clamped_cosine", "cosine")
 
 @dataclass(frozen=True)
 class SemanticsConfig:
-    """How images become DINOv2 features, masks become vectors and vectors become scores (method.md §3.5,
+    """How images become DINOv2 features, masks become vectors and vectors become scores (method.md §3.4,
     §5.13). The defaults are NTT's; `conf/matcher/fsod_vfm.yaml` sets FSOD-VFM's (support_util.py and
     metric.py at commit f5559b6). Each key can be swept on its own.
 
