@@ -214,3 +214,21 @@ def test_bad_semantics_value_is_one_line(tmp_path):
         ConfigError, match=r"matcher.semantics.scoring=dot: choose one of clamped_cosine, cosine"
     ):
         build_node({"semantics": {"scoring": "dot"}}, MatcherConfig)
+
+
+def test_whole_image_class_without_a_usable_reference_is_refused(fx):
+    from ntt.data.images import pil_to_tensor
+    from ntt.memory import BadReferenceError, FillPlan, ReferenceJob, assemble_bank, encode_references
+    from ntt.utils.config import SemanticsConfig
+
+    image = pil_to_tensor(Image.fromarray(fx["ref_image"]))
+    masks = _masks(fx, "ref_masks")  # mask 1 is all zero, mask 4 one pixel: both empty on the grid
+    box = fx["ref_boxes_xywh"][0].tolist()
+    jobs = [
+        ReferenceJob(c, 0, f"ref {i}", {}, lambda i=i: (image, masks[i], box)) for c, i in enumerate((0, 1))
+    ]
+    plan = FillPlan.create(jobs, category_ids=[7, 8], category_names=["a", "b"], encoder=tiny_dinov2(0),
+                           semantics=SemanticsConfig(**FSOD_VFM_SEMANTICS))  # fmt: skip
+    part = encode_references(plan, tiny_dinov2(0), progress=False)
+    with pytest.raises(BadReferenceError, match=r"class 8 \(b\): every reference mask is empty on the 45x45"):
+        assemble_bank(plan, [part], encoder_name="tiny")
