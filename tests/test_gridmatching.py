@@ -232,3 +232,15 @@ def test_whole_image_class_without_a_usable_reference_is_refused(fx):
     part = encode_references(plan, tiny_dinov2(0), progress=False)
     with pytest.raises(BadReferenceError, match=r"class 8 \(b\): every reference mask is empty on the 45x45"):
         assemble_bank(plan, [part], encoder_name="tiny")
+
+
+def test_segmenter_refuses_fsod_vfm_semantics():
+    from omegaconf import OmegaConf
+
+    from ntt.app.settings import params_from_config
+    from ntt.utils.errors import ConfigError
+
+    cfg = OmegaConf.create({"proposer": {}, "matcher": {"semantics": {"scoring": "cosine"}}})
+    with pytest.raises(ConfigError, match=r"matcher.semantics: the segmenter encodes and scores as NTT"):
+        params_from_config(cfg)
+    assert params_from_config(OmegaConf.create({"proposer": {}, "matcher": {}})).scoring == "clamped_cosine"
