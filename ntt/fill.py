@@ -74,6 +74,7 @@ def plan_fill(
     shots: int | None = None,
     apply_exif: bool = False,
     semantics: Any = None,
+    mask_model: Any = None,
 ) -> FillPlan:
     """Validate ``fill_memory``'s inputs and fix its jobs and batches (arguments as ``fill_memory``)."""
     from ntt.refs import validate_refs
@@ -112,6 +113,7 @@ def plan_fill(
         keep_patch_features=keep_patch_features,
         shots=shots,
         semantics=semantics,
+        mask_model=mask_model,
     )
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ntt.bank import MemoryBank
-from ntt.gridmatching import long_side_input, reference_vectors, resize_masks_linear
+from ntt.gridmatching import long_side_input, reference_vectors, resize_masks_linear, sam2_box_mask
 from ntt.utils.errors import UserError
 
 __all__ = [
@@ -229,6 +229,8 @@ class FillPlan:
         mask_pooling: ``"nearest"`` or ``"area"``.
         keep_patch_features: also keep raw patch features and weights.
         stage: names the step in messages and on the progress bar (``fill_memory``, ``Segmenter.build``).
+        mask_model: the SAM2 of ``semantics.reference_masks == "sam2_box"`` (the reference masks come from
+            its box decoding instead of the annotations); None otherwise.
         semantics: ``matcher.semantics`` (``ntt.utils.config.SemanticsConfig``); None or
             ``references="context_crop"``: NTT's crops; ``whole_image``: FSOD-VFM's references (§3.4).
     """
@@ -246,6 +248,7 @@ class FillPlan:
     keep_patch_features: bool
     stage: str
     semantics: Any = None
+    mask_model: Any = None
 
     @property
     def whole_image(self) -> bool:
@@ -267,6 +270,7 @@ class FillPlan:
         shots: int | None = None,
         stage: str = "fill_memory",
         semantics: Any = None,
+        mask_model: Any = None,
     ) -> FillPlan:
         """Validate the settings and fix the batches (arguments as the fields; ``encoder`` as ``fill_memory``)."""
         size, grid = int(encoder.img_size), int(encoder.grid_size)
@@ -277,6 +281,8 @@ class FillPlan:
         ):
             size = int(semantics.input_size)  # FSOD-VFM's square resize after the long-side one
             grid = size // int(encoder.patch_size)
+        if (semantics is not None and semantics.reference_masks == "sam2_box") != (mask_model is not None):
+            raise ValueError(f"{stage}: reference_masks=sam2_box and a mask_model go together")
         if mask_pooling not in MASK_POOLING:
             raise ValueError(f"{stage}: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
         if batch_size < 1:
@@ -295,6 +301,7 @@ class FillPlan:
             keep_patch_features=bool(keep_patch_features),
             stage=stage,
             semantics=semantics,
+            mask_model=mask_model,
         )
 
 
@@ -439,9 +446,11 @@ def _encode_whole_images(
             for j in batch:
                 job = plan.jobs[j]
                 try:
-                    image, mask, _ = job.load()
+                    image, mask, bbox_xywh = job.load()
                 except (OSError, ValueError) as err:
                     raise BadReferenceError(f"{plan.stage}: {job.description}: {err}") from err
+                if plan.mask_model is not None:  # FSOD-VFM: SAM2's mask for the reference's box
+                    mask = sam2_box_mask(plan.mask_model, image, bbox_xywh)
                 inputs.append(_whole_image_input(image, plan.semantics, plan.size))
                 masks.append(mask.to(torch.bool))
             x = torch.stack(inputs).to(device)
@@ -531,7 +540,8 @@ def assemble_bank(
     if plan.whole_image:  # recorded only then: NTT's banks keep their bytes
         _check_whole_image_classes(plan, weight_sums, counts)
         fill_settings["semantics"] = {
-            k: getattr(plan.semantics, k) for k in ("references", "encoder_input", "long_side", "final_norm")
+            k: getattr(plan.semantics, k)
+            for k in ("references", "reference_masks", "encoder_input", "long_side", "final_norm")
         }
     return MemoryBank(
         instance_means=_place(plan, parts, "instance_means", width),

@@ -182,7 +182,8 @@ def test_smoke_run_with_fsod_vfm_semantics(tmp_path):
     from ntt.runner.keys import pass_key, predictions_key, stage_key
 
     with torch_threads(2):
-        cfg = compose_cfg(tmp_path, *SMALL_SYNTH, "matcher=fsod_vfm", "matcher.semantics.sam_iou_decay=true")
+        fsod = [*SMALL_SYNTH, "matcher=fsod_vfm", "matcher.semantics.sam_iou_decay=true"]
+        cfg = compose_cfg(tmp_path, *fsod, "matcher.semantics.reference_masks=sam2_box")
         metrics = run_pipeline(cfg)
     run_dir = Path(str(cfg.run_dir))
     assert metrics["num_images"] == 2 and metrics["failed_images"] == []
@@ -200,6 +201,14 @@ def test_smoke_run_with_fsod_vfm_semantics(tmp_path):
     assert stage_key(other, "fill_memory") != stage_key(ctx, "fill_memory")
     assert predictions_key(other) != predictions_key(ctx)
     assert pass_key(other) != pass_key(ctx)
+    # SAM2 enters the memory key only when it makes the reference masks
+    for masks, changes in (("sam2_box", True), ("annotation", False)):
+        keys = [
+            stage_key(make_context(compose_cfg(tmp_path, *fsod, f"matcher.semantics.reference_masks={masks}",
+                                               f"backbone.sam2.init_seed={seed}")), "fill_memory")
+            for seed in (0, 1)
+        ]  # fmt: skip
+        assert (keys[0] != keys[1]) is changes, masks
     # NTT's matcher has no semantics node: its keys carry nothing new
     paper = make_context(compose_cfg(tmp_path, *SMALL_SYNTH))
     assert "semantics" not in paper.cfg.matcher and paper.matcher.semantics.is_default
@@ -214,6 +223,33 @@ def test_bad_semantics_value_is_one_line(tmp_path):
         ConfigError, match=r"matcher.semantics.scoring=dot: choose one of clamped_cosine, cosine"
     ):
         build_node({"semantics": {"scoring": "dot"}}, MatcherConfig)
+    with pytest.raises(
+        ConfigError, match=r"reference_masks=sam2_box needs matcher.semantics.references=whole"
+    ):
+        build_node({"semantics": {"reference_masks": "sam2_box"}}, MatcherConfig)
+
+
+def test_sam2_box_mask_is_the_box_decoding_at_full_resolution(tmp_path):
+    from helpers_backbones import tiny_sam2
+
+    from ntt.boxproposals import boxes_to_frame, generate_box_proposals
+    from ntt.data.images import load_test_image
+    from ntt.gridmatching import sam2_box_mask
+    from ntt.postprocess import resize_masks_to_image
+
+    fx = np.load(FIXTURE)
+    image = torch.from_numpy(fx["query_image"]).permute(2, 0, 1).double().div(255).float()
+    Image.fromarray(fx["query_image"]).save(tmp_path / "q.png")
+    sam2 = tiny_sam2(0)
+    with torch.inference_mode():
+        mask = sam2_box_mask(sam2, image, [40.0, 30.0, 100.0, 80.0])
+        # the image as the test path loads it (PIL bicubic to 1024), the box as proposer=boxes decodes one
+        image1024 = load_test_image(tmp_path / "q.png", 1024)
+        box = boxes_to_frame(np.array([[40.0, 30.0, 140.0, 110.0]]), width=333, height=250)
+        props = generate_box_proposals(sam2, sam2.encode_image(image1024[None]), box)
+        want = resize_masks_to_image(props.logits, 250, 333)[0]
+    assert mask.dtype == torch.bool and mask.shape == (250, 333)
+    assert torch.equal(mask, want)
 
 
 def test_whole_image_class_without_a_usable_reference_is_refused(fx):

@@ -68,7 +68,11 @@ def _semantics(ctx: RunContext) -> list[Any]:
     """`matcher.semantics` (method.md §3.4, §5.13) for the memory stages' keys, only when a key differs
     from NTT's: the runs with NTT's semantics keep their stage keys."""
     sem = ctx.matcher.semantics
-    return [] if sem.is_default else [dataclasses.asdict(sem)]
+    if sem.is_default:
+        return []
+    if sem.reference_masks == "sam2_box":  # the reference masks come from SAM2 (by checkpoint content)
+        return [dataclasses.asdict(sem), _backbone_identity(ctx, "sam2")]
+    return [dataclasses.asdict(sem)]
 
 
 def artifact_sha(ctx: RunContext, name: str) -> str | None:

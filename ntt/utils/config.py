@@ -169,6 +169,7 @@ class MemoryConfig:
 
 ENCODER_INPUTS = ("square", "long_side")
 REFERENCE_VIEWS = ("context_crop", "whole_image")
+REFERENCE_MASKS = ("annotation", "sam2_box")
 PROPOSAL_POOLINGS = ("upsampled", "grid_mask")
 SCORINGS = ("clamped_cosine", "cosine")
 
@@ -190,6 +191,9 @@ class SemanticsConfig:
         references: `context_crop` = NTT's square crop around the box with context (method.md §3.1);
             `whole_image` = FSOD-VFM: the whole reference image through `encoder_input`, its mask resized to
             the grid as cv2 INTER_LINEAR > 0.5, masked mean; prototypes in FSOD-VFM's arithmetic.
+        reference_masks: with `whole_image`: `annotation` = the reference's annotated mask (ntt's references
+            carry masks); `sam2_box` = FSOD-VFM: SAM2's single-mask output for the reference's box (the box
+            decoding of method.md §5.11, on the run's SAM2).
         proposal_pooling: `upsampled` = NTT: the features upsampled to SAM's 256x256 mask (`pooling`);
             `grid_mask` = FSOD-VFM: the full-resolution mask resized to the grid as cv2 INTER_LINEAR > 0.5,
             `normalize(sum / (count + 1e-7), eps=1e-2)`.
@@ -203,6 +207,7 @@ class SemanticsConfig:
     input_size: int = 630
     final_norm: bool = True
     references: str = "context_crop"
+    reference_masks: str = "annotation"
     proposal_pooling: str = "upsampled"
     scoring: str = "clamped_cosine"
     sam_iou_decay: bool = False
@@ -212,11 +217,14 @@ class SemanticsConfig:
         for key, choices in (
             ("encoder_input", ENCODER_INPUTS),
             ("references", REFERENCE_VIEWS),
+            ("reference_masks", REFERENCE_MASKS),
             ("proposal_pooling", PROPOSAL_POOLINGS),
             ("scoring", SCORINGS),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{where}.{key}={getattr(self, key)}: choose one of {', '.join(choices)}")
+        if self.reference_masks == "sam2_box" and self.references != "whole_image":
+            raise ValueError(f"{where}.reference_masks=sam2_box needs {where}.references=whole_image")
         for key in ("long_side", "input_size"):
             if getattr(self, key) < 14:
                 raise ValueError(f"{where}.{key}={getattr(self, key)}: use a size of at least one patch (14)")
