@@ -179,25 +179,41 @@ def test_smoke_run_with_fsod_vfm_semantics(tmp_path):
 
     from ntt.runner import run_pipeline
     from ntt.runner.context import inference_params, make_context
-    from ntt.runner.keys import pass_key, predictions_key, stage_key
 
     with torch_threads(2):
         fsod = [*SMALL_SYNTH, "matcher=fsod_vfm", "matcher.semantics.sam_iou_decay=true"]
-        cfg = compose_cfg(tmp_path, *fsod, "matcher.semantics.reference_masks=sam2_box")
+        cfg = compose_cfg(tmp_path, *fsod)
         metrics = run_pipeline(cfg)
     run_dir = Path(str(cfg.run_dir))
     assert metrics["num_images"] == 2 and metrics["failed_images"] == []
     assert (run_dir / "predictions.json").is_file()
     assert "references: whole_image" in (run_dir / "config.yaml").read_text()
-    ctx = make_context(cfg)
-    params = inference_params(ctx)
+    params = inference_params(make_context(cfg))
     assert (params.encoder_input, params.proposal_pooling, params.scoring) == (
         "long_side",
         "grid_mask",
         "cosine",
     )
+    # NTT's matcher has no semantics node: its keys carry nothing new
+    paper = make_context(compose_cfg(tmp_path, *SMALL_SYNTH))
+    assert "semantics" not in paper.cfg.matcher and paper.matcher.semantics.is_default
+    assert paper.cfg.run_dir != cfg.run_dir
+
+
+@pytest.mark.slow
+def test_semantics_keys_change_the_stage_keys_they_affect(tmp_path):
+    from conftest import torch_threads
+    from test_e2e import SMALL_SYNTH, compose_cfg
+
+    from ntt.bank import MemoryBank
+    from ntt.runner import run_pipeline
+    from ntt.runner.context import make_context
+    from ntt.runner.keys import pass_key, predictions_key, stage_key
+
+    fsod = [*SMALL_SYNTH, "matcher=fsod_vfm"]
+    ctx = make_context(compose_cfg(tmp_path, *fsod))
     # each key is its own switch: one changed value changes the memory, test and pass keys it affects
-    other = make_context(compose_cfg(tmp_path, *SMALL_SYNTH, "matcher=fsod_vfm", "matcher.semantics.final_norm=true"))  # fmt: skip
+    other = make_context(compose_cfg(tmp_path, *fsod, "matcher.semantics.final_norm=true"))
     assert stage_key(other, "fill_memory") != stage_key(ctx, "fill_memory")
     assert predictions_key(other) != predictions_key(ctx)
     assert pass_key(other) != pass_key(ctx)
@@ -209,10 +225,14 @@ def test_smoke_run_with_fsod_vfm_semantics(tmp_path):
             for seed in (0, 1)
         ]  # fmt: skip
         assert (keys[0] != keys[1]) is changes, masks
-    # NTT's matcher has no semantics node: its keys carry nothing new
-    paper = make_context(compose_cfg(tmp_path, *SMALL_SYNTH))
-    assert "semantics" not in paper.cfg.matcher and paper.matcher.semantics.is_default
-    assert paper.cfg.run_dir != cfg.run_dir
+    # the memory stage with SAM2's box masks (a SAM2 image encoding per reference)
+    with torch_threads(2):
+        cfg = compose_cfg(tmp_path, *fsod, "matcher.semantics.reference_masks=sam2_box",
+                          "stages=[sample_refs,fill_memory]")  # fmt: skip
+        run_pipeline(cfg)
+    bank = MemoryBank.load(Path(str(cfg.run_dir)) / "memory.pt")
+    assert bank.fill_settings["semantics"]["reference_masks"] == "sam2_box"
+    assert bank.prototypes().isfinite().all()
 
 
 def test_bad_semantics_value_is_one_line(tmp_path):
