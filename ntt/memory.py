@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ntt.bank import MemoryBank
-from ntt.gridmatching import long_side_input, reference_vectors, resize_masks_linear, sam2_box_mask
+from ntt.gridmatching import long_side_input, reference_vectors, resize_masks_linear
+from ntt.prompts import sam2_box_mask
 from ntt.utils.errors import UserError
 
 __all__ = [

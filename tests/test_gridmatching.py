@@ -254,8 +254,8 @@ def test_sam2_box_mask_is_the_box_decoding_at_full_resolution(tmp_path):
 
     from ntt.boxproposals import boxes_to_frame, generate_box_proposals
     from ntt.data.images import load_test_image
-    from ntt.gridmatching import sam2_box_mask
     from ntt.postprocess import resize_masks_to_image
+    from ntt.prompts import sam2_box_mask
 
     fx = np.load(FIXTURE)
     image = torch.from_numpy(fx["query_image"]).permute(2, 0, 1).double().div(255).float()
