@@ -7,7 +7,7 @@ The trace holds every intermediate the parity fixture stores (``common/img<ID>_p
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -19,6 +19,7 @@ from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections
 from ntt.proposals import generate_proposals
+from ntt.utils.config import DiffusionConfig
 from ntt.utils.timing import section
 
 __all__ = [
@@ -48,6 +49,9 @@ class InferenceParams:
         pooling: ``"dense"`` (parity) or ``"adjoint"`` (exact, faster) mask pooling.
         drop_empty_masks: fix flag: drop masks that vanish at full resolution (parity keeps them with NaN).
         box_plus_one: fix flag: exclusive box extents for NMS and COCO boxes.
+        merge: re-scoring before the top-k: ``soft`` (NTT §5.7, parity), ``diffusion`` (FSOD-VFM §5.11),
+            ``none``.
+        diffusion: FSOD-VFM's settings (read when ``merge == "diffusion"``).
     """
 
     points_per_side: int = 32
@@ -59,6 +63,12 @@ class InferenceParams:
     pooling: str = "dense"
     drop_empty_masks: bool = False
     box_plus_one: bool = False
+    merge: str = "soft"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.diffusion, dict):  # from to_dict()
+            self.diffusion = DiffusionConfig(**self.diffusion)
 
     @classmethod
     def from_settings(cls, proposer, matcher) -> InferenceParams:
@@ -78,11 +88,23 @@ class InferenceParams:
             pooling=matcher.pooling,
             drop_empty_masks=matcher.drop_empty_masks,
             box_plus_one=matcher.box_plus_one,
+            merge=getattr(matcher, "merge", "soft"),
+            diffusion=getattr(matcher, "diffusion", None) or DiffusionConfig(),
         )
 
     def to_dict(self) -> dict:
-        """Plain dict of the fields (for configs / manifests)."""
-        return asdict(self)
+        """Plain dict of the fields (for configs / manifests and the keys made of them).
+
+        ``merge`` is left out at ``soft`` and ``diffusion`` unless ``merge == "diffusion"`` (fields added
+        later, ``ntt.utils.identity.INERT_DEFAULTS``): the dict, and so every key made of it, stays the same
+        for the settings of before.
+        """
+        data = asdict(self)
+        if self.merge != "diffusion":
+            data.pop("diffusion")
+        if self.merge == "soft":
+            data.pop("merge")
+        return data
 
 
 def dino_features(dino, image1024: Tensor) -> Tensor:
@@ -267,6 +289,7 @@ def classify_and_postprocess(
         params=params or InferenceParams(),
         full_masks=full_masks,
         n_pos256=shared.n_pos256,
+        dino_grid=tuple(shared.feats_dino.shape[:2]),
     )
 
 
@@ -283,6 +306,7 @@ def _detect(
     params: InferenceParams,
     full_masks=None,
     n_pos256: Tensor | None = None,
+    dino_grid: tuple[int, int] | None = None,
 ) -> tuple[Detections, dict[str, Tensor]]:
     p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
@@ -302,6 +326,9 @@ def _detect(
         box_plus_one=p.box_plus_one,
         lowres_boxes=boxes256,
         full_masks=full_masks,
+        merge=p.merge,
+        diffusion=p.diffusion,
+        dino_grid=dino_grid,
     )
     tr = {
         "pred_ious": pred_ious,

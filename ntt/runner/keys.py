@@ -22,6 +22,7 @@ from typing import Any
 from ntt import __version__
 from ntt.runner.context import RunContext
 from ntt.utils.config import config_hash, to_plain
+from ntt.utils.identity import drop_inert_matcher
 
 # the artifact of each stage, in run order (ntt.runner.stages runs them)
 REFS_FILE = "refs.json"
@@ -116,7 +117,7 @@ def predictions_key(ctx: RunContext) -> str:
         _backbone_identity(ctx, "sam2"),
         _backbone_identity(ctx, "dinov2"),
         cfg.proposer,
-        cfg.matcher,
+        drop_inert_matcher(to_plain(cfg.matcher)),  # keys added later enter only when not at their default
         ctx.dataset.exif_orientation,
         artifact_sha(ctx, PROTOTYPES_FILE),
     )
