@@ -37,8 +37,8 @@ from typing import IO, Any
 from ntt import __version__
 from ntt.utils.config import config_hash, to_plain
 from ntt.utils.errors import UserError
-from ntt.utils.identity import drop_inert_matcher
 from ntt.utils.files import FileDigests, sha256_file, write_bytes_atomic, write_json_atomic
+from ntt.utils.identity import drop_inert_matcher
 
 __all__ = [
     "LINES_FILE",

@@ -323,7 +323,10 @@ class Segmenter:
             [encode_references(plan, self.dinov2, progress=progress)],
             encoder_name=str(self.cfg.backbone.dinov2.name),
             config=drop_inert_keys(
-                {k: OmegaConf.to_container(self.cfg[k], resolve=False) for k in ("backbone", "proposer", "matcher")}
+                {
+                    k: OmegaConf.to_container(self.cfg[k], resolve=False)
+                    for k in ("backbone", "proposer", "matcher")
+                }
             ),  # keys added later are recorded only when not at their default: the same bank bytes as before
         )
         counts = self.bank.counts.tolist()

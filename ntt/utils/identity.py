@@ -7,7 +7,8 @@ two different settings never share (or overwrite) a directory and ``ntt summariz
 The identity is the composed config *before* interpolation (so ``${paths.data}/coco`` stays that
 string and the id is the same on every machine), without the keys that only say where files live or
 how the job runs (:data:`NON_RESULT_KEYS`). Any key added to the config later is part of the identity
-unless it is listed there. :func:`setting_id` is the same hash without the per-run factors (dataset
+unless it is listed there; a result key added later is left out while it has the value that reproduces the
+runs of before (:data:`INERT_DEFAULTS`, :data:`INERT_UNLESS`), so their ids stay. :func:`setting_id` is the same hash without the per-run factors (dataset
 location and classes, shots, seed): the runs of one study that differ only in those share it, which is
 how tables group seeds and shots of one setting.
 """
