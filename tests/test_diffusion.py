@@ -169,6 +169,21 @@ def test_diffusion_on_the_fsod_vfm_grid_resizes_the_full_resolution_masks():
     assert torch.equal(tr_s["ios"], want) and not torch.equal(tr_s["ios"], tr["ios"])
 
 
+def test_dino_grid_is_the_runs_feature_grid():
+    args = _postprocess_args()
+    cfg = DiffusionConfig(grid="dino")
+    _, tr = postprocess_detections(
+        *args, height=128, width=96, nms_thr=1.0, merge="diffusion", diffusion=cfg, dino_grid=(7, 9)
+    )
+    keep = tr["nms_keep_pos"]
+    from ntt.postprocess import resize_masks_to_image
+
+    grid = resize_masks_linear(resize_masks_to_image(args[0][keep], 128, 96), (7, 9))
+    assert torch.equal(tr["ios"], graph_diffusion(grid, args[2][keep], cfg))
+    with pytest.raises(ValueError, match="grid=dino needs"):
+        postprocess_detections(*args, height=128, width=96, nms_thr=1.0, merge="diffusion", diffusion=cfg)
+
+
 @pytest.mark.parametrize(
     ("override", "words"),
     [
