@@ -117,7 +117,7 @@ prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not
 	$(PY) -m ntt prepare lvis $(ARGS)
 
 # The paper's accuracy studies: one each (experiments/study/*.yaml), then its tables in
-# $(OUTPUTS)/tables/<study>/ (summary.md). The table is written even when some runs failed (listed there).
+# $(OUTPUTS)/tables/<study>/ (summary.md, seed_stats.csv, ap_vs_shots_<benchmark>.png). The table is written even when some runs failed (listed there).
 # `ntt study` runs every job of the sweep with ONE pass over the test images for all their memory banks
 # (results byte-identical to separate runs, tests/test_study.py). STUDY_RUN="$(PY) -m ntt run" runs the jobs one
 # by one as a Hydra multirun instead (e.g. on SLURM with ARGS=hydra/launcher=slurm).

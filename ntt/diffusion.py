@@ -1,4 +1,4 @@
-"""FSOD-VFM's graph-diffusion re-scoring (method.md §5.11): ``matcher.merge=diffusion``.
+"""FSOD-VFM's graph-diffusion re-scoring (method.md §5.12): ``matcher.merge=diffusion``.
 
 FSOD-VFM (ICLR 2026, ``metric.py::graph_diffusion_ios`` and its caller, commit f5559b6) replaces NTT's
 semantic soft merging (§5.7) by a random walk on the "intersection over self" graph of each class:
@@ -179,7 +179,7 @@ def _fixed_point(trans: Tensor, personal: Tensor, alpha: float) -> Tensor:
 def graph_diffusion(masks: Tensor, labels: Tensor, settings: DiffusionConfig) -> Tensor:
     """``pi`` of every mask, each class diffused on its own (FSOD-VFM's ``graph_diffusion_ios``).
 
-    Quirk kept (method.md §5.11): a single mask in the whole image gets 0 without a step (the walk would
+    Quirk kept (method.md §5.12): a single mask in the whole image gets 0 without a step (the walk would
     give 0 too for ``steps >= 1``, which the config requires).
 
     Args:
@@ -264,7 +264,7 @@ def diffusion_merge(
     width: int,
     dino_grid: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """FSOD-VFM's re-scoring of one image's detections, given in the proposer's order (method.md §5.11).
+    """FSOD-VFM's re-scoring of one image's detections, given in the proposer's order (method.md §5.12).
 
     Args:
         full_masks: ``rows -> [m, H, W]`` bool full-resolution masks of these detections.

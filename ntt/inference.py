@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ntt.boxproposals import generate_box_proposals
 from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections
@@ -49,20 +50,24 @@ class InferenceParams:
         pooling: ``"dense"`` (parity) or ``"adjoint"`` (exact, faster) mask pooling.
         drop_empty_masks: fix flag: drop masks that vanish at full resolution (parity keeps them with NaN).
         box_plus_one: fix flag: exclusive box extents for NMS and COCO boxes.
-        merge: re-scoring before the top-k: ``soft`` (NTT §5.7, parity), ``diffusion`` (FSOD-VFM §5.11),
+        prompts: ``grid`` (the point grid, §5.2) or ``boxes`` (box prompts given per image, §5.11).
+        stability_fallback: box prompts: SAM2's single-mask stability fallback (FSOD-VFM: true).
+        merge: re-scoring before the top-k: ``soft`` (NTT §5.7, parity), ``diffusion`` (FSOD-VFM §5.12),
             ``none``.
         diffusion: FSOD-VFM's settings (read when ``merge == "diffusion"``).
     """
 
     points_per_side: int = 32
     points_batch_size: int = 256
-    iou_thr: float = 0.4
+    iou_thr: float | None = 0.4
     nms_thr: float = 0.5
     num_out: int = 100
     nms_cap_factor: int = 8
     pooling: str = "dense"
     drop_empty_masks: bool = False
     box_plus_one: bool = False
+    prompts: str = "grid"
+    stability_fallback: bool = True
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -88,6 +93,8 @@ class InferenceParams:
             pooling=matcher.pooling,
             drop_empty_masks=matcher.drop_empty_masks,
             box_plus_one=matcher.box_plus_one,
+            prompts=getattr(proposer, "prompts", "grid"),
+            stability_fallback=getattr(proposer, "stability_fallback", True),
             merge=getattr(matcher, "merge", "soft"),
             diffusion=getattr(matcher, "diffusion", None) or DiffusionConfig(),
         )
@@ -207,7 +214,9 @@ class ImageProposals:
 
 
 @torch.inference_mode()
-def propose_image(image1024: Tensor, *, sam2, dino, params: InferenceParams | None = None) -> ImageProposals:
+def propose_image(
+    image1024: Tensor, *, sam2, dino, params: InferenceParams | None = None, boxes: Tensor | None = None
+) -> ImageProposals:
     """DINOv2 features, SAM2 encoding + prompt decoding + IoU filter, masks and their pooled embeddings.
 
     Args:
@@ -215,22 +224,36 @@ def propose_image(image1024: Tensor, *, sam2, dino, params: InferenceParams | No
         sam2: backbone with ``encode_image`` and ``decode``.
         dino: patch-grid encoder.
         params: settings (paper defaults when None); only the proposer fields and ``pooling`` are read.
+        boxes: with ``params.prompts == "boxes"``: the image's ``[G, 4]`` box prompts in the 1024 frame
+            (``ntt.boxproposals.boxes_to_frame`` of the selected boxes), in proposal order; may be empty.
     """
     p = params or InferenceParams()
+    if p.prompts == "boxes" and boxes is None:
+        raise ValueError("prompts='boxes' needs the image's boxes (propose_image(..., boxes=[G, 4]))")
     # sections: the models' share of a test loop's time (ntt/utils/timing.py; no-op outside a timed loop)
     with section("dinov2"):
         feats_dino = dino_features(dino, image1024)
     with section("sam2_encoder"):
         sam_feats = sam2.encode_image(image1024[None])
     with section("sam2_decoder"):  # prompt decoding, best-of-3 selection, IoU filter
-        props = generate_proposals(
-            sam2,
-            sam_feats,
-            points_per_side=p.points_per_side,
-            points_batch_size=p.points_batch_size,
-            iou_thr=p.iou_thr,
-            image_size=image1024.shape[-1],
-        )
+        if p.prompts == "boxes":
+            props = generate_box_proposals(
+                sam2,
+                sam_feats,
+                boxes,
+                batch_size=p.points_batch_size,
+                stability_fallback=p.stability_fallback,
+                iou_thr=p.iou_thr,
+            )
+        else:
+            props = generate_proposals(
+                sam2,
+                sam_feats,
+                points_per_side=p.points_per_side,
+                points_batch_size=p.points_batch_size,
+                iou_thr=p.iou_thr,
+                image_size=image1024.shape[-1],
+            )
     del sam_feats
     masks256, embeddings, boxes256 = proposal_embeddings(props.logits, feats_dino, pooling=p.pooling)
     return ImageProposals(props, feats_dino, masks256, embeddings, boxes256)

@@ -366,7 +366,7 @@ def rank_top_k(decayed: Tensor, num_out: int, *, valid: Tensor | None = None) ->
 def _other_merge(
     merge, full_masks, logits, keep_pos, labels, scores, diffusion, need_areas, *, height, width, dino_grid
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(ios, decayed, areas)`` of ``merge=diffusion`` (FSOD-VFM, §5.11) or ``merge=none`` (no re-scoring).
+    """``(ios, decayed, areas)`` of ``merge=diffusion`` (FSOD-VFM, §5.12) or ``merge=none`` (no re-scoring).
 
     ``areas`` (full-resolution pixel counts) are counted only when ``drop_empty_masks`` needs them (else 1).
     """
@@ -449,7 +449,7 @@ def postprocess_detections(
             ``logits`` (e.g. a cache shared by the memory banks of a study pass, ``ntt.maskcache``); must equal
             :func:`resize_masks_to_image` of those rows (it is per mask, so a cache is bit-identical).
         merge: ``soft`` = semantic soft merging (§5.7, parity); ``diffusion`` = FSOD-VFM's graph diffusion
-            (§5.11, ``ntt.diffusion``; its ``pi`` goes to the trace's ``ios``); ``none`` = scores unchanged.
+            (§5.12, ``ntt.diffusion``; its ``pi`` goes to the trace's ``ios``); ``none`` = scores unchanged.
         diffusion: FSOD-VFM's settings (defaults when None).
         dino_grid: ``(rows, cols)`` of the image's DINOv2 grid (``diffusion.grid=dino``).
 

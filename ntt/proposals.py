@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 class Proposals:
     """Proposals of one image that passed the predicted-IoU filter, in grid order.
 
+    Box-prompt proposals (``ntt.boxproposals``, method.md §5.11) use the same layout with boxes as prompts:
+    ``points`` / ``grid_points`` are ``[n, 4]`` / ``[G, 4]`` xyxy boxes and ``grid_best_index`` is 0 (the
+    single-mask output) or 1..3 (SAM2's stability fallback).
+
     Attributes:
         logits: ``[n, 256, 256]`` low-res mask logits of the chosen multimask output.
         pred_ious: ``[n]`` predicted IoU of the chosen output (NMS ranking key).

@@ -220,3 +220,24 @@ def test_wandb_offline_run_file_is_complete_when_finish_returns_every_time(tmp_p
         (run_file,) = (tmp_path / f"r{i}").glob("wandb/offline-run-*/run-*.wandb")
         kinds = [r.WhichOneof("record_type") for r in _wandb_records(run_file)]
         assert "run" in kinds and "history" in kinds, (i, kinds)
+
+
+@pytest.mark.timeout(120)
+def test_wandb_offline_run_names_box_and_mask_ap_in_percent_next_to_bbox_and_segm(tmp_path):
+    """box/* and mask/* are metrics.json's bbox/* and segm/* in percent (the summarize tables' numbers),
+    in the history and in the summary table; a -1 (no ground truth) is not logged as -100."""
+    pytest.importorskip("wandb")
+    from ntt.runner.loggers import build_logger
+
+    logger = build_logger(kind="wandb", mode="offline", group="g", tags=[], name="r", run_dir=str(tmp_path))
+    logger.log_metrics({"bbox": {"AP": 0.25, "AP50": -1.0}, "segm": {"AP": 0.125}})
+    logger.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history = [r.history for r in _wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+    items = {"/".join(i.nested_key) or i.key: i.value_json for h in history for i in h.item}
+    assert json.loads(items["bbox/AP"]) == 0.25 and json.loads(items["segm/AP"]) == 0.125
+    assert json.loads(items["box/AP"]) == 25.0 and json.loads(items["mask/AP"]) == 12.5
+    assert "box/AP50" not in items and json.loads(items["bbox/AP50"]) == -1.0
+    summary = json.loads((run_file.parent / "files" / json.loads(items["summary/path"])).read_text())
+    row = dict(zip(summary["columns"], summary["data"][0], strict=True))
+    assert row["box/AP"] == 25.0 and row["mask/AP"] == 12.5

@@ -178,6 +178,7 @@ def test_fruits_nuts_random_weights_plumbing(tmp_path):
     assert refs  # sampled with the reference's validity filter from the real annotations
 
 
+@pytest.mark.slow  # the default suite has the same check through `accelerate launch` (tests/test_scaleout.py)
 def test_results_do_not_depend_on_the_number_of_processes(tmp_path):
     """Two real CPU processes (torchrun, gloo) give the same bytes as one.
 

@@ -196,7 +196,8 @@ def test_edited_test_image_is_redone_and_the_others_kept(tmp_path, count_images)
 
 
 def test_finished_run_asked_for_another_config_refuses_before_touching_anything(tmp_path):
-    run(tmp_path)
+    two = "dataset.max_test_images=2"  # two test images are enough to finish a run
+    run(tmp_path, two)
     run_dir = tmp_path / "run"
     before = {
         p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "file_hashes.json"
@@ -206,14 +207,14 @@ def test_finished_run_asked_for_another_config_refuses_before_touching_anything(
     with pytest.raises(
         StageError, match=r"stage test would use .* does not match the present config.*sample_refs"
     ):
-        run(tmp_path, "shots=3", "stages=[test]")
+        run(tmp_path, two, "shots=3", "stages=[test]")
     after = {
         p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "file_hashes.json"
     }
     assert after == before  # config.yaml, metrics, manifests untouched
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["predictions"]
     # a setting of the test stage alone recomputes it (images re-segmented, upstream kept)
-    metrics = run(tmp_path, "matcher.nms_thr=0.7", "stages=[test]")
+    metrics = run(tmp_path, two, "matcher.nms_thr=0.7", "stages=[test]")
     assert metrics["failed_images"] == [] and "nms_thr: 0.7" in (run_dir / "config.yaml").read_text()
 
 

@@ -146,6 +146,7 @@ def test_decoder_chunk_must_be_positive():
         SAM2Backbone(tiny_sam2().model, name="x", decoder_chunk=0)
 
 
+@pytest.mark.slow  # two fresh processes, ~30 s on 2 busy cores: a speed property, not a result
 def test_tune_malloc_stops_page_faults_of_the_decoder_loop():
     """In fresh processes: once the heap has grown to its peak, decoder calls page-fault ~nothing with the
     tuning on (~44,000 minor faults per prompt without it)."""

@@ -25,7 +25,14 @@ from hydra.core.global_hydra import GlobalHydra
 
 from ntt.utils import dist
 
-SMALL = ["dataset=synthetic", "dataset.synthetic.num_images=9", "dataset.max_test_images=3", "debug=smoke"]
+# memory batches of 2 crops (4 classes x 2 shots: 4 batches): with two processes each encodes two of them
+SMALL = [
+    "dataset=synthetic",
+    "dataset.synthetic.num_images=9",
+    "dataset.max_test_images=3",
+    "debug=smoke",
+    "matcher.memory.batch_size=2",
+]
 COMPARED = ["refs.json", "memory.pt", "predictions.json", "metrics.json"]
 HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 needs_submitit = pytest.mark.skipif(
@@ -76,6 +83,7 @@ def test_accelerate_multi_gpu_flag_runs_two_cpu_processes(tmp_path, one_process)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     log = _launch([*cmd, "-m", "ntt", "run", "device=cpu", f"paths.output_dir={out}", *SMALL], tmp_path)
     assert "for this process (0/2)" in log and "for this process (1/2)" in log
+    assert "kB, 2 process(es))" in log  # the bank was filled by both processes
     _assert_same_bytes(_run_dir(out), one_process, world_size=2)
 
 

@@ -38,7 +38,7 @@ from ntt import __version__
 from ntt.utils.config import config_hash, to_plain
 from ntt.utils.errors import UserError
 from ntt.utils.files import FileDigests, sha256_file, write_bytes_atomic, write_json_atomic
-from ntt.utils.identity import drop_inert_matcher
+from ntt.utils.identity import backbone_identity, drop_inert_matcher
 
 __all__ = [
     "LINES_FILE",
@@ -153,11 +153,7 @@ def file_sha(digests: FileDigests, path: Path) -> str | None:
 
 def _backbone_identity(cfg, which: str, digests: FileDigests) -> dict[str, Any]:
     """``backbone.<which>`` with its checkpoint path replaced by the file's name and content digest."""
-    node = dict(to_plain(cfg.backbone[which]))
-    if node.get("checkpoint") and not node.get("random_init"):
-        ckpt = Path(str(node["checkpoint"]))
-        node["checkpoint"] = [ckpt.name, file_sha(digests, ckpt)]
-    return node
+    return backbone_identity(cfg.backbone[which], lambda path: file_sha(digests, path))
 
 
 def _bank_content(bank) -> str:

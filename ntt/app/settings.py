@@ -48,8 +48,14 @@ def compose_config(
 def params_from_config(cfg) -> InferenceParams:
     """The inference parameters of a config's ``proposer`` and ``matcher`` nodes (every predict knob)."""
     from ntt.utils.config import MatcherConfig, ProposerConfig, build_node
+    from ntt.utils.errors import ConfigError
 
     prop = build_node(cfg.proposer, ProposerConfig)
+    if prop.prompts != "grid":  # boxes come per test image of a dataset: `ntt run` (method.md §5.11)
+        raise ConfigError(
+            f"proposer.prompts={prop.prompts}: the segmenter proposes with the point grid; box-prompt "
+            "proposals (proposer=boxes) run with `ntt run`"
+        )
     mat = build_node(cfg.matcher, MatcherConfig)
     return InferenceParams.from_settings(prop, mat)
 

@@ -183,6 +183,17 @@ def build_backbone(ctx: RunContext, which: str):
     return ctx.backbones[which]
 
 
+def box_source(ctx: RunContext):
+    """The job's source of box prompts (`proposer=boxes`, method.md §5.11; its file parsed once), else None."""
+    if ctx.proposer.prompts != "boxes":
+        return None
+    if "box_source" not in ctx.memo:
+        from ntt.boxproposals import BoxSource
+
+        ctx.memo["box_source"] = BoxSource.from_config(ctx.proposer)
+    return ctx.memo["box_source"]
+
+
 def inference_params(ctx: RunContext):
     """The run's `ntt.inference.InferenceParams` (proposer + matcher settings)."""
     from ntt.inference import InferenceParams
@@ -192,7 +203,7 @@ def inference_params(ctx: RunContext):
 
 def log_expected_time(ctx: RunContext, n_images: int) -> None:
     """Log the expected time of `n_images` images with this run's backbones, grid and device (main)."""
-    if not ctx.is_main:
+    if not ctx.is_main or ctx.proposer.prompts != "grid":  # the estimate knows the point grid only
         return
     from ntt.utils.speed import expected_time_message
 

@@ -5,7 +5,7 @@
 | `config_id` (ntt.utils.identity) | a result: the run directory's suffix | every config value that can change a detection or a metric | the run dir name, metrics.json |
 | `setting_id` (ntt.utils.identity) | a setting across shots and seeds | `config_id`'s values minus dataset files/classes, shots, seed | metrics.json, `ntt summarize` groups |
 | `stage_key` | a stage's artifact (refs.json, memory.pt, memory_postprocessed.pt, predictions.json) | the config parts the stage reads + the content of its input artifact and config-named files | `stage_<name>.json` |
-| `predictions_key` | the settings one image's detections depend on | both backbones (checkpoints by content), proposer, matcher, EXIF handling, the prototypes file | inside every `image_key` |
+| `predictions_key` | the settings one image's detections depend on | both backbones (checkpoints by content), proposer (its boxes file by content), matcher, EXIF handling, the prototypes file | inside every `image_key` |
 | `image_key` | one test image's result line | `predictions_key` + the image file's bytes + its json record | each line of `predictions/rank<r>.jsonl` |
 | `pass_key` | the memory-independent per-image work jobs can share | test images, both backbones, proposer, pooling, device | in memory: `ntt study`'s pass groups |
 | `backbone_key` / `split_key` (ntt.runner.context) | built models / parsed jsons shared by the jobs of one process | backbone nodes + device / the dataset node | in memory (`context.Shared`) |
@@ -22,7 +22,7 @@ from typing import Any
 from ntt import __version__
 from ntt.runner.context import RunContext
 from ntt.utils.config import config_hash, to_plain
-from ntt.utils.identity import drop_inert_matcher
+from ntt.utils.identity import backbone_identity, drop_inert_matcher
 
 # the artifact of each stage, in run order (ntt.runner.stages runs them)
 REFS_FILE = "refs.json"
@@ -49,10 +49,18 @@ def _file_id(ctx: RunContext, path: str | None) -> list[Any] | None:
 
 def _backbone_identity(ctx: RunContext, which: str) -> dict[str, Any]:
     """`backbone.<which>` with its checkpoint path replaced by the checkpoint's name and content digest."""
-    node = dict(to_plain(ctx.cfg.backbone[which]))
-    if node.get("checkpoint") and not node.get("random_init"):
-        node["checkpoint"] = _file_id(ctx, str(node["checkpoint"]))
-    return node
+    return backbone_identity(ctx.cfg.backbone[which], ctx.files.sha256)
+
+
+def _proposer_identity(ctx: RunContext) -> Any:
+    """`proposer`, with a boxes file (`proposer=boxes`, method.md §5.11) replaced by its name and content
+    digest; the grid options' node exactly as before (their keys unchanged)."""
+    node = ctx.cfg.proposer
+    if not node.get("boxes_json"):
+        return node
+    plain = dict(to_plain(node))
+    plain["boxes_json"] = _file_id(ctx, str(plain["boxes_json"]))
+    return plain
 
 
 def artifact_sha(ctx: RunContext, name: str) -> str | None:
@@ -116,7 +124,7 @@ def predictions_key(ctx: RunContext) -> str:
         __version__,
         _backbone_identity(ctx, "sam2"),
         _backbone_identity(ctx, "dinov2"),
-        cfg.proposer,
+        _proposer_identity(ctx),
         drop_inert_matcher(to_plain(cfg.matcher)),  # keys added later enter only when not at their default
         ctx.dataset.exif_orientation,
         artifact_sha(ctx, PROTOTYPES_FILE),

@@ -32,6 +32,7 @@ from ntt.runner.context import (
     RunContext,
     Shared,
     backbone_key,
+    box_source,
     build_backbone,
     inference_params,
     load_split,
@@ -81,6 +82,7 @@ class Job:
         todo: the image ids it still needs.
         prototypes: its `[C, D]` prototypes (while its test stage runs).
         params: its inference settings.
+        boxes: its box prompts' source (`proposer=boxes`, `ntt.boxproposals.BoxSource`), else None.
         sink: its open `predictions/rank<r>.jsonl` (during the pass).
         seconds: per image, its share of the pass's time.
         pass_timing: the sections of the whole pass (`ntt.utils.timing`).
@@ -98,6 +100,7 @@ class Job:
     todo: set[int] = field(default_factory=set)
     prototypes: Any = None
     params: Any = None
+    boxes: Any = None
     sink: Any = None
     t_test: float = 0.0
     seconds: dict[int, float] = field(default_factory=dict)
@@ -266,6 +269,7 @@ def _begin_test(job: Job) -> None:
     if job.todo:
         job.prototypes = load_prototypes(job.ctx, job.test.test_ds)
         job.params = inference_params(job.ctx)
+        job.boxes = box_source(job.ctx)
 
 
 def _finish_test(job: Job, shared_by: int) -> None:
@@ -360,6 +364,9 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
         test_ds = load_split(ctx, "test")
         ids = test_image_ids(ctx, test_ds)
         check_image_records(test_ds, ids, f"dataset.test_json={spec.test_json}", "evaluated")
+        boxes = box_source(ctx)  # proposer=boxes: the boxes file parsed and checked before any stage
+        if boxes is not None:
+            boxes.check_images([test_ds.image_info(i) for i in ids], log_missing=ctx.is_main)
         if ctx.eval.enabled and ctx.is_main:
             wanted = set(ids)
             anns = [a["id"] for a in test_ds.all_annotations() if a["image_id"] in wanted]

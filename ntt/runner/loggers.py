@@ -1,4 +1,9 @@
-"""Metric loggers. Results are files first (metrics.json); a logger only mirrors them to a dashboard."""
+"""Metric loggers. Results are files first (metrics.json); a logger only mirrors them to a dashboard.
+
+Names on W&B: ``bbox/<metric>`` and ``segm/<metric>`` are metrics.json's values as they are (fractions,
+COCOeval's iouType names, -1 = no ground truth); ``box/<metric>`` and ``mask/<metric>`` are the same box AP
+and mask AP in percent, the numbers of `ntt summarize`'s tables (a -1 is left out, never -100).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ class WandbLogger(NullLogger):
         """Scalars as history + summary; the per-class AP and the run's summary row as W&B Tables."""
         scalars = {k: v for k, v in metrics.items() if k not in ("per_class", "config", "identity")}
         flat = {k: v for k, v in _flatten(scalars).items() if isinstance(v, (int, float))}
+        flat.update(percent_aps(metrics))
         tables = {}
         per_class = [r for r in metrics.get("per_class") or [] if isinstance(r, dict)]
         if per_class:
@@ -64,7 +70,7 @@ class WandbLogger(NullLogger):
                 columns=columns, data=[[row.get(c) for c in columns] for row in per_class]
             )
         summary_cols = ["dataset", "sam2", "dinov2", "variant", "shots", "seed", "config_id", "num_images"]
-        summary_cols += [k for k in flat if k.startswith(("bbox/", "segm/"))]
+        summary_cols += [k for k in flat if k.startswith(("bbox/", "segm/", "box/", "mask/"))]
         row = {**{k: metrics.get(k) for k in summary_cols[:8]}, **flat}
         tables["summary"] = self._wandb.Table(columns=summary_cols, data=[[row.get(c) for c in summary_cols]])
         self._run.log({**flat, **tables})
@@ -76,6 +82,25 @@ class WandbLogger(NullLogger):
         machine); `wandb.teardown()` waits for it. The next job's logger starts a new service (~1 s)."""
         self._run.finish()
         self._wandb.teardown()
+
+
+# metrics.json's COCOeval iouType -> the name its AP goes by on W&B next to it
+CLEAR_NAMES = {"bbox": "box", "segm": "mask"}
+
+
+def percent_aps(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"box/AP": 36.8, "mask/AP": 34.2, ...}``: metrics.json's bbox and segm values in percent, the numbers
+    of `ntt summarize`'s tables; -1 (no ground truth) and non-numbers are left out.
+
+    Args:
+        metrics: metrics.json's content (``bbox`` and ``segm``: COCOeval stats as fractions).
+    """
+    out = {}
+    for iou_type, clear in CLEAR_NAMES.items():
+        for name, value in (metrics.get(iou_type) or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                out[f"{clear}/{name}"] = 100.0 * value
+    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,10 @@ Writes into ``--out`` (default ROOT):
   runs left out and why;
 * ``runs.csv`` / ``runs.md``: the long table, one row per run (metrics in percent);
 * ``summary.csv``: mean, std and count over seeds for every setting and metric;
+* ``seed_stats.csv`` (and a section of summary.md): per setting, dataset and shots, n seeds, mean, sample
+  std, 95% CI half-width and quartiles of the box AP and the mask AP side by side (`ntt.runner.seedstats`);
+* ``ap_vs_shots_<benchmark>.png``: that AP against shots with CI bands, box and mask panels, one line per
+  setting (`ntt.runner.shotplot`; ``--no-plot`` leaves it out);
 * ``per_class.csv`` (one row per run and class) and ``per_class_summary.csv`` (mean over seeds).
 
 Rules: a run with failed or missing test images is excluded from every mean and listed; a metric of -1
@@ -15,7 +19,8 @@ Rules: a run with failed or missing test images is excluded from every mean and 
 by their ``setting_id`` (ntt/utils/identity.py), so different settings are never averaged together, and a
 setting is named by what differs: its backbones, variant and the config values that are not
 conf/main.yaml's defaults (`setting_names`); rows from random-weight runs are flagged (plumbing and speed
-only, never accuracy).
+only, never accuracy). Names: ``bbox`` (metrics.json, the csv columns) is the box AP, COCOeval
+``iouType="bbox"``; ``segm`` is the mask AP, ``iouType="segm"``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ntt.runner.seedstats import markdown_sections, stats_table
+from ntt.runner.shotplot import plot_shots
 from ntt.utils.errors import UserError
 from ntt.utils.files import write_text_atomic
 from ntt.utils.identity import setting_keys
@@ -37,7 +44,15 @@ SETTING = ["dataset", "sam2", "dinov2", "variant", "shots"]
 # setting's name unless two settings differ only there
 NAMED_APART = ("variant", "backbone.", "dataset._target_")
 MISSING = object()
-METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50")]
+# box AP (COCOeval bbox) and mask AP (segm), the same three of each (runs.csv, summary.csv)
+METRICS = [
+    ("bbox", "AP"),
+    ("bbox", "AP50"),
+    ("bbox", "AP75"),
+    ("segm", "AP"),
+    ("segm", "AP50"),
+    ("segm", "AP75"),
+]
 GROUP = ["benchmark", "sam2", "dinov2", "variant", "setting_id", "random_weights"]
 # benchmark -> (metric columns of its paper table, what the metric is called)
 HEADLINE = {
@@ -260,12 +275,17 @@ def paper_tables(runs) -> list[dict[str, Any]]:
             }
             table = pd.DataFrame(data, index=pd.Index(shots, name="shots"))
             name = group["setting"].iloc[0] if "setting" in group else f"setting {setting or '?'}"
-            what = bench if bench != "other" else ", ".join(datasets)
+            what = benchmark_label(bench, datasets)
             title = f"{what}: {label} - {sam2} + {dinov2}, {variant} ({name})"
             if random_weights:
                 title += " - RANDOM WEIGHTS (plumbing only)"
             out.append({"title": title, "benchmark": bench, "metric": column, "table": table})
     return out
+
+
+def benchmark_label(bench: str, datasets: list[str]) -> str:
+    """What a heading calls a benchmark: its name, or its datasets for `other`."""
+    return bench if bench != "other" else ", ".join(datasets)
 
 
 def markdown_table(frame, index: bool = True) -> str:
@@ -284,11 +304,20 @@ def _md_value(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
-def render_markdown(runs, tables: list[dict[str, Any]], study: str | None) -> str:
-    """The summary.md text: paper tables, paper references, excluded runs, notes."""
+def render_markdown(runs, tables: list[dict[str, Any]], study: str | None, stats=None) -> str:
+    """The summary.md text: paper tables, box and mask statistics over seeds, paper references, excluded
+    runs, notes.
+
+    Args:
+        runs: the rows of `collect`.
+        tables: `paper_tables(runs)`.
+        study: the study the rows were kept for (the heading names it).
+        stats: `seedstats.stats_table(runs)` (None: no statistics section).
+    """
     parts = [f"# Results{f' - study {study}' if study else ''}", ""]
     parts.append(
-        "Cells: mean +- sample std over seeds (n seeds), in percent. n/a: no ground truth / no metric."
+        "Cells: mean +- sample std over seeds (n seeds), in percent. n/a: no ground truth / no metric. "
+        "bbox = box AP (COCOeval iouType bbox), segm = mask AP (iouType segm)."
     )
     parts.append("")
     seen_bench = []
@@ -296,6 +325,8 @@ def render_markdown(runs, tables: list[dict[str, Any]], study: str | None) -> st
         parts += [f"## {t['title']}", "", markdown_table(t["table"]), ""]
         if t["benchmark"] not in seen_bench:
             seen_bench.append(t["benchmark"])
+    if stats is not None:
+        parts += markdown_sections(stats, benchmark_label)
     for bench in seen_bench:
         if bench in PAPER:
             parts += [f"*{PAPER[bench]}*", ""]
@@ -315,8 +346,32 @@ def render_markdown(runs, tables: list[dict[str, Any]], study: str | None) -> st
     return "\n".join(parts)
 
 
+def write_plots(stats, out: Path) -> dict[str, Path]:
+    """One ``ap_vs_shots_<benchmark>.png`` per benchmark of `stats` (`shotplot.plot_shots`); their paths."""
+    paths = {}
+    if stats.empty:
+        return paths
+    try:
+        import matplotlib  # noqa: F401  (a dependency; missing only in an install made with --no-deps)
+    except ImportError as err:
+        raise UserError(
+            f"the plot needs matplotlib ({err}): `pip install matplotlib`, or pass --no-plot"
+        ) from err
+    for bench, group in stats.groupby("benchmark", sort=True):
+        ap = group["ap"].iloc[0]
+        title = (
+            f"{benchmark_label(bench, sorted(group['dataset'].unique()))}: box and mask {ap} against shots"
+        )
+        if group["random_weights"].any():
+            title += " - RANDOM WEIGHTS (plumbing only, not accuracy)"
+        paths[bench] = out / f"ap_vs_shots_{bench}.png"
+        plot_shots(group, paths[bench], title)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`ntt summarize ROOT [--study S] [--out DIR]`: paper tables, long table, per-class AP, summary.md."""
+    """`ntt summarize ROOT [--study S] [--out DIR] [--no-plot]`: paper tables, box and mask statistics over
+    seeds, their plot against shots, long table, per-class AP, summary.md."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="ntt summarize", description=__doc__)
@@ -324,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="where to write the tables (default: ROOT)")
     ap.add_argument(
         "--study", default=None, help="only runs of this study (the config's study_name, e.g. coco)"
+    )
+    ap.add_argument(
+        "--no-plot", action="store_true", help="do not draw ap_vs_shots_<benchmark>.png (matplotlib)"
     )
     args = ap.parse_args(argv)
     runs = collect(args.root, study=args.study)
@@ -338,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(out / "runs.csv", runs.to_csv(index=False))
     write_text_atomic(out / "runs.md", markdown_table(runs.drop(columns=["run_dir"]), index=False) + "\n")
     write_text_atomic(out / "summary.csv", summarize(runs).to_csv(index=False))
+    stats = stats_table(runs)
+    write_text_atomic(out / "seed_stats.csv", stats.to_csv(index=False))
+    if not args.no_plot:
+        for path in write_plots(stats, out).values():
+            log.info("wrote %s", path)
     per_class = collect_per_class(args.root, study=args.study)
     write_text_atomic(out / "per_class.csv", per_class.to_csv(index=False))
     if not per_class.empty:
@@ -347,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = SETTING[:-1] + ["setting_id", "shots", "category_id", "name"]
         table = pc.groupby(keys, dropna=False)[metric_cols].mean().reset_index()
         write_text_atomic(out / "per_class_summary.csv", table.to_csv(index=False))
-    text = render_markdown(runs, paper_tables(runs), args.study)
+    text = render_markdown(runs, paper_tables(runs), args.study, stats)
     write_text_atomic(out / "summary.md", text)
     print(text)  # the table is this command's output
     return 0

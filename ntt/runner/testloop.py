@@ -148,7 +148,8 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
         if item.error is not None:
             item.raise_error()  # the image could not be read (in a loader worker)
         with torch.inference_mode():
-            shared = propose_image(item.image, sam2=sam2, dino=dino, params=needing[0].params)
+            boxes = _box_prompts(needing[0], spec, item.image.shape[-1])
+            shared = propose_image(item.image, sam2=sam2, dino=dino, params=needing[0].params, boxes=boxes)
         item.image = None
     except Exception as exc:  # one bad image must not lose the others (in any job)
         if fail_fast:
@@ -194,6 +195,24 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
                 )
             del det, tr
         job.seconds[img_id] = t_shared + time.perf_counter() - t1
+
+
+def _box_prompts(job, spec, size: int):
+    """`proposer=boxes`: the image's selected boxes in the SAM frame (method.md §5.11); None for the grid."""
+    if job.boxes is None:
+        return None
+    from ntt.boxproposals import boxes_to_frame
+
+    info = job.test.test_ds.image_info(spec.img_id)
+    found = job.boxes.boxes_for(
+        image_id=spec.img_id,
+        file_name=str(info["file_name"]),
+        width=spec.width,
+        height=spec.height,
+        image_path=spec.path,
+        apply_exif=job.ctx.dataset.exif_orientation,
+    )
+    return boxes_to_frame(found.boxes, width=spec.width, height=spec.height, size=size)
 
 
 def _job_line(job, img_id: int, det, tr, shared, masks) -> dict[str, Any]:

@@ -70,18 +70,57 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ProposerConfig:
-    """SAM2 point-grid proposals (method.md §5.2).
+    """SAM2 proposals: a point grid (method.md §5.2, the paper) or an external detector's boxes decoded as box
+    prompts (method.md §5.11, FSOD-VFM's front end; `conf/proposer/boxes.yaml`).
+
+    The box keys are absent from the grid options' files, so the grid settings' run ids are unchanged.
 
     Args:
-        points_per_side: grid side P; P*P single positive point prompts (paper: 32).
-        points_batch_size: prompts decoded per batch (reference: 256); the last batch may be smaller
-            (the reference silently drops the remainder, method.md §9.2 item 4; we never drop prompts).
-        iou_thr: keep proposals whose predicted IoU is strictly greater (paper: 0.4).
+        points_per_side: grid side P; P*P single positive point prompts (paper: 32). Not read by `boxes`.
+        points_batch_size: prompts decoded per batch (reference: 256; FSOD-VFM's boxes: 32); the last batch
+            may be smaller (the reference silently drops the remainder, method.md §9.2 item 4; we never drop
+            prompts).
+        iou_thr: keep proposals whose predicted IoU is strictly greater (paper: 0.4); null keeps every
+            proposal (FSOD-VFM's boxes).
+        prompts: `grid` (the point grid) or `boxes` (box prompts from `boxes_json` or `detector`).
+        boxes_json: boxes: a COCO-results-style json `[{image_id, bbox, score}, ...]` (any detector's
+            output); an input file: its content digest enters the run's keys (ntt/runner/keys.py).
+        boxes_key: boxes: `image_id` or `file_name`: how the file's entries name their test image.
+        box_format: boxes: `xywh` (COCO results) or `xyxy`: the file's bbox layout.
+        detector: boxes: instead of a file, a callable named by `_target_` (+ its arguments), called per
+            image (`ntt.boxproposals.BoxSource`).
+        top_k: boxes: boxes kept per image after sorting by score (FSOD-VFM: 100); null = all.
+        score_thr: boxes: keep boxes with score >= this (FSOD-VFM's UPN: 0.01).
+        clip: boxes: clip boxes to the image, dropping those left empty (FSOD-VFM: true).
+        stability_fallback: boxes: SAM2's dynamic multimask fallback of `build_sam2(apply_postprocessing=True)`
+            (FSOD-VFM: true); false always takes the single-mask output.
     """
 
     points_per_side: int = 32
     points_batch_size: int = 256
-    iou_thr: float = 0.4
+    iou_thr: float | None = 0.4
+    prompts: str = "grid"
+    boxes_json: str | None = None
+    boxes_key: str = "image_id"
+    box_format: str = "xywh"
+    detector: dict[str, Any] | None = None
+    top_k: int | None = 100
+    score_thr: float = 0.0
+    clip: bool = True
+    stability_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {"prompts": ("grid", "boxes"), "boxes_key": ("image_id", "file_name"),
+                   "box_format": ("xywh", "xyxy")}  # fmt: skip
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"proposer.{key}={getattr(self, key)}: use one of {', '.join(allowed)}")
+        if self.prompts == "grid" and self.iou_thr is None:
+            raise ValueError("proposer.iou_thr=null: the point grid needs a number (paper: 0.4)")
+        # boxes_json / detector: exactly one, checked by the preflight (ntt.boxproposals.BoxSource), so the
+        # option itself composes and validates like every other
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"proposer.top_k={self.top_k}: use a number of boxes >= 1, or null for all")
 
 
 @dataclass(frozen=True)
@@ -113,7 +152,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """FSOD-VFM's graph-diffusion re-scoring, read when `matcher.merge=diffusion` (method.md §5.11).
+    """FSOD-VFM's graph-diffusion re-scoring, read when `matcher.merge=diffusion` (method.md §5.12).
 
     The defaults reproduce FSOD-VFM (metric.py at commit f5559b6, its run scripts' `--alp 0.3 --lamb 0.5
     --diffusion_steps 30`); each quirk is a flag whose other value is the fix.
@@ -134,7 +173,7 @@ class DiffusionConfig:
         row_normalize: fix: divide each row of `A` by its sum (a random walk); FSOD-VFM's normalisation
             divides by a boolean, i.e. by 1 (false, parity).
         solver: `iterate` = FSOD-VFM's loop (parity); `solve` = the walk's fixed point by one triangular
-            solve (needs `lower_triangle`; equal to the loop within its `tol`, method.md §5.11).
+            solve (needs `lower_triangle`; equal to the loop within its `tol`, method.md §5.12).
     """
 
     alpha: float = 0.3
@@ -184,7 +223,7 @@ class MatcherConfig:
         box_plus_one: fix of method.md §9.1 item 7: COCO box width/height = extent + 1. Off for parity.
         merge: how overlapping detections of a class are re-scored before the top `num_out`: `soft` = NTT's
             semantic soft merging (method.md §5.7, parity); `diffusion` = FSOD-VFM's graph diffusion
-            (method.md §5.11, settings in `diffusion`); `none` = no re-scoring.
+            (method.md §5.12, settings in `diffusion`); `none` = no re-scoring.
         diffusion: FSOD-VFM's settings, see `DiffusionConfig` (read only when `merge=diffusion`).
     """
 

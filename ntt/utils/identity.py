@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from ntt.utils.config import to_plain
 
 # top-level keys that never change a detection or a metric
 NON_RESULT_KEYS = (
@@ -184,3 +188,18 @@ def portable_config(cfg: Any) -> dict[str, Any]:
     return drop_inert_keys(
         {k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra", "io")}
     )
+
+
+def backbone_identity(node: Any, sha256: Callable[[Path], str | None]) -> dict[str, Any]:
+    """A ``backbone.<which>`` config node with its checkpoint path replaced by ``[file name, content digest]``:
+    path-free, so the same weights anywhere give the same identity (random-weight backbones keep the node).
+
+    Args:
+        node: the backbone's config node.
+        sha256: the digest of a file (a run's or a segment folder's ``FileDigests`` cache).
+    """
+    plain = dict(to_plain(node))
+    if plain.get("checkpoint") and not plain.get("random_init"):
+        ckpt = Path(str(plain["checkpoint"]))
+        plain["checkpoint"] = [ckpt.name, sha256(ckpt)]
+    return plain
