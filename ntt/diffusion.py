@@ -218,7 +218,8 @@ def decay_scores(scores: Tensor, pi: Tensor, lamb: float) -> Tensor:
 
 def grid_masks(
     full_masks,
-    lowres: Tensor,
+    lowres_masks,
+    n: int,
     settings: DiffusionConfig,
     *,
     height: int,
@@ -230,7 +231,8 @@ def grid_masks(
 
     Args:
         full_masks: ``rows -> [m, H, W]`` bool full-resolution masks of these of the ``n`` detections.
-        lowres: ``[n, 256, 256]`` bool low-res masks (``grid=lowres``).
+        lowres_masks: ``rows -> [m, 256, 256]`` bool low-res masks of these detections (``grid=lowres``).
+        n: number of detections.
         settings: the diffusion settings.
         height: image (annotation) height ``H``.
         width: image width ``W``.
@@ -238,24 +240,22 @@ def grid_masks(
         block: full-resolution masks produced at once (bounds the ``[block, H, W]`` float buffers).
     """
     if settings.grid == "lowres":
-        return lowres.bool()
+        return lowres_masks(torch.arange(n)).bool()
     if settings.grid == "dino":
         if dino_grid is None:
             raise ValueError("matcher.diffusion.grid=dino needs the DINOv2 grid size of the image")
         size = (int(dino_grid[0]), int(dino_grid[1]))
     else:
         size = fsod_vfm_grid(height, width)
-    n = lowres.shape[0]
-    out = torch.zeros(n, *size, dtype=torch.bool, device=lowres.device)
-    for s in range(0, n, block):
-        rows = torch.arange(s, min(n, s + block), device=lowres.device)
-        out[s : s + block] = resize_masks_linear(full_masks(rows), size).to(out.device)
-    return out
+    blocks = [
+        resize_masks_linear(full_masks(torch.arange(s, min(n, s + block))), size) for s in range(0, n, block)
+    ]
+    return torch.cat(blocks) if blocks else torch.zeros(0, *size, dtype=torch.bool)
 
 
 def diffusion_merge(
     full_masks,
-    lowres: Tensor,
+    lowres_masks,
     labels: Tensor,
     scores: Tensor,
     settings: DiffusionConfig,
@@ -268,7 +268,7 @@ def diffusion_merge(
 
     Args:
         full_masks: ``rows -> [m, H, W]`` bool full-resolution masks of these detections.
-        lowres: ``[n, 256, 256]`` bool low-res masks of the detections.
+        lowres_masks: ``rows -> [m, 256, 256]`` bool low-res masks of these detections.
         labels: ``[n]`` class indices.
         scores: ``[n]`` float32 classification scores.
         settings: the diffusion settings.
@@ -286,10 +286,13 @@ def diffusion_merge(
         perm = torch.sort(scores, descending=True, stable=True).indices
     else:
         perm = torch.arange(n, device=labels.device)
+
+    def ranked(producer):  # rows in ranking order -> the producer's rows
+        return lambda rows: producer(perm[rows.to(perm.device)])
+
     masks = grid_masks(
-        lambda rows: full_masks(perm[rows]), lowres[perm], settings, height=height, width=width,
-        dino_grid=dino_grid,
-    )  # fmt: skip
+        ranked(full_masks), ranked(lowres_masks), n, settings, height=height, width=width, dino_grid=dino_grid
+    )
     pi = torch.empty(n, dtype=torch.float32, device=labels.device)
     pi[perm] = graph_diffusion(masks, labels[perm], settings).to(labels.device)
     return pi, decay_scores(scores, pi, settings.lamb)

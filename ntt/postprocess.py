@@ -372,7 +372,7 @@ def _other_merge(
     """
     if merge == "diffusion":
         ios, decayed = diffusion_merge(
-            lambda rows: full_masks(keep_pos[rows]), logits[keep_pos] > 0, labels, scores,
+            lambda rows: full_masks(keep_pos[rows]), lambda rows: logits[keep_pos[rows]] > 0, labels, scores,
             diffusion or DiffusionConfig(), height=height, width=width, dino_grid=dino_grid,
         )  # fmt: skip
     elif merge == "none":

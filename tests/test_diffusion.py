@@ -98,7 +98,7 @@ def _line_masks(*rows: str) -> torch.Tensor:
 
 
 def test_known_answers_of_the_walk_and_its_fix_flags():
-    # m1 inside m0; m2 covers 3 of m0's 4 pixels and both of m1's: A = [[0,0,0],[1,0,0],[1,2/3,0]], p = [0,1,1]
+    # m1 inside m0; m2 covers 3 of m0's 4 pixels, both of m1's: A = [[0,0,0],[1,0,0],[1,2/3,0]], p = [0,1,1]
     masks, labels = _line_masks("1111", "1100", "1110"), torch.zeros(3, dtype=torch.int64)
     pi = graph_diffusion(masks, labels, DiffusionConfig())
     # pi0 = 0, pi1 = 0.7 * 1, pi2 = 0.3 * (1 * 0 + 2/3 * 0.7) + 0.7
