@@ -102,15 +102,21 @@ class InferenceParams:
     def to_dict(self) -> dict:
         """Plain dict of the fields (for configs / manifests and the keys made of them).
 
-        ``merge`` is left out at ``soft`` and ``diffusion`` unless ``merge == "diffusion"`` (fields added
-        later, ``ntt.utils.identity.INERT_DEFAULTS``): the dict, and so every key made of it, stays the same
-        for the settings of before.
+        Fields added later are left out at the value that reproduces the settings of before (as
+        ``ntt.utils.identity.INERT_DEFAULTS``): ``merge`` at ``soft``, ``diffusion`` unless
+        ``merge == "diffusion"``, ``prompts`` at ``grid`` and ``stability_fallback`` (read only by box prompts)
+        unless ``prompts == "boxes"``; the dict, and so every key made of it (``ntt segment``'s settings
+        key), stays the same for those settings.
         """
         data = asdict(self)
         if self.merge != "diffusion":
             data.pop("diffusion")
         if self.merge == "soft":
             data.pop("merge")
+        if self.prompts != "boxes":
+            data.pop("stability_fallback")
+        if self.prompts == "grid":
+            data.pop("prompts")
         return data
 
 
