@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
@@ -37,11 +37,14 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0 dinov2==0.0.1.dev2
 	@touch $@
 
+setup-lvis: setup ## add the optional lvis package (official LVIS metric, eval=lvis) at its constraints.txt pins
+	$(PIP) install -q -c $(LOCK) -e ".[dev,lvis]"
+
 lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a fresh venv (then `make test`)
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
 	@if [ -n "$(TORCH)" ]; then .venv-lock/bin/python -m pip install -q "$(TORCH)"; fi
-	.venv-lock/bin/python -m pip install -q ".[dev]"
+	.venv-lock/bin/python -m pip install -q ".[dev,lvis]"
 	@{ sed -n '1,6p' $(LOCK); \
 	   echo "# This file: \`make lock\` on $$(date +%F), $$(.venv-lock/bin/python -V), $$(uname -m) $$(uname -s)."; \
 	   .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(torch|sam2|dinov2|ntt)==' ; } > $(LOCK).new
@@ -113,7 +116,7 @@ prepare-cdfsod: setup ## CD-FSOD layout check + SAM masks for shot files and tes
 	$(FETCH_SAM_VIT_H)
 	$(PY) -m ntt prepare cdfsod --mask-model $(MASK_MODEL) $(ARGS)
 
-prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (pycocotools route; not the official LVIS metric)
+prepare-lvis: setup ## LVIS v1 json fix-ups in data/lvis (keeps the fields the official LVIS metric, eval=lvis, reads)
 	$(PY) -m ntt prepare lvis $(ARGS)
 
 # The paper's accuracy studies: one each (experiments/study/*.yaml), then its tables in
@@ -137,7 +140,7 @@ study-voc: setup ## PASCAL VOC: 3 splits x shots 1,2,3,5,10 + table (GPU; paper 
 study-cdfsod: setup ## CD-FSOD: 6 datasets x shots 1,5,10 + table (GPU; paper 22.4 nAP)
 	$(call run_study,cdfsod)
 
-study-lvis: setup ## LVIS v1 val (pycocotools AP, not the official LVIS metric): shots 1,5,10 + table (GPU)
+study-lvis: setup ## LVIS v1 val (pycocotools AP as the authors; ARGS=eval=lvis: official LVIS AP): shots 1,5,10 + table (GPU)
 	$(call run_study,lvis)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)

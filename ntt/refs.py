@@ -8,7 +8,8 @@ Parity notes:
 * ``sample_references`` reproduces ``few_shot_sampling.py``: one ``random.Random(seed)`` stream (same
   Mersenne Twister stream as ``random.seed(seed)``), annotations scanned in JSON order, per-category lists
   in first-seen order, one ``shuffle`` per category in that order, invalid annotations skipped, at most one
-  instance per image per class. LVIS-style padding uses the newer upstream fix ``list[i % count]``.
+  instance per image per class. LVIS-style padding appends ``list[i % count]``: the same entries as the
+  reference's ``list[i]`` on the growing list (tests/test_refs_lvis.py runs both on the same jsons).
 * ``refs_from_coco(mode="reference_pkl")`` reproduces ``coco_to_pkl.py`` including its duplication of the
   first instance of an image holding several instances of a class (method.md §9.1 item 9) and its
   padding with ``random.choices`` after ``random.seed(42)``; ``mode="per_annotation"`` is the fix (one
@@ -138,7 +139,8 @@ def sample_references(
         allow_invalid: LVIS mode: if a class has no valid instance, fall back to its first ``n_shot``
             invalid ones (in shuffled order).
         allow_duplicates: LVIS mode: pad a class with fewer than K entries by cycling through its entries
-            (``list[i % count]``, newer upstream); a class with no entry at all is skipped with a warning.
+            (``list[i % count]``, the same entries as the reference's ``list[i]``); a class with no entry at
+            all (the reference crashes there) is skipped with a warning.
         remove_impossible: skip annotations with ``isimpossible == 1`` when that key exists
             (``remove_bad``: True for COCO/VOC, False for LVIS in the reference).
 

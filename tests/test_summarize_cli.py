@@ -46,6 +46,44 @@ def test_summarize_mean_std_over_seeds(tmp_path):
     assert (tmp_path / "t" / "summary.md").read_text().strip()
 
 
+def test_lvis_runs_of_the_official_metric_are_tabulated_apart_with_their_frequency_groups(tmp_path):
+    from ntt.runner.summarize import main
+
+    def lvis_run(seed, backend, ap):
+        run = tmp_path / backend / f"10shot_seed{seed}"
+        run.mkdir(parents=True)
+        m = {
+            "dataset": "lvis",
+            "sam2": "a",
+            "dinov2": "b",
+            "variant": "parity",
+            "shots": 10,
+            "seed": seed,
+            "num_images": 5,
+            "bbox": {"AP": ap, "AP50": ap, "AP75": ap},
+            "segm": {"AP": ap, "AP50": ap},
+        }
+        if backend == "lvis":
+            m["backend"] = "lvis"
+            for t in ("bbox", "segm"):
+                m[t].update(APr=ap / 4, APc=ap / 2, APf=ap)
+        (run / "metrics.json").write_text(json.dumps(m))  # fmt: skip
+
+    lvis_run(42, "pycocotools", 0.10)
+    lvis_run(42, "lvis", 0.20)
+    lvis_run(43, "lvis", 0.40)
+    assert main([str(tmp_path), "--out", str(tmp_path / "t"), "--no-plot"]) == 0
+    text = (tmp_path / "t" / "summary.md").read_text()
+    assert "lvis: bbox AP (pycocotools, NOT the official LVIS metric)" in text
+    assert "lvis (official LVIS metric): bbox APr (official LVIS metric)" in text
+    runs = pd.read_csv(tmp_path / "t" / "runs.csv")
+    official = runs[runs.benchmark == "lvis_official"].sort_values("seed")
+    assert list(official.bbox_APr) == pytest.approx([5.0, 10.0]) and list(official.segm_APf) == pytest.approx(
+        [20.0, 40.0]
+    )
+    assert list(runs[runs.benchmark == "lvis"].bbox_AP) == pytest.approx([10.0])  # never averaged together
+
+
 def test_summarize_flags_random_weight_runs(tmp_path):
     from ntt.runner.summarize import main
 

@@ -11,9 +11,10 @@ LVIS site, and COCO 2017 images in ``<coco>/{train2017,val2017}``. Output: ``<ro
 * minival masks copied from val **by annotation id** (the authors indexed val's list with the id, which
   is right only where ids equal list positions).
 
-**Not the official LVIS metric.** ntt evaluates LVIS with pycocotools' COCOeval like the authors: no
-federated handling of ``neg_category_ids`` / ``not_exhaustive_category_ids`` and maxDets 100 instead
-of 300, so numbers are not comparable with published LVIS AP.
+**The metric.** By default ntt evaluates LVIS with pycocotools' COCOeval like the authors: no federated
+handling of ``neg_category_ids`` / ``not_exhaustive_category_ids`` and maxDets 100 instead of 300, so
+numbers are not comparable with published LVIS AP. ``eval=lvis`` runs the official metric (method.md
+§6.1); every other field of the LVIS jsons (``frequency``, the federated lists) is kept for it.
 
 Every input json is read and checked before any output is written; the outputs are moved into place
 together (:mod:`ntt.prepare.outputs`).

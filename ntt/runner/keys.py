@@ -16,12 +16,13 @@ inputs give the same keys (and bytes) on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ntt import __version__
 from ntt.runner.context import RunContext
-from ntt.utils.config import config_hash, to_plain
+from ntt.utils.config import SamplingSpec, config_hash, to_plain
 from ntt.utils.identity import backbone_identity, drop_inert_matcher
 
 # the artifact of each stage, in run order (ntt.runner.stages runs them)
@@ -86,6 +87,8 @@ def stage_key(ctx: RunContext, stage: str) -> str:
             spec.refs_format,
             spec.refs_coco_mode,
         ]
+        if spec.sampling != SamplingSpec():  # only then: the default settings keep their stage keys
+            parts.append(dataclasses.asdict(spec.sampling))
     elif stage == "fill_memory":
         parts += [
             _backbone_identity(ctx, "dinov2"),

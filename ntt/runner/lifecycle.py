@@ -54,6 +54,7 @@ from ntt.runner.preflight import (
     annotation_problems,
     check_device,
     check_image_records,
+    check_lvis_eval,
     check_reference_masks,
     check_shots,
     report_annotations,
@@ -352,7 +353,10 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
         if "fill_memory" in will_run and not ref_ds.has_masks:
             anns = [a["id"] for a in ref_ds.all_annotations()]
             check_reference_masks(ref_ds.raw, anns, spec.ref_json, spec.ref_image_root, every=True)
-        if "sample_refs" in will_run and not spec.refs_file and ctx.is_main:
+        # dataset.sampling.allow_duplicates (the authors' LVIS sampler) pads short classes instead: the
+        # sampler warns about each one
+        padded = spec.sampling.allow_duplicates
+        if "sample_refs" in will_run and not spec.refs_file and ctx.is_main and not padded:
             check_shots(
                 ref_ds.raw,
                 list(ref_ds.category_ids),
@@ -376,6 +380,10 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
             report_annotations(
                 [p for p in problems if p not in crash], spec.test_json, fatal=False, what="test annotations"
             )
+            if ctx.eval.backend == "lvis":  # the package and LVIS's fields, before any image is segmented
+                check_lvis_eval(
+                    test_ds.raw, list(test_ds.category_ids), ids, ctx.eval.iou_types, spec.test_json
+                )
     needed = (
         ["dinov2"] if "fill_memory" in will_run else []
     )  # every process encodes a share of the references

@@ -198,9 +198,9 @@ def merge_and_evaluate(ctx: RunContext, plan) -> None:
     if ctx.random_weights:
         metrics["note"] = RANDOM_WEIGHTS_NOTE
     if ctx.eval.enabled:
-        from ntt.eval.coco import CocoEvaluator
+        from ntt.eval import make_evaluator
 
-        evaluator = CocoEvaluator(
+        evaluator = make_evaluator(
             test_ds.raw,
             category_ids=list(test_ds.category_ids),
             image_ids=ids,

@@ -223,3 +223,17 @@ def check_reference_masks(
         f"references with `ntt segment --refs {ref_json} --ref-images {image_root} --images <folder> --out "
         "<folder>`."
     )
+
+
+def check_lvis_eval(gt: dict, category_ids: list[int], image_ids: list[int], iou_types, source: str) -> None:
+    """`eval.backend=lvis` can run: the `lvis` package is installed and the test json has LVIS's fields.
+
+    Raises:
+        PreflightError: naming the json and what is missing (or how to install the package).
+    """
+    from ntt.eval.lvis import LvisEvaluator
+
+    try:
+        LvisEvaluator(gt, category_ids=category_ids, image_ids=image_ids, iou_types=tuple(iou_types))
+    except (ImportError, ValueError) as err:
+        raise PreflightError(f"dataset.test_json={source} with eval.backend=lvis: {err}") from err

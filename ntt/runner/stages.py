@@ -12,6 +12,7 @@ the present key, the artifact is unchanged and every recorded input file still h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from ntt import __version__
 from ntt.runner.context import RunContext, StageError, build_backbone, load_split
 from ntt.runner.keys import MEMORY_FILE, PROTOTYPES_FILE, REFS_FILE, STAGE_ARTIFACTS, stage_key
 from ntt.runner.preflight import annotation_problems, check_reference_masks, report_annotations
+from ntt.utils.config import SamplingSpec
 from ntt.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,23 @@ def stage_sample_refs(ctx: RunContext) -> Path:
             raise StageError(f"dataset.refs_file={source} ({fmt}): {type(err).__name__}: {err}") from err
         how = f"loaded from {Path(source).name} ({fmt})"
     else:
+        selected = list(ref_ds.category_ids)
+        # all_classes: the authors' LVIS draw over every class; the selected ones are kept below
+        drawn = [int(c["id"]) for c in ref_ds.raw["categories"]] if spec.sampling.all_classes else selected
         try:
-            refs = refs_mod.sample_references(ref_ds.raw, list(ref_ds.category_ids), shots, seed)
+            refs = refs_mod.sample_references(
+                ref_ds.raw,
+                drawn,
+                shots,
+                seed,
+                allow_invalid=spec.sampling.allow_invalid,
+                allow_duplicates=spec.sampling.allow_duplicates,
+                remove_impossible=spec.sampling.remove_impossible,
+            )
+            keep = set(selected)
+            refs = {c: lst for c, lst in refs.items() if c in keep}
         except ValueError as err:
-            raise StageError(f"{spec.ref_json}: {err}") from err
+            raise StageError(f"{spec.ref_json}: {err} (config keys: dataset.sampling.*)") from err
         how = f"sampled from {Path(spec.ref_json).name} with seed {seed}"
     try:
         refs_mod.validate_refs(refs, ref_ds.raw, list(ref_ds.category_ids), shots)
@@ -78,6 +93,8 @@ def stage_sample_refs(ctx: RunContext) -> Path:
         "category_names": list(ref_ds.category_names),
         "ntt_version": __version__,
     }
+    if not spec.refs_file and spec.sampling != SamplingSpec():  # only then: default refs.json bytes unchanged
+        meta["sampling"] = dataclasses.asdict(spec.sampling)
     refs_mod.save_refs(out, refs, meta)
     log.info("references %s -> %s", how, out)
     return out

@@ -4,7 +4,8 @@ Writes into ``--out`` (default ROOT):
 
 * ``summary.md``: per benchmark and setting, a paper-style table (rows: shots; columns: datasets or
   splits; cells ``mean +- std (n seeds)``) of the benchmark's headline metric (COCO: bbox and segm nAP;
-  VOC: nAP50 = COCOeval bbox AP50; CD-FSOD: bbox nAP; LVIS: bbox and segm AP with pycocotools), then the
+  VOC: nAP50 = COCOeval bbox AP50; CD-FSOD: bbox nAP; LVIS: bbox and segm AP with pycocotools, or with the
+  official LVIS metric and its APr/APc/APf for eval=lvis runs), then the
   runs left out and why;
 * ``runs.csv`` / ``runs.md``: the long table, one row per run (metrics in percent);
 * ``summary.csv``: mean, std and count over seeds for every setting and metric;
@@ -63,6 +64,12 @@ HEADLINE = {
         ("bbox_AP", "bbox AP (pycocotools, NOT the official LVIS metric)"),
         ("segm_AP", "segm AP (pycocotools)"),
     ],
+    # eval=lvis: the lvis package's LVISEval (docs/method.md §6.1), with its frequency groups
+    "lvis_official": [
+        (f"{iou}_{name}", f"{iou} {name} (official LVIS metric)")
+        for iou in ("bbox", "segm")
+        for name in ("AP", "APr", "APc", "APf")
+    ],
     "other": [("bbox_AP", "bbox AP"), ("segm_AP", "segm AP")],
 }
 # what the authors reported, for comparison only (docs/method.md §8): never measured by ntt
@@ -73,15 +80,21 @@ PAPER = {
     "voc": "Paper (reported, not measured here): 71.2 nAP50 (abstract).",
     "cdfsod": "Paper (reported, not measured here): 22.4 nAP (abstract).",
     "lvis": "LVIS numbers here come from pycocotools COCOeval (as the authors ran it), not the official LVIS API.",
+    "lvis_official": "LVIS numbers here come from the official LVIS metric (eval=lvis: federated, APr/APc/APf by "
+    "the gt's frequency); the authors reported pycocotools COCOeval on LVIS.",
 }
+# the official LVIS metric's frequency groups, tabulated when a run has them (eval=lvis)
+LVIS_GROUPS = ("APr", "APc", "APf")
 RANDOM_NOTE = "Rows with random_weights=True come from random-weight models: plumbing and speed only."
 
 
-def benchmark_of(dataset: str) -> str:
-    """The benchmark a dataset name belongs to (coco, voc, cdfsod, lvis or other)."""
+def benchmark_of(dataset: str, backend: str | None = None) -> str:
+    """The benchmark a dataset name belongs to (coco, voc, cdfsod, lvis or other); LVIS evaluated with the
+    official metric (`backend` "lvis", metrics.json's `backend`) is `lvis_official`, never averaged with the
+    pycocotools numbers."""
     for prefix, name in (("coco_", "coco"), ("voc_", "voc"), ("cdfsod_", "cdfsod"), ("lvis", "lvis")):
         if str(dataset).startswith(prefix):
-            return name
+            return "lvis_official" if name == "lvis" and backend == "lvis" else name
     return "other"
 
 
@@ -113,13 +126,17 @@ def collect(root: str | Path, study: str | None = None):
             continue
         row = {k: m.get(k) for k in SETTING + ["seed", "num_images"]}
         row["study"] = m.get("study")
-        row["benchmark"] = benchmark_of(row["dataset"])
+        row["benchmark"] = benchmark_of(row["dataset"], m.get("backend"))
         row["setting_id"] = m.get("setting_id", "")
         row["config_id"] = m.get("config_id", "")
         row["failed_images"] = len(m.get("failed_images") or [])
         row["missing_images"] = len(m.get("missing_images") or [])
         for iou_type, name in METRICS:
             row[f"{iou_type}_{name}"] = _pct(m.get(iou_type, {}).get(name))
+        for iou_type in ("bbox", "segm"):  # only runs of the official LVIS metric have these
+            for name in LVIS_GROUPS:
+                if name in m.get(iou_type, {}):
+                    row[f"{iou_type}_{name}"] = _pct(m[iou_type][name])
         row["evaluated"] = any(t in m for t in ("bbox", "segm"))
         row["valid"] = row["evaluated"] and row["failed_images"] == 0 and row["missing_images"] == 0
         row["random_weights"] = "note" in m
@@ -285,6 +302,8 @@ def paper_tables(runs) -> list[dict[str, Any]]:
 
 def benchmark_label(bench: str, datasets: list[str]) -> str:
     """What a heading calls a benchmark: its name, or its datasets for `other`."""
+    if bench == "lvis_official":
+        return "lvis (official LVIS metric)"
     return bench if bench != "other" else ", ".join(datasets)
 
 

@@ -113,7 +113,8 @@ def composition_message(err: BaseException, overrides: list[str]) -> str:
         return f"{err.override}: not a valid override ({first_line(err)}): write key=value, e.g. shots=5"
     full_key = getattr(err.__cause__, "full_key", None)
     if full_key and "not in struct" in str(err.__cause__):
-        line = next((o for o in overrides if o.lstrip("+~").split("=")[0] == full_key), str(full_key))
+        keys = (str(full_key), f"{full_key}.")  # the override itself, or one below the missing node
+        line = next((o for o in overrides if o.lstrip("+~").split("=")[0].startswith(keys)), str(full_key))
         return unknown_key_message(line, str(full_key))
     # anything else: Hydra's words on one line, without its config search path
     text = str(err).split("Config search path:")[0]

@@ -25,6 +25,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class SamplingSpec:
+    """How `sample_refs` draws the references when a class has too few usable ones (method.md §1.2).
+
+    The defaults are the authors' COCO/VOC settings (a short class is an error); `conf/dataset/lvis.yaml`
+    selects their LVIS settings (scripts/lvis_pipeline.sh, `few_shot_sampling.py --dataset lvis`: all four
+    flipped).
+
+    Args:
+        allow_invalid: a class with no valid instance (crowd, smaller than 32x32, within 10 px of a border)
+            falls back to its first K invalid ones, in shuffled order.
+        allow_duplicates: a class with fewer than K entries is padded by repeating its entries in order
+            (entry i of the padded list is entry i mod count); false: such a class is an error.
+        remove_impossible: skip annotations with `isimpossible == 1` where that key exists (the authors'
+            `remove_bad`: true for COCO/VOC, false for LVIS).
+        all_classes: draw over every category of the reference json, then keep the selected classes (the
+            authors' LVIS script samples all 1203 classes whatever the split, so a subset's references come
+            from that one draw); false: draw over the selected classes only (COCO/VOC).
+    """
+
+    allow_invalid: bool = False
+    allow_duplicates: bool = False
+    remove_impossible: bool = True
+    all_classes: bool = False
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """Where the reference pool and the test set live, and which classes are in memory.
 
@@ -49,6 +75,7 @@ class DatasetSpec:
             a run that ignores a rotation says so once per image).
         synthetic: parameters of `ntt.data.synthetic.generate_synthetic_dataset` when the dataset is
             generated on first use (null for real datasets).
+        sampling: the reference sampler's fallbacks, see `SamplingSpec` (absent: the COCO/VOC settings).
     """
 
     name: str
@@ -66,6 +93,7 @@ class DatasetSpec:
     max_test_images: int | None = None
     exif_orientation: bool = False
     synthetic: dict[str, Any] | None = None
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
 
 
 @dataclass(frozen=True)
@@ -252,7 +280,9 @@ class EvalConfig:
 
     Args:
         enabled: run COCOeval after prediction (off for unlabelled image folders).
-        backend: `pycocotools` (reference) or `faster_coco_eval` (same numbers, faster).
+        backend: `pycocotools` (reference), `faster_coco_eval` (same numbers, faster) or `lvis` (the
+            official LVIS metric through the `lvis` package: federated, maxDets 300, APr/APc/APf;
+            method.md §6.1).
         iou_types: any of `bbox`, `segm`.
     """
 
@@ -360,6 +390,7 @@ CONFIG_NODES = (
 NODE_KEYS = {
     RunSettings: "",
     DatasetSpec: "dataset",
+    SamplingSpec: "dataset.sampling",
     ProposerConfig: "proposer",
     MatcherConfig: "matcher",
     MemoryConfig: "matcher.memory",
@@ -454,6 +485,8 @@ def unknown_key_message(line: str, full_key: str) -> str:
     where, _, key = full_key.rpartition(".")
     nodes = {v: k for k, v in NODE_KEYS.items()}
     known = [f.name for f in dataclasses.fields(nodes[where])] if where in nodes else []
+    if where and key in known:  # a valid key with a default that this option's yaml does not write
+        return f"{line}: the chosen `{where}` option does not set `{full_key}`: add it with `+{line.lstrip('+')}`"
     if not where:
         known += CONFIG_NODES
     listed = f"; the {f'keys of {where}' if where else 'top-level keys'}: {', '.join(known)}" if known else ""
