@@ -22,12 +22,15 @@ theirs on CPU (tests/test_gridmatching.py against tests/fixtures/fsod_vfm_refs, 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# masks onto the patch grid as cv2.resize(m.astype(float32), (w, h)) > 0.5 (OpenCV's INTER_LINEAR, measured
+# against the opencv-python wheels): the one implementation, shared with FSOD-VFM's diffusion (§5.12); the
+# fsod_vfm_refs fixture checks it against cv2 again on reference and proposal masks
+from ntt.diffusion import resize_masks_linear
 
 __all__ = [
     "FSOD_VFM_INPUT_SIZE",
@@ -102,70 +105,6 @@ def long_side_input(
         img = img.resize((int(size), int(size)), resample=Image.BICUBIC)
     arr = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
     return arr.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Masks on the patch grid: cv2.resize(INTER_LINEAR) > 0.5
-
-
-def _linear_taps(n_in: int, n_out: int, *, clamp_weights: bool) -> tuple[list[int], list[int], list, list]:
-    """Bilinear taps along one axis as OpenCV's INTER_LINEAR lays them out: source indices and weights.
-
-    Source position ``f = (d + 0.5) * scale - 0.5`` with ``scale = 1 / (n_out / n_in)``, ``s = floor(f)``,
-    weights ``(1 - (f - s), f - s)`` rounded to float32 (the layout of ntt.diffusion's copy, which measured
-    it against the opencv-python wheels). Along x out-of-range taps are clamped to the border with weights
-    ``(1, 0)``; along y the indices are clipped and the weights kept (``clamp_weights`` False).
-    """
-    scale = 1.0 / (n_out / n_in)
-    i0, i1, w0, w1 = [], [], [], []
-    for d in range(n_out):
-        f = (d + 0.5) * scale - 0.5
-        s = math.floor(f)
-        frac = f - s
-        if clamp_weights and s < 0:
-            frac, s = 0.0, 0
-        if clamp_weights and s >= n_in - 1:
-            frac, s = 0.0, n_in - 1
-        i0.append(min(max(s, 0), n_in - 1))
-        i1.append(min(max(s + 1, 0), n_in - 1))
-        w0.append(float(np.float32(1.0 - frac)))
-        w1.append(float(np.float32(frac)))
-    return i0, i1, w0, w1
-
-
-def resize_masks_linear(masks: Tensor, size: tuple[int, int], *, threshold: float = 0.5) -> Tensor:
-    """Binary masks on the patch grid as FSOD-VFM: ``cv2.resize(m.astype(float32), (w, h)) > 0.5``.
-
-    OpenCV's INTER_LINEAR (no area averaging when shrinking: each grid cell reads the 2x2 pixels around its
-    centre), horizontal pass then vertical, in float64 rounded once to float32. The opencv-python wheels
-    route float images through IPP; the generator of tests/fixtures/fsod_vfm_refs checks this against cv2
-    pixel for pixel (only a value within one float32 ulp of 0.5 could fall the other way).
-
-    Args:
-        masks: ``[m, H, W]`` bool (or 0/1) full-resolution masks.
-        size: grid ``(h, w)``.
-        threshold: a cell is in the mask when its interpolated value is strictly greater.
-
-    Returns:
-        ``[m, h, w]`` bool grid masks.
-    """
-    _, height, width = masks.shape
-    h, w = int(size[0]), int(size[1])
-    if (h, w) == (height, width):  # cv2.resize copies when the size does not change
-        return masks.to(torch.float32) > threshold
-    dev = masks.device
-    xi0, xi1, xw0, xw1 = _linear_taps(width, w, clamp_weights=True)
-    yi0, yi1, yw0, yw1 = _linear_taps(height, h, clamp_weights=False)
-
-    def t(v, dtype=torch.int64):
-        return torch.tensor(v, dtype=dtype, device=dev)
-
-    # gather the two source columns first: the float64 buffers are [m, H, w], never [m, H, W]
-    left, right = masks[:, :, t(xi0)].to(torch.float64), masks[:, :, t(xi1)].to(torch.float64)
-    rows = left * t(xw0, torch.float64) + right * t(xw1, torch.float64)
-    b0, b1 = t(yw0, torch.float64)[:, None], t(yw1, torch.float64)[:, None]
-    out = rows[:, t(yi0), :] * b0 + rows[:, t(yi1), :] * b1
-    return out.to(torch.float32) > threshold
 
 
 # ----------------------------------------------------------------------------------------------------------

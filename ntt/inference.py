@@ -7,7 +7,7 @@ The trace holds every intermediate the parity fixture stores (``common/img<ID>_p
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -21,6 +21,7 @@ from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections, resize_masks_to_image
 from ntt.proposals import generate_proposals
+from ntt.utils.config import DiffusionConfig
 from ntt.utils.timing import section
 
 __all__ = [
@@ -59,6 +60,9 @@ class InferenceParams:
         proposal_pooling: ``upsampled`` (NTT, ``pooling``) or ``grid_mask`` (FSOD-VFM).
         scoring: ``clamped_cosine`` (NTT) or ``cosine`` (FSOD-VFM).
         sam_iou_decay: score times ``sigmoid(20 * (predicted IoU - 0.45))``.
+        merge: re-scoring before the top-k: ``soft`` (NTT §5.7, parity), ``diffusion`` (FSOD-VFM §5.12),
+            ``none``.
+        diffusion: FSOD-VFM's settings (read when ``merge == "diffusion"``).
     """
 
     points_per_side: int = 32
@@ -79,6 +83,12 @@ class InferenceParams:
     proposal_pooling: str = "upsampled"
     scoring: str = "clamped_cosine"
     sam_iou_decay: bool = False
+    merge: str = "soft"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.diffusion, dict):  # from to_dict()
+            self.diffusion = DiffusionConfig(**self.diffusion)
 
     @classmethod
     def from_settings(cls, proposer, matcher) -> InferenceParams:
@@ -101,11 +111,29 @@ class InferenceParams:
             prompts=getattr(proposer, "prompts", "grid"),
             stability_fallback=getattr(proposer, "stability_fallback", True),
             **_semantic_settings(getattr(matcher, "semantics", None)),
+            merge=getattr(matcher, "merge", "soft"),
+            diffusion=getattr(matcher, "diffusion", None) or DiffusionConfig(),
         )
 
     def to_dict(self) -> dict:
-        """Plain dict of the fields (for configs / manifests)."""
-        return asdict(self)
+        """Plain dict of the fields (for configs / manifests and the keys made of them).
+
+        Fields added later are left out at the value that reproduces the settings of before (as
+        ``ntt.utils.identity.INERT_DEFAULTS``): ``merge`` at ``soft``, ``diffusion`` unless
+        ``merge == "diffusion"``, ``prompts`` at ``grid`` and ``stability_fallback`` (read only by box prompts)
+        unless ``prompts == "boxes"``; the dict, and so every key made of it (``ntt segment``'s settings
+        key), stays the same for those settings.
+        """
+        data = asdict(self)
+        if self.merge != "diffusion":
+            data.pop("diffusion")
+        if self.merge == "soft":
+            data.pop("merge")
+        if self.prompts != "boxes":
+            data.pop("stability_fallback")
+        if self.prompts == "grid":
+            data.pop("prompts")
+        return data
 
 
 _SEMANTIC_KEYS = (
@@ -377,6 +405,7 @@ def classify_and_postprocess(
         params=params or InferenceParams(),
         full_masks=full_masks,
         n_pos256=shared.n_pos256,
+        dino_grid=tuple(shared.feats_dino.shape[:2]),
     )
 
 
@@ -393,6 +422,7 @@ def _detect(
     params: InferenceParams,
     full_masks=None,
     n_pos256: Tensor | None = None,
+    dino_grid: tuple[int, int] | None = None,
 ) -> tuple[Detections, dict[str, Tensor]]:
     p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
@@ -417,6 +447,9 @@ def _detect(
         box_plus_one=p.box_plus_one,
         lowres_boxes=boxes256,
         full_masks=full_masks,
+        merge=p.merge,
+        diffusion=p.diffusion,
+        dino_grid=dino_grid,
     )
     tr = {
         "pred_ious": pred_ious,

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ntt.diffusion import diffusion_merge
 from ntt.ops import batched_nms, masks_to_boxes_inclusive
+from ntt.utils.config import DiffusionConfig
 
 __all__ = [
     "Detections",
@@ -361,6 +363,30 @@ def rank_top_k(decayed: Tensor, num_out: int, *, valid: Tensor | None = None) ->
     return order[:num_out]
 
 
+def _other_merge(
+    merge, full_masks, logits, keep_pos, labels, scores, diffusion, need_areas, *, height, width, dino_grid
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ios, decayed, areas)`` of ``merge=diffusion`` (FSOD-VFM, §5.12) or ``merge=none`` (no re-scoring).
+
+    ``areas`` (full-resolution pixel counts) are counted only when ``drop_empty_masks`` needs them (else 1).
+    """
+    if merge == "diffusion":
+        ios, decayed = diffusion_merge(
+            lambda rows: full_masks(keep_pos[rows]), lambda rows: logits[keep_pos[rows]] > 0, labels, scores,
+            diffusion or DiffusionConfig(), height=height, width=width, dino_grid=dino_grid,
+        )  # fmt: skip
+    elif merge == "none":
+        ios, decayed = torch.zeros_like(scores, dtype=torch.float32), scores.float()
+    else:
+        raise ValueError(f"matcher.merge={merge}: choose one of soft, diffusion, none")
+    areas = torch.ones(keep_pos.shape[0], dtype=torch.float64, device=scores.device)
+    if need_areas:
+        for s in range(0, keep_pos.shape[0], 32):
+            block = full_masks(keep_pos[s : s + 32])
+            areas[s : s + 32] = block.flatten(1).sum(dim=1).to(areas)
+    return ios, decayed, areas
+
+
 def _trace_empty(device) -> dict[str, Tensor]:
     z = torch.zeros(0, dtype=torch.int64, device=device)
     zf = torch.zeros(0, dtype=torch.float32, device=device)
@@ -393,8 +419,11 @@ def postprocess_detections(
     lowres_boxes: Tensor | None = None,
     chunk_size: int = 32,
     full_masks: Callable[[Tensor], Tensor] | None = None,
+    merge: str = "soft",
+    diffusion: DiffusionConfig | None = None,
+    dino_grid: tuple[int, int] | None = None,
 ) -> tuple[Detections, dict[str, Tensor]]:
-    """Class-aware NMS, ``score > 0``, full-resolution masks, soft merging and top-``num_out``.
+    """Class-aware NMS, ``score > 0``, full-resolution masks, re-scoring (soft merging) and top-``num_out``.
 
     Memory: full-resolution masks are built one class at a time (the soft merging never compares classes),
     and only the ``num_out`` winners are upsampled again for the output, so the peak is the largest class's
@@ -419,6 +448,10 @@ def postprocess_detections(
         full_masks: optional ``proposal indices -> [m, H, W] bool`` full-resolution masks of these rows of
             ``logits`` (e.g. a cache shared by the memory banks of a study pass, ``ntt.maskcache``); must equal
             :func:`resize_masks_to_image` of those rows (it is per mask, so a cache is bit-identical).
+        merge: ``soft`` = semantic soft merging (§5.7, parity); ``diffusion`` = FSOD-VFM's graph diffusion
+            (§5.12, ``ntt.diffusion``; its ``pi`` goes to the trace's ``ios``); ``none`` = scores unchanged.
+        diffusion: FSOD-VFM's settings (defaults when None).
+        dino_grid: ``(rows, cols)`` of the image's DINOv2 grid (``diffusion.grid=dino``).
 
     Returns:
         ``(detections, trace)``; ``trace`` holds ``lowres_boxes_xyxy``, ``nms_keep``, ``nms_keep_pos``, ``ios``,
@@ -446,12 +479,18 @@ def postprocess_detections(
             return resize_masks_to_image(logits[rows], height, width, chunk_size=chunk_size)
 
     lab_pos = labels[keep_pos]
-    ios, decayed, areas = semantic_soft_merge(
-        lambda idx: full_masks(keep_pos[idx]),
-        lab_pos,
-        embeddings[keep_pos],
-        scores[keep_pos],
-    )
+    if merge == "soft":
+        ios, decayed, areas = semantic_soft_merge(
+            lambda idx: full_masks(keep_pos[idx]),
+            lab_pos,
+            embeddings[keep_pos],
+            scores[keep_pos],
+        )
+    else:
+        ios, decayed, areas = _other_merge(
+            merge, full_masks, logits, keep_pos, lab_pos, scores[keep_pos], diffusion, drop_empty_masks,
+            height=height, width=width, dino_grid=dino_grid,
+        )  # fmt: skip
 
     final_order = rank_top_k(decayed, num_out, valid=areas > 0 if drop_empty_masks else None)
     final_proposal = keep_pos[final_order]

@@ -133,6 +133,25 @@ def test_settings_are_named_by_what_differs_not_by_a_hash(tmp_path):
     assert not [t for t in titles if "setting " in t or "other:" in t]
 
 
+def test_a_diffusion_setting_is_named_by_what_differs_from_the_defaults_of_its_keys(tmp_path):
+    from ntt.utils.compose import compose as ntt_compose
+    from ntt.utils.identity import identity_keys, setting_id
+
+    for name, overrides in (
+        ("soft", []),
+        ("diffusion", ["matcher.merge=diffusion"]),
+        ("alpha", ["matcher.merge=diffusion", "matcher.diffusion.alpha=0.5"]),
+    ):
+        cfg = ntt_compose(["dataset=coco_fewshot", *overrides])
+        _write(tmp_path, name, dataset="coco_fewshot", setting=setting_id(cfg), identity=identity_keys(cfg))
+    assert main([str(tmp_path), "--out", str(tmp_path / "t")]) == 0
+    titles = [ln for ln in (tmp_path / "t" / "summary.md").read_text().splitlines() if ln.startswith("## ")]
+    head = "## coco: bbox nAP - a + b, parity"
+    assert f"{head} (paper settings)" in titles
+    assert f"{head} (matcher.merge=diffusion)" in titles  # not every matcher.diffusion.* at its default
+    assert f"{head} (matcher.merge=diffusion, matcher.diffusion.alpha=0.5)" in titles, titles
+
+
 def test_cell_format():
     assert cell([20.0, 30.0]) == "25.0 +- 7.1 (2)" and cell([5.0]) == "5.0 (1)" and cell([math.nan]) == "n/a"
 

@@ -23,7 +23,6 @@ Every OS error while writing names its file (:func:`naming`): a write that fails
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -39,7 +38,7 @@ from ntt import __version__
 from ntt.utils.config import config_hash, to_plain
 from ntt.utils.errors import UserError
 from ntt.utils.files import FileDigests, sha256_file, write_bytes_atomic, write_json_atomic
-from ntt.utils.identity import backbone_identity
+from ntt.utils.identity import backbone_identity, drop_inert_matcher
 
 __all__ = [
     "LINES_FILE",
@@ -181,7 +180,7 @@ def settings_key(seg, digests: FileDigests) -> str:
         __version__,
         _backbone_identity(seg.cfg, "sam2", digests),
         _backbone_identity(seg.cfg, "dinov2", digests),
-        dataclasses.asdict(seg.params),
+        seg.params.to_dict(),  # as asdict, less the fields added later while at their default
         _bank_content(seg.bank),
     )
 
@@ -240,7 +239,7 @@ def bank_key(seg, specs: Iterable, digests: FileDigests) -> str:
         _backbone_identity(cfg, "sam2", digests),
         _backbone_identity(cfg, "dinov2", digests),
         to_plain(cfg.proposer),
-        to_plain(cfg.matcher),
+        drop_inert_matcher(to_plain(cfg.matcher)),
     )
 
 

@@ -46,6 +46,7 @@ from ntt.data.images import list_images, read_image
 from ntt.data.masks import mask_bbox_xywh, read_masks
 from ntt.inference import InferenceParams
 from ntt.utils.dist import resolve_device
+from ntt.utils.identity import drop_inert_keys
 from ntt.utils.speed import format_seconds
 
 __all__ = ["Segmenter"]
@@ -321,10 +322,12 @@ class Segmenter:
             plan,
             [encode_references(plan, self.dinov2, progress=progress)],
             encoder_name=str(self.cfg.backbone.dinov2.name),
-            config={
-                k: OmegaConf.to_container(self.cfg[k], resolve=False)
-                for k in ("backbone", "proposer", "matcher")
-            },
+            config=drop_inert_keys(
+                {
+                    k: OmegaConf.to_container(self.cfg[k], resolve=False)
+                    for k in ("backbone", "proposer", "matcher")
+                }
+            ),  # keys added later are recorded only when not at their default: the same bank bytes as before
         )
         counts = self.bank.counts.tolist()
         log.info(

@@ -23,7 +23,7 @@ from typing import Any
 from ntt import __version__
 from ntt.runner.context import RunContext
 from ntt.utils.config import SamplingSpec, config_hash, to_plain
-from ntt.utils.identity import backbone_identity
+from ntt.utils.identity import backbone_identity, drop_inert_matcher
 
 # the artifact of each stage, in run order (ntt.runner.stages runs them)
 REFS_FILE = "refs.json"
@@ -141,7 +141,7 @@ def predictions_key(ctx: RunContext) -> str:
         _backbone_identity(ctx, "sam2"),
         _backbone_identity(ctx, "dinov2"),
         _proposer_identity(ctx),
-        cfg.matcher,
+        drop_inert_matcher(to_plain(cfg.matcher)),  # keys added later enter only when not at their default
         ctx.dataset.exif_orientation,
         artifact_sha(ctx, PROTOTYPES_FILE),
     )

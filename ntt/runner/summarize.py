@@ -170,8 +170,11 @@ def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]
         runs: the rows of `collect` (``setting_id``, ``dataset`` and the family columns).
         identities: per setting id, its flattened `ntt.utils.identity.setting_keys`.
     """
+    from omegaconf import OmegaConf
+
     from ntt.utils.compose import compose
     from ntt.utils.errors import ConfigError
+    from ntt.utils.identity import INERT_DEFAULTS, INERT_UNLESS
 
     defaults: dict[str, dict[str, Any]] = {}
 
@@ -181,7 +184,17 @@ def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]
                 cfg = compose([f"dataset={dataset}"])
             except ConfigError:  # a dataset without an option of its own (e.g. `custom` renamed)
                 cfg = compose([])
-            defaults[dataset] = flat(setting_keys(cfg))
+            base = flat(setting_keys(cfg))
+            # the keys an identity leaves out at their default (INERT_*) are compared with that default too:
+            # a merge=diffusion setting is named by `matcher.merge`, not by every `matcher.diffusion.*` value
+            raw = OmegaConf.to_container(cfg, resolve=False)
+            for dotted in (*INERT_UNLESS, *INERT_DEFAULTS):
+                node: Any = raw
+                for part in dotted.split("."):
+                    node = node.get(part, MISSING) if isinstance(node, dict) else MISSING
+                if node is not MISSING:
+                    base.update(flat(node, dotted))
+            defaults[dataset] = base
         return defaults[dataset]
 
     settings = runs.drop_duplicates("setting_id")

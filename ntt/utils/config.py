@@ -235,6 +235,73 @@ class SemanticsConfig:
         return self == SemanticsConfig()
 
 
+MERGE_METHODS = ("soft", "diffusion", "none")
+DIFFUSION_GRIDS = ("fsod_vfm", "dino", "lowres")
+DIFFUSION_ORDERS = ("proposal", "score")
+DIFFUSION_SOLVERS = ("iterate", "solve")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value}: choose one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """FSOD-VFM's graph-diffusion re-scoring, read when `matcher.merge=diffusion` (method.md §5.12).
+
+    The defaults reproduce FSOD-VFM (metric.py at commit f5559b6, its run scripts' `--alp 0.3 --lamb 0.5
+    --diffusion_steps 30`); each quirk is a flag whose other value is the fix.
+
+    Args:
+        alpha: weight of the walk against the personal vector, `pi <- alpha P pi + (1 - alpha) p` (0.3).
+        lamb: decay exponent, `score * max(0, 1 - pi) ** lamb` (0.5).
+        steps: at most this many walk steps (30).
+        tol: stop when the L2 norm of a step's change is below this (1e-6).
+        grid: where the masks are compared: `fsod_vfm` = FSOD-VFM's DINOv2 grid (the image at a long side of
+            630 px, aspect kept, in 14-px patches), each full-resolution mask resized as cv2 INTER_LINEAR and
+            thresholded > 0.5 (parity); `dino` = the same resize onto the run's DINOv2 patch grid; `lowres` =
+            SAM's 256x256 masks.
+        order: ranking order of `A`'s lower triangle: `proposal` = the proposer's confidence (FSOD-VFM:
+            its proposals' order; ntt: the NMS order, SAM's predicted IoU); `score` = the classification score.
+        lower_triangle: FSOD-VFM's `rank_score=True`: a mask is covered only by masks ranked above it;
+            false = by every other mask of its class.
+        row_normalize: fix: divide each row of `A` by its sum (a random walk); FSOD-VFM's normalisation
+            divides by a boolean, i.e. by 1 (false, parity).
+        solver: `iterate` = FSOD-VFM's loop (parity); `solve` = the walk's fixed point by one triangular
+            solve (needs `lower_triangle`; equal to the loop within its `tol`, method.md §5.12).
+    """
+
+    alpha: float = 0.3
+    lamb: float = 0.5
+    steps: int = 30
+    tol: float = 1e-6
+    grid: str = "fsod_vfm"
+    order: str = "proposal"
+    lower_triangle: bool = True
+    row_normalize: bool = False
+    solver: str = "iterate"
+
+    def __post_init__(self) -> None:
+        where = "matcher.diffusion"
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"{where}.alpha={self.alpha}: use a weight in [0, 1)")
+        if self.lamb < 0:
+            raise ValueError(f"{where}.lamb={self.lamb}: use an exponent >= 0")
+        if self.steps < 1:
+            raise ValueError(f"{where}.steps={self.steps}: use a number of steps >= 1")
+        if self.tol < 0:
+            raise ValueError(f"{where}.tol={self.tol}: use a tolerance >= 0")
+        _check_choice(f"{where}.grid", self.grid, DIFFUSION_GRIDS)
+        _check_choice(f"{where}.order", self.order, DIFFUSION_ORDERS)
+        _check_choice(f"{where}.solver", self.solver, DIFFUSION_SOLVERS)
+        if self.solver == "solve" and not self.lower_triangle:
+            raise ValueError(
+                f"{where}.solver=solve needs {where}.lower_triangle=true (the one-solve fixed point is exact "
+                "only for a triangular matrix); use solver=iterate"
+            )
+
+
 @dataclass(frozen=True)
 class MatcherConfig:
     """Labelling, de-duplication and output (method.md §5.3-5.8).
@@ -252,6 +319,10 @@ class MatcherConfig:
         box_plus_one: fix of method.md §9.1 item 7: COCO box width/height = extent + 1. Off for parity.
         semantics: encoder input, pooling and scoring, see `SemanticsConfig` (NTT's by default; absent from
             `matcher=paper`, so the paper runs keep their ids).
+        merge: how overlapping detections of a class are re-scored before the top `num_out`: `soft` = NTT's
+            semantic soft merging (method.md §5.7, parity); `diffusion` = FSOD-VFM's graph diffusion
+            (method.md §5.12, settings in `diffusion`); `none` = no re-scoring.
+        diffusion: FSOD-VFM's settings, see `DiffusionConfig` (read only when `merge=diffusion`).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -262,6 +333,8 @@ class MatcherConfig:
     drop_empty_masks: bool = False
     box_plus_one: bool = False
     semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
+    merge: str = "soft"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def __post_init__(self) -> None:
         # Hydra passes nested nodes as dicts when the target is a dataclass built by hand.
@@ -269,6 +342,9 @@ class MatcherConfig:
             object.__setattr__(self, "memory", MemoryConfig(**self.memory))
         if isinstance(self.semantics, dict):
             object.__setattr__(self, "semantics", SemanticsConfig(**self.semantics))
+        if isinstance(self.diffusion, dict):
+            object.__setattr__(self, "diffusion", DiffusionConfig(**self.diffusion))
+        _check_choice("matcher.merge", self.merge, MERGE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -392,6 +468,7 @@ NODE_KEYS = {
     MatcherConfig: "matcher",
     MemoryConfig: "matcher.memory",
     SemanticsConfig: "matcher.semantics",
+    DiffusionConfig: "matcher.diffusion",
     EvalConfig: "eval",
     IOConfig: "io",
 }

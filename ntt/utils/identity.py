@@ -7,7 +7,8 @@ two different settings never share (or overwrite) a directory and ``ntt summariz
 The identity is the composed config *before* interpolation (so ``${paths.data}/coco`` stays that
 string and the id is the same on every machine), without the keys that only say where files live or
 how the job runs (:data:`NON_RESULT_KEYS`). Any key added to the config later is part of the identity
-unless it is listed there. :func:`setting_id` is the same hash without the per-run factors (dataset
+unless it is listed there; a result key added later is left out while it has the value that reproduces the
+runs of before (:data:`INERT_DEFAULTS`, :data:`INERT_UNLESS`), so their ids stay. :func:`setting_id` is the same hash without the per-run factors (dataset
 location and classes, shots, seed): the runs of one study that differ only in those share it, which is
 how tables group seeds and shots of one setting.
 """
@@ -51,6 +52,59 @@ DATASET_FACTORS = (
     "refs_file",
 )
 RESOLVER = "ntt.config_id"
+# Keys added after runs were recorded, with the value those runs had: while a key has it, it is left out of
+# every identity, key and recorded config, so an existing run keeps its directory, stage keys and bytes.
+INERT_DEFAULTS = {"matcher.merge": "soft"}
+# Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`):
+# left out otherwise, as they cannot change a result.
+INERT_UNLESS = {"matcher.diffusion": ("matcher.merge", "diffusion")}
+
+
+def drop_inert_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the keys of :data:`INERT_DEFAULTS` at their value and the groups of
+    :data:`INERT_UNLESS` that are not read (copies the nodes it changes; ``data`` is left as it is).
+
+    Args:
+        data: a plain config dict (the whole config, or ``{"matcher": <node>}``).
+    """
+    out = dict(data)
+
+    def value(dotted: str) -> Any:
+        node: Any = out
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _ABSENT
+            node = node[part]
+        return node
+
+    def drop(dotted: str) -> None:
+        head, _, last = dotted.rpartition(".")
+        parent = out
+        for part in head.split(".") if head else []:
+            if not isinstance(parent.get(part), dict):
+                return
+            parent[part] = dict(parent[part])
+            parent = parent[part]
+        parent.pop(last, None)
+
+    for dotted, (key, wanted) in INERT_UNLESS.items():
+        if value(key) in (wanted,) or value(dotted) is _ABSENT:
+            continue
+        drop(dotted)
+    for dotted, default in INERT_DEFAULTS.items():
+        if value(dotted) == default:
+            drop(dotted)
+    return out
+
+
+def drop_inert_matcher(matcher: Any) -> Any:
+    """:func:`drop_inert_keys` of a plain ``matcher`` node (what the run's keys hash)."""
+    if not isinstance(matcher, dict):
+        return matcher
+    return drop_inert_keys({"matcher": matcher})["matcher"]
+
+
+_ABSENT = object()
 
 
 def identity_keys(cfg: Any) -> dict[str, Any]:
@@ -62,7 +116,7 @@ def identity_keys(cfg: Any) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     data = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
-    return {k: v for k, v in data.items() if k not in NON_RESULT_KEYS}
+    return drop_inert_keys({k: v for k, v in data.items() if k not in NON_RESULT_KEYS})
 
 
 def _digest(obj: Any) -> str:
@@ -131,9 +185,9 @@ def portable_config(cfg: Any) -> dict[str, Any]:
                     return "${paths." + key + "}" + value[len(prefix.rstrip("/")) :]
         return value
 
-    return {
-        k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra", "io")
-    }
+    return drop_inert_keys(
+        {k: portable(v) for k, v in data.items() if k not in ("paths", "run_dir", "run_name", "hydra", "io")}
+    )
 
 
 def backbone_identity(node: Any, sha256: Callable[[Path], str | None]) -> dict[str, Any]:
