@@ -140,7 +140,18 @@ class MemoryBank:
         return self.patch_weights
 
     def prototypes(self) -> torch.Tensor:
-        """``[C, D]`` L2-normalised class prototypes: per class the mean of its own references only."""
+        """``[C, D]`` L2-normalised class prototypes: per class the mean of its own references only.
+
+        A bank of FSOD-VFM's whole-image references (method.md §3.4) leaves out the references whose mask
+        was empty on the grid (weight sum 0) and uses FSOD-VFM's arithmetic (``class_prototypes``).
+        """
+        if (self.fill_settings.get("semantics") or {}).get("references") == "whole_image":
+            from ntt.gridmatching import class_prototypes
+
+            rows = self.instance_means
+            return class_prototypes(
+                [rows[c, :n][self.weight_sums[c, :n] > 0] for c, n in enumerate(self.counts.tolist())]
+            ).contiguous()
         if not self.ragged:
             return compute_prototypes(self.instance_means)
         rows = [

@@ -73,6 +73,8 @@ def plan_fill(
     keep_patch_features: bool = False,
     shots: int | None = None,
     apply_exif: bool = False,
+    semantics: Any = None,
+    mask_model: Any = None,
 ) -> FillPlan:
     """Validate ``fill_memory``'s inputs and fix its jobs and batches (arguments as ``fill_memory``)."""
     from ntt.refs import validate_refs
@@ -110,6 +112,8 @@ def plan_fill(
         batch_size=batch_size,
         keep_patch_features=keep_patch_features,
         shots=shots,
+        semantics=semantics,
+        mask_model=mask_model,
     )
 
 
@@ -137,6 +141,7 @@ def fill_memory(
     encoder_name: str | None = None,
     config_hash: str = "",
     apply_exif: bool = False,
+    semantics: Any = None,
 ) -> MemoryBank:
     """Encode every reference crop and store its mask-weighted mean feature (stage ``fill_memory``).
 
@@ -163,6 +168,8 @@ def fill_memory(
         encoder_name: name to record (default: ``encoder.name`` or its class name).
         config_hash: config hash to record.
         apply_exif: EXIF-transpose the images (``dataset.exif_orientation``; off for parity).
+        semantics: ``matcher.semantics`` (None: NTT's crops); ``references="whole_image"`` encodes FSOD-VFM's
+            whole-image references instead (method.md §3.4).
 
     Returns:
         A ``MemoryBank`` (``postprocessed=False``).
@@ -184,6 +191,7 @@ def fill_memory(
         keep_patch_features=keep_patch_features,
         shots=shots,
         apply_exif=apply_exif,
+        semantics=semantics,
     )
     part = encode_references(plan, encoder, progress=progress)
     return assemble_bank(

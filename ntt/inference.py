@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ntt.boxproposals import generate_box_proposals
+from ntt.gridmatching import cosine_top1, query_embeddings, resize_masks_linear, sam_iou_decay
 from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
-from ntt.postprocess import Detections, postprocess_detections
+from ntt.postprocess import Detections, postprocess_detections, resize_masks_to_image
 from ntt.proposals import generate_proposals
 from ntt.utils.config import DiffusionConfig
 from ntt.utils.timing import section
@@ -52,6 +53,13 @@ class InferenceParams:
         box_plus_one: fix flag: exclusive box extents for NMS and COCO boxes.
         prompts: ``grid`` (the point grid, §5.2) or ``boxes`` (box prompts given per image, §5.11).
         stability_fallback: box prompts: SAM2's single-mask stability fallback (FSOD-VFM: true).
+        encoder_input: ``square`` (NTT) or ``long_side`` (FSOD-VFM, method.md §5.13): the target's DINOv2 input.
+        long_side: FSOD-VFM's first resize (630).
+        input_size: FSOD-VFM's square resize after it (630).
+        final_norm: DINOv2 tokens after the final LayerNorm (NTT) or before it (FSOD-VFM).
+        proposal_pooling: ``upsampled`` (NTT, ``pooling``) or ``grid_mask`` (FSOD-VFM).
+        scoring: ``clamped_cosine`` (NTT) or ``cosine`` (FSOD-VFM).
+        sam_iou_decay: score times ``sigmoid(20 * (predicted IoU - 0.45))``.
         merge: re-scoring before the top-k: ``soft`` (NTT §5.7, parity), ``diffusion`` (FSOD-VFM §5.12),
             ``none``.
         diffusion: FSOD-VFM's settings (read when ``merge == "diffusion"``).
@@ -68,6 +76,13 @@ class InferenceParams:
     box_plus_one: bool = False
     prompts: str = "grid"
     stability_fallback: bool = True
+    encoder_input: str = "square"
+    long_side: int = 630
+    input_size: int = 630
+    final_norm: bool = True
+    proposal_pooling: str = "upsampled"
+    scoring: str = "clamped_cosine"
+    sam_iou_decay: bool = False
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -95,6 +110,7 @@ class InferenceParams:
             box_plus_one=matcher.box_plus_one,
             prompts=getattr(proposer, "prompts", "grid"),
             stability_fallback=getattr(proposer, "stability_fallback", True),
+            **_semantic_settings(getattr(matcher, "semantics", None)),
             merge=getattr(matcher, "merge", "soft"),
             diffusion=getattr(matcher, "diffusion", None) or DiffusionConfig(),
         )
@@ -120,19 +136,43 @@ class InferenceParams:
         return data
 
 
-def dino_features(dino, image1024: Tensor) -> Tensor:
+_SEMANTIC_KEYS = (
+    "encoder_input",
+    "long_side",
+    "input_size",
+    "final_norm",
+    "proposal_pooling",
+    "scoring",
+    "sam_iou_decay",
+)
+
+
+def _semantic_settings(semantics) -> dict[str, Any]:
+    """The test-time fields of a ``matcher.semantics`` node (none: NTT's defaults)."""
+    if semantics is None:
+        return {}
+    return {k: getattr(semantics, k) for k in _SEMANTIC_KEYS}
+
+
+def encode_grid(dino, x: Tensor, *, final_norm: bool = True) -> Tensor:
+    """``dino(x)``, asking for the pre-norm tokens only when wanted (NTT's encoders need not take the flag)."""
+    return dino(x) if final_norm else dino(x, final_norm=False)
+
+
+def dino_features(dino, image1024: Tensor, *, final_norm: bool = True) -> Tensor:
     """DINOv2 patch grid of the target: bicubic resize (no antialias) to ``dino.img_size``, then the encoder.
 
     Args:
         dino: callable ``[B, 3, S, S] -> [B, h, w, D]`` with attribute ``img_size``.
         image1024: ``[3, 1024, 1024]`` image in [0, 1].
+        final_norm: tokens after the final LayerNorm (NTT) or before it (FSOD-VFM).
 
     Returns:
         ``[h, w, D]`` features.
     """
     size = int(dino.img_size)
     x = F.interpolate(image1024[None], size=(size, size), mode="bicubic", align_corners=False)
-    return dino(x)[0]
+    return encode_grid(dino, x, final_norm=final_norm)[0]
 
 
 def _cpu(x: Tensor) -> Tensor:
@@ -150,6 +190,7 @@ def infer_image(
     prototypes: Tensor,
     params: InferenceParams | None = None,
     trace: bool = False,
+    semantic_image: Tensor | None = None,
 ) -> tuple[Detections, dict[str, Tensor] | None]:
     """Run the whole test path on one image.
 
@@ -162,12 +203,15 @@ def infer_image(
         prototypes: ``[C, D]`` L2-normalised class prototypes.
         params: settings (paper defaults when None).
         trace: also return every intermediate (CPU tensors) under the parity fixture's key names.
+        semantic_image: FSOD-VFM's DINOv2 input of the original image (``params.encoder_input == "long_side"``).
 
     Returns:
         ``(detections, trace_dict or None)``.
     """
     p = params or InferenceParams()
-    shared = propose_image(image1024, sam2=sam2, dino=dino, params=p)
+    shared = propose_image(
+        image1024, sam2=sam2, dino=dino, params=p, semantic_image=semantic_image, image_hw=(height, width)
+    )
     det, tr = classify_and_postprocess(shared, prototypes, height=height, width=width, params=p)
     log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(shared.props), len(det))
     return det, (shared.trace(tr) if trace else None)
@@ -221,7 +265,14 @@ class ImageProposals:
 
 @torch.inference_mode()
 def propose_image(
-    image1024: Tensor, *, sam2, dino, params: InferenceParams | None = None, boxes: Tensor | None = None
+    image1024: Tensor,
+    *,
+    sam2,
+    dino,
+    params: InferenceParams | None = None,
+    boxes: Tensor | None = None,
+    semantic_image: Tensor | None = None,
+    image_hw: tuple[int, int] | None = None,
 ) -> ImageProposals:
     """DINOv2 features, SAM2 encoding + prompt decoding + IoU filter, masks and their pooled embeddings.
 
@@ -229,16 +280,28 @@ def propose_image(
         image1024: ``[3, 1024, 1024]`` stretched image in [0, 1] on the models' device.
         sam2: backbone with ``encode_image`` and ``decode``.
         dino: patch-grid encoder.
-        params: settings (paper defaults when None); only the proposer fields and ``pooling`` are read.
+        params: settings (paper defaults when None); the proposer fields and the semantic ones are read.
         boxes: with ``params.prompts == "boxes"``: the image's ``[G, 4]`` box prompts in the 1024 frame
             (``ntt.boxproposals.boxes_to_frame`` of the selected boxes), in proposal order; may be empty.
+        semantic_image: with ``params.encoder_input == "long_side"``: the DINOv2 input made from the original
+            image (``ntt.gridmatching.long_side_input``), ``[3, S, S]`` in [0, 1].
+        image_hw: with ``params.proposal_pooling == "grid_mask"``: the image's ``(H, W)`` (the masks are
+            pooled from full resolution, as FSOD-VFM's predictor returns them).
     """
     p = params or InferenceParams()
     if p.prompts == "boxes" and boxes is None:
         raise ValueError("prompts='boxes' needs the image's boxes (propose_image(..., boxes=[G, 4]))")
+    if p.encoder_input == "long_side" and semantic_image is None:
+        raise ValueError("encoder_input='long_side' needs the original image's input (semantic_image=...)")
+    if p.proposal_pooling == "grid_mask" and image_hw is None:
+        raise ValueError("proposal_pooling='grid_mask' needs the image size (image_hw=(H, W))")
     # sections: the models' share of a test loop's time (ntt/utils/timing.py; no-op outside a timed loop)
     with section("dinov2"):
-        feats_dino = dino_features(dino, image1024)
+        if p.encoder_input == "long_side":
+            x = semantic_image[None].to(image1024.device)
+            feats_dino = encode_grid(dino, x, final_norm=p.final_norm)[0]
+        else:
+            feats_dino = dino_features(dino, image1024, final_norm=p.final_norm)
     with section("sam2_encoder"):
         sam_feats = sam2.encode_image(image1024[None])
     with section("sam2_decoder"):  # prompt decoding, best-of-3 selection, IoU filter
@@ -262,7 +325,31 @@ def propose_image(
             )
     del sam_feats
     masks256, embeddings, boxes256 = proposal_embeddings(props.logits, feats_dino, pooling=p.pooling)
+    if p.proposal_pooling == "grid_mask":  # FSOD-VFM's vectors replace NTT's (method.md §5.13)
+        embeddings = grid_mask_embeddings(props.logits, feats_dino, image_hw)
     return ImageProposals(props, feats_dino, masks256, embeddings, boxes256)
+
+
+def grid_mask_embeddings(logits: Tensor, feats_dino: Tensor, image_hw: tuple[int, int], chunk_size: int = 32):
+    """FSOD-VFM's proposal vectors: each full-resolution mask (the one ntt outputs) resized to the DINOv2 grid
+    as cv2 INTER_LINEAR > 0.5, then ``normalize(masked sum / (count + 1e-7), eps=1e-2)`` (method.md §5.13).
+
+    Args:
+        logits: ``[n, 256, 256]`` low-res logits.
+        feats_dino: ``[h, w, D]`` DINOv2 grid.
+        image_hw: ``(H, W)`` of the image.
+        chunk_size: masks upsampled at once (bounds the ``[chunk, H, W]`` buffer).
+
+    Returns:
+        ``[n, D]`` float32 unit (or zero) vectors.
+    """
+    grid_hw = tuple(feats_dino.shape[:2])
+    grids = [
+        resize_masks_linear(resize_masks_to_image(logits[s : s + chunk_size], *image_hw), grid_hw)
+        for s in range(0, logits.shape[0], chunk_size)
+    ]
+    grid = torch.cat(grids) if grids else torch.zeros(0, *grid_hw, dtype=torch.bool, device=logits.device)
+    return query_embeddings(feats_dino, grid)
 
 
 def proposal_embeddings(logits: Tensor, feats_dino: Tensor, *, pooling: str = "dense") -> tuple[Tensor, ...]:
@@ -339,7 +426,12 @@ def _detect(
 ) -> tuple[Detections, dict[str, Tensor]]:
     p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
-    sim, labels, scores = classify(embeddings, prototypes)
+    if p.scoring == "cosine":  # FSOD-VFM: unclamped cosine, torch.max (method.md §5.13)
+        sim, labels, scores = cosine_top1(embeddings, prototypes)
+    else:
+        sim, labels, scores = classify(embeddings, prototypes)
+    if p.sam_iou_decay:
+        scores = sam_iou_decay(scores, pred_ious)
     det, post = postprocess_detections(
         logits,
         pred_ious,

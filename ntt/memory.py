@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ntt.bank import MemoryBank
+from ntt.gridmatching import long_side_input, reference_vectors, resize_masks_linear
+from ntt.prompts import sam2_box_mask
 from ntt.utils.errors import UserError
 
 __all__ = [
@@ -228,6 +230,10 @@ class FillPlan:
         mask_pooling: ``"nearest"`` or ``"area"``.
         keep_patch_features: also keep raw patch features and weights.
         stage: names the step in messages and on the progress bar (``fill_memory``, ``Segmenter.build``).
+        mask_model: the SAM2 of ``semantics.reference_masks == "sam2_box"`` (the reference masks come from
+            its box decoding instead of the annotations); None otherwise.
+        semantics: ``matcher.semantics`` (``ntt.utils.config.SemanticsConfig``); None or
+            ``references="context_crop"``: NTT's crops; ``whole_image``: FSOD-VFM's references (§3.4).
     """
 
     jobs: list[ReferenceJob]
@@ -242,6 +248,13 @@ class FillPlan:
     mask_pooling: str
     keep_patch_features: bool
     stage: str
+    semantics: Any = None
+    mask_model: Any = None
+
+    @property
+    def whole_image(self) -> bool:
+        """Whether the references are encoded as FSOD-VFM's whole images (method.md §3.4)."""
+        return self.semantics is not None and self.semantics.references == "whole_image"
 
     @classmethod
     def create(
@@ -257,8 +270,20 @@ class FillPlan:
         keep_patch_features: bool = False,
         shots: int | None = None,
         stage: str = "fill_memory",
+        semantics: Any = None,
+        mask_model: Any = None,
     ) -> FillPlan:
         """Validate the settings and fix the batches (arguments as the fields; ``encoder`` as ``fill_memory``)."""
+        size, grid = int(encoder.img_size), int(encoder.grid_size)
+        if (
+            semantics is not None
+            and semantics.references == "whole_image"
+            and semantics.encoder_input == "long_side"
+        ):
+            size = int(semantics.input_size)  # FSOD-VFM's square resize after the long-side one
+            grid = size // int(encoder.patch_size)
+        if (semantics is not None and semantics.reference_masks == "sam2_box") != (mask_model is not None):
+            raise ValueError(f"{stage}: reference_masks=sam2_box and a mask_model go together")
         if mask_pooling not in MASK_POOLING:
             raise ValueError(f"{stage}: mask_pooling must be one of {MASK_POOLING}, got {mask_pooling!r}")
         if batch_size < 1:
@@ -269,13 +294,15 @@ class FillPlan:
             category_ids=[int(c) for c in category_ids],
             category_names=[str(n) for n in category_names],
             shots=None if shots is None else int(shots),
-            size=int(encoder.img_size),
-            grid=int(encoder.grid_size),
+            size=size,
+            grid=grid,
             dim=int(encoder.embed_dim),
             context_ratio=float(context_ratio),
             mask_pooling=mask_pooling,
             keep_patch_features=bool(keep_patch_features),
             stage=stage,
+            semantics=semantics,
+            mask_model=mask_model,
         )
 
 
@@ -331,6 +358,8 @@ def encode_references(
     from tqdm import tqdm
 
     chosen = list(range(len(plan.batches))) if batches is None else list(batches)
+    if plan.whole_image:
+        return _encode_whole_images(plan, encoder, chosen, progress=progress)
     jobs = [j for b in chosen for j in plan.batches[b]]
     n, grid, dim, size = len(jobs), plan.grid, plan.dim, plan.size
     n_patches = grid * grid
@@ -376,6 +405,70 @@ def encode_references(
                 if keep:
                     patch_features[row] = f_b.cpu()
                     patch_weights[row] = w_b.cpu()
+                row += 1
+            bar.update(len(batch))
+    bar.close()
+    return EncodedReferences(jobs, means, sums, patch_features, patch_weights)
+
+
+def _whole_image_input(image: torch.Tensor, semantics: Any, size: int) -> torch.Tensor:
+    """A reference image as the encoder sees it in FSOD-VFM's mode (``[3, size, size]`` in [0, 1])."""
+    if semantics.encoder_input == "long_side":
+        from PIL import Image
+
+        # the loaders' floats are uint8 / 255: rounding back recovers the decoded bytes exactly
+        arr = torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return long_side_input(Image.fromarray(arr, mode="RGB"), long_side=semantics.long_side, size=size)
+    return F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+
+
+def _encode_whole_images(
+    plan: FillPlan, encoder: Any, chosen: list[int], *, progress: bool = True
+) -> EncodedReferences:
+    """FSOD-VFM's references (method.md §3.4): the whole image encoded, the mask resized to the grid as cv2
+    INTER_LINEAR > 0.5, the masked mean. A mask empty on the grid leaves a zero row with weight sum 0: the
+    prototypes skip it, as FSOD-VFM drops that reference (``assemble_bank`` refuses a class left empty)."""
+    from tqdm import tqdm
+
+    jobs = [j for b in chosen for j in plan.batches[b]]
+    n, grid, dim = len(jobs), plan.grid, plan.dim
+    device = _encoder_device(encoder)
+    keep = plan.keep_patch_features
+    means = torch.zeros((n, dim), dtype=torch.float32)
+    sums = torch.zeros((n,), dtype=torch.float32)
+    patch_features = torch.zeros((n, grid * grid, dim), dtype=torch.float32) if keep else None
+    patch_weights = torch.zeros((n, grid * grid), dtype=torch.float32) if keep else None
+    row = 0
+    bar = tqdm(total=n, desc=plan.stage, unit="ref", disable=not progress)
+    with torch.inference_mode():
+        for b in chosen:
+            batch = plan.batches[b]
+            inputs, masks = [], []
+            for j in batch:
+                job = plan.jobs[j]
+                try:
+                    image, mask, bbox_xywh = job.load()
+                except (OSError, ValueError) as err:
+                    raise BadReferenceError(f"{plan.stage}: {job.description}: {err}") from err
+                if plan.mask_model is not None:  # FSOD-VFM: SAM2's mask for the reference's box
+                    mask = sam2_box_mask(plan.mask_model, image, bbox_xywh)
+                inputs.append(_whole_image_input(image, plan.semantics, plan.size))
+                masks.append(mask.to(torch.bool))
+            x = torch.stack(inputs).to(device)
+            feats = encoder(x) if plan.semantics.final_norm else encoder(x, final_norm=False)
+            if feats.dim() != 4 or tuple(feats.shape[1:]) != (grid, grid, dim):
+                raise ValueError(
+                    f"{plan.stage}: encoder returned {tuple(feats.shape)}, expected [B, {grid}, {grid}, {dim}]"
+                )
+            for i in range(len(batch)):
+                f_b = feats[i].to(torch.float32)
+                g = resize_masks_linear(masks[i][None].to(f_b.device), (grid, grid))
+                vec, valid = reference_vectors(f_b, g)
+                means[row] = vec[0].cpu()
+                sums[row] = float(g.sum()) if bool(valid[0]) else 0.0
+                if keep:
+                    patch_features[row] = f_b.reshape(-1, dim).cpu()
+                    patch_weights[row] = g[0].reshape(-1).to(torch.float32).cpu()
                 row += 1
             bar.update(len(batch))
     bar.close()
@@ -438,9 +531,22 @@ def assemble_bank(
         refs[job.cls].append(job.provenance)
     width = max(counts, default=0)
     patches = plan.keep_patch_features and bool(parts)
+    weight_sums = _place(plan, parts, "weight_sums", width)
+    fill_settings = {
+        "context_ratio": float(plan.context_ratio),
+        "mask_pooling": plan.mask_pooling,
+        "img_size": plan.size,
+        "grid_size": plan.grid,
+    }
+    if plan.whole_image:  # recorded only then: NTT's banks keep their bytes
+        _check_whole_image_classes(plan, weight_sums, counts)
+        fill_settings["semantics"] = {
+            k: getattr(plan.semantics, k)
+            for k in ("references", "reference_masks", "encoder_input", "long_side", "final_norm")
+        }
     return MemoryBank(
         instance_means=_place(plan, parts, "instance_means", width),
-        weight_sums=_place(plan, parts, "weight_sums", width),
+        weight_sums=weight_sums,
         category_ids=list(plan.category_ids),
         category_names=list(plan.category_names),
         shots=plan.shots,
@@ -451,13 +557,21 @@ def assemble_bank(
         config_hash=config_hash,
         refs=refs,
         postprocessed=False,
-        fill_settings={
-            "context_ratio": float(plan.context_ratio),
-            "mask_pooling": plan.mask_pooling,
-            "img_size": plan.size,
-            "grid_size": plan.grid,
-        },
+        fill_settings=fill_settings,
         config=dict(config or {}),
         patch_features=_place(plan, parts, "patch_features", width) if patches else None,
         patch_weights=_place(plan, parts, "patch_weights", width) if patches else None,
     )
+
+
+def _check_whole_image_classes(plan: FillPlan, weight_sums: torch.Tensor, counts: list[int]) -> None:
+    """FSOD-VFM leaves out a class whose every reference mask is empty on the grid; ntt refuses it instead
+    (the class would silently never be detected)."""
+    for c, n in enumerate(counts):
+        if n and not bool((weight_sums[c, :n] > 0).any()):
+            raise BadReferenceError(
+                f"{plan.stage}: class {plan.category_ids[c]} ({plan.category_names[c]}): every reference mask "
+                f"is empty on the {plan.grid}x{plan.grid} DINOv2 grid (matcher.semantics.references="
+                "whole_image drops such references; FSOD-VFM would drop the class). Choose larger references "
+                "for this class or use references=context_crop."
+            )

@@ -29,7 +29,7 @@ from torch import Tensor
 from ntt.postprocess import resize_masks_to_image
 from ntt.proposals import select_best_multimask
 
-__all__ = ["normalize_boxes", "normalize_points", "masks_from_boxes", "masks_from_points"]
+__all__ = ["normalize_boxes", "normalize_points", "masks_from_boxes", "masks_from_points", "sam2_box_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +179,35 @@ def masks_from_points(
             )
         out.append(mask)
     return torch.stack(out) if out else torch.zeros((0, height, width), dtype=torch.bool)
+
+
+def sam2_box_mask(sam2, image: Tensor, bbox_xywh) -> Tensor:
+    """A reference's mask as FSOD-VFM makes it (``extract_masks_from_support``): SAM2's single-mask output for
+    the box ``[x, y, x + w, y + h]`` on the whole image, at full resolution (method.md §3.4 step 1).
+
+    The image goes to SAM2 as ntt's test images do (PIL bicubic to 1024, method.md §2) and the box is decoded
+    as ``proposer=boxes`` decodes one (``ntt.boxproposals``: FSOD-VFM's predictor, stability fallback on).
+
+    Args:
+        sam2: ``ntt.backbones.sam2.SAM2Backbone``.
+        image: ``[3, H, W]`` float32 in [0, 1] (``uint8 / 255``).
+        bbox_xywh: the reference's COCO box.
+
+    Returns:
+        ``[H, W]`` bool mask (on the image's device).
+    """
+    from PIL import Image
+
+    from ntt.boxproposals import boxes_to_frame, generate_box_proposals
+    from ntt.data.images import pil_to_tensor, resize_pil
+
+    height, width = image.shape[-2:]
+    size = int(getattr(sam2, "image_size", 1024))
+    arr = torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    image_sam = pil_to_tensor(resize_pil(Image.fromarray(arr, mode="RGB"), size, size))
+    device = next(sam2.parameters()).device if isinstance(sam2, torch.nn.Module) else torch.device("cpu")
+    feats = sam2.encode_image(image_sam[None].to(device))
+    x, y, w, h = (float(v) for v in list(bbox_xywh)[:4])
+    box = boxes_to_frame(np.asarray([[x, y, x + w, y + h]]), width=width, height=height, size=size)
+    props = generate_box_proposals(sam2, feats, box, batch_size=1, stability_fallback=True, iou_thr=None)
+    return resize_masks_to_image(props.logits, height, width)[0].to(image.device)

@@ -57,6 +57,11 @@ def params_from_config(cfg) -> InferenceParams:
             "proposals (proposer=boxes) run with `ntt run`"
         )
     mat = build_node(cfg.matcher, MatcherConfig)
+    if not mat.semantics.is_default:  # whole images, grid masks: wired into `ntt run` only (method.md §5.13)
+        raise ConfigError(
+            "matcher.semantics: the segmenter encodes and scores as NTT; FSOD-VFM's semantic side "
+            "(matcher=fsod_vfm) runs with `ntt run`"
+        )
     return InferenceParams.from_settings(prop, mat)
 
 

@@ -178,15 +178,17 @@ class DINOv2Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, *, final_norm: bool = True) -> Tensor:
         """Patch-token grid of a batch of images.
 
         Args:
             images: [B, 3, H, W] RGB in [0, 1], normally H = W = ``img_size``; H and W must be multiples of
                 the patch size (other sizes interpolate the position embedding). ImageNet-normalised here.
+            final_norm: the tokens after the final LayerNorm (NTT); False: the last block's output before
+                it, as FSOD-VFM's ``get_intermediate_layers(n=1, norm=False)`` (method.md §5.13).
 
         Returns:
-            [B, H / patch, W / patch, D] final-norm patch tokens (CLS and register tokens dropped).
+            [B, H / patch, W / patch, D] patch tokens (CLS and register tokens dropped).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: expects [B, 3, H, W] images, got {tuple(images.shape)}")
@@ -196,7 +198,11 @@ class DINOv2Encoder(nn.Module):
                 f"{self.name}: image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
             )
         x = imagenet_normalize(images.to(device=self.device, dtype=torch.float32))
-        tokens = self.model.forward_features(x)["x_norm_patchtokens"]
+        out = self.model.forward_features(x)
+        if final_norm:
+            tokens = out["x_norm_patchtokens"]
+        else:
+            tokens = out["x_prenorm"][:, 1 + self.num_register_tokens :]
         return tokens.reshape(b, h // self.patch_size, w // self.patch_size, self.embed_dim)
 
     def extra_repr(self) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "load_rgb",
     "pil_to_tensor",
     "load_test_image",
+    "load_long_side_input",
     "load_reference_image",
     "resize_pil",
 ]
@@ -248,6 +249,26 @@ def load_test_image(
     if height is not None and width is not None:
         check_image_size(img, path, height, width, apply_exif=apply_exif)
     return pil_to_tensor(resize_pil(img, size, size))
+
+
+def load_long_side_input(
+    path: str | os.PathLike, long_side: int, input_size: int, *, apply_exif: bool = False
+) -> torch.Tensor:
+    """FSOD-VFM's DINOv2 input of an image file (method.md §5.13; ``ntt.gridmatching.long_side_input``).
+
+    Args:
+        path: image file.
+        long_side: first resize, long side (630).
+        input_size: the square resize after it (630).
+        apply_exif: EXIF-transpose first (see :func:`read_image_rgb`).
+
+    Returns:
+        float32 ``[3, input_size, input_size]`` in [0, 1].
+    """
+    from ntt.gridmatching import long_side_input
+
+    img = read_image_rgb(path, apply_exif=apply_exif)
+    return long_side_input(img, long_side=long_side, size=input_size)
 
 
 def load_reference_image(

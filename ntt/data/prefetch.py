@@ -63,6 +63,8 @@ class LoadedImage:
         exception: the exception itself when it could be sent between processes (for ``fail_fast``).
         records: ``(logger name, level, message)`` logged while loading in a worker process.
         wait_s: seconds the loop waited for this image (filled in by :func:`prefetch_images`).
+        semantic: FSOD-VFM's DINOv2 input of the original image (``[3, S, S]``, method.md §5.13), when the
+            loader was asked for it; None otherwise.
     """
 
     img_id: int
@@ -72,6 +74,7 @@ class LoadedImage:
     exception: BaseException | None = None
     records: list[tuple[str, int, str]] = field(default_factory=list)
     wait_s: float = 0.0
+    semantic: torch.Tensor | None = None
 
     def pin_memory(self) -> LoadedImage:
         """A copy with the image in pinned memory (DataLoader's pin-memory thread calls this on CUDA)."""
@@ -102,10 +105,18 @@ class TestImageDataset(torch.utils.data.Dataset):
         apply_exif: ``dataset.exif_orientation``.
     """
 
-    def __init__(self, specs: list[ImageSpec], *, size: int = 1024, apply_exif: bool = False) -> None:
+    def __init__(
+        self,
+        specs: list[ImageSpec],
+        *,
+        size: int = 1024,
+        apply_exif: bool = False,
+        semantic_input: tuple[int, int] | None = None,
+    ) -> None:
         self.specs = list(specs)
         self.size = int(size)
         self.apply_exif = bool(apply_exif)
+        self.semantic_input = semantic_input
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -139,6 +150,11 @@ class TestImageDataset(torch.utils.data.Dataset):
             image = images.load_test_image(
                 spec.path, self.size, height=spec.height, width=spec.width, apply_exif=self.apply_exif
             )
+            semantic = None
+            if self.semantic_input is not None:  # FSOD-VFM's DINOv2 input: from the original image
+                semantic = images.load_long_side_input(
+                    spec.path, *self.semantic_input, apply_exif=self.apply_exif
+                )
         except Exception as exc:  # one bad image must not lose the others: it becomes that image's failure
             return LoadedImage(
                 spec.img_id,
@@ -146,7 +162,7 @@ class TestImageDataset(torch.utils.data.Dataset):
                 traceback=traceback.format_exc(),
                 exception=exc,
             )
-        return LoadedImage(spec.img_id, image=image)
+        return LoadedImage(spec.img_id, image=image, semantic=semantic)
 
 
 def _as_is(item: LoadedImage) -> LoadedImage:
@@ -161,6 +177,7 @@ def prefetch_images(
     prefetch_factor: int = 2,
     apply_exif: bool = False,
     size: int = 1024,
+    semantic_input: tuple[int, int] | None = None,
 ) -> Iterator[LoadedImage]:
     """Yield every image of ``specs`` in order, loaded ahead by ``num_workers`` processes, on ``device``.
 
@@ -175,13 +192,14 @@ def prefetch_images(
         prefetch_factor: images each worker keeps ready.
         apply_exif: ``dataset.exif_orientation``.
         size: output side.
+        semantic_input: ``(long_side, input_size)``: also load FSOD-VFM's DINOv2 input of each image.
     """
     if not specs:
         return
     workers = min(int(num_workers), len(specs))
     cuda = str(device).startswith("cuda")
     loader = torch.utils.data.DataLoader(
-        TestImageDataset(specs, size=size, apply_exif=apply_exif),
+        TestImageDataset(specs, size=size, apply_exif=apply_exif, semantic_input=semantic_input),
         batch_size=None,
         shuffle=False,
         num_workers=workers,
@@ -201,6 +219,8 @@ def prefetch_images(
                 logging.getLogger(name).log(level, "%s", message)
             if item.image is not None:
                 item.image = item.image.to(device, non_blocking=cuda)
+            if item.semantic is not None:
+                item.semantic = item.semantic.to(device, non_blocking=cuda)
             item.wait_s = time.perf_counter() - t0
             yield item
     finally:

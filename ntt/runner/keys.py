@@ -64,6 +64,17 @@ def _proposer_identity(ctx: RunContext) -> Any:
     return plain
 
 
+def _semantics(ctx: RunContext) -> list[Any]:
+    """`matcher.semantics` (method.md §3.4, §5.13) for the memory stages' keys, only when a key differs
+    from NTT's: the runs with NTT's semantics keep their stage keys."""
+    sem = ctx.matcher.semantics
+    if sem.is_default:
+        return []
+    if sem.reference_masks == "sam2_box":  # the reference masks come from SAM2 (by checkpoint content)
+        return [dataclasses.asdict(sem), _backbone_identity(ctx, "sam2")]
+    return [dataclasses.asdict(sem)]
+
+
 def artifact_sha(ctx: RunContext, name: str) -> str | None:
     """sha256 of a run-directory artifact (None when it does not exist)."""
     return ctx.files.sha256(ctx.path(name))
@@ -97,8 +108,10 @@ def stage_key(ctx: RunContext, stage: str) -> str:
             _file_id(ctx, spec.ref_json),
             artifact_sha(ctx, REFS_FILE),
         ]
+        parts += _semantics(ctx)
     elif stage == "postprocess_memory":
         parts += [to_plain(cfg.matcher)["memory"], artifact_sha(ctx, MEMORY_FILE)]
+        parts += _semantics(ctx)
     elif stage == "test":
         parts += [
             predictions_key(ctx),
@@ -172,6 +185,7 @@ def pass_key(ctx: RunContext) -> str:
         to_plain(ctx.cfg.backbone.dinov2),
         to_plain(ctx.cfg.proposer),
         str(ctx.matcher.pooling),
+        *_semantics(ctx),  # the encoder input and pooling change the shared per-image work
         str(Path(spec.test_json).resolve()),
         str(Path(spec.test_image_root).resolve()),
         bool(spec.exif_orientation),

@@ -143,6 +143,10 @@ def stage_fill_memory(ctx: RunContext) -> Path:
         encoder_name=str(ctx.cfg.backbone.dinov2.name),
         config_hash=stage_key(ctx, "fill_memory"),
         apply_exif=ctx.dataset.exif_orientation,
+        semantics=None if ctx.matcher.semantics.is_default else ctx.matcher.semantics,
+        mask_model=build_backbone(ctx, "sam2")
+        if ctx.matcher.semantics.reference_masks == "sam2_box"
+        else None,
     )
     if bank is None:  # not the main process: its share is in the main process's bank
         return out

@@ -101,6 +101,7 @@ def test_pass(jobs: list, label: str = "test") -> None:
         num_workers=ctx0.io.workers(ctx0.device),
         prefetch_factor=ctx0.io.prefetch_factor,
         apply_exif=ctx0.dataset.exif_orientation,
+        semantic_input=_semantic_input(jobs[0].params),
     )
     head = next(images, None)  # the loader's workers start before the writer's thread
     items = itertools.chain([head] if head is not None else [], images)
@@ -130,6 +131,13 @@ def test_pass(jobs: list, label: str = "test") -> None:
         job.pass_timing = loop_timing(ctx0, timer, writer, sum(timings) + drain, len(timings))
 
 
+def _semantic_input(params) -> tuple[int, int] | None:
+    """``(long_side, input_size)`` when the pass encodes the original images as FSOD-VFM (method.md §5.13)."""
+    if getattr(params, "encoder_input", "square") != "long_side":
+        return None
+    return int(params.long_side), int(params.input_size)
+
+
 def _owner(jobs: list, img_id: int):
     return next(j for j in jobs if img_id in j.todo)
 
@@ -149,8 +157,16 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
             item.raise_error()  # the image could not be read (in a loader worker)
         with torch.inference_mode():
             boxes = _box_prompts(needing[0], spec, item.image.shape[-1])
-            shared = propose_image(item.image, sam2=sam2, dino=dino, params=needing[0].params, boxes=boxes)
-        item.image = None
+            shared = propose_image(
+                item.image,
+                sam2=sam2,
+                dino=dino,
+                params=needing[0].params,
+                boxes=boxes,
+                semantic_image=item.semantic,
+                image_hw=(spec.height, spec.width),
+            )
+        item.image = item.semantic = None
     except Exception as exc:  # one bad image must not lose the others (in any job)
         if fail_fast:
             raise

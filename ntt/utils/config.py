@@ -167,6 +167,74 @@ class MemoryConfig:
     batch_size: int = 8
 
 
+ENCODER_INPUTS = ("square", "long_side")
+REFERENCE_VIEWS = ("context_crop", "whole_image")
+REFERENCE_MASKS = ("annotation", "sam2_box")
+PROPOSAL_POOLINGS = ("upsampled", "grid_mask")
+SCORINGS = ("clamped_cosine", "cosine")
+
+
+@dataclass(frozen=True)
+class SemanticsConfig:
+    """How images become DINOv2 features, masks become vectors and vectors become scores (method.md §3.4,
+    §5.13). The defaults are NTT's; `conf/matcher/fsod_vfm.yaml` sets FSOD-VFM's (support_util.py and
+    metric.py at commit f5559b6). Each key can be swept on its own.
+
+    Args:
+        encoder_input: `square` = NTT: the target (1024x1024 stretched) resized bicubic to the encoder's
+            `img_size`; `long_side` = FSOD-VFM: the original image, PIL bicubic to a long side of `long_side`
+            (aspect kept, sides floored to the patch), then PIL bicubic to `input_size` x `input_size`.
+        long_side: FSOD-VFM's first resize (630).
+        input_size: FSOD-VFM's transform `Resize((input_size, input_size))` (main.py: 630 -> a 45x45 grid).
+        final_norm: DINOv2 tokens after the final LayerNorm (NTT); false = before it (FSOD-VFM's
+            `get_intermediate_layers(norm=False)`).
+        references: `context_crop` = NTT's square crop around the box with context (method.md §3.1);
+            `whole_image` = FSOD-VFM: the whole reference image through `encoder_input`, its mask resized to
+            the grid as cv2 INTER_LINEAR > 0.5, masked mean; prototypes in FSOD-VFM's arithmetic.
+        reference_masks: with `whole_image`: `annotation` = the reference's annotated mask (ntt's references
+            carry masks); `sam2_box` = FSOD-VFM: SAM2's single-mask output for the reference's box (the box
+            decoding of method.md §5.11, on the run's SAM2).
+        proposal_pooling: `upsampled` = NTT: the features upsampled to SAM's 256x256 mask (`pooling`);
+            `grid_mask` = FSOD-VFM: the full-resolution mask resized to the grid as cv2 INTER_LINEAR > 0.5,
+            `normalize(sum / (count + 1e-7), eps=1e-2)`.
+        scoring: `clamped_cosine` = NTT: cosine clamped at 0, first maximum; `cosine` = FSOD-VFM: unclamped
+            cosine, `torch.max`.
+        sam_iou_decay: multiply the score by `sigmoid(20 * (predicted IoU - 0.45))` (later NTT code, off).
+    """
+
+    encoder_input: str = "square"
+    long_side: int = 630
+    input_size: int = 630
+    final_norm: bool = True
+    references: str = "context_crop"
+    reference_masks: str = "annotation"
+    proposal_pooling: str = "upsampled"
+    scoring: str = "clamped_cosine"
+    sam_iou_decay: bool = False
+
+    def __post_init__(self) -> None:
+        where = "matcher.semantics"
+        for key, choices in (
+            ("encoder_input", ENCODER_INPUTS),
+            ("references", REFERENCE_VIEWS),
+            ("reference_masks", REFERENCE_MASKS),
+            ("proposal_pooling", PROPOSAL_POOLINGS),
+            ("scoring", SCORINGS),
+        ):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{where}.{key}={getattr(self, key)}: choose one of {', '.join(choices)}")
+        if self.reference_masks == "sam2_box" and self.references != "whole_image":
+            raise ValueError(f"{where}.reference_masks=sam2_box needs {where}.references=whole_image")
+        for key in ("long_side", "input_size"):
+            if getattr(self, key) < 14:
+                raise ValueError(f"{where}.{key}={getattr(self, key)}: use a size of at least one patch (14)")
+
+    @property
+    def is_default(self) -> bool:
+        """Whether every key has NTT's value (then the run's keys and bytes are NTT's)."""
+        return self == SemanticsConfig()
+
+
 MERGE_METHODS = ("soft", "diffusion", "none")
 DIFFUSION_GRIDS = ("fsod_vfm", "dino", "lowres")
 DIFFUSION_ORDERS = ("proposal", "score")
@@ -249,6 +317,8 @@ class MatcherConfig:
         drop_empty_masks: fix of method.md §12b item 3: drop masks that vanish at full resolution
             (the reference outputs them with a NaN score). Off for parity.
         box_plus_one: fix of method.md §9.1 item 7: COCO box width/height = extent + 1. Off for parity.
+        semantics: encoder input, pooling and scoring, see `SemanticsConfig` (NTT's by default; absent from
+            `matcher=paper`, so the paper runs keep their ids).
         merge: how overlapping detections of a class are re-scored before the top `num_out`: `soft` = NTT's
             semantic soft merging (method.md §5.7, parity); `diffusion` = FSOD-VFM's graph diffusion
             (method.md §5.12, settings in `diffusion`); `none` = no re-scoring.
@@ -262,6 +332,7 @@ class MatcherConfig:
     nms_cap_factor: int = 8
     drop_empty_masks: bool = False
     box_plus_one: bool = False
+    semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -269,6 +340,8 @@ class MatcherConfig:
         # Hydra passes nested nodes as dicts when the target is a dataclass built by hand.
         if isinstance(self.memory, dict):
             object.__setattr__(self, "memory", MemoryConfig(**self.memory))
+        if isinstance(self.semantics, dict):
+            object.__setattr__(self, "semantics", SemanticsConfig(**self.semantics))
         if isinstance(self.diffusion, dict):
             object.__setattr__(self, "diffusion", DiffusionConfig(**self.diffusion))
         _check_choice("matcher.merge", self.merge, MERGE_METHODS)
@@ -394,6 +467,7 @@ NODE_KEYS = {
     ProposerConfig: "proposer",
     MatcherConfig: "matcher",
     MemoryConfig: "matcher.memory",
+    SemanticsConfig: "matcher.semantics",
     DiffusionConfig: "matcher.diffusion",
     EvalConfig: "eval",
     IOConfig: "io",
