@@ -7,7 +7,7 @@ The trace holds every intermediate the parity fixture stores (``common/img<ID>_p
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -121,10 +121,15 @@ class InferenceParams:
         Fields added later are left out at the value that reproduces the settings of before (as
         ``ntt.utils.identity.INERT_DEFAULTS``): ``merge`` at ``soft``, ``diffusion`` unless
         ``merge == "diffusion"``, ``prompts`` at ``grid`` and ``stability_fallback`` (read only by box prompts)
-        unless ``prompts == "boxes"``; the dict, and so every key made of it (``ntt segment``'s settings
-        key), stays the same for those settings.
+        unless ``prompts == "boxes"``, and each FSOD-VFM semantics field (``_SEMANTIC_KEYS``) at NTT's value;
+        the dict, and so every key made of it (``ntt segment``'s settings key), stays the same for those
+        settings.
         """
         data = asdict(self)
+        ntt_semantics = {f.name: f.default for f in fields(self) if f.name in _SEMANTIC_KEYS}
+        for key, value in ntt_semantics.items():
+            if data[key] == value:
+                data.pop(key)
         if self.merge != "diffusion":
             data.pop("diffusion")
         if self.merge == "soft":
