@@ -22,7 +22,7 @@ from torch import Tensor
 from ntt.utils.config import DiffusionConfig
 
 __all__ = [
-    "FSOD_VFM_LONG_SIDE",
+    "FSOD_VFM_INPUT_SIZE",
     "FSOD_VFM_PATCH",
     "decay_scores",
     "diffuse_class",
@@ -33,31 +33,27 @@ __all__ = [
     "resize_masks_linear",
 ]
 
-# FSOD-VFM's DINOv2 input: the image resized, aspect kept, to a long side of 630 px, each side floored to a
-# multiple of the ViT-L/14 patch (support_util.get_dinov2_features / resize_with_aspect_ratio).
-FSOD_VFM_LONG_SIDE = 630
+# FSOD-VFM's DINOv2 input (support_util.get_dinov2_features): the image resized, aspect kept, to a long side of
+# 630 px, then squared by its transform's Resize((dinov2_image_size,) * 2), main.py's default 630 (method.md §5.13)
+FSOD_VFM_INPUT_SIZE = 630
 FSOD_VFM_PATCH = 14
 # Row sums above this are "valid" in FSOD-VFM's (no-op) normalisation; the fix divides by them.
 _VALID_ROW_SUM = 1e-10
 
 
 def fsod_vfm_grid(height: int, width: int) -> tuple[int, int]:
-    """FSOD-VFM's DINOv2 patch grid ``(rows, cols)`` of an image of ``height x width`` pixels.
+    """FSOD-VFM's DINOv2 patch grid ``(rows, cols)``: 45x45 whatever the image size.
 
-    ``resize_with_aspect_ratio(img, 630, 14)`` (the same float arithmetic), then one token per 14x14 patch.
+    Its `get_dinov2_features` resizes the image to a long side of 630 (`resize_with_aspect_ratio`), then its
+    transform resizes that to ``(dinov2_image_size, dinov2_image_size)`` (main.py default 630; no run script
+    changes it): the feature map, and so the masks the walk compares (`masks_for_ios`), is 630 / 14 = 45 square.
 
     Args:
-        height: image height.
-        width: image width.
+        height: image height (not read: the grid is square and fixed; kept for the call sites' symmetry).
+        width: image width (not read).
     """
-    aspect = width / height
-    if width >= height:
-        new_w, new_h = FSOD_VFM_LONG_SIDE, int(FSOD_VFM_LONG_SIDE / aspect)
-    else:
-        new_h, new_w = FSOD_VFM_LONG_SIDE, int(FSOD_VFM_LONG_SIDE * aspect)
-    new_w = max(new_w // FSOD_VFM_PATCH, 1) * FSOD_VFM_PATCH
-    new_h = max(new_h // FSOD_VFM_PATCH, 1) * FSOD_VFM_PATCH
-    return new_h // FSOD_VFM_PATCH, new_w // FSOD_VFM_PATCH
+    side = FSOD_VFM_INPUT_SIZE // FSOD_VFM_PATCH
+    return side, side
 
 
 def _linear_taps(n_in: int, n_out: int, *, clamp_weights: bool) -> tuple[list[int], list[int], list, list]:

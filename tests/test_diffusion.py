@@ -56,11 +56,18 @@ def test_graph_diffusion_equals_fsod_vfm_bit_for_bit(cases):
     assert cases["diff3_pi"].max() > 1 and cases["diff1_pi"].tolist() == [0.0]
 
 
-def test_masks_reach_fsod_vfm_grid_exactly_as_cv2_resize_does(cases):
+def test_fsod_vfm_grid_is_its_square_45x45_token_grid_whatever_the_image_size():
+    # get_dinov2_features: resize_with_aspect_ratio(630) then the transform's Resize((630, 630)) (main.py's
+    # --dinov2_image_size default): the feature map its masks_for_ios are resized to is always 45x45
+    for h, w in ((480, 640), (640, 480), (128, 96), (1000, 1000), (20, 3000)):
+        assert fsod_vfm_grid(h, w) == (45, 45)
+
+
+def test_masks_reach_a_grid_exactly_as_cv2_resize_does(cases):
+    # the fixture's grids are resize_with_aspect_ratio's sizes / 14 (down, up, exactly 2x): resize targets
     for k in range(_count(cases, "resize", "_out")):
         full = _masks(cases, f"resize{k}")
         grid = tuple(int(v) for v in cases[f"resize{k}_grid"])
-        assert fsod_vfm_grid(*full.shape[1:]) == grid, f"case {k}"
         want = np.unpackbits(cases[f"resize{k}_out"], axis=-1, count=grid[1]).astype(bool)
         got = resize_masks_linear(full, grid).numpy()
         assert np.array_equal(got, want.reshape(got.shape)), f"case {k}: {(got != want).sum()} pixels differ"
@@ -158,7 +165,7 @@ def test_diffusion_on_the_fsod_vfm_grid_resizes_the_full_resolution_masks():
 
     full = resize_masks_to_image(args[0][keep], 128, 96)
     grid = resize_masks_linear(full, fsod_vfm_grid(128, 96))
-    assert tuple(grid.shape[1:]) == (45, 33)
+    assert tuple(grid.shape[1:]) == (45, 45)
     assert torch.equal(tr["ios"], graph_diffusion(grid, args[2][keep], DiffusionConfig()))
     # order=score ranks A by the classification score instead of the proposer's order
     _, tr_s = postprocess_detections(
@@ -218,12 +225,24 @@ def test_default_keys_stay_out_of_every_identity(tmp_path):
     for data in (identity_keys(cfg), portable_config(cfg)):
         assert "merge" not in data["matcher"] and "diffusion" not in data["matcher"]
     fields = [f.name for f in dataclasses.fields(InferenceParams)]
-    later = ("prompts", "stability_fallback", "merge", "diffusion")  # added after runs were recorded
+    semantics = ("encoder_input", "long_side", "input_size", "final_norm", "proposal_pooling", "scoring",
+                 "sam_iou_decay")  # fmt: skip
+    later = (
+        "prompts",
+        "stability_fallback",
+        "merge",
+        "diffusion",
+        *semantics,
+    )  # added after runs were recorded
     assert list(InferenceParams().to_dict()) == [f for f in fields if f not in later]
     assert list(InferenceParams(merge="none").to_dict()) == [
         f for f in fields if f not in later[:2] + later[3:]
     ]
-    assert list(InferenceParams(merge="diffusion", prompts="boxes").to_dict()) == fields
+    assert list(InferenceParams(merge="diffusion", prompts="boxes").to_dict()) == [
+        f
+        for f in fields
+        if f not in semantics  # NTT's semantics (§5.13 at its default) stay out
+    ]
     # diffusion settings are inert (and out of the id) unless merge=diffusion; then each one counts
     assert config_id(compose_smoke(tmp_path, "matcher.diffusion.alpha=0.5")) == "04157930"
     ids = {

@@ -258,8 +258,8 @@ class DiffusionConfig:
         lamb: decay exponent, `score * max(0, 1 - pi) ** lamb` (0.5).
         steps: at most this many walk steps (30).
         tol: stop when the L2 norm of a step's change is below this (1e-6).
-        grid: where the masks are compared: `fsod_vfm` = FSOD-VFM's DINOv2 grid (the image at a long side of
-            630 px, aspect kept, in 14-px patches), each full-resolution mask resized as cv2 INTER_LINEAR and
+        grid: where the masks are compared: `fsod_vfm` = FSOD-VFM's DINOv2 grid (45x45: the image at a long side
+            of 630 px, then squared to 630x630 by its transform, in 14-px patches), each full-resolution mask resized as cv2 INTER_LINEAR and
             thresholded > 0.5 (parity); `dino` = the same resize onto the run's DINOv2 patch grid; `lowres` =
             SAM's 256x256 masks.
         order: ranking order of `A`'s lower triangle: `proposal` = the proposer's confidence (FSOD-VFM:
