@@ -50,6 +50,7 @@ GROUPS = [
     "paths",
     "hydra",
     "hydra/launcher",  # SLURM via Hydra's submitit launcher: composes only with the plugin installed
+    "recipe",
     "debug",
 ]
 HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
