@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
@@ -61,8 +61,11 @@ test-slow: setup ## run only the tests marked slow
 test-all: setup ## run every test, slow ones included
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
-parity: setup ## parity with the authors' code on the fixture: default CPU kernels and forced AVX2
-	$(PY) -m pytest -q -s -m parity tests/test_parity.py $(ARGS)
+parity: setup ## parity with the authors' code (NTT and FSOD-VFM fixtures): default CPU kernels (+ NTT's forced AVX2)
+	$(PY) -m pytest -q -s -m parity $(ARGS)
+
+parity-avx2: setup ## the same comparisons with the AVX2 kernels forced (on an AVX-512 machine: the other rounding)
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -s -m parity $(ARGS)
 
 parity-gpu: setup ## the same parity comparisons on CUDA with TF32 off (needs a GPU; skips without one)
 	$(PY) -m pytest -q -s -m gpu tests/test_parity.py $(ARGS)

@@ -45,6 +45,7 @@ def test_fixture_is_fsod_vfm_at_f5559b6_and_covers_every_case_kind(cases):
     assert _count(cases, "pipe", "_order") == 3
 
 
+@pytest.mark.parity
 def test_graph_diffusion_equals_fsod_vfm_bit_for_bit(cases):
     for k in range(_count(cases, "diff", "_pi")):
         alpha, steps = cases[f"diff{k}_params"]
@@ -63,6 +64,7 @@ def test_fsod_vfm_grid_is_its_square_45x45_token_grid_whatever_the_image_size():
         assert fsod_vfm_grid(h, w) == (45, 45)
 
 
+@pytest.mark.parity
 def test_masks_reach_a_grid_exactly_as_cv2_resize_does(cases):
     # the fixture's grids are resize_with_aspect_ratio's sizes / 14 (down, up, exactly 2x): resize targets
     for k in range(_count(cases, "resize", "_out")):
@@ -73,6 +75,7 @@ def test_masks_reach_a_grid_exactly_as_cv2_resize_does(cases):
         assert np.array_equal(got, want.reshape(got.shape)), f"case {k}: {(got != want).sum()} pixels differ"
 
 
+@pytest.mark.parity
 def test_decay_and_top_100_equal_fsod_vfm(cases):
     """Their per-image block: decay each score by max(0, 1 - pi) ** lamb (float32), stable sort, top 100."""
     for k in range(_count(cases, "pipe", "_order")):
@@ -86,6 +89,7 @@ def test_decay_and_top_100_equal_fsod_vfm(cases):
     assert len(cases["pipe0_order"]) == 100 < int(cases["pipe0_shape"][0])  # the cut happened
 
 
+@pytest.mark.parity
 def test_solve_gives_the_iterations_fixed_point(cases):
     """solver=solve vs FSOD-VFM's loop on its converged cases (alpha 0.3, 30 steps, tol 1e-6).
 

@@ -62,6 +62,7 @@ def test_long_side_size_floors_to_the_patch():
     assert long_side_size(2000, 10) == (630, 14)  # at least one patch
 
 
+@pytest.mark.parity
 def test_encoder_input_and_features_equal_fsod_vfm(fx):
     for which in ("ref", "query"):
         feats = _features(fx, which)  # asserts the input and feature digests
@@ -75,6 +76,7 @@ def test_final_norm_differs_from_fsod_vfm_features(fx):
     assert not torch.allclose(normed, tiny_dinov2(0)(x, final_norm=False)[0], atol=1e-3)
 
 
+@pytest.mark.parity
 def test_grid_masks_equal_cv2(fx):
     for name in ("ref", "query", "blob0", "blob1", "blob2", "blob3"):
         shape = tuple(int(v) for v in fx[f"cv2_{name}_shape"])
@@ -90,6 +92,7 @@ def test_grid_masks_equal_cv2(fx):
     )
 
 
+@pytest.mark.parity
 def test_reference_vectors_and_prototypes_equal_fsod_vfm(fx):
     feats = _features(fx, "ref")
     vectors, valid = reference_vectors(feats, torch.from_numpy(fx["ref_grid_masks"]))
@@ -108,6 +111,7 @@ def test_reference_vectors_and_prototypes_equal_fsod_vfm(fx):
     assert torch.allclose(ntt_protos, protos, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parity
 def test_query_vectors_and_scores_equal_fsod_vfm(fx):
     feats = _features(fx, "query")
     emb = query_embeddings(feats, torch.from_numpy(fx["query_grid_masks"]))
@@ -138,6 +142,7 @@ FSOD_VFM_SEMANTICS = dict(encoder_input="long_side", final_norm=False, reference
                           proposal_pooling="grid_mask", scoring="cosine")  # fmt: skip
 
 
+@pytest.mark.parity
 def test_whole_image_bank_prototypes_equal_fsod_vfm(fx):
     """fill_memory's path (FillPlan -> encode_references -> assemble_bank -> MemoryBank.prototypes) with
     FSOD-VFM's references gives their prototypes bit for bit, the two empty-on-grid references left out."""
