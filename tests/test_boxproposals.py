@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import torch_threads
+from helpers_kernels import on_fixture_kernels
 
 from ntt.boxproposals import (
     BoxesError,
@@ -327,7 +328,7 @@ def test_box_masks_match_fsod_vfm(parity_dir):
     import torch.nn.functional as F
 
     from ntt.backbones.sam2 import build_sam2
-    from ntt.postprocess import resize_masks_to_image
+    from ntt.postprocess import resize_masks_to_image, upsample_logits
 
     fx = np.load(FSOD_VFM_FIXTURE)
     models = parity_dir / "models"
@@ -352,14 +353,23 @@ def test_box_masks_match_fsod_vfm(parity_dir):
         props = generate_box_proposals(sam2, feats, boxes_to_frame(sel.boxes, width=width, height=height))
         masks = resize_masks_to_image(props.logits, height, width)
     logits = np.ascontiguousarray(props.logits.numpy())
-    np.testing.assert_array_equal(props.pred_ious.numpy(), fx["pred_ious"])
     full = 32 * (len(logits) // 32)
+    theirs = np.unpackbits(fx["masks_packed"], axis=-1, count=width).astype(bool)
+    if not on_fixture_kernels():
+        # other kernels: the encoder's and decoder's float32 GEMMs round differently (logits ~10 move by ~1e-5,
+        # NTT's parity tolerance); IoUs agree to that, and a mask pixel may differ only where ntt's own
+        # full-resolution logit is a near-tie (|logit| <= 1e-3: the 1e-5 bound after the x4 bilinear upsampling)
+        np.testing.assert_allclose(props.pred_ious.numpy(), fx["pred_ious"], rtol=0, atol=1e-4)
+        differ = masks.numpy() != theirs
+        near = upsample_logits(props.logits, height, width).abs().numpy() <= 1e-3
+        assert not (differ & ~near).any(), f"{int((differ & ~near).sum())} mask pixels differ off a near-tie"
+        return
+    np.testing.assert_array_equal(props.pred_ious.numpy(), fx["pred_ious"])
     assert hashlib.sha256(logits[:full].tobytes()).hexdigest() == str(fx["logits_full_batches_sha256"])
     # Their last batch holds one box: SAM2ImagePredictor then decodes without `repeat_image`, where PyTorch
     # takes other matmul kernels than for a batch; ntt decodes every box in equal padded chunks. Measured:
     # at most 4.2e-7 on logits of magnitude ~10 (a few float32 ulps); the masks are still equal.
     np.testing.assert_allclose(logits[full:], fx["logits_last_batch"], rtol=0, atol=2e-6)
-    theirs = np.unpackbits(fx["masks_packed"], axis=-1, count=width).astype(bool)
     np.testing.assert_array_equal(masks.numpy(), theirs)
     # random weights: no single-mask output is stable (>= 0.98), so every box takes the fallback that
     # FSOD-VFM's build_sam2(apply_postprocessing=True) adds (its other branch: the unit test above)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_kernels import assert_fixture_close, on_fixture_kernels
 from helpers_pipeline import compose_smoke
 
 from ntt.diffusion import decay_scores, fsod_vfm_grid, graph_diffusion, resize_masks_linear
@@ -52,7 +53,10 @@ def test_graph_diffusion_equals_fsod_vfm_bit_for_bit(cases):
         cfg = DiffusionConfig(alpha=float(alpha), steps=int(steps))
         got = graph_diffusion(_masks(cases, f"diff{k}"), torch.from_numpy(cases[f"diff{k}_labels"]), cfg)
         want = torch.from_numpy(cases[f"diff{k}_pi"])
-        assert got.dtype == torch.float32 and torch.equal(got, want), f"case {k}"
+        # other kernels: the walk's float32 matrix-vector sums round differently in the last bits; pi reaches
+        # ~200 in nested cases, so a relative bound (30 steps of a few ulps each); measured with AVX2: 1.2e-7
+        assert got.dtype == torch.float32
+        assert_fixture_close(got, want, rtol=1e-5, atol=1e-6, what=f"case {k}")
     # the cases include pi > 1 (nested masks: the decay factor clamps to 0) and the one-mask image
     assert cases["diff3_pi"].max() > 1 and cases["diff1_pi"].tolist() == [0.0]
 
@@ -84,8 +88,17 @@ def test_decay_and_top_100_equal_fsod_vfm(cases):
         pi = graph_diffusion(_masks(cases, f"pipe{k}"), torch.from_numpy(cases[f"pipe{k}_cat_ids"]), cfg)
         decayed = decay_scores(torch.from_numpy(cases[f"pipe{k}_scores"]), pi, cfg.lamb)
         order = rank_top_k(decayed, 100)
-        assert order.tolist() == cases[f"pipe{k}_order"].tolist(), f"case {k}"
-        assert decayed[order].double().tolist() == cases[f"pipe{k}_final"].tolist(), f"case {k}"
+        want_order, want_final = cases[f"pipe{k}_order"], cases[f"pipe{k}_final"]
+        if on_fixture_kernels():
+            assert order.tolist() == want_order.tolist(), f"case {k}"
+            assert decayed[order].double().tolist() == want_final.tolist(), f"case {k}"
+        else:  # pi's last bits (above) move the scores by ulps: the same scores, swapped only at near-ties
+            np.testing.assert_allclose(decayed[order].double().numpy(), want_final, rtol=1e-5, atol=1e-7)
+            for pos in np.flatnonzero(order.numpy() != want_order):
+                a, b = int(order[pos]), int(want_order[pos])
+                assert abs(float(decayed[a]) - float(decayed[b])) <= 1e-5, (
+                    f"case {k}: rank {pos} not a near-tie"
+                )
     assert len(cases["pipe0_order"]) == 100 < int(cases["pipe0_shape"][0])  # the cut happened
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_backbones import tiny_dinov2
+from helpers_kernels import assert_fixture_close, on_fixture_kernels
 from PIL import Image
 
 from ntt.backbones.sam2 import imagenet_normalize
@@ -50,9 +51,10 @@ def _sha(t: torch.Tensor) -> str:
 def _features(fx, which: str) -> torch.Tensor:
     """ntt's encoder on ntt's long-side input, channels first as theirs, checked against their digests."""
     x = long_side_input(Image.fromarray(fx[f"{which}_image"]))[None]
-    assert _sha(imagenet_normalize(x)) == str(fx[f"{which}_input_sha256"])
     feats = tiny_dinov2(0)(x, final_norm=False)[0]  # [h, w, D]
-    assert _sha(feats.permute(2, 0, 1)[None]) == str(fx[f"{which}_feats_sha256"])
+    if on_fixture_kernels():  # the fixture holds digests of the input and features: equal bits only here
+        assert _sha(imagenet_normalize(x)) == str(fx[f"{which}_input_sha256"])
+        assert _sha(feats.permute(2, 0, 1)[None]) == str(fx[f"{which}_feats_sha256"])
     return feats
 
 
@@ -67,7 +69,10 @@ def test_encoder_input_and_features_equal_fsod_vfm(fx):
     for which in ("ref", "query"):
         feats = _features(fx, which)  # asserts the input and feature digests
         assert feats.shape == (45, 45, 64)  # the square 630 transform: 45 x 45 whatever the aspect
-        assert torch.equal(feats.permute(2, 0, 1)[None, :4], torch.from_numpy(fx[f"{which}_feats_head"]))
+        # other kernels: the bicubic resize and 12 ViT blocks of float32 GEMMs round differently; features of
+        # magnitude ~2 agree to ~1e-6 (measured with AVX2: 7.7e-7; bound 1e-4 relative + 1e-5 absolute)
+        want = torch.from_numpy(fx[f"{which}_feats_head"])
+        assert_fixture_close(feats.permute(2, 0, 1)[None, :4], want, rtol=1e-4, atol=1e-5, what=which)
 
 
 def test_final_norm_differs_from_fsod_vfm_features(fx):
@@ -98,12 +103,12 @@ def test_reference_vectors_and_prototypes_equal_fsod_vfm(fx):
     vectors, valid = reference_vectors(feats, torch.from_numpy(fx["ref_grid_masks"]))
     assert valid.tolist() == fx["ref_valid"].tolist()
     assert valid.tolist().count(False) == 2  # the all-zero and the one-pixel masks are dropped
-    assert torch.equal(vectors[valid], torch.from_numpy(fx["ref_vectors"])[valid])
+    assert_fixture_close(vectors[valid], torch.from_numpy(fx["ref_vectors"])[valid], rtol=1e-4, atol=1e-5)
     classes = torch.from_numpy(fx["ref_classes"])
     per_class = [vectors[valid & (classes == c)] for c in range(len(fx["class_names"]))]
     protos = class_prototypes(per_class)
     assert list(fx["prototype_classes"]) == list(fx["class_names"])
-    assert torch.equal(protos, torch.from_numpy(fx["prototypes_dc"]).T)
+    assert_fixture_close(protos, torch.from_numpy(fx["prototypes_dc"]).T, rtol=1e-4, atol=1e-5)
     # ntt's own formula (bank.compute_prototypes: normalised along the contiguous [C, D] rows) is the same
     # maths in another reduction order: equal within float32 rounding of unit vectors (a few 1e-8), not in
     # bits, so the FSOD-VFM mode uses class_prototypes
@@ -115,12 +120,17 @@ def test_reference_vectors_and_prototypes_equal_fsod_vfm(fx):
 def test_query_vectors_and_scores_equal_fsod_vfm(fx):
     feats = _features(fx, "query")
     emb = query_embeddings(feats, torch.from_numpy(fx["query_grid_masks"]))
-    assert torch.equal(emb, torch.from_numpy(fx["query_vectors"]))
+    assert_fixture_close(emb, torch.from_numpy(fx["query_vectors"]), rtol=1e-4, atol=1e-5, what="vectors")
     assert torch.equal(emb[-2], torch.zeros(64))  # the empty proposal: zero vector, not NaN
     sim, labels, scores = cosine_top1(emb, torch.from_numpy(fx["prototypes_dc"]).T)
-    assert torch.equal(sim, torch.from_numpy(fx["query_sims"]))
-    assert labels.tolist() == fx["query_labels"].tolist()
-    assert scores.double().tolist() == fx["query_scores"].tolist()
+    assert_fixture_close(sim, torch.from_numpy(fx["query_sims"]), rtol=1e-4, atol=1e-5, what="cosines")
+    if on_fixture_kernels():
+        assert labels.tolist() == fx["query_labels"].tolist()
+        assert scores.double().tolist() == fx["query_scores"].tolist()
+    else:  # a label may differ only where two classes' cosines are a near-tie
+        for i in np.flatnonzero(labels.numpy() != fx["query_labels"]):
+            assert abs(float(sim[i, labels[i]]) - float(sim[i, int(fx["query_labels"][i])])) <= 1e-5, i
+        np.testing.assert_allclose(scores.double().numpy(), fx["query_scores"], rtol=1e-4, atol=1e-5)
     assert bool((sim < 0).any())  # unclamped: FSOD-VFM keeps negative cosines (NTT clamps them to 0)
 
 
@@ -174,7 +184,7 @@ def test_whole_image_bank_prototypes_equal_fsod_vfm(fx):
     bank = assemble_bank(plan, [encode_references(plan, tiny_dinov2(0), progress=False)], encoder_name="tiny")
     used = [bank.weight_sums[c, :n] for c, n in enumerate(bank.counts.tolist())]  # the rest is padding
     assert sum(int((w == 0).sum()) for w in used) == 2
-    assert torch.equal(bank.prototypes(), torch.from_numpy(fx["prototypes_dc"]).T)
+    assert_fixture_close(bank.prototypes(), torch.from_numpy(fx["prototypes_dc"]).T, rtol=1e-4, atol=1e-5)
     assert bank.fill_settings["semantics"]["references"] == "whole_image"
 
 
