@@ -179,6 +179,7 @@ def test_multirun_lists_every_failed_job(tmp_path):
     assert "/nowhere/a.json not found" in out.stderr and "/nowhere/b.json not found" in out.stderr
 
 
+@pytest.mark.slow  # ~20 s busy; the same report through the basic launcher: test_multirun_lists_every_failed_job
 def test_multirun_on_the_submitit_launcher_lists_every_failed_job(tmp_path):
     """Jobs of Hydra's submitit launcher (the SLURM path, here its local twin) run in other processes: they
     report their failures through a folder under the sweep dir, which the launching process reads and removes."""

@@ -29,6 +29,7 @@ def _positive(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # ~16 s busy: a measuring tool's plumbing (`make bench ARGS=--quick`), no result of the method
 def test_quick_bench_writes_complete_json(tmp_path):
     path = main(["--quick", "--out", str(tmp_path)])
     assert (

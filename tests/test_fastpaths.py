@@ -115,6 +115,7 @@ def test_ap_against_reference_self_is_one_and_a_drop_loses_recall():
     assert ap_against_reference([], ref, images=images, categories=cats)["segm_AP"] is None
 
 
+@pytest.mark.slow  # a measuring tool end to end (~9 s busy); the fast paths' equality: the tests above
 def test_tool_end_to_end_tiny(tmp_path):
     from ntt.tools.fastpaths import RANDOM_WEIGHTS_NOTE, main
 

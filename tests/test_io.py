@@ -203,6 +203,7 @@ def test_an_interrupted_loop_still_writes_every_finished_image(tmp_path, monkeyp
     assert [json.loads(x)["image_id"] for x in lines] == [3, 6]
 
 
+@pytest.mark.slow  # ~25 s busy; workers + async bytes: test_workers_and_async_writing_give_the_same_bytes...; study pass bytes: test_study.py
 def test_study_pass_gives_the_same_bytes_with_workers_and_async_writing(tmp_path):
     from ntt.data.synthetic import generate_synthetic_dataset
     from ntt.runner import run_jobs
