@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from ntt.tools.bench import RANDOM_WEIGHTS_NOTE, main
 
 # Every timed measurement of the json, as a path of keys under "results".
