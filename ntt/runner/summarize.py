@@ -174,7 +174,7 @@ def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]
 
     from ntt.utils.compose import compose
     from ntt.utils.errors import ConfigError
-    from ntt.utils.identity import INERT_DEFAULTS, INERT_UNLESS
+    from ntt.utils.identity import inert_values
 
     defaults: dict[str, dict[str, Any]] = {}
 
@@ -187,13 +187,8 @@ def setting_names(runs, identities: dict[str, dict[str, Any]]) -> dict[str, str]
             base = flat(setting_keys(cfg))
             # the keys an identity leaves out at their default (INERT_*) are compared with that default too:
             # a merge=diffusion setting is named by `matcher.merge`, not by every `matcher.diffusion.*` value
-            raw = OmegaConf.to_container(cfg, resolve=False)
-            for dotted in (*INERT_UNLESS, *INERT_DEFAULTS):
-                node: Any = raw
-                for part in dotted.split("."):
-                    node = node.get(part, MISSING) if isinstance(node, dict) else MISSING
-                if node is not MISSING:
-                    base.update(flat(node, dotted))
+            for dotted, node in inert_values(OmegaConf.to_container(cfg, resolve=False)).items():
+                base.update(flat(node, dotted))
             defaults[dataset] = base
         return defaults[dataset]
 

@@ -70,12 +70,7 @@ def drop_inert_keys(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
 
     def value(dotted: str) -> Any:
-        node: Any = out
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return _ABSENT
-            node = node[part]
-        return node
+        return _dotted(out, dotted)
 
     def drop(dotted: str) -> None:
         head, _, last = dotted.rpartition(".")
@@ -95,6 +90,27 @@ def drop_inert_keys(data: dict[str, Any]) -> dict[str, Any]:
         if value(dotted) == default:
             drop(dotted)
     return out
+
+
+def _dotted(tree: Any, dotted: str) -> Any:
+    """The value at ``a.b.c`` of a plain dict tree, or ``_ABSENT``."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def inert_values(data: dict[str, Any]) -> dict[str, Any]:
+    """The values the keys of :data:`INERT_UNLESS` / :data:`INERT_DEFAULTS` have in a plain config dict (those
+    present): what an identity leaves out at its default, for comparing a setting with the defaults.
+
+    Args:
+        data: a plain config dict (the whole config).
+    """
+    found = {dotted: _dotted(data, dotted) for dotted in (*INERT_UNLESS, *INERT_DEFAULTS)}
+    return {dotted: v for dotted, v in found.items() if v is not _ABSENT}
 
 
 def drop_inert_matcher(matcher: Any) -> Any:
