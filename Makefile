@@ -51,7 +51,7 @@ lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, res
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
 	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls .venv with these versions) and commit the file if it passes"
 
-test: setup ## run the default test suite (~10 min on 2 idle CPU cores); fails if no test ran
+test: setup ## run the default test suite (docs/testing.md: its measured time); fails if no test ran
 	@set -o pipefail; $(PY) -m pytest -q $(ARGS); rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
 
