@@ -21,7 +21,7 @@ from ntt.matching import classify, mask_embeddings
 from ntt.ops import masks_to_boxes_inclusive
 from ntt.postprocess import Detections, postprocess_detections, resize_masks_to_image
 from ntt.proposals import generate_proposals
-from ntt.utils.config import DiffusionConfig
+from ntt.utils.config import DiffusionConfig, SemanticsConfig
 from ntt.utils.timing import section
 
 __all__ = [
@@ -76,13 +76,14 @@ class InferenceParams:
     box_plus_one: bool = False
     prompts: str = "grid"
     stability_fallback: bool = True
-    encoder_input: str = "square"
-    long_side: int = 630
-    input_size: int = 630
-    final_norm: bool = True
-    proposal_pooling: str = "upsampled"
-    scoring: str = "clamped_cosine"
-    sam_iou_decay: bool = False
+    # the test-time fields of matcher.semantics (method.md §5.13), NTT's values from SemanticsConfig
+    encoder_input: str = SemanticsConfig.encoder_input
+    long_side: int = SemanticsConfig.long_side
+    input_size: int = SemanticsConfig.input_size
+    final_norm: bool = SemanticsConfig.final_norm
+    proposal_pooling: str = SemanticsConfig.proposal_pooling
+    scoring: str = SemanticsConfig.scoring
+    sam_iou_decay: bool = SemanticsConfig.sam_iou_decay
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
