@@ -55,9 +55,13 @@ RESOLVER = "ntt.config_id"
 # Keys added after runs were recorded, with the value those runs had: while a key has it, it is left out of
 # every identity, key and recorded config, so an existing run keeps its directory, stage keys and bytes.
 INERT_DEFAULTS = {"matcher.merge": "soft"}
-# Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`):
-# left out otherwise, as they cannot change a result.
-INERT_UNLESS = {"matcher.diffusion": ("matcher.merge", "diffusion")}
+# Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`,
+# `proposer.boxes_json` only under box prompts: the NTT-to-FSOD-VFM walk gives its grid steps the key so one
+# `proposer.boxes_json=` line serves every step): left out otherwise, as they cannot change a result.
+INERT_UNLESS = {
+    "matcher.diffusion": ("matcher.merge", "diffusion"),
+    "proposer.boxes_json": ("proposer.prompts", "boxes"),
+}
 
 
 def drop_inert_keys(data: dict[str, Any]) -> dict[str, Any]:
