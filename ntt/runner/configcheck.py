@@ -67,7 +67,7 @@ def check_box_source(cfg: Any) -> None:
         )
     if boxes_json is not None and not Path(str(boxes_json)).is_file():
         raise ConfigError(
-            f"proposer.boxes_json={boxes_json}: no such file: give your detector's boxes for the test images "
+            f"proposer.boxes_json={boxes_json} not found: give your detector's boxes for the test images "
             "(a COCO-results json [{image_id, bbox: [x, y, w, h], score}, ...]; FSOD-VFM's UPN boxes are made "
             "outside ntt)"
         )
