@@ -309,3 +309,51 @@ def test_the_smoke_walk_runs_end_to_end_and_summarizes_to_a_table_and_a_plot(tmp
     assert [r.split(" | ")[0][2:] for r in rows[: len(WALK)]] == WALK
     assert all(r.split(" | ")[2] == "2" for r in rows[: 2 * len(WALK)])  # 2 seeds each
     assert (tables / "ap_vs_shots_other.png").stat().st_size > 10_000
+
+
+def test_fsod_vfm_shot_files_become_ntt_references_of_the_same_annotations(tmp_path):
+    from ntt.data.synthetic import generate_synthetic_dataset
+    from ntt.prepare import main as prepare
+    from ntt.prepare.errors import PrepareError
+    from ntt.prepare.fsodvfm_shots import refs_from_shots
+    from ntt.refs import load_refs, validate_refs
+
+    generate_synthetic_dataset(tmp_path / "data", num_images=9, seed=0)
+    ref_json = tmp_path / "data" / "train.json"
+    coco = json.loads(ref_json.read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    files = {i["id"]: i["file_name"] for i in coco["images"]}
+    # FSOD-VFM's layout: {class name: [{image: <its path>, bbox}]}, boxes a pixel off (its VOC boxes are 1-based)
+    chosen: dict[int, list[int]] = {}
+    shots: dict[str, list] = {}
+    for ann in coco["annotations"]:
+        cat, ids = ann["category_id"], chosen.setdefault(ann["category_id"], [])
+        if len(ids) < 2 and all(
+            a["image_id"] != ann["image_id"] for a in coco["annotations"] if a["id"] in ids
+        ):
+            ids.append(ann["id"])
+            x, y, w, h = ann["bbox"]
+            shots.setdefault(names[cat], []).append(
+                {"image": f"dataset/train/{files[ann['image_id']]}", "bbox": [x + 1, y + 1, w, h]}
+            )
+    assert all(len(v) == 2 for v in chosen.values())
+    (tmp_path / "shots.json").write_text(json.dumps(shots))
+    out = tmp_path / "refs.json"
+    assert (
+        prepare(
+            ["fsod-vfm-shots", str(tmp_path / "shots.json"), "--ref-json", str(ref_json), "--out", str(out)]
+        )
+        == 0
+    )
+    refs = load_refs(out)
+    assert {c: [e.ann_ids[0] for e in entries] for c, entries in refs.items()} == chosen
+    validate_refs(refs, coco, sorted(chosen), 2)  # what the run's sample_refs stage checks
+    bad = {"zebra": shots[names[1]]}
+    with pytest.raises(PrepareError, match=r"class\(es\) \['zebra'\] are not categories"):
+        refs_from_shots(bad, coco)
+    far = {names[1]: [{"image": shots[names[1]][0]["image"], "bbox": [0, 0, 1, 1]}]}
+    with pytest.raises(PrepareError, match=r"entry 0 .*: no .* annotation of image \d+ overlaps its box"):
+        refs_from_shots(far, coco)
+    missing = {names[1]: [{"image": "x/nope.jpg", "bbox": [0, 0, 1, 1]}]}
+    with pytest.raises(PrepareError, match="no image 'nope.jpg' in the reference json"):
+        refs_from_shots(missing, coco)
