@@ -6,7 +6,7 @@ ntt segment --refs R --images D --out O [overrides]   segment your own images (n
 ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of a benchmark run
 ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
 ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
-ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks)
+ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks|fsod-vfm-shots)
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
 
 -v / --verbose anywhere on the line: show the traceback of an error in the input or config (which is
