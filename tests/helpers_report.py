@@ -26,7 +26,9 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def fake_run(run_dir: Path, data_dir: Path, *, seed: int = 33, shots: int = 2, drop_extra: int = 0) -> dict:
+def fake_run(
+    run_dir: Path, data_dir: Path, *, seed: int = 33, shots: int = 2, drop_extra: int = 0, fail: bool = True
+) -> dict:
     """Write a run directory; returns its metrics.json content.
 
     Args:
@@ -35,6 +37,7 @@ def fake_run(run_dir: Path, data_dir: Path, *, seed: int = 33, shots: int = 2, d
         seed: the run's seed (metrics.json).
         shots: the run's shots (metrics.json).
         drop_extra: also leave out the first N instances of the perfect image (a study's seeds differ).
+        fail: the fourth image failed (else it has no detection).
     """
     from ntt.data.coco import CocoDataset
     from ntt.data.synthetic import generate_synthetic_dataset
@@ -74,7 +77,10 @@ def fake_run(run_dir: Path, data_dir: Path, *, seed: int = 33, shots: int = 2, d
     )
     run_dir.mkdir(parents=True)
     (run_dir / "predictions").mkdir()
-    (run_dir / "predictions" / "rank0.jsonl").write_text(
+    lines = (run_dir / "predictions" / "rank0.jsonl").write_text
+    if not fail:
+        lines = lambda text: None  # noqa: E731 - no failure line
+    lines(
         json.dumps(
             {
                 "image_id": failed,
@@ -102,7 +108,7 @@ def fake_run(run_dir: Path, data_dir: Path, *, seed: int = 33, shots: int = 2, d
         "variant": "fake",
         "num_images": len(ids),
         "num_detections": len(preds),
-        "failed_images": [failed],
+        "failed_images": [failed] if fail else [],
         "missing_images": [],
         "ntt_version": "0",
         "study": "fakestudy",

@@ -209,7 +209,9 @@ def test_study_report_has_mean_std_and_ci_over_seeds(tmp_path):
     assert float(cells.cells[key + "mean"][1]) == pytest.approx(mean, abs=1e-9)
     assert cells.cells[key + "mean"][0] == f"{mean:.1f}"
     assert float(cells.cells[key + "std"][1]) == pytest.approx(std, abs=1e-9)
-    assert float(cells.cells[key + "ci95"][1]) == pytest.approx(1.96 * std / math.sqrt(3), abs=1e-9)  # seedstats.Z95
+    assert float(cells.cells[key + "ci95"][1]) == pytest.approx(
+        1.96 * std / math.sqrt(3), abs=1e-9
+    )  # seedstats.Z95
     assert cells.cells[key + "n"][0] == "3"
     imgs = [src for tag, src in cells.sources if tag == "img"]
     assert len(imgs) == 1 and imgs[0].startswith("data:image/png;base64,")  # AP against shots
