@@ -21,7 +21,7 @@ from ntt.utils.errors import UserError
 
 
 class Cells(HTMLParser):
-    """Every ``<td data-key>``: key -> (shown text, data-value), and every ``<img src>`` / ``<script src>``."""
+    """Every ``<td data-key>``: key -> (shown text, data-value), and every ``src`` (img, script, ...)."""
 
     def __init__(self) -> None:
         super().__init__()

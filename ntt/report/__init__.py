@@ -1,4 +1,5 @@
-"""The report: `ntt report PATH` writes one self-contained HTML page of a run, a study or an `ntt segment` folder.
+"""The report: `ntt report PATH` writes one self-contained HTML page of a run, a study or an `ntt segment`
+folder.
 
 main.py           the command; what PATH is (kind_of); write_report
 runreport.py      one run: metrics, per-class AP, the images most wrong (drawn), failures, config, identity

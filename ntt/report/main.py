@@ -39,12 +39,14 @@ def kind_of(path: Path) -> str:
     """
     if not path.is_dir():
         raise UserError(
-            f"ntt report: {path} is not a folder: give an `ntt run` directory, a study folder or an `ntt segment` output folder"
+            f"ntt report: {path} is not a folder: give an `ntt run` directory, a study folder or an "
+            "`ntt segment` output folder"
         )
     if (path / "metrics.json").is_file():
         if not (path / "config.yaml").is_file():
             raise UserError(
-                f"ntt report: {path} has metrics.json but no config.yaml: is it a complete `ntt run` directory?"
+                f"ntt report: {path} has metrics.json but no config.yaml: "
+                "is it a complete `ntt run` directory?"
             )
         return "run"
     if (path / "dataset.json").is_file() and (path / "predictions.json").is_file():

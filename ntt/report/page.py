@@ -15,9 +15,10 @@ from typing import Any
 __all__ = ["Cell", "Page", "esc", "metric_cell", "number_cell", "table"]
 
 CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
-       padding: 0 16px 48px; color: #1d1d1f; background: #fff; }
-h1 { font-size: 24px; margin: 24px 0 4px; } h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto;
+       max-width: 1200px; padding: 0 16px 48px; color: #1d1d1f; background: #fff; }
+h1 { font-size: 24px; margin: 24px 0 4px; }
+h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
 h3 { font-size: 15px; margin: 18px 0 6px; }
 .note { color: #555; } .warn { background: #fff4e5; border-left: 4px solid #f0a030; padding: 6px 10px; }
 table { border-collapse: collapse; margin: 6px 0 12px; font-variant-numeric: tabular-nums; }

@@ -62,7 +62,8 @@ def _resolve(path: str, root: Path | None, run_dir: Path) -> Path:
 
 
 def failed_lines(run_dir: Path) -> dict[int, dict]:
-    """The last failure line of each image in ``predictions/rank*.jsonl`` (``error``, ``traceback``, ``file``)."""
+    """The last failure line of each image in ``predictions/rank*.jsonl`` (``error``, ``traceback``,
+    ``file``)."""
     failed: dict[int, dict] = {}
     for shard in sorted((run_dir / "predictions").glob("rank*.jsonl")):
         for raw in shard.read_text().splitlines():
@@ -90,7 +91,10 @@ def metrics_section(metrics: dict[str, Any]) -> str:
     """The COCOeval summary of each iou type: one row each, the 12 COCO numbers in percent."""
     present = [(t, label) for t, label in IOU_TYPES if t in metrics]
     if not present:
-        return '<p class="warn">No metrics: this run was not evaluated (eval.enabled=false or no ground truth).</p>'
+        return (
+            '<p class="warn">No metrics: this run was not evaluated (eval.enabled=false or no ground '
+            "truth).</p>"
+        )
     rows = [
         [label, *(metric_cell(metrics[t].get(n), f"{t}.{n}") for n in STAT_NAMES)] for t, label in present
     ]
@@ -169,7 +173,8 @@ def config_section(run_dir: Path, metrics: dict[str, Any]) -> str:
     identity = json.dumps(metrics.get("identity", {}), indent=1, sort_keys=True)
     return (
         f"<h3>config.yaml</h3><pre>{esc(text)}</pre>"
-        f"<details><summary>identity keys (what config_id is made of)</summary><pre>{esc(identity)}</pre></details>"
+        "<details><summary>identity keys (what config_id is made of)</summary>"
+        f"<pre>{esc(identity)}</pre></details>"
     )
 
 
@@ -287,10 +292,11 @@ def images_section(run_dir: Path, metrics: dict[str, Any], opts: ReportOptions) 
 def run_report(run_dir: Path, opts: ReportOptions) -> str:
     """The HTML page of one run directory."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    title = f"ntt run: {metrics.get('dataset', '?')} {metrics.get('shots', '?')}-shot seed {metrics.get('seed', '?')}"
+    m = metrics.get
+    title = f"ntt run: {m('dataset', '?')} {m('shots', '?')}-shot seed {m('seed', '?')}"
     page = Page(
         title,
-        f"{metrics.get('sam2', '?')} + {metrics.get('dinov2', '?')}, {metrics.get('variant', '')} - {run_dir}",
+        f"{m('sam2', '?')} + {m('dinov2', '?')}, {m('variant', '')} - {run_dir}",
     )
     page.add("identity", "Run", identity_section(metrics, run_dir))
     page.add("metrics", "Metrics", metrics_section(metrics))

@@ -86,16 +86,19 @@ def segment_report(out: Path, opts: ReportOptions) -> str:
     body = table(["image id", "file", "detections", f"detections >= {opts.score_thr:g}"], rows, id="images")
     drawn = ordered[: opts.max_images]
     if len(ordered) > len(drawn):
-        body += f'<p class="note">{len(ordered) - len(drawn)} image(s) not shown (--max-images {opts.max_images}).</p>'
+        left_out = len(ordered) - len(drawn)
+        body += f'<p class="note">{left_out} image(s) not shown (--max-images {opts.max_images}).</p>'
     for im in drawn:
         path = _overlay(out, im["file_name"], int(im["id"]))
-        caption = f"image {im['id']} ({esc(im['file_name'])}): {shown.get(int(im['id']), 0)} detection(s) >= {opts.score_thr:g}"
+        count = shown.get(int(im["id"]), 0)
+        caption = f"image {im['id']} ({esc(im['file_name'])}): {count} detection(s) >= {opts.score_thr:g}"
         picture = (
             f'<img src="{load_picture(path, opts.long_side)}" alt="overlay of image {im["id"]}">'
             if path is not None
             else '<p class="note">no overlay (ntt segment ran with --no-overlays?)</p>'
         )
-        body += f'<figure id="img{im["id"]}">{picture}<figcaption>{caption} - overlay as ntt segment drew it</figcaption></figure>'
+        caption += " - the overlay as ntt segment drew it"
+        body += f'<figure id="img{im["id"]}">{picture}<figcaption>{caption}</figcaption></figure>'
     page.add("images", "Images, fewest detections first", body)
     if failed:
         fbody = table(

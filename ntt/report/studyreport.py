@@ -125,7 +125,8 @@ def study_report(root: Path, study: str | None = None) -> str:
         f"{len(runs)} run(s) below {root}; {int(runs['valid'].sum())} in the statistics",
     )
     warn = (
-        '<p class="warn">Runs with random weights: their numbers measure plumbing and speed only, never accuracy.</p>'
+        '<p class="warn">Runs with random weights: their numbers measure plumbing and speed only, never '
+        "accuracy.</p>"
         if random
         else ""
     )

@@ -1,4 +1,5 @@
-"""Drawing instances on pictures: class colours, filled masks, contours, ``name score`` labels; side-by-side pages.
+"""Drawing instances on pictures: class colours, filled masks, contours, ``name score`` labels; side-by-side
+pages.
 
 The one drawing code of ntt, shared by the practitioner's overlays (``Instances.overlay``, ``ntt segment``),
 ``ntt visualize RUN_DIR`` (ntt/app/visualize.py) and the HTML report (``ntt report``, ntt/report/). Every
