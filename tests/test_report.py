@@ -262,3 +262,20 @@ def test_report_cli_writes_the_page(tmp_path, capsys):
     assert cli.main(["report", str(run), "--out", str(tmp_path / "x" / "r.html"), "--max-images", "0"]) == 0
     assert f"report: {(tmp_path / 'x' / 'r.html').resolve()}" in capsys.readouterr().out
     assert "<img" not in (tmp_path / "x" / "r.html").read_text()
+
+
+@pytest.mark.slow
+def test_report_of_a_real_smoke_run(tmp_path):
+    """`make smoke`'s pipeline (tiny random models), then its page: every metric of metrics.json in the tables
+    and the 4 test images drawn (random weights: the numbers are plumbing only)."""
+    from helpers_pipeline import run_smoke
+
+    run_smoke(tmp_path)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    cells = parse(write_report(run))
+    for iou_type in ("bbox", "segm"):
+        for name, value in metrics[iou_type].items():
+            check_metric(cells, f"{iou_type}.{name}", value)
+    assert cells.cells["identity.config_id"][0] == metrics["config_id"]
+    assert len([s for t, s in cells.sources if t == "img"]) == metrics["num_images"] == 4
