@@ -215,6 +215,11 @@ def test_study_report_has_mean_std_and_ci_over_seeds(tmp_path):
     assert cells.cells[key + "n"][0] == "3"
     imgs = [src for tag, src in cells.sources if tag == "img"]
     assert len(imgs) == 1 and imgs[0].startswith("data:image/png;base64,")  # AP against shots
+    for c, row in enumerate(runs[0]["per_class"]):  # per class: mean and std over the seeds
+        values = [100 * m["per_class"][c]["segm_AP"] for m in runs]
+        key = f"class.set1.synthetic.2.{row['category_id']}.segm_AP_"
+        assert float(cells.cells[key + "mean"][1]) == pytest.approx(np.mean(values), abs=1e-9)
+        assert float(cells.cells[key + "std"][1]) == pytest.approx(np.std(values, ddof=1), abs=1e-9)
 
 
 def test_segment_report_lists_detections_overlays_and_failures(tmp_path):

@@ -16,7 +16,8 @@ from typing import Any
 
 from ntt.report.page import Cell, Page, esc, metric_cell, number_cell, table
 from ntt.report.pictures import data_uri
-from ntt.runner import collect_runs, seed_stats_table, write_shot_plots
+from ntt.report.plots import per_class_svg
+from ntt.runner import collect_class_rows, collect_runs, seed_stats_table, write_shot_plots
 
 __all__ = ["study_report"]
 
@@ -61,6 +62,52 @@ def stats_section(stats) -> str:
         "numbers as `ntt summarize` (seed_stats.csv).</p>"
     )
     return table(headers, rows, id="seed-stats") + note
+
+
+def per_class_section(classes, runs, max_plots: int = 6) -> str:
+    """Per setting, dataset, shots and class: n runs, mean and std of the box and mask AP (valid runs only)."""
+    valid = set(runs[runs["valid"]]["run_dir"]) if not runs.empty else set()
+    if classes.empty or not valid:
+        return '<p class="note">No per-class AP (no valid run with a per-class table).</p>'
+    rows = classes[classes["run_dir"].isin(valid)]
+    keys = ["setting_id", "dataset", "shots", "category_id", "name"]
+    columns = [c for c in ("bbox_AP", "segm_AP") if c in rows]
+    table_rows, plots = [], []
+    for (setting_id, dataset, shots), group in rows.groupby(keys[:3], sort=True):
+        per_class = group.groupby(keys[3:], sort=True)
+        for (cid, name), runs_of_class in per_class:
+            where = f"{setting_id}.{dataset}.{int(shots)}.{cid}"
+            cells = []
+            for col in columns:
+                values = runs_of_class[col].dropna()
+                std = float(values.std(ddof=1)) if len(values) > 1 else None
+                cells += [
+                    number_cell(
+                        float(values.mean()) if len(values) else None, f"class.{where}.{col}_mean", 1
+                    ),
+                    number_cell(std, f"class.{where}.{col}_std", 1),
+                ]
+            table_rows.append(
+                [dataset, setting_id, number_cell(shots), name, number_cell(len(runs_of_class)), *cells]
+            )
+        if len(plots) < max_plots:
+            means = per_class[columns].mean().reset_index()
+            svg = per_class_svg(
+                list(means["name"]),
+                {f"{'box' if c == 'bbox_AP' else 'mask'} AP": list(means[c] / 100.0) for c in columns},
+                f"{dataset}, {int(shots)} shots, setting {setting_id}: AP per class, mean over seeds",
+            )
+            plots.append(f"<figure>{svg}</figure>")
+    headers = ["dataset", "setting id", "shots", "class", "n"]
+    headers += [f"{'box' if c == 'bbox_AP' else 'mask'} AP {s}" for c in columns for s in ("mean", "std")]
+    note = '<p class="note">Percent, over the runs in the statistics; n/a classes (no ground truth) left out.</p>'
+    groups = rows.groupby(keys[:3]).ngroups
+    more = (
+        f'<p class="note">Plots of the first {max_plots} of {groups} groups.</p>'
+        if groups > max_plots
+        else ""
+    )
+    return table(headers, table_rows, id="per-class") + note + "".join(plots) + more
 
 
 def plots_section(stats) -> str:
@@ -132,6 +179,7 @@ def study_report(root: Path, study: str | None = None) -> str:
     )
     page.add("stats", "Box and mask AP over seeds", warn + stats_section(stats))
     page.add("plots", "AP against shots", plots_section(stats))
+    page.add("per-class", "Per class", per_class_section(collect_class_rows(root, study=study), runs))
     page.add("runs", "Runs", runs_section(runs, root))
     left_out = runs[~runs["valid"]]
     if left_out.empty:
