@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke report-smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
@@ -91,6 +91,10 @@ demo: setup ## main job: the whole pipeline on the synthetic dataset with SAM2.1
 
 smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are plumbing only)
 	$(PY) -m ntt run dataset=synthetic debug=smoke $(ARGS)
+
+report-smoke: setup ## the smoke run into outputs/report-smoke/run, then its HTML page (`ntt report`: report.html)
+	$(PY) -m ntt run dataset=synthetic debug=smoke run_dir=$(OUTPUTS)/report-smoke/run $(ARGS)
+	$(PY) -m ntt report $(OUTPUTS)/report-smoke/run
 
 checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
 	$(PY) -m ntt download sam2_hiera_l dinov2_vitl14
