@@ -35,6 +35,18 @@ def test_the_recipe_selects_every_fsod_vfm_option():
     assert smoke.backbone.sam2.name == "sam2_tiny_random" and smoke.matcher.merge == "diffusion"
 
 
+def test_the_recipe_keeps_every_proposal_in_the_detectors_order():
+    """FSOD-VFM has no NMS and no `score > 0` filter (method.md §5.14): the recipe turns both off, so the
+    diffusion and the final stable sort see the boxes in the detector's order (their end-to-end parity:
+    tests/test_fsod_vfm_e2e.py)."""
+    from ntt.utils.compose import compose
+
+    m = compose(["recipe=fsod_vfm"]).matcher
+    assert (m.nms_thr, m.score_filter, m.merge) == (None, "none", "diffusion")
+    assert (m.diffusion.grid, m.diffusion.order) == ("dino", "proposal")
+    assert (compose([]).matcher.nms_thr, compose([]).matcher.score_filter) == (0.5, "positive")  # NTT's
+
+
 def test_the_recipe_group_leaves_ntt_run_ids_alone():
     from ntt.utils.compose import compose
     from ntt.utils.identity import config_id
