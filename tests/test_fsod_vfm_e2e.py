@@ -12,8 +12,8 @@ On the fixture's kernels (AVX-512) every stage is bit for bit; on others the flo
 each comparison states its bound (ntt's own float values tell a near-tie from a real difference).
 What is fed as FSOD-VFM's, not computed by ntt (the differences §5.14 lists): the reference masks (FSOD-VFM
 decodes the reference boxes under ``torch.autocast(bfloat16)``, ntt in float32) and the SAM2 1024 input
-(torchvision's tensor resize, not ntt's PIL bicubic). The COCO ``bbox`` differs by design: FSOD-VFM writes
-the clipped prompt box, ntt the mask's extent.
+(torchvision's tensor resize, not ntt's PIL bicubic). The COCO ``bbox`` is FSOD-VFM's clipped prompt box
+(``matcher.output_box=prompt``, which the recipe sets; NTT writes the mask's extent).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def fx():
 def run(fx, parity_dir, tmp_path_factory):
     """ntt's recipe on the fixture's inputs: every stage the comparisons read."""
     from ntt.backbones.sam2 import build_sam2
-    from ntt.boxproposals import BoxSource, boxes_to_frame
+    from ntt.boxproposals import BoxSource, boxes_to_frame, with_prompt_boxes
     from ntt.gridmatching import long_side_input
     from ntt.inference import InferenceParams, classify_and_postprocess, propose_image
     from ntt.postprocess import upsample_logits
@@ -149,7 +149,12 @@ def run(fx, parity_dir, tmp_path_factory):
         det, trace = classify_and_postprocess(
             shared, bank.prototypes(), height=height, width=width, params=params
         )
-        coco = detections_to_coco(det, IMAGE_ID, CATEGORY_IDS, box_plus_one=params.box_plus_one)
+        if matcher.output_box == "prompt":  # as the run's test loop (ntt/runner/testloop.py, lines.py)
+            det = with_prompt_boxes(det, shared.props.grid_index, found.boxes)
+        coco = detections_to_coco(
+            det, IMAGE_ID, CATEGORY_IDS, box_plus_one=params.box_plus_one,
+            prompt_boxes=matcher.output_box == "prompt",
+        )  # fmt: skip
         full_logits = upsample_logits(shared.props.logits, height, width)
     return {
         "params": params, "bank": bank, "boxes": found.boxes, "shared": shared, "det": det, "trace": trace,
@@ -230,8 +235,8 @@ def test_diffusion_grid_and_pi_equal_fsod_vfm(fx, run):
 
 
 def test_final_coco_results_equal_fsod_vfm(fx, run):
-    """Order, category ids and scores of the results equal theirs, ntt's RLEs those of their masks; the bbox
-    is each code's own, and their own `segmentation` field is a broken encoding (§5.14) they never write."""
+    """Order, category ids, scores and boxes of the results equal theirs, ntt's RLEs those of their masks;
+    their own `segmentation` field is a broken encoding (§5.14) they never write."""
     from ntt.results import encode_masks_rle
 
     theirs = json.loads(str(fx["coco_results"]))
@@ -257,10 +262,11 @@ def test_final_coco_results_equal_fsod_vfm(fx, run):
     # their RLE: SAM2 returns a batch's masks as [1, H, W] each, which pycocotools reads as W masks of 1 x H
     # (the first kept): every result of a batch of more than one box; run_coco_eval deletes the field anyway
     assert all(b["segmentation"]["size"] == [1, height] for b in theirs)
-    # bbox: FSOD-VFM writes the clipped prompt box (floats), ntt the mask's inclusive extent (§5.8, §5.14)
+    # bbox: FSOD-VFM writes the clipped prompt box (floats): so does the recipe (matcher.output_box=prompt)
     sel = fx["query_boxes"]
     for p, b in zip(fx["result_proposal"].tolist(), theirs):
         x1, y1, x2, y2 = sel[p]
         assert b["bbox"] == [x1, y1, x2 - x1, y2 - y1]
-    final_boxes = run["det"].boxes_xyxy.round().to(torch.int64).tolist()
-    assert [r["bbox"] for r in ours] == [[a, b, c - a, d - b] for a, b, c, d in final_boxes]
+    mine = {int(p): r for p, r in zip(tr["final_proposal"].tolist(), ours)}
+    for p, b in zip(fx["result_proposal"].tolist(), theirs):
+        assert mine[p]["bbox"] == b["bbox"]

@@ -36,6 +36,15 @@ def test_fsod_vfm_semantics_are_refused_naming_the_keys():
     )
 
 
+def test_prompt_boxes_as_output_are_refused():
+    with pytest.raises(ConfigError) as err:
+        params_from_config(compose(["matcher.output_box=prompt"]))
+    assert str(err.value) == (
+        "matcher.output_box=prompt: the segmenter's boxes are its masks' extents; prompt boxes "
+        "(proposer=boxes, recipe=fsod_vfm) run with `ntt run`"
+    )
+
+
 def test_the_stages_after_the_scores_are_honoured():
     p = params_from_config(
         compose(["matcher.merge=diffusion", "matcher.nms_thr=null", "matcher.score_filter=none"])

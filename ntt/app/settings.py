@@ -68,6 +68,11 @@ def params_from_config(cfg) -> InferenceParams:
             "matcher.semantics: the segmenter encodes and scores as NTT; FSOD-VFM's semantic side "
             f"(matcher=fsod_vfm, recipe=fsod_vfm; here {differ}) runs with `ntt run`"
         )
+    if mat.output_box != "mask":  # a prompt box exists only with proposer=boxes (method.md §5.14)
+        raise ConfigError(
+            f"matcher.output_box={mat.output_box}: the segmenter's boxes are its masks' extents; prompt boxes "
+            "(proposer=boxes, recipe=fsod_vfm) run with `ntt run`"
+        )
     return InferenceParams.from_settings(prop, mat)
 
 

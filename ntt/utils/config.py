@@ -237,6 +237,7 @@ class SemanticsConfig:
 
 MERGE_METHODS = ("soft", "diffusion", "none")
 SCORE_FILTERS = ("positive", "none")
+OUTPUT_BOXES = ("mask", "prompt")
 DIFFUSION_GRIDS = ("fsod_vfm", "dino", "lowres")
 DIFFUSION_ORDERS = ("proposal", "score")
 DIFFUSION_SOLVERS = ("iterate", "solve")
@@ -327,6 +328,8 @@ class MatcherConfig:
         diffusion: FSOD-VFM's settings, see `DiffusionConfig` (read only when `merge=diffusion`).
         score_filter: which proposals go on after the NMS: `positive` = those with `score > 0` (NTT, method.md
             §5.5 item 4, parity: a NaN score leaves too); `none` = all of them (FSOD-VFM, method.md §5.14).
+        output_box: the COCO `bbox` of a detection: `mask` = its mask's extent (NTT, method.md §5.8);
+            `prompt` = its clipped prompt box, as floats (FSOD-VFM, method.md §5.14; needs `proposer=boxes`).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -340,6 +343,7 @@ class MatcherConfig:
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     score_filter: str = "positive"
+    output_box: str = "mask"
 
     def __post_init__(self) -> None:
         # Hydra passes nested nodes as dicts when the target is a dataclass built by hand.
@@ -351,6 +355,7 @@ class MatcherConfig:
             object.__setattr__(self, "diffusion", DiffusionConfig(**self.diffusion))
         _check_choice("matcher.merge", self.merge, MERGE_METHODS)
         _check_choice("matcher.score_filter", self.score_filter, SCORE_FILTERS)
+        _check_choice("matcher.output_box", self.output_box, OUTPUT_BOXES)
 
 
 @dataclass(frozen=True)
@@ -550,8 +555,12 @@ def validate_config(cfg: Any) -> RunSettings:
         if key not in (*names, *CONFIG_NODES, "hydra"):
             raise ConfigError(unknown_key_message(f"{key}={_show(cfg.get(key))}", key))
     settings = build_node({k: to_plain(cfg[k]) for k in names if k in cfg}, RunSettings)
-    for cls in (DatasetSpec, ProposerConfig, MatcherConfig, EvalConfig, IOConfig):
-        build_node(cfg.get(NODE_KEYS[cls]) or {}, cls)
+    built = {cls: build_node(cfg.get(NODE_KEYS[cls]) or {}, cls) for cls in (DatasetSpec, ProposerConfig, MatcherConfig, EvalConfig, IOConfig)}  # fmt: skip
+    if built[MatcherConfig].output_box == "prompt" and built[ProposerConfig].prompts != "boxes":
+        raise ConfigError(
+            "matcher.output_box=prompt needs proposer=boxes (a detection's prompt box); with the point grid "
+            "use matcher.output_box=mask"
+        )
     return settings
 
 
