@@ -72,8 +72,8 @@ def test_the_recipe_runs_end_to_end_on_tiny_random_models(tmp_path):
     run_dir = Path(str(cfg.run_dir))
     assert metrics["num_images"] == 2 and metrics["failed_images"] == []
     assert "bbox" in metrics and "segm" in metrics  # box and mask AP both (random weights: plumbing only)
-    # random weights: the unclamped cosines can all be <= 0, and NTT's later `score > 0` filter (kept by the
-    # recipe, unlike FSOD-VFM) then leaves no detection; the file is there and well formed either way
+    # random weights: meaningless detections (the recipe keeps every box's mask, negative cosines too, as
+    # FSOD-VFM: method.md §5.14); the file is there and well formed
     preds = json.loads((run_dir / "predictions.json").read_text())
     assert all(set(p) >= {"image_id", "category_id", "bbox", "score", "segmentation"} for p in preds)
     config = (run_dir / "config.yaml").read_text()
