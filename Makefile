@@ -12,14 +12,14 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke smoke-ablation checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke report-smoke smoke-ablation checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis \
 	study-fsod-vfm-coco study-fsod-vfm-voc study-fsod-vfm-cdfsod
 
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
-	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) ARGS='<extra arguments of the target>' STUDY_ARGS='<study-ratio options (bench, bench-study)>'"
+	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) TEST_WORKERS=$(TEST_WORKERS) ARGS='<extra arguments of the target>' STUDY_ARGS='<study-ratio options (bench, bench-study)>'"
 	@echo "  ARGS: hydra overrides for demo, smoke, study-*; pytest options for test*, parity*; tool options for bench*, prepare-*"
 
 setup: $(STAMP) ## create $(VENV) and install ntt + torch + sam2/dinov2 (--no-deps) + dev tools
@@ -52,8 +52,13 @@ lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, res
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
 	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls .venv with these versions) and commit the file if it passes"
 
-test: setup ## run the default test suite (docs/testing.md: its measured time); fails if no test ran
-	@set -o pipefail; $(PY) -m pytest -q $(ARGS); rc=$$?; \
+# Worker processes of `make test` (pytest-xdist, one file per worker at a time, one torch thread each):
+# on a busy 2-core machine 2 single-threaded workers finish the suite in about half the time of one
+# 2-thread process (docs/testing.md). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
+test: setup ## run the default test suite in TEST_WORKERS=2 worker processes (docs/testing.md: its measured time); fails if no test ran
+	@set -o pipefail; $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS); rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-slow: setup ## run only the tests marked slow
@@ -88,11 +93,15 @@ demo: setup ## main job: the whole pipeline on the synthetic dataset with SAM2.1
 smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are plumbing only)
 	$(PY) -m ntt run dataset=synthetic debug=smoke $(ARGS)
 
-# The NTT-to-FSOD-VFM walk (experiments/ablation/ntt_to_fsod_vfm.yaml, 8 steps) on 2 synthetic images with tiny
+report-smoke: setup ## the smoke run into outputs/report-smoke/run, then its HTML page (`ntt report`: report.html)
+	$(PY) -m ntt run dataset=synthetic debug=smoke run_dir=$(OUTPUTS)/report-smoke/run $(ARGS)
+	$(PY) -m ntt report $(OUTPUTS)/report-smoke/run
+
+# The NTT-to-FSOD-VFM walk (experiments/ablation/ntt_to_fsod_vfm.yaml, 10 steps) on 2 synthetic images with tiny
 # RANDOM weights: the test images' ground-truth boxes stand in for FSOD-VFM's detector (ntt.tools.gtboxes).
 SMOKE_ABLATION_OUT ?= outputs/smoke_ablation
 SMOKE_DATA = $(SMOKE_ABLATION_OUT)/datasets/synthetic_n9_s0
-smoke-ablation: setup ## NTT-to-FSOD-VFM walk, 8 steps x 2 shots x 2 seeds, 2 images, RANDOM weights (plumbing only) + table + plot
+smoke-ablation: setup ## NTT-to-FSOD-VFM walk, 10 steps x 2 shots x 2 seeds, 2 images, RANDOM weights (plumbing only) + table + plot
 	$(PY) -m ntt synth $(SMOKE_DATA) --num-images 9
 	$(PY) -m ntt.tools.gtboxes $(SMOKE_DATA)/test.json $(SMOKE_ABLATION_OUT)/gt_boxes.json
 	$(PY) -m ntt study ablation=ntt_to_fsod_vfm_smoke paths.output_dir=$(SMOKE_ABLATION_OUT) \

@@ -5,6 +5,7 @@ ntt study [hydra overrides]      every job of a sweep with ONE pass over the tes
 ntt segment --refs R --images D --out O [overrides]   segment your own images (ntt segment --help)
 ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of a benchmark run
 ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
+ntt report PATH                  one self-contained HTML page of a run, a study or an `ntt segment` folder
 ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
 ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks|fsod-vfm-shots)
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
@@ -25,6 +26,7 @@ COMMANDS = {
     "segment": "ntt.app.segment:main",
     "visualize": "ntt.app.visualize:main",
     "summarize": "ntt.runner.summarize:main",
+    "report": "ntt.report.main:main",
     "download": "ntt.backbones.download:download_main",
     "prepare": "ntt.prepare:main",
     "synth": "ntt.data.synthetic:main",

@@ -21,7 +21,9 @@ WALK = [
     "walk4_dino630",
     "walk5_class_mean",
     "walk6_grid_pool",
-    "walk7_fsod_vfm",
+    "walk7_cosine",
+    "walk8_keep_all",
+    "walk9_fsod_vfm",
 ]
 # what each step changes from the one before (its variant aside), as `key: new value`; a key that the step
 # before did not have (a new option's own keys) is listed with its value too
@@ -66,7 +68,9 @@ STEPS = {
         "matcher.semantics.reference_masks": "sam2_box",
     },
     "walk6_grid_pool": {"matcher.semantics.proposal_pooling": "grid_mask"},
-    "walk7_fsod_vfm": {"matcher.semantics.scoring": "cosine"},
+    "walk7_cosine": {"matcher.semantics.scoring": "cosine"},
+    "walk8_keep_all": {"matcher.nms_thr": None, "matcher.score_filter": "none"},
+    "walk9_fsod_vfm": {"matcher.output_box": "prompt"},
 }
 
 
@@ -103,13 +107,13 @@ def test_each_step_adds_one_option_to_the_step_before():
 
 
 def test_the_last_step_is_the_recipe_key_for_key():
-    walk = composed("walk=walk7_fsod_vfm")
+    walk = composed("walk=walk9_fsod_vfm")
     recipe = composed("recipe=fsod_vfm")
-    assert recipe["variant"] == "fsod_vfm" and walk["variant"] == "walk7_fsod_vfm"
+    assert recipe["variant"] == "fsod_vfm" and walk["variant"] == "walk9_fsod_vfm"
     walk.pop("variant"), recipe.pop("variant")
     assert walk == recipe
     # ... and on the tiny random models of the smoke walk, too (its backbones win over the steps')
-    smoke = composed("walk=walk7_fsod_vfm", "ablation=ntt_to_fsod_vfm_smoke")
+    smoke = composed("walk=walk9_fsod_vfm", "ablation=ntt_to_fsod_vfm_smoke")
     assert (
         smoke["backbone.sam2.name"] == "sam2_tiny_random" and smoke["backbone.sam2.add_no_mem_embed"] is True
     )
@@ -286,7 +290,7 @@ def test_side_by_side_table_has_one_row_per_setting_in_variant_order():
     assert side_by_side_sections(stats_table(one), lambda b, d: d[0]) == []  # one setting: nothing to compare
 
 
-@pytest.mark.slow  # 16 jobs (8 steps x 2 shots, one seed) on 2 images: 5-10 min on 2 busy cores
+@pytest.mark.slow  # 20 jobs (10 steps x 2 shots, one seed) on 2 images: 5-10 min on 2 busy cores
 @pytest.mark.timeout(1800)
 def test_the_smoke_walk_runs_end_to_end_and_summarizes_to_a_table_and_a_plot(tmp_path):
     from ntt import cli

@@ -33,7 +33,12 @@ def success_line(
     from ntt.results import detections_to_coco
 
     results = detections_to_coco(
-        det, img_id, list(plan.test_ds.category_ids), box_plus_one=ctx.matcher.box_plus_one, rles=rles
+        det,
+        img_id,
+        list(plan.test_ds.category_ids),
+        box_plus_one=ctx.matcher.box_plus_one,
+        rles=rles,
+        prompt_boxes=ctx.matcher.output_box == "prompt",  # FSOD-VFM's bbox (method.md §5.14)
     )
     if trace is not None:
         save_image_trace(ctx, img_id, trace)
