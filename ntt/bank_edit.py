@@ -221,7 +221,9 @@ def remove_reference(bank: MemoryBank, name: str, index: int) -> MemoryBank:
     cls = classes[row]
     n = len(cls.means)
     if not -n <= int(index) < n:
-        raise BankEditError(f"remove_reference: class {name!r} has {n} reference(s) (0..{n - 1}), not {index}")
+        raise BankEditError(
+            f"remove_reference: class {name!r} has {n} reference(s) (0..{n - 1}), not {index}"
+        )
     k = int(index) % n
     for items in (cls.means, cls.weight_sums, cls.refs):
         del items[k]

@@ -29,11 +29,17 @@ FIXTURE = Path(__file__).parent / "fixtures" / "banks" / "bank_v2_main.ntt"
 TINY = ["proposer.points_per_side=4", "proposer.points_batch_size=16", "proposer.iou_thr=0.0"]
 
 # (class, FSS class folder, image number): "pear" is apple pictures under another name (a third class)
-A1, A2, B1, B2, P1 = ("apple", "apple", 1), ("apple", "apple", 2), ("basketball", "basketball", 1), (
-    "basketball",
-    "basketball",
-    2,
-), ("pear", "apple", 3)
+A1, A2, B1, B2, P1 = (
+    ("apple", "apple", 1),
+    ("apple", "apple", 2),
+    ("basketball", "basketball", 1),
+    (
+        "basketball",
+        "basketball",
+        2,
+    ),
+    ("pear", "apple", 3),
+)
 
 
 def segmenter(*overrides: str) -> Segmenter:
@@ -95,7 +101,9 @@ def test_a_loaded_bank_grows_by_encoding_only_the_new_references(full, tmp_path,
     encoded = []
     real = ntt.memory.encode_references
     monkeypatch.setattr(
-        ntt.memory, "encode_references", lambda plan, *a, **k: encoded.extend(plan.jobs) or real(plan, *a, **k)
+        ntt.memory,
+        "encode_references",
+        lambda plan, *a, **k: encoded.extend(plan.jobs) or real(plan, *a, **k),
     )
     bank = grown.build(progress=False)
     assert [j.description for j in encoded] == [
@@ -140,7 +148,9 @@ def test_given_category_ids_are_kept_through_edits(tmp_path):
 
 
 def test_edit_errors_name_the_class_and_the_close_names(full):
-    with pytest.raises(BankEditError, match=r"no class 'aple' in the bank \(did you mean apple\?\); its classes"):
+    with pytest.raises(
+        BankEditError, match=r"no class 'aple' in the bank \(did you mean apple\?\); its classes"
+    ):
         full.remove_class("aple")
     with pytest.raises(BankEditError, match="already has a class 'pear'"):
         full.rename_class("apple", "pear")
@@ -168,7 +178,10 @@ def test_references_record_their_sources_and_describe_lists_them(full):
     text = full.describe()
     assert "3 classes, 4 references; encoder dinov2_tiny_random (D=64); format ntt-memory v3" in text
     assert "\n  [1] apple: 2 references\n      0: 1.jpg  mask sha256 " in text
-    assert f"\n  [3] pear: 1 reference\n      0: 3.jpg  mask sha256 {full.refs[2][0]['mask_sha256'][:12]}" in text
+    assert (
+        f"\n  [3] pear: 1 reference\n      0: 3.jpg  mask sha256 {full.refs[2][0]['mask_sha256'][:12]}"
+        in text
+    )
 
 
 def test_a_bank_written_by_the_previous_format_loads_and_grows(tmp_path):
@@ -222,7 +235,53 @@ def test_predict_with_a_class_subset_equals_a_bank_of_only_those_classes(three_c
 
 
 def test_an_unknown_class_in_a_subset_is_one_line_with_the_close_names(three_class_segmenter):
-    with pytest.raises(BankEditError, match=r"^predict\(classes=...\): no class 'basketbal' in the bank \(did you mean basketball\?\); its classes: apple, basketball, pear$"):  # noqa: E501
+    with pytest.raises(
+        BankEditError,
+        match=r"^predict\(classes=...\): no class 'basketbal' in the bank \(did you mean basketball\?\); its classes: apple, basketball, pear$",
+    ):  # noqa: E501
         three_class_segmenter.predict(FSS / "images/apple/5.jpg", classes=["basketbal"])
     with pytest.raises(BankEditError, match="the subset is empty"):
         three_class_segmenter.predict(FSS / "images/apple/5.jpg", classes=[])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ntt bank
+
+
+def test_ntt_bank_show_remove_rename_merge_edit_the_file_exactly(full, tmp_path, capsys, caplog):
+    from ntt import cli
+
+    path = full.save(tmp_path / "bank.ntt")
+    assert cli.main(["bank", "show", str(path)]) == 0
+    assert "3 classes, 4 references" in capsys.readouterr().out
+    assert (
+        cli.main(["bank", "remove", str(path), "apple", "--ref", "0", "--out", str(tmp_path / "r.ntt")]) == 0
+    )
+    assert (tmp_path / "r.ntt").read_bytes() == file_bytes(full.remove_reference("apple", 0), tmp_path / "x")
+    assert cli.main(["bank", "rename", str(path), "pear", "plum"]) == 0  # in place
+    assert path.read_bytes() == file_bytes(full.rename_class("pear", "plum"), tmp_path / "x")
+    assert cli.main(["bank", "remove", str(path), "apple"]) == 0
+    other = scratch(A1, A2).save(tmp_path / "apples.ntt")
+    assert cli.main(["bank", "merge", str(path), str(other), "--out", str(tmp_path / "m.ntt")]) == 0
+    merged = MemoryBank.load(tmp_path / "m.ntt")
+    assert merged.category_names == ["basketball", "plum", "apple"] and merged.category_ids == [1, 2, 3]
+    assert cli.main(["bank", "remove", str(path), "appel"]) == 2  # one line, exit status 2
+    assert "remove_class: no class 'appel' in the bank; its classes: basketball, plum" in caplog.text
+
+
+def test_ntt_bank_add_encodes_new_references_into_a_saved_bank(tmp_path):
+    require_path(FSS, "FSS-1000 sample (geti-instant-learn-samples)")
+    from ntt.app.bank_cli import main
+
+    path = scratch(A1, B1).save(tmp_path / "bank.ntt")
+    prompts = {"references": [{"image": str(FSS / "images/apple/2.jpg"), "class": "apple",
+                               "mask": str(FSS / "masks/apple/2.png")},
+                              {"image": str(FSS / "images/apple/3.jpg"), "class": "pear",
+                               "mask": str(FSS / "masks/apple/3.png")}]}  # fmt: skip
+    (tmp_path / "more.json").write_text(json.dumps(prompts))
+    assert main(["add", str(path), "--refs", str(tmp_path / "more.json"), "--device", "cpu"]) == 0
+    grown = MemoryBank.load(path)
+    want = scratch(A1, B1, A2, P1)
+    assert grown.counts.tolist() == [2, 1, 1] and grown.category_names == ["apple", "basketball", "pear"]
+    assert grown.instance_means.numpy().tobytes() == want.instance_means.numpy().tobytes()
+    assert grown.prototypes().numpy().tobytes() == want.prototypes().numpy().tobytes()
