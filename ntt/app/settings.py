@@ -62,6 +62,11 @@ def params_from_config(cfg) -> InferenceParams:
             "matcher.semantics: the segmenter encodes and scores as NTT; FSOD-VFM's semantic side "
             "(matcher=fsod_vfm) runs with `ntt run`"
         )
+    if mat.classes is not None:  # one way per path: the segmenter's subset is per call
+        raise ConfigError(
+            f"matcher.classes={list(mat.classes)}: the segmenter takes the classes per call: "
+            "predict(..., classes=[...]) or `ntt segment --classes a,b`"
+        )
     return InferenceParams.from_settings(prop, mat)
 
 

@@ -323,6 +323,10 @@ class MatcherConfig:
             semantic soft merging (method.md §5.7, parity); `diffusion` = FSOD-VFM's graph diffusion
             (method.md §5.12, settings in `diffusion`); `none` = no re-scoring.
         diffusion: FSOD-VFM's settings, see `DiffusionConfig` (read only when `merge=diffusion`).
+        classes: label with these classes of the bank only (names; null = every class): the test stage
+            uses the same references and bank and keeps only these classes' prototypes, so its detections
+            are those of a bank holding only them; evaluation covers only them. `ntt run` / `ntt study`
+            (the segmenter takes `predict(classes=...)` / `ntt segment --classes`).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -335,6 +339,7 @@ class MatcherConfig:
     semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Hydra passes nested nodes as dicts when the target is a dataclass built by hand.
@@ -345,6 +350,8 @@ class MatcherConfig:
         if isinstance(self.diffusion, dict):
             object.__setattr__(self, "diffusion", DiffusionConfig(**self.diffusion))
         _check_choice("matcher.merge", self.merge, MERGE_METHODS)
+        if self.classes is not None and not self.classes:
+            raise ValueError("matcher.classes=[]: give at least one class name, or null for every class")
 
 
 @dataclass(frozen=True)
