@@ -58,3 +58,16 @@ def test_an_unknown_class_in_the_subset_names_the_close_ones(tmp_path):
         ConfigError, match=r"matcher.classes: no class 'sqare' among the run's 4 classes \(did "
     ):
         run(tmp_path, *SMALL_SYNTH, "matcher.classes=[sqare]")
+
+
+def test_an_empty_subset_and_a_subset_for_the_segmenter_are_refused_with_the_key():
+    from omegaconf import OmegaConf
+
+    from ntt.app.settings import compose_config, params_from_config
+    from ntt.utils.config import MatcherConfig, build_node
+
+    with pytest.raises(ConfigError, match=r"matcher.classes=\[\]: give at least one class name"):
+        build_node(OmegaConf.create({"classes": []}), MatcherConfig)
+    cfg = compose_config(sam2="tiny_random", dinov2="tiny_random", overrides=["matcher.classes=[a]"])
+    with pytest.raises(ConfigError, match=r"segmenter takes the classes per call: predict\(..., classes="):
+        params_from_config(cfg)
