@@ -10,7 +10,7 @@ geometry or mask sha256: ``Segmenter.add_reference``). A bank is written with th
 it: one that uses none of these is version 1, byte for byte what version-1 writers wrote (run directories
 record the sha256 of their memory files). ``load`` reads every version, and the practitioner's former
 format, ``ntt-reference-bank`` version 1. Edits (class subsets, removing, renaming, merging) are in
-``ntt.bank_edit``; :meth:`MemoryBank.describe` lists a bank's classes and sources.
+``ntt.bank_edit`` (whose ``describe`` lists a bank's classes and each reference's source).
 """
 
 from __future__ import annotations
@@ -194,45 +194,6 @@ class MemoryBank:
         if self.config:
             meta["config"] = self.config
         return meta
-
-    # -------------------------------------------------------------------------------------------------
-    # Edits (ntt.bank_edit): each returns a new bank, the one built from scratch from the same references
-
-    def subset(self, classes: list[str]) -> MemoryBank:
-        """The bank holding only ``classes`` (ids kept): ``ntt.bank_edit.subset``."""
-        from ntt.bank_edit import subset
-
-        return subset(self, classes)
-
-    def remove_class(self, name: str) -> MemoryBank:
-        """The bank without class ``name``: ``ntt.bank_edit.remove_class``."""
-        from ntt.bank_edit import remove_class
-
-        return remove_class(self, name)
-
-    def remove_reference(self, name: str, index: int) -> MemoryBank:
-        """The bank without reference ``index`` of class ``name``: ``ntt.bank_edit.remove_reference``."""
-        from ntt.bank_edit import remove_reference
-
-        return remove_reference(self, name, index)
-
-    def rename_class(self, old: str, new: str) -> MemoryBank:
-        """The bank with class ``old`` named ``new``: ``ntt.bank_edit.rename_class``."""
-        from ntt.bank_edit import rename_class
-
-        return rename_class(self, old, new)
-
-    def merge(self, other: MemoryBank) -> MemoryBank:
-        """This bank then ``other`` (same-named classes joined): ``ntt.bank_edit.merge``."""
-        from ntt.bank_edit import merge
-
-        return merge(self, other)
-
-    def describe(self) -> str:
-        """Classes, counts and each reference's source, a few lines: ``ntt.bank_edit.describe``."""
-        from ntt.bank_edit import describe
-
-        return describe(self)
 
     def save(self, path: str | os.PathLike) -> Path:
         """``torch.save`` plain tensors + JSON-able metadata (atomic: temp file + rename). Returns the path.

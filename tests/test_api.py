@@ -229,7 +229,9 @@ def test_box_and_click_references_record_their_prompt_and_image_digest(fss_segme
     assert box_ref["box"] == [30.0, 30.0, 190.0, 190.0] and "mask_sha256" not in box_ref
     assert click_ref["points"] == [[110.0, 120.0]] and click_ref["point_labels"] == [1]
     assert len(mask_ref["mask_sha256"]) == 64 and bank.format_version() == 3
-    text = bank.describe()
+    from ntt.bank_edit import describe
+
+    text = describe(bank)
     assert f"0: 1.jpg  box [30.0, 30.0, 190.0, 190.0]  image sha256 {box_ref['image_sha256'][:12]}" in text
     assert "1: 2.jpg  points [[110.0, 120.0]] labels [1]  image sha256 " in text
 

@@ -21,7 +21,15 @@ import ntt.memory
 from ntt.app.segmenter import Segmenter
 from ntt.app.settings import compose_config
 from ntt.bank import MemoryBank
-from ntt.bank_edit import BankEditError
+from ntt.bank_edit import (
+    BankEditError,
+    describe,
+    merge,
+    remove_class,
+    remove_reference,
+    rename_class,
+    subset,
+)
 from ntt.utils.files import sha256_file
 
 FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
@@ -117,16 +125,18 @@ def test_a_loaded_bank_grows_by_encoding_only_the_new_references(full, tmp_path,
 
 
 def test_remove_rename_and_merge_give_the_bank_built_from_scratch(full, tmp_path):
-    no_apple = full.remove_class("apple")
+    no_apple = remove_class(full, "apple")
     assert no_apple.category_names == ["basketball", "pear"] and no_apple.category_ids == [1, 2]  # 1..C
     assert_same_bank(no_apple, scratch(B1, P1), tmp_path)
-    assert_same_bank(full.remove_reference("apple", 0), scratch(A2, B1, P1), tmp_path)
-    assert_same_bank(full.remove_reference("pear", -1), scratch(A1, A2, B1), tmp_path)  # last ref: class gone
-    renamed = full.rename_class("basketball", "ball")
+    assert_same_bank(remove_reference(full, "apple", 0), scratch(A2, B1, P1), tmp_path)
+    assert_same_bank(
+        remove_reference(full, "pear", -1), scratch(A1, A2, B1), tmp_path
+    )  # last ref: class gone
+    renamed = rename_class(full, "basketball", "ball")
     assert_same_bank(renamed, scratch(A1, A2, ("ball", "basketball", 1), P1), tmp_path)
-    assert_same_bank(scratch(A1, B1).merge(scratch(A2, P1)), full, tmp_path)
+    assert_same_bank(merge(scratch(A1, B1), scratch(A2, P1)), full, tmp_path)
     # a sequence: remove a class, then merge it back: it comes last, with the next id
-    again = full.remove_class("apple").merge(scratch(A1, A2))
+    again = merge(remove_class(full, "apple"), scratch(A1, A2))
     assert again.category_names == ["basketball", "pear", "apple"] and again.category_ids == [1, 2, 3]
     assert_same_bank(again, scratch(B1, P1, A1, A2), tmp_path)
     # the edits survive a save -> load
@@ -142,31 +152,31 @@ def test_given_category_ids_are_kept_through_edits(tmp_path):
     assert bank.category_ids == [5, 9] and bank.refs[0][0]["category_id"] == 5
     seg9 = segmenter()
     add(seg9, B1, category_id=9)
-    assert_same_bank(bank.remove_class("apple"), seg9.build(progress=False), tmp_path)
+    assert_same_bank(remove_class(bank, "apple"), seg9.build(progress=False), tmp_path)
     with pytest.raises(BankEditError, match="category id 5 is used by both 'apple' and 'pear'"):
-        bank.merge(scratch(("pear", "apple", 3), category_id=5))
+        merge(bank, scratch(("pear", "apple", 3), category_id=5))
 
 
 def test_edit_errors_name_the_class_and_the_close_names(full):
     with pytest.raises(
         BankEditError, match=r"no class 'aple' in the bank \(did you mean apple\?\); its classes"
     ):
-        full.remove_class("aple")
+        remove_class(full, "aple")
     with pytest.raises(BankEditError, match="already has a class 'pear'"):
-        full.rename_class("apple", "pear")
+        rename_class(full, "apple", "pear")
     with pytest.raises(BankEditError, match=r"has 1 reference\(s\) \(0..0\), not 3"):
-        full.remove_reference("pear", 3)
+        remove_reference(full, "pear", 3)
     with pytest.raises(BankEditError, match="no class would be left"):
-        full.subset(["pear"]).remove_class("pear")
+        remove_class(subset(full, ["pear"]), "pear")
     other = MemoryBank(**{**vars(full), "fill_settings": {**full.fill_settings, "context_ratio": 0.5}})
     with pytest.raises(BankEditError, match="encoded their references differently"):
-        full.merge(other)
+        merge(full, other)
     benchmark = MemoryBank(
         instance_means=full.instance_means[:, :1], weight_sums=full.weight_sums[:, :1], category_ids=[1, 2, 3],
         category_names=["a", "b", "c"], shots=1,
     )  # fmt: skip
     with pytest.raises(BankEditError, match="benchmark run's memory"):
-        benchmark.remove_class("a")
+        remove_class(benchmark, "a")
 
 
 def test_references_record_their_sources_and_describe_lists_them(full):
@@ -175,7 +185,7 @@ def test_references_record_their_sources_and_describe_lists_them(full):
     assert ref["image_sha256"] == sha256_file(FSS / "images/apple/1.jpg") and ref["prompt"] == "mask"
     assert len(ref["mask_sha256"]) == 64 and "category_id" not in ref  # counted, not given
     assert full.meta()["format_version"] == 3
-    text = full.describe()
+    text = describe(full)
     assert "3 classes, 4 references; encoder dinov2_tiny_random (D=64); format ntt-memory v3" in text
     assert "\n  [1] apple: 2 references\n      0: 1.jpg  mask sha256 " in text
     assert (
@@ -257,9 +267,9 @@ def test_ntt_bank_show_remove_rename_merge_edit_the_file_exactly(full, tmp_path,
     assert (
         cli.main(["bank", "remove", str(path), "apple", "--ref", "0", "--out", str(tmp_path / "r.ntt")]) == 0
     )
-    assert (tmp_path / "r.ntt").read_bytes() == file_bytes(full.remove_reference("apple", 0), tmp_path / "x")
+    assert (tmp_path / "r.ntt").read_bytes() == file_bytes(remove_reference(full, "apple", 0), tmp_path / "x")
     assert cli.main(["bank", "rename", str(path), "pear", "plum"]) == 0  # in place
-    assert path.read_bytes() == file_bytes(full.rename_class("pear", "plum"), tmp_path / "x")
+    assert path.read_bytes() == file_bytes(rename_class(full, "pear", "plum"), tmp_path / "x")
     assert cli.main(["bank", "remove", str(path), "apple"]) == 0
     other = scratch(A1, A2).save(tmp_path / "apples.ntt")
     assert cli.main(["bank", "merge", str(path), str(other), "--out", str(tmp_path / "m.ntt")]) == 0

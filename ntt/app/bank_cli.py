@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from ntt.bank import MemoryBank
+from ntt.bank_edit import describe, merge, remove_class, remove_reference, rename_class
 from ntt.utils.errors import UserError
 
 __all__ = ["main"]
@@ -68,17 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "add":
         _parser().error(f"unrecognised arguments {rest}")
     if args.command == "show":
-        print(f"{args.bank}: {_load(args.bank).describe()}")
+        print(f"{args.bank}: {describe(_load(args.bank))}")
         return 0
     if args.command == "add":
         bank = _add(args, rest)
     elif args.command == "remove":
         bank = _load(args.bank)
-        bank = bank.remove_class(args.cls) if args.ref is None else bank.remove_reference(args.cls, args.ref)
+        bank = (
+            remove_class(bank, args.cls) if args.ref is None else remove_reference(bank, args.cls, args.ref)
+        )
     elif args.command == "rename":
-        bank = _load(args.bank).rename_class(args.old, args.new)
+        bank = rename_class(_load(args.bank), args.old, args.new)
     else:
-        bank = _load(args.bank).merge(_load(args.other))
+        bank = merge(_load(args.bank), _load(args.other))
     out = bank.save(Path(args.out or args.bank))
     counts = ", ".join(f"{n}: {int(c)}" for n, c in zip(bank.category_names, bank.counts))
     print(f"{out}: {len(bank.category_names)} classes ({counts})")

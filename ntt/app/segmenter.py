@@ -285,11 +285,11 @@ class Segmenter:
     def build(self, *, progress: bool = True) -> MemoryBank:
         """Encode every reference with DINOv2 into the bank (instance means; prototypes on demand).
 
-        With a loaded bank, only the references added since are encoded; their features are appended to
-        the loaded bank's stored ones (``ntt.bank_edit.merge``): the bank a new segmenter would build from
-        all of them, class by class in the loaded bank's order. References are encoded by ``ntt.memory.encode_references``, as the benchmark's ``fill_memory``
+        References are encoded by ``ntt.memory.encode_references``, as the benchmark's ``fill_memory``
         encodes its own (same crop, resize, mask pooling, batches of ``matcher.memory.batch_size`` in class
-        order then reference order).
+        order then reference order). With a loaded bank, only the references added since are encoded; their
+        features are appended to the loaded bank's stored ones (``ntt.bank_edit.merge``): the bank a new
+        segmenter would build from all of them, class by class in the loaded bank's order.
 
         Args:
             progress: show a tqdm bar.

@@ -44,7 +44,9 @@ def load_prototypes(ctx: RunContext, test_ds):
             f"{list(test_ds.category_ids)}: rerun with stages including fill_memory"
         )
     if ctx.matcher.classes is not None:
-        bank = bank.subset(list(ctx.matcher.classes))
+        from ntt.bank_edit import subset
+
+        bank = subset(bank, list(ctx.matcher.classes), what="matcher.classes")
     return bank.prototypes().to(ctx.device)
 
 
