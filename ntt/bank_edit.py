@@ -17,6 +17,13 @@ references came with an id (``add_reference(..., category_id=)``: a COCO json's 
 references record it (``"category_id"`` in their provenance). A bank written before references recorded
 their sources (format version 1 or 2): its ids count as given unless they are 1..C. A class subset for one
 call (:func:`subset`) keeps every id: the results are comparable with the whole bank's.
+
+Exactness. The saved file holds no timestamp; its ``ntt_version`` is the running one for an edited bank as
+for a new one, so the whole files compare equal (``tests/test_bank_edit.py``). Two limits: a bank written
+before references recorded their sources keeps its references' older metadata (its tensors still equal a
+new build's); and a stored feature is the one its encoder batch gave, so a grown bank equals a fresh build
+bit for bit when the encoder gives a crop the same bits whatever its batch-mates (the CPU runs tested;
+``matcher.memory.batch_size=1`` makes it so anywhere).
 """
 
 from __future__ import annotations
