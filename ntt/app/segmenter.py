@@ -39,7 +39,7 @@ import torch
 
 from ntt.app.instances import Instances
 from ntt.app.outputs import skip_own_outputs
-from ntt.app.settings import compose_config, params_from_config, saved_config
+from ntt.app.settings import check_segmenter_params, compose_config, params_from_config, saved_config
 from ntt.backbones import build_backbone
 from ntt.bank import MemoryBank
 from ntt.bank_edit import merge, subset
@@ -562,7 +562,7 @@ class Segmenter:
         unknown = sorted(set(params) - known)
         if unknown:
             raise TypeError(f"predict: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self.params, **params)
+        return check_segmenter_params(dataclasses.replace(self.params, **params))
 
     def _call_bank(self, classes: Sequence[str] | None) -> MemoryBank:
         """The bank of one predict call: built if needed, then the subset of ``classes`` (when given)."""
@@ -583,6 +583,8 @@ class Segmenter:
         self, image, params: InferenceParams, bank: MemoryBank, *, keep_image: bool = True
     ) -> Instances:
         from ntt.inference import infer_image
+
+        check_segmenter_params(params)  # also `self.params` changed by hand, or iter_predict's params
 
         pil, path = read_image(image)
         width, height = pil.size

@@ -38,6 +38,7 @@ def success_line(
         labelled_category_ids(ctx, plan.test_ds),
         box_plus_one=ctx.matcher.box_plus_one,
         rles=rles,
+        prompt_boxes=ctx.matcher.output_box == "prompt",  # FSOD-VFM's bbox (method.md §5.14)
     )
     if trace is not None:
         save_image_trace(ctx, img_id, trace)
