@@ -73,6 +73,11 @@ def params_from_config(cfg) -> InferenceParams:
             f"matcher.output_box={mat.output_box}: the segmenter's boxes are its masks' extents; prompt boxes "
             "(proposer=boxes, recipe=fsod_vfm) run with `ntt run`"
         )
+    if mat.classes is not None:  # one way per path: the segmenter's subset is per call
+        raise ConfigError(
+            f"matcher.classes={list(mat.classes)}: the segmenter takes the classes per call: "
+            "predict(..., classes=[...]) or `ntt segment --classes a,b`"
+        )
     return InferenceParams.from_settings(prop, mat)
 
 

@@ -17,10 +17,16 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from ntt.utils.draw import PALETTE, class_color, draw_instances, draw_results, side_by_side, xyxy
+from ntt.utils.draw import (
+    PALETTE,
+    class_color,
+    draw_instances,
+    draw_results,
+    ground_truth_and_prediction,
+    side_by_side,
+)
 from ntt.utils.errors import UserError
+from ntt.utils.files import resolve_run_path
 
 __all__ = [
     "PALETTE",
@@ -37,16 +43,6 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark runs
-
-
-def _resolve(path: str, root: Path | None, run_dir: Path) -> Path:
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    for base in [b for b in (root, Path.cwd(), run_dir) if b is not None]:
-        if (base / p).exists():
-            return base / p
-    return (root or Path.cwd()) / p
 
 
 def visualize_run(
@@ -87,8 +83,8 @@ def visualize_run(
             raise FileNotFoundError(f"{f} not found ({what}): is {run_dir} an `ntt run` directory?")
     cfg = OmegaConf.load(cfg_file)
     base = Path(root) if root is not None else None
-    test_json = _resolve(str(cfg.dataset.test_json), base, run_dir)
-    image_root = _resolve(str(cfg.dataset.test_image_root), base, run_dir)
+    test_json = resolve_run_path(str(cfg.dataset.test_json), base, run_dir)
+    image_root = resolve_run_path(str(cfg.dataset.test_image_root), base, run_dir)
     if not test_json.is_file():
         raise FileNotFoundError(
             f"dataset.test_json={cfg.dataset.test_json} of {cfg_file} not found (looked in {test_json}): run "
@@ -101,8 +97,6 @@ def visualize_run(
         class_split=cfg.dataset.get("class_split"),
     )
     exif = bool(cfg.dataset.get("exif_orientation", False))
-    index = {c: i for i, c in enumerate(ds.category_ids)}
-    names = list(ds.category_names)
     by_image: dict[int, list[dict]] = {}
     for r in json.loads(pred_file.read_text()):
         by_image.setdefault(int(r["image_id"]), []).append(r)
@@ -123,21 +117,11 @@ def visualize_run(
         pil = read_image(path)[0] if exif else load_rgb(path)
         if pil.size != (w, h):  # annotations and results are in the json's frame
             pil = resize_pil(pil, w, h)
-        anns = ds.annotations(img_id)
-        gt_masks = np.stack([ds.mask(a["id"]) for a in anns]) if anns and ds.has_masks else None
-        left = draw_instances(
-            pil,
-            gt_masks,
-            [xyxy(a["bbox"]) for a in anns],
-            [index[int(a["category_id"])] for a in anns],
-            None,
-            names,
-            max_instances=None,
+        page = ground_truth_and_prediction(
+            pil, ds, img_id, by_image[img_id], score_thr=score_thr, max_draw=max_draw
         )
-        rs = sorted(by_image[img_id], key=lambda r: -float(r["score"]))
-        right = draw_results(pil, rs, names, ds.category_ids, score_thr=score_thr, max_instances=max_draw)
         target = out / f"img{img_id}.png"
-        side_by_side(left, right).save(target)
+        page.save(target)
         written.append(target)
     log.info("%d side-by-side pictures -> %s", len(written), out)
     return written

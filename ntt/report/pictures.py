@@ -12,9 +12,7 @@ import base64
 import io
 from pathlib import Path
 
-import numpy as np
-
-from ntt.utils.draw import draw_instances, draw_results, side_by_side, xyxy
+from ntt.utils.draw import ground_truth_and_prediction
 
 __all__ = ["data_uri", "downscale", "load_picture", "run_image_page"]
 
@@ -70,20 +68,8 @@ def run_image_page(
     pil = read_image(path)[0] if exif else load_rgb(path)
     if pil.size != (w, h):  # annotations and results are in the json's frame
         pil = resize_pil(pil, w, h)
-    index = {c: i for i, c in enumerate(ds.category_ids)}
-    names = list(ds.category_names)
-    anns = ds.annotations(image_id)
-    gt_masks = np.stack([ds.mask(a["id"]) for a in anns]) if anns and ds.has_masks else None
-    left = draw_instances(
-        pil,
-        gt_masks,
-        [xyxy(a["bbox"]) for a in anns],
-        [index[int(a["category_id"])] for a in anns],
-        None,
-        names,
-        max_instances=None,
-    )
-    best = sorted(results, key=lambda r: -float(r["score"]))
-    right = draw_results(pil, best, names, ds.category_ids, score_thr=score_thr, max_instances=max_draw)
-    page = side_by_side(left, right, titles=("ground truth", f"prediction (score >= {score_thr:g})"))
+    page = ground_truth_and_prediction(
+        pil, ds, image_id, results, score_thr=score_thr, max_draw=max_draw,
+        titles=("ground truth", f"prediction (score >= {score_thr:g})"),
+    )  # fmt: skip
     return data_uri(downscale(page, 2 * long_side))

@@ -21,6 +21,7 @@ from ntt.report.imagescore import WRONGNESS_DEFINITION, rank_images, score_image
 from ntt.report.page import Cell, Page, esc, metric_cell, number_cell, table
 from ntt.report.pictures import run_image_page
 from ntt.report.plots import per_class_svg
+from ntt.utils.files import resolve_run_path
 
 __all__ = ["ReportOptions", "run_report", "failed_lines"]
 
@@ -49,16 +50,6 @@ class ReportOptions:
     long_side: int = 512
     root: Path | None = None
     max_rows: int = 2000
-
-
-def _resolve(path: str, root: Path | None, run_dir: Path) -> Path:
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    for base in [b for b in (root, Path.cwd(), run_dir) if b is not None]:
-        if (base / p).exists():
-            return base / p
-    return (root or Path.cwd()) / p
 
 
 def failed_lines(run_dir: Path) -> dict[int, dict]:
@@ -186,7 +177,7 @@ def _dataset(run_dir: Path, opts: ReportOptions):
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     spec = cfg.dataset
-    test_json = _resolve(str(spec.test_json), opts.root, run_dir)
+    test_json = resolve_run_path(str(spec.test_json), opts.root, run_dir)
     if not test_json.is_file():
         raise FileNotFoundError(
             f"dataset.test_json={spec.test_json} not found (looked in {test_json}): run `ntt report` from the "
@@ -194,7 +185,7 @@ def _dataset(run_dir: Path, opts: ReportOptions):
         )
     ds = CocoDataset(
         test_json,
-        _resolve(str(spec.test_image_root), opts.root, run_dir),
+        resolve_run_path(str(spec.test_image_root), opts.root, run_dir),
         class_names=spec.get("class_names"),
         class_split=spec.get("class_split"),
     )

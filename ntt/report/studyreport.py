@@ -17,21 +17,13 @@ from typing import Any
 from ntt.report.page import Cell, Page, esc, metric_cell, number_cell, table
 from ntt.report.pictures import data_uri
 from ntt.report.plots import per_class_svg
-from ntt.runner import collect_class_rows, collect_runs, seed_stats_table, write_shot_plots
+from ntt.runner import RUN_METRICS, collect_class_rows, collect_runs, seed_stats_table, write_shot_plots
 
 __all__ = ["study_report"]
 
 log = logging.getLogger(__name__)
 
 STATS = (("n", None), ("mean", 1), ("std", 1), ("ci95", 1))
-RUN_METRICS = (
-    ("bbox", "AP"),
-    ("bbox", "AP50"),
-    ("bbox", "AP75"),
-    ("segm", "AP"),
-    ("segm", "AP50"),
-    ("segm", "AP75"),
-)
 
 
 def _rel(path: str, root: Path) -> str:

@@ -14,17 +14,19 @@ loggers.py     W&B mirror of metrics.json; summarize.py: `ntt summarize` tables
 
 The tables' functions are public here for the report (`ntt report`, another wing): `collect_runs` (one row
 per metrics.json), `collect_class_rows` (one row per run and class), `seed_stats_table` (box and mask AP
-over seeds) and `write_shot_plots` (AP against shots).
+over seeds), `write_shot_plots` (AP against shots) and `RUN_METRICS` (the box and mask AP columns).
 """
 
 from ntt.runner.context import StageError
 from ntt.runner.lifecycle import Job, run_jobs, run_pipeline
 from ntt.runner.seedstats import stats_table as seed_stats_table
+from ntt.runner.summarize import METRICS as RUN_METRICS
 from ntt.runner.summarize import collect as collect_runs
 from ntt.runner.summarize import collect_per_class as collect_class_rows
 from ntt.runner.summarize import write_plots as write_shot_plots
 
 __all__ = [
+    "RUN_METRICS",
     "Job",
     "StageError",
     "collect_class_rows",

@@ -31,7 +31,8 @@ MASK_CACHE_BYTES = 1 << 30
 
 
 def load_prototypes(ctx: RunContext, test_ds):
-    """The job's `[C, D]` class prototypes on its device (bank checked against the test set's classes)."""
+    """The job's `[C, D]` class prototypes on its device (bank checked against the test set's classes),
+    only those of `matcher.classes` when set (the rows of `labelled_category_ids`)."""
     from ntt.bank import MemoryBank
     from ntt.runner.keys import PROTOTYPES_FILE
     from ntt.runner.stages import bank_expectation
@@ -42,6 +43,10 @@ def load_prototypes(ctx: RunContext, test_ds):
             f"the memory bank holds category ids {list(bank.category_ids)} but the test set selects "
             f"{list(test_ds.category_ids)}: rerun with stages including fill_memory"
         )
+    if ctx.matcher.classes is not None:
+        from ntt.bank_edit import subset
+
+        bank = subset(bank, list(ctx.matcher.classes), what="matcher.classes")
     return bank.prototypes().to(ctx.device)
 
 

@@ -330,6 +330,10 @@ class MatcherConfig:
             §5.5 item 4, parity: a NaN score leaves too); `none` = all of them (FSOD-VFM, method.md §5.14).
         output_box: the COCO `bbox` of a detection: `mask` = its mask's extent (NTT, method.md §5.8);
             `prompt` = its clipped prompt box, as floats (FSOD-VFM, method.md §5.14; needs `proposer=boxes`).
+        classes: label with these classes of the bank only (names; null = every class): the test stage
+            uses the same references and bank and keeps only these classes' prototypes, so its detections
+            are those of a bank holding only them; evaluation covers only them. `ntt run` / `ntt study`
+            (the segmenter takes `predict(classes=...)` / `ntt segment --classes`).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -344,6 +348,7 @@ class MatcherConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     score_filter: str = "positive"
     output_box: str = "mask"
+    classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Hydra passes nested nodes as dicts when the target is a dataclass built by hand.
@@ -356,6 +361,8 @@ class MatcherConfig:
         _check_choice("matcher.merge", self.merge, MERGE_METHODS)
         _check_choice("matcher.score_filter", self.score_filter, SCORE_FILTERS)
         _check_choice("matcher.output_box", self.output_box, OUTPUT_BOXES)
+        if self.classes is not None and not self.classes:
+            raise ValueError("matcher.classes=[]: give at least one class name, or null for every class")
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,36 @@ def xyxy(bbox) -> list[float]:
     """A COCO ``[x, y, w, h]`` box as ``[x1, y1, x2, y2]``."""
     x, y, w, h = (float(v) for v in bbox[:4])
     return [x, y, x + w, y + h]
+
+
+def ground_truth_and_prediction(
+    pil, ds, image_id: int, results: Sequence[dict], *, score_thr: float, max_draw: int | None,
+    titles: Sequence[str] = ("ground truth", "prediction"),
+):  # fmt: skip
+    """One test image drawn as ground truth | prediction (``2W x H``), at its json size.
+
+    Args:
+        pil: the image, already at the annotations' size.
+        ds: its ``ntt.data.coco.CocoDataset`` (annotations, masks, category ids and names).
+        image_id: the image.
+        results: its COCO results (any order; drawn best first).
+        score_thr: draw predictions scoring at least this.
+        max_draw: draw at most this many predictions (None: all).
+        titles: the two panels' titles.
+    """
+    index = {c: i for i, c in enumerate(ds.category_ids)}
+    names = list(ds.category_names)
+    anns = ds.annotations(image_id)
+    gt_masks = np.stack([ds.mask(a["id"]) for a in anns]) if anns and ds.has_masks else None
+    left = draw_instances(
+        pil,
+        gt_masks,
+        [xyxy(a["bbox"]) for a in anns],
+        [index[int(a["category_id"])] for a in anns],
+        None,
+        names,
+        max_instances=None,
+    )
+    best = sorted(results, key=lambda r: -float(r["score"]))
+    right = draw_results(pil, best, names, ds.category_ids, score_thr=score_thr, max_instances=max_draw)
+    return side_by_side(left, right, titles=titles)
