@@ -12,12 +12,13 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke report-smoke checkpoints bench bench-study bench-fastpaths clean \
-	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke report-smoke smoke-ablation checkpoints bench bench-study bench-fastpaths clean \
+	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis \
+	study-fsod-vfm-coco study-fsod-vfm-voc study-fsod-vfm-cdfsod
 
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
-	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
 	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) TEST_WORKERS=$(TEST_WORKERS) ARGS='<extra arguments of the target>' STUDY_ARGS='<study-ratio options (bench, bench-study)>'"
 	@echo "  ARGS: hydra overrides for demo, smoke, study-*; pytest options for test*, parity*; tool options for bench*, prepare-*"
 
@@ -96,6 +97,18 @@ report-smoke: setup ## the smoke run into outputs/report-smoke/run, then its HTM
 	$(PY) -m ntt run dataset=synthetic debug=smoke run_dir=$(OUTPUTS)/report-smoke/run $(ARGS)
 	$(PY) -m ntt report $(OUTPUTS)/report-smoke/run
 
+# The NTT-to-FSOD-VFM walk (experiments/ablation/ntt_to_fsod_vfm.yaml, 10 steps) on 2 synthetic images with tiny
+# RANDOM weights: the test images' ground-truth boxes stand in for FSOD-VFM's detector (ntt.tools.gtboxes).
+SMOKE_ABLATION_OUT ?= outputs/smoke_ablation
+SMOKE_DATA = $(SMOKE_ABLATION_OUT)/datasets/synthetic_n9_s0
+smoke-ablation: setup ## NTT-to-FSOD-VFM walk, 10 steps x 2 shots x 2 seeds, 2 images, RANDOM weights (plumbing only) + table + plot
+	$(PY) -m ntt synth $(SMOKE_DATA) --num-images 9
+	$(PY) -m ntt.tools.gtboxes $(SMOKE_DATA)/test.json $(SMOKE_ABLATION_OUT)/gt_boxes.json
+	$(PY) -m ntt study ablation=ntt_to_fsod_vfm_smoke paths.output_dir=$(SMOKE_ABLATION_OUT) \
+	  proposer.boxes_json=$(SMOKE_ABLATION_OUT)/gt_boxes.json $(ARGS)
+	$(PY) -m ntt summarize $(SMOKE_ABLATION_OUT) --study ntt_to_fsod_vfm_smoke --out $(SMOKE_ABLATION_OUT)/tables
+	@echo "RANDOM weights: the table and $(SMOKE_ABLATION_OUT)/tables/ap_vs_shots_other.png measure plumbing only, never accuracy"
+
 checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
 	$(PY) -m ntt download sam2_hiera_l dinov2_vitl14
 
@@ -154,6 +167,17 @@ study-cdfsod: setup ## CD-FSOD: 6 datasets x shots 1,5,10 + table (GPU; paper 22
 
 study-lvis: setup ## LVIS v1 val (pycocotools AP as the authors; ARGS=eval=lvis: official LVIS AP): shots 1,5,10 + table (GPU)
 	$(call run_study,lvis)
+
+# FSOD-VFM's benchmarks as FSOD-VFM runs them (recipe=fsod_vfm; experiments/study/fsod_vfm_*.yaml): each needs
+# YOUR detector's (UPN's) boxes, at the path its file names or ARGS=proposer.boxes_json=<file>.
+study-fsod-vfm-coco: setup ## FSOD-VFM recipe, COCO 10/30 shots seed 33 + table (GPU; needs UPN boxes; FSOD-VFM reports 45.8 box nAP)
+	$(call run_study,fsod_vfm_coco)
+
+study-fsod-vfm-voc: setup ## FSOD-VFM recipe, VOC splits 1-3 x shots 1,2,3,5,10 + table (GPU; needs UPN boxes; reports 77.5 nAP50)
+	$(call run_study,fsod_vfm_voc)
+
+study-fsod-vfm-cdfsod: setup ## FSOD-VFM recipe, CD-FSOD 6 datasets x shots 1,5,10 + table (GPU; needs UPN boxes; reports 31.6 nAP)
+	$(call run_study,fsod_vfm_cdfsod)
 
 clean: ## remove caches (keeps .venv, outputs and checkpoints)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -8,7 +8,7 @@ ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of 
 ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
 ntt report PATH                  one self-contained HTML page of a run, a study or an `ntt segment` folder
 ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
-ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks)
+ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks|fsod-vfm-shots)
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
 
 -v / --verbose anywhere on the line: show the traceback of an error in the input or config (which is

@@ -5,6 +5,7 @@
     ntt prepare cdfsod [--root data/cdfsod] [--datasets A,B]   layout check + SAM masks for shots/test
     ntt prepare lvis   [--root data/lvis] [--coco data/coco]   LVIS json fix-ups (pycocotools route)
     ntt prepare masks  BOX_JSON IMAGE_DIR [--out OUT]          the box -> mask step on any COCO json
+    ntt prepare fsod-vfm-shots SHOT_JSON --ref-json J --out O  FSOD-VFM's shot file -> refs json (refs_file)
 
 Every command checks all of its input first (files there, jsons and xml files readable, images there and of
 the recorded size; ``--check-only`` stops there), builds the mask model only then, and moves its outputs into
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lvis", help="LVIS v1 json fix-ups")
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--coco", type=Path, default=None)
+    p = sub.add_parser("fsod-vfm-shots", help="FSOD-VFM's shot file -> ntt's refs json (dataset.refs_file)")
+    p.add_argument("shot_json", type=Path, help="e.g. FSOD-VFM's data/coco/few_shot_10shot_seed33.json")
+    p.add_argument("--ref-json", type=Path, required=True, help="the run's dataset.ref_json")
+    p.add_argument("--out", type=Path, required=True, help="the refs json to write")
+    p.add_argument("--min-iou", type=float, default=0.5, help="least IoU of a listed box and its annotation")
     p = sub.add_parser("masks", help="box -> mask on one COCO json")
     p.add_argument("box_json", type=Path)
     p.add_argument("image_dir", type=Path)
@@ -145,6 +151,10 @@ def _run(args, data: Path) -> None:
             check_only=args.check_only,
         )
         print("\n".join(map(str, written)) if written else f"CD-FSOD layout complete under {root}")
+    elif args.benchmark == "fsod-vfm-shots":
+        from ntt.prepare.fsodvfm_shots import convert_shots
+
+        print(convert_shots(args.shot_json, args.ref_json, args.out, min_iou=args.min_iou))
     elif args.benchmark == "lvis":
         from ntt.prepare.lvis import prepare_lvis
 

@@ -32,6 +32,7 @@ def check_config(cfg: Any) -> None:
     """
     settings = validate_config(cfg)
     validate_stages(settings.stages)
+    check_box_source(cfg)
     keys = ["run_dir", *(["hydra.run.dir", "hydra.sweep.dir"] if "hydra" in cfg else [])]
     try:
         output_dir = Path(str(cfg.paths.output_dir))
@@ -40,6 +41,36 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"{err.full_key or 'run_dir'}: {str(err).splitlines()[0]}") from err
     for key, folder in folders.items():
         check_writable(Path(str(folder)), key, output_dir)
+
+
+def check_box_source(cfg: Any) -> None:
+    """`proposer=boxes` (method.md §5.11) names its boxes: exactly one of `proposer.boxes_json` (an existing
+    file) and `proposer.detector`, checked here so a sweep (the FSOD-VFM studies, the NTT-to-FSOD-VFM walk)
+    stops before its first job instead of at its first box-prompt job.
+
+    Raises:
+        ConfigError: one line naming the key and what to give.
+    """
+    proposer = cfg.get("proposer") or {}
+    if proposer.get("prompts", "grid") != "boxes":
+        return
+    try:
+        boxes_json = OmegaConf.select(cfg, "proposer.boxes_json", throw_on_missing=True)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise ConfigError(f"proposer.boxes_json: {str(err).splitlines()[0]}") from err
+    detector = proposer.get("detector")
+    if (boxes_json is None) == (detector is None):
+        raise ConfigError(
+            "proposer=boxes needs exactly one of proposer.boxes_json=<your detector's boxes json> and "
+            "'proposer.detector={_target_: <module.callable>}' (FSOD-VFM's UPN boxes are made outside ntt: "
+            "docs/running.md, proposer=boxes)"
+        )
+    if boxes_json is not None and not Path(str(boxes_json)).is_file():
+        raise ConfigError(
+            f"proposer.boxes_json={boxes_json} not found: give your detector's boxes for the test images "
+            "(a COCO-results json [{image_id, bbox: [x, y, w, h], score}, ...]; FSOD-VFM's UPN boxes are made "
+            "outside ntt)"
+        )
 
 
 def validate_stages(stages: list[str]) -> None:

@@ -55,8 +55,11 @@ def _backbone_identity(ctx: RunContext, which: str) -> dict[str, Any]:
 
 def _proposer_identity(ctx: RunContext) -> Any:
     """`proposer`, with a boxes file (`proposer=boxes`, method.md §5.11) replaced by its name and content
-    digest; the grid options' node exactly as before (their keys unchanged)."""
+    digest; the grid options' node exactly as before (their keys unchanged; a `boxes_json` the point grid does
+    not read is left out, as in the config id: `identity.INERT_UNLESS`)."""
     node = ctx.cfg.proposer
+    if node.get("prompts", "grid") != "boxes" and "boxes_json" in node:
+        return {k: v for k, v in to_plain(node).items() if k != "boxes_json"}
     if not node.get("boxes_json"):
         return node
     plain = dict(to_plain(node))

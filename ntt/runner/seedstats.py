@@ -171,6 +171,60 @@ def markdown_sections(stats, what_of) -> list[str]:
     return lines
 
 
+def side_by_side_sections(stats, what_of) -> list[str]:
+    """The summary.md lines comparing settings: per benchmark, dataset and shot count that several settings
+    ran (an ablation, e.g. the NTT-to-FSOD-VFM walk), one row per setting (variant and backbones), its box and
+    mask AP mean and 95% CI side by side; rows in variant order. Nothing when every cell has one setting.
+
+    Args:
+        stats: `stats_table`'s frame.
+        what_of: benchmark, datasets -> what a heading calls the benchmark.
+    """
+    if stats.empty:
+        return []
+    lines: list[str] = []
+    for (bench, dataset, shots), group in stats.groupby(["benchmark", "dataset", "shots"], sort=True):
+        if group["setting_id"].nunique() < 2:
+            continue
+        ap = group["ap"].iloc[0]
+        title = f"### {what_of(bench, [dataset])}: {shots} shots"
+        if group["random_weights"].any():
+            title += " - RANDOM WEIGHTS (plumbing only)"
+        head = [
+            "variant",
+            "sam2 + dinov2",
+            "n",
+            f"box {ap} mean",
+            "CI95",
+            f"mask {ap} mean",
+            "CI95",
+            "setting",
+        ]
+        lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for _, r in group.sort_values(["variant", "sam2", "dinov2", "setting_id"], kind="stable").iterrows():
+            cells = [
+                str(r["variant"]),
+                f"{r['sam2']} + {r['dinov2']}",
+                str(int(r["box_n"]) or int(r["mask_n"])),
+            ]
+            for kind in ("box", "mask"):
+                ok = bool(r[f"{kind}_n"])
+                cells += [_fmt(_none(r[f"{kind}_{s}"])) if ok else "n/a" for s in ("mean", "ci95")]
+            cells.append(str(r["setting"]).replace("|", "\\|"))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if lines:
+        lines = [
+            "## Settings side by side: box AP and mask AP",
+            "",
+            "One row per setting that ran the same dataset and shots; mean over seeds and the 95% CI "
+            "half-width (1.96 std / sqrt(n)), in percent.",
+            "",
+            *lines,
+        ]
+    return lines
+
+
 def _none(value: Any) -> Any:
     """pandas turns None into NaN in float columns: back to None."""
     return None if isinstance(value, float) and math.isnan(value) else value

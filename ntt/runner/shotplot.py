@@ -1,6 +1,7 @@
 """AP against shots with 95% CI bands, box and mask panels (`ntt summarize`'s ``ap_vs_shots_<benchmark>.png``).
 
-One line per setting (and dataset, where a benchmark has several, e.g. the VOC splits): the mean over seeds
+One line per setting (and dataset, where a benchmark has several, e.g. the VOC splits; named by its variant
+alone when each variant is one setting, as the steps of an ablation walk): the mean over seeds
 at each shot count, a band mean +- CI95 where there are two seeds or more (`ntt.runner.seedstats`). Drawn
 with matplotlib's Agg canvas directly (no pyplot, no display: works headless and leaves no global state).
 """
@@ -29,8 +30,10 @@ def figure_size(legend_lines: int) -> tuple[float, float]:
     return WIDTH, PANELS_HEIGHT + LEGEND_PAD + LEGEND_LINE * legend_lines
 
 
-def _line_label(row, several_datasets: bool) -> str:
-    label = f"{row['sam2']} + {row['dinov2']}, {row['variant']} ({row['setting']})"
+def _line_label(row, several_datasets: bool, named_by_variant: bool = False) -> str:
+    label = f"{row['sam2']} + {row['dinov2']}, {row['variant']}"
+    if not named_by_variant:
+        label += f" ({row['setting']})"
     if row["random_weights"]:
         label += " [RANDOM WEIGHTS]"
     return f"{row['dataset']}: {label}" if several_datasets else label
@@ -61,11 +64,15 @@ def plot_data(stats) -> dict[str, dict[str, dict[str, list]]]:
             (n = 0) are left out of a line; ci95 is None where n = 1 (no band there).
     """
     several = stats["dataset"].nunique() > 1
+    # an ablation whose steps are variants (the NTT-to-FSOD-VFM walk): each variant one setting, so the
+    # variant names the line and the settings' long names stay in summary.md
+    per_variant = stats.groupby("variant", dropna=False)["setting_id"].nunique()
+    by_variant = len(per_variant) > 1 and bool((per_variant == 1).all())
     data: dict[str, dict[str, dict[str, list]]] = {kind: {} for _, kind in KINDS}
     for _, row in stats.sort_values("shots", kind="stable").iterrows():
         if _clean(row["shots"]) is None:  # a metrics.json without a shot count has no place on this axis
             continue
-        label = _line_label(row, several)
+        label = _line_label(row, several, by_variant)
         for _, kind in KINDS:
             if not row[f"{kind}_n"]:
                 continue

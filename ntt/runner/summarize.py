@@ -5,8 +5,9 @@ Writes into ``--out`` (default ROOT):
 * ``summary.md``: per benchmark and setting, a paper-style table (rows: shots; columns: datasets or
   splits; cells ``mean +- std (n seeds)``) of the benchmark's headline metric (COCO: bbox and segm nAP;
   VOC: nAP50 = COCOeval bbox AP50; CD-FSOD: bbox nAP; LVIS: bbox and segm AP with pycocotools, or with the
-  official LVIS metric and its APr/APc/APf for eval=lvis runs), then the
-  runs left out and why;
+  official LVIS metric and its APr/APc/APf for eval=lvis runs); where several settings ran one dataset and
+  shot count (an ablation), one row per setting with its box and mask AP side by side
+  (`seedstats.side_by_side_sections`); then the runs left out and why;
 * ``runs.csv`` / ``runs.md``: the long table, one row per run (metrics in percent);
 * ``summary.csv``: mean, std and count over seeds for every setting and metric;
 * ``seed_stats.csv`` (and a section of summary.md): per setting, dataset and shots, n seeds, mean, sample
@@ -32,7 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ntt.runner.seedstats import markdown_sections, stats_table
+from ntt.runner.seedstats import markdown_sections, side_by_side_sections, stats_table
 from ntt.runner.shotplot import plot_shots
 from ntt.utils.errors import UserError
 from ntt.utils.files import write_text_atomic
@@ -353,6 +354,7 @@ def render_markdown(runs, tables: list[dict[str, Any]], study: str | None, stats
         if t["benchmark"] not in seen_bench:
             seen_bench.append(t["benchmark"])
     if stats is not None:
+        parts += side_by_side_sections(stats, benchmark_label)
         parts += markdown_sections(stats, benchmark_label)
     for bench in seen_bench:
         if bench in PAPER:

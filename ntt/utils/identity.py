@@ -60,9 +60,13 @@ INERT_DEFAULTS = {
     "matcher.output_box": "mask",
     "matcher.classes": None,
 }
-# Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`):
-# left out otherwise, as they cannot change a result.
-INERT_UNLESS = {"matcher.diffusion": ("matcher.merge", "diffusion")}
+# Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`,
+# `proposer.boxes_json` only under box prompts: the NTT-to-FSOD-VFM walk gives its grid steps the key so one
+# `proposer.boxes_json=` line serves every step): left out otherwise, as they cannot change a result.
+INERT_UNLESS = {
+    "matcher.diffusion": ("matcher.merge", "diffusion"),
+    "proposer.boxes_json": ("proposer.prompts", "boxes"),
+}
 
 
 def drop_inert_keys(data: dict[str, Any]) -> dict[str, Any]:
