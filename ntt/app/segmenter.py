@@ -430,7 +430,9 @@ class Segmenter:
             device=self.device,
         )
 
-    def predict(self, images, *, progress: bool = True, keep_image: bool = True, **params):
+    def predict(
+        self, images, *, progress: bool = True, keep_image: bool = True, outputs: str = "masks", **params
+    ):
         """Segment one image, a list of images, or every image of a folder.
 
         Args:
@@ -438,6 +440,9 @@ class Segmenter:
                 ``*.overlay.png`` files, overlays written by an earlier run, are skipped).
             progress: tqdm bar for lists and folders.
             keep_image: keep the RGB image on each result (for :meth:`Instances.overlay`).
+            outputs: ``masks`` (default) or ``boxes``: boxes, labels and scores only (``Instances.masks`` is
+                None; no full-resolution mask is kept or upsampled for the output; the boxes, labels and
+                scores equal those of ``masks``).
             **params: any :class:`ntt.inference.InferenceParams` field for this call only
                 (``points_per_side``, ``points_batch_size``, ``iou_thr``, ``nms_thr``, ``num_out``,
                 ``nms_cap_factor``, ``pooling``, ``drop_empty_masks``, ``box_plus_one``).
@@ -450,8 +455,11 @@ class Segmenter:
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (str, os.PathLike)) and Path(images).is_dir()
         )
+        _check_outputs(outputs)
         if single:
-            return self._predict_one(images, self._call_params(params), keep_image=keep_image)
+            return self._predict_one(
+                images, self._call_params(params), keep_image=keep_image, outputs=outputs
+            )
         if isinstance(images, (str, os.PathLike)):
             items = skip_own_outputs(list_images(images), None, images)
             if not items:
@@ -459,7 +467,9 @@ class Segmenter:
         else:
             items = list(images)
         p = self._call_params(params)
-        return [r for r in self.iter_predict(items, params=p, progress=progress, keep_image=keep_image)]
+        return list(
+            self.iter_predict(items, params=p, progress=progress, keep_image=keep_image, outputs=outputs)
+        )
 
     def iter_predict(
         self,
@@ -469,6 +479,7 @@ class Segmenter:
         progress: bool = True,
         keep_image: bool = True,
         errors: str = "raise",
+        outputs: str = "masks",
     ):
         """Yield :class:`Instances` image by image, logging the expected time first (see :meth:`predict`).
 
@@ -479,9 +490,11 @@ class Segmenter:
             keep_image: keep the RGB image on each result.
             errors: ``raise`` stops at the first failing image; ``yield`` yields its exception instead of
                 a result and goes on with the next image.
+            outputs: ``masks`` or ``boxes`` (see :meth:`predict`).
         """
         from tqdm import tqdm
 
+        _check_outputs(outputs)
         if errors not in ("raise", "yield"):
             raise ValueError(f"iter_predict: errors must be 'raise' or 'yield', got {errors!r}")
         items = list(items)
@@ -503,7 +516,7 @@ class Segmenter:
             for i, item in enumerate(items):
                 t0 = time.perf_counter()
                 try:
-                    result = self._predict_one(item, p, keep_image=keep_image)
+                    result = self._predict_one(item, p, keep_image=keep_image, outputs=outputs)
                 except Exception as err:
                     if errors == "raise":
                         raise
@@ -528,7 +541,9 @@ class Segmenter:
             raise TypeError(f"predict: unknown setting(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self.params, **params)
 
-    def _predict_one(self, image, params: InferenceParams, *, keep_image: bool = True) -> Instances:
+    def _predict_one(
+        self, image, params: InferenceParams, *, keep_image: bool = True, outputs: str = "masks"
+    ) -> Instances:
         from ntt.inference import infer_image
 
         if self.bank is None:
@@ -547,10 +562,11 @@ class Segmenter:
         image_sam = self._sam_input(pil)
         protos = self.bank.prototypes().to(self.device)
         det, _ = infer_image(
-            image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params
-        )
+            image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params,
+            keep_masks=outputs == "masks",
+        )  # fmt: skip
         return Instances(
-            masks=det.masks.cpu(),
+            masks=None if det.masks is None else det.masks.cpu(),
             boxes=det.boxes_xyxy.cpu(),
             scores=det.scores.cpu(),
             labels=det.labels.cpu(),
@@ -562,3 +578,11 @@ class Segmenter:
             image=pil if keep_image else None,
             box_plus_one=params.box_plus_one,
         )
+
+
+OUTPUT_KINDS = ("masks", "boxes")
+
+
+def _check_outputs(outputs: str) -> None:
+    if outputs not in OUTPUT_KINDS:
+        raise ValueError(f"predict: outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
