@@ -188,3 +188,27 @@ def test_segment_outputs_boxes_counts_csv_and_export_coco(seg, tmp_path):
     assert light == [{k: v for k, v in r.items() if k != "segmentation"} for r in preds]
     zero = list(csv.reader((out / "counts.csv").open()))
     assert [int(r[-1]) for r in zero[1:]] == [sum(r["image_id"] == i for r in light) for i in (1, 2)]
+
+
+def test_bad_exports_and_a_missing_supervision_are_one_clear_line(seg, tmp_path, monkeypatch):
+    inst = seg.predict(FSS / "images/apple/5.jpg", outputs="boxes")
+    with pytest.raises(ValueError, match="two images share a file_name"):
+        export_instances([inst, inst], tmp_path / "ds")
+    monkeypatch.setitem(__import__("sys").modules, "supervision", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'ntt\[supervision\]'"):
+        inst.to_supervision()
+
+
+def test_prototypes_are_computed_once_per_bank_state_not_per_image(seg, monkeypatch):
+    calls = []
+    original = seg.bank.prototypes
+    monkeypatch.setattr(seg.bank, "prototypes", lambda: calls.append(1) or original())
+    seg._protos_cache = None
+    first = seg._prototypes()
+    assert seg._prototypes() is first and len(calls) == 1
+    with torch.inference_mode():
+        seg.bank.instance_means.mul_(1.0)  # an in-place edit (same values): a new version, recomputed
+    assert torch.equal(seg._prototypes(), first) and len(calls) == 2
+    seg.bank.category_ids = list(seg.bank.category_ids)  # same content: still cached
+    seg._prototypes()
+    assert len(calls) == 2

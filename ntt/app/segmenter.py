@@ -534,6 +534,25 @@ class Segmenter:
                     )
                 yield result
 
+    def _prototypes(self) -> torch.Tensor:
+        """The bank's prototypes on the device, computed once per bank state, not once per image: a ragged
+        bank's are a loop over its C classes (docs/performance.md, "Scale"). Recomputed when the bank object,
+        its tensors or their in-place versions change, so an edited bank is never served stale values."""
+        bank = self.bank
+        tensors = (bank.instance_means, bank.weight_sums, bank.counts)
+        # the objects themselves are held (not their ids, which a freed object's successor may reuse)
+        state = (tuple(int(getattr(t, "_version", 0)) for t in tensors), list(bank.category_ids))
+        state += (repr(bank.fill_settings),)
+        cached = getattr(self, "_protos_cache", None)
+        if (
+            cached is None
+            or cached[0] is not bank
+            or any(a is not b for a, b in zip(cached[1], tensors))
+            or cached[2] != state
+        ):
+            self._protos_cache = (bank, tensors, state, bank.prototypes().to(self.device))
+        return self._protos_cache[3]
+
     def _call_params(self, params: Mapping[str, Any]) -> InferenceParams:
         known = {f.name for f in dataclasses.fields(InferenceParams)}
         unknown = sorted(set(params) - known)
@@ -560,7 +579,7 @@ class Segmenter:
         pil, path = read_image(image)
         width, height = pil.size
         image_sam = self._sam_input(pil)
-        protos = self.bank.prototypes().to(self.device)
+        protos = self._prototypes()
         det, _ = infer_image(
             image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params,
             keep_masks=outputs == "masks",
