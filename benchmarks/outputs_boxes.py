@@ -5,7 +5,7 @@ Per round, interleaved: ``Segmenter.predict(image, outputs=...)`` then ``Instanc
 ``ntt segment`` does per image: RLE-encodes every mask with ``masks``, nothing with ``boxes``), for
 ``masks`` and ``boxes``. Checks on the way that both give the same boxes, labels and scores.
 
-    .venv/bin/python benchmarks/outputs_boxes.py --rounds 2 --out benchmarks/outputs-boxes-<date>-cpu.json
+    .venv/bin/python benchmarks/outputs_boxes.py --rounds 2 --grid 6 --out benchmarks/outputs-boxes-<date>-cpu.json
 """
 
 from __future__ import annotations

@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{summary['images']} images, {summary['detections']} detections -> {out}/predictions.json"
         + ("" if args.no_overlays else f", overlays in {out}/overlays")
+        + ("" if args.export_coco is None else f", COCO dataset in {args.export_coco}")
     )
     return 1 if summary["failed"] else 0
 
