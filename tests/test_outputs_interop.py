@@ -25,10 +25,10 @@ from ntt.postprocess import postprocess_detections
 
 FSS = DATA / "geti-instant-learn-samples" / "library" / "examples" / "assets" / "fss-1000"
 MODELS = ["--sam2", "tiny_random", "--dinov2", "tiny_random", "--device", "cpu"]
-# a 6x6 grid, no IoU filter and no NMS suppression: enough detections to compare on random weights
+# a 5x5 grid, no IoU filter and no NMS suppression: enough detections to compare on random weights
 GRID = [
-    "proposer.points_per_side=6",
-    "proposer.points_batch_size=36",
+    "proposer.points_per_side=5",
+    "proposer.points_batch_size=25",
     "proposer.iou_thr=0.0",
     "matcher.nms_thr=1.0",
 ]
