@@ -12,13 +12,13 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ntt-installed
 ARGS ?=
 
-.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke checkpoints bench bench-study bench-fastpaths clean \
+.PHONY: help setup setup-lvis lock test test-slow test-all parity parity-avx2 parity-gpu lint format demo smoke report-smoke checkpoints bench bench-study bench-fastpaths clean \
 	prepare-coco prepare-voc prepare-cdfsod prepare-lvis study-coco study-voc study-cdfsod study-lvis
 
 help: ## list the targets
 	@echo "ntt make targets (run from the repository root):"
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
-	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) ARGS='<extra arguments of the target>' STUDY_ARGS='<study-ratio options (bench, bench-study)>'"
+	@echo "variables: TORCH='$(TORCH)' VENV=$(VENV) TEST_WORKERS=$(TEST_WORKERS) ARGS='<extra arguments of the target>' STUDY_ARGS='<study-ratio options (bench, bench-study)>'"
 	@echo "  ARGS: hydra overrides for demo, smoke, study-*; pytest options for test*, parity*; tool options for bench*, prepare-*"
 
 setup: $(STAMP) ## create $(VENV) and install ntt + torch + sam2/dinov2 (--no-deps) + dev tools
@@ -51,8 +51,13 @@ lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, res
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
 	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls .venv with these versions) and commit the file if it passes"
 
-test: setup ## run the default test suite (docs/testing.md: its measured time); fails if no test ran
-	@set -o pipefail; $(PY) -m pytest -q $(ARGS); rc=$$?; \
+# Worker processes of `make test` (pytest-xdist, one file per worker at a time, one torch thread each):
+# on a busy 2-core machine 2 single-threaded workers finish the suite in about half the time of one
+# 2-thread process (docs/testing.md). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
+test: setup ## run the default test suite in TEST_WORKERS=2 worker processes (docs/testing.md: its measured time); fails if no test ran
+	@set -o pipefail; $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS); rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-slow: setup ## run only the tests marked slow
@@ -86,6 +91,10 @@ demo: setup ## main job: the whole pipeline on the synthetic dataset with SAM2.1
 
 smoke: setup ## the demo pipeline with tiny RANDOM weights (offline; numbers are plumbing only)
 	$(PY) -m ntt run dataset=synthetic debug=smoke $(ARGS)
+
+report-smoke: setup ## the smoke run into outputs/report-smoke/run, then its HTML page (`ntt report`: report.html)
+	$(PY) -m ntt run dataset=synthetic debug=smoke run_dir=$(OUTPUTS)/report-smoke/run $(ARGS)
+	$(PY) -m ntt report $(OUTPUTS)/report-smoke/run
 
 checkpoints: setup ## download the paper's checkpoints (SAM2.0-L, DINOv2-L/14) into ./checkpoints
 	$(PY) -m ntt download sam2_hiera_l dinov2_vitl14

@@ -5,9 +5,12 @@ class) and the practitioner's ``bank.ntt`` (``Segmenter.save``: any number of re
 file is a ``torch.save`` of plain tensors and JSON metadata, loadable with ``weights_only=True``.
 
 Format ``ntt-memory``: version 2 adds ragged classes (``counts``) and the segmenter's config nodes
-(``config``). A bank that uses neither is written as version 1, byte for byte what version-1 writers wrote
-(run directories record the sha256 of their memory files). ``load`` also reads the practitioner's former
-format, ``ntt-reference-bank`` version 1.
+(``config``); version 3 adds each practitioner reference's source to ``refs`` (image sha256, prompt kind and
+geometry or mask sha256: ``Segmenter.add_reference``). A bank is written with the lowest version that holds
+it: one that uses none of these is version 1, byte for byte what version-1 writers wrote (run directories
+record the sha256 of their memory files). ``load`` reads every version, and the practitioner's former
+format, ``ntt-reference-bank`` version 1. Edits (class subsets, removing, renaming, merging) are in
+``ntt.bank_edit`` (whose ``describe`` lists a bank's classes and each reference's source).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ntt.utils.files import write_bytes_atomic
 __all__ = ["MemoryBank", "compute_prototypes"]
 
 MEMORY_FORMAT = "ntt-memory"
-MEMORY_FORMAT_VERSION = 2
+MEMORY_FORMAT_VERSION = 3
 REFERENCE_BANK_FORMAT = "ntt-reference-bank"  # the practitioner's format before version 2 (read only)
 
 
@@ -72,7 +75,8 @@ class MemoryBank:
         config_hash: hash of the config that built it.
         ntt_version: ntt version that built it.
         refs: per class, per reference: its provenance (benchmark: ``{"image_id", "ann_id"}``;
-            practitioner: ``{"source", "prompt", "bbox"}``).
+            practitioner: ``{"source", "prompt", "bbox", "image_sha256"}`` plus the prompt's ``"box"``,
+            ``"points"`` + ``"point_labels"`` or ``"mask_sha256"``, and ``"category_id"`` when one was given).
         postprocessed: set by ``postprocess_memory``.
         fill_settings: settings of the fill (context_ratio, mask_pooling, img_size, grid_size).
         config: the segmenter's ``backbone`` / ``proposer`` / ``matcher`` config nodes, unresolved
@@ -159,11 +163,22 @@ class MemoryBank:
         ]
         return torch.cat(rows)
 
+    @property
+    def records_sources(self) -> bool:
+        """Whether the references record their sources (image sha256, prompt geometry): format version 3."""
+        return any("image_sha256" in ref for refs in self.refs for ref in refs)
+
+    def format_version(self) -> int:
+        """The lowest ``ntt-memory`` version that holds this bank (1: the bytes of version-1 writers)."""
+        if self.records_sources:
+            return 3
+        return 2 if self.ragged or self.config else 1
+
     def meta(self) -> dict:
-        """JSON-able metadata (``format_version`` 1 unless the bank is ragged or holds a config)."""
+        """JSON-able metadata (``format_version``: :meth:`format_version`)."""
         meta = {
             "format": MEMORY_FORMAT,
-            "format_version": MEMORY_FORMAT_VERSION if self.ragged or self.config else 1,
+            "format_version": self.format_version(),
             "category_ids": [int(c) for c in self.category_ids],
             "category_names": [str(n) for n in self.category_names],
             "shots": None if self.shots is None else int(self.shots),
@@ -209,7 +224,7 @@ class MemoryBank:
     def load(cls, path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> MemoryBank:
         """Load a bank saved by ``save`` (``torch.load(weights_only=True)``) and check it against the run.
 
-        Reads format ``ntt-memory`` up to version 2 and the former ``ntt-reference-bank`` version 1.
+        Reads format ``ntt-memory`` up to version 3 and the former ``ntt-reference-bank`` version 1.
 
         Args:
             path: the bank file.

@@ -34,6 +34,7 @@ __all__ = [
     "generate_box_proposals",
     "load_boxes_json",
     "select_boxes",
+    "with_prompt_boxes",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,25 @@ def boxes_to_frame(boxes: np.ndarray, *, width: int, height: int, size: int = 10
     t[..., 0] = t[..., 0] / width
     t[..., 1] = t[..., 1] / height
     return (t * size).reshape(-1, 4)
+
+
+def with_prompt_boxes(det, grid_index: Tensor, boxes: np.ndarray):
+    """Detections whose boxes are their proposals' prompt boxes (``matcher.output_box=prompt``, method.md
+    §5.14): FSOD-VFM's COCO ``bbox`` is the clipped box it prompted SAM2 with, not the mask's extent.
+
+    Args:
+        det: ``ntt.postprocess.Detections`` of one image.
+        grid_index: ``[n]`` the proposals' rows among the image's boxes (``Proposals.grid_index``).
+        boxes: ``[G, 4]`` the image's selected boxes (image pixels, xyxy, float64: :func:`select_boxes`).
+
+    Returns:
+        A copy of ``det`` with ``boxes_xyxy`` the ``[F, 4]`` float64 prompt boxes (on the CPU).
+    """
+    import dataclasses
+
+    rows = grid_index.cpu()[det.proposal_index.cpu()].numpy()
+    chosen = torch.from_numpy(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[rows].copy())
+    return dataclasses.replace(det, boxes_xyxy=chosen)
 
 
 def choose_single_output(

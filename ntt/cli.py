@@ -3,8 +3,10 @@
 ntt run [hydra overrides]        run the stages of one config (Hydra app; `-m` for a multirun)
 ntt study [hydra overrides]      every job of a sweep with ONE pass over the test images (ntt study --help)
 ntt segment --refs R --images D --out O [overrides]   segment your own images (ntt segment --help)
+ntt bank show|add|remove|rename|merge BANK ...        show or edit a saved reference bank (bank.ntt)
 ntt visualize RUN_DIR            side-by-side ground truth | prediction PNGs of a benchmark run
 ntt summarize ROOT               metrics.json files -> summary.csv / summary.md
+ntt report PATH                  one self-contained HTML page of a run, a study or an `ntt segment` folder
 ntt download NAME... | --all     official SAM2 / DINOv2 checkpoints (resumable, sha256-verified)
 ntt prepare BENCHMARK ...        public downloads -> benchmark jsons (coco|voc|cdfsod|lvis|masks)
 ntt synth OUT_DIR                write the synthetic COCO-format dataset
@@ -23,8 +25,10 @@ COMMANDS = {
     "run": "ntt.runner.main:run_main",
     "study": "ntt.runner.main:study_main",
     "segment": "ntt.app.segment:main",
+    "bank": "ntt.app.bank_cli:main",
     "visualize": "ntt.app.visualize:main",
     "summarize": "ntt.runner.summarize:main",
+    "report": "ntt.report.main:main",
     "download": "ntt.backbones.download:download_main",
     "prepare": "ntt.prepare:main",
     "synth": "ntt.data.synthetic:main",

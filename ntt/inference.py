@@ -45,7 +45,7 @@ class InferenceParams:
         points_per_side: prompt grid side (``P * P`` prompts).
         points_batch_size: prompts per decoder call (ceil-division batches).
         iou_thr: keep proposals with predicted IoU strictly greater than this.
-        nms_thr: class-aware NMS IoU threshold.
+        nms_thr: class-aware NMS IoU threshold; None = no NMS (FSOD-VFM, method.md §5.14).
         num_out: final detections per image.
         nms_cap_factor: NMS output cut to ``num_out * nms_cap_factor``.
         pooling: ``"dense"`` (parity) or ``"adjoint"`` (exact, faster) mask pooling.
@@ -63,12 +63,14 @@ class InferenceParams:
         merge: re-scoring before the top-k: ``soft`` (NTT §5.7, parity), ``diffusion`` (FSOD-VFM §5.12),
             ``none``.
         diffusion: FSOD-VFM's settings (read when ``merge == "diffusion"``).
+        score_filter: ``positive`` (NTT: keep ``score > 0`` after the NMS, parity) or ``none`` (FSOD-VFM: keep
+            every proposal; method.md §5.14).
     """
 
     points_per_side: int = 32
     points_batch_size: int = 256
     iou_thr: float | None = 0.4
-    nms_thr: float = 0.5
+    nms_thr: float | None = 0.5
     num_out: int = 100
     nms_cap_factor: int = 8
     pooling: str = "dense"
@@ -86,6 +88,7 @@ class InferenceParams:
     sam_iou_decay: bool = SemanticsConfig.sam_iou_decay
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    score_filter: str = "positive"
 
     def __post_init__(self) -> None:
         if isinstance(self.diffusion, dict):  # from to_dict()
@@ -114,13 +117,14 @@ class InferenceParams:
             **_semantic_settings(getattr(matcher, "semantics", None)),
             merge=getattr(matcher, "merge", "soft"),
             diffusion=getattr(matcher, "diffusion", None) or DiffusionConfig(),
+            score_filter=getattr(matcher, "score_filter", "positive"),
         )
 
     def to_dict(self) -> dict:
         """Plain dict of the fields (for configs / manifests and the keys made of them).
 
         Fields added later are left out at the value that reproduces the settings of before (as
-        ``ntt.utils.identity.INERT_DEFAULTS``): ``merge`` at ``soft``, ``diffusion`` unless
+        ``ntt.utils.identity.INERT_DEFAULTS``): ``merge`` at ``soft``, ``score_filter`` at ``positive``, ``diffusion`` unless
         ``merge == "diffusion"``, ``prompts`` at ``grid`` and ``stability_fallback`` (read only by box prompts)
         unless ``prompts == "boxes"``, and each FSOD-VFM semantics field (``_SEMANTIC_KEYS``) at NTT's value;
         the dict, and so every key made of it (``ntt segment``'s settings key), stays the same for those
@@ -135,6 +139,8 @@ class InferenceParams:
             data.pop("diffusion")
         if self.merge == "soft":
             data.pop("merge")
+        if self.score_filter == "positive":
+            data.pop("score_filter")
         if self.prompts != "boxes":
             data.pop("stability_fallback")
         if self.prompts == "grid":
@@ -465,6 +471,7 @@ def _detect(
         merge=p.merge,
         diffusion=p.diffusion,
         dino_grid=dino_grid,
+        score_filter=p.score_filter,
         keep_masks=keep_masks,
     )
     tr = {

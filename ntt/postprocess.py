@@ -443,7 +443,7 @@ def postprocess_detections(
     *,
     height: int,
     width: int,
-    nms_thr: float = 0.5,
+    nms_thr: float | None = 0.5,
     num_out: int = 100,
     nms_cap_factor: int = 8,
     drop_empty_masks: bool = False,
@@ -454,6 +454,7 @@ def postprocess_detections(
     merge: str = "soft",
     diffusion: DiffusionConfig | None = None,
     dino_grid: tuple[int, int] | None = None,
+    score_filter: str = "positive",
     keep_masks: bool = True,
 ) -> tuple[Detections, dict[str, Tensor]]:
     """Class-aware NMS, ``score > 0``, full-resolution masks, re-scoring (soft merging) and top-``num_out``.
@@ -470,7 +471,8 @@ def postprocess_detections(
         embeddings: ``[n, D]`` mask embeddings.
         height: output height (annotation height).
         width: output width (annotation width).
-        nms_thr: NMS IoU threshold (suppress when strictly greater); 1.0 disables suppression.
+        nms_thr: NMS IoU threshold (suppress when strictly greater); 1.0 suppresses nothing but still orders
+            by ``pred_ious``; None skips the NMS: every proposal in the given order (FSOD-VFM, method.md §5.14).
         num_out: final detections kept.
         nms_cap_factor: NMS output is cut to ``num_out * nms_cap_factor`` entries.
         drop_empty_masks: fix flag: drop masks empty at full resolution instead of ranking them first with a
@@ -485,6 +487,8 @@ def postprocess_detections(
             (§5.12, ``ntt.diffusion``; its ``pi`` goes to the trace's ``ios``); ``none`` = scores unchanged.
         diffusion: FSOD-VFM's settings (defaults when None).
         dino_grid: ``(rows, cols)`` of the image's DINOv2 grid (``diffusion.grid=dino``).
+        score_filter: ``positive`` keeps ``score > 0`` after the NMS (NTT §5.5 item 4, parity); ``none`` keeps
+            every proposal (FSOD-VFM, method.md §5.14).
         keep_masks: False = boxes only: the detections' ``masks`` are None and their boxes (the same
             full-resolution mask extents, bit for bit) are taken from the masks as the re-scoring produces
             them, so the winners are not upsampled a second time (only those the re-scoring never produced,
@@ -502,11 +506,19 @@ def postprocess_detections(
     if box_plus_one:
         nonempty = (logits > 0).flatten(1).any(dim=1)
         nms_boxes = lowres_boxes + nonempty[:, None].float() * lowres_boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
-    keep = batched_nms(nms_boxes, pred_ious, labels, nms_thr)[: num_out * nms_cap_factor]
-    keep_pos = keep[scores[keep] > 0]  # NaN > 0 is False: empty low-res masks leave here
+    if nms_thr is None:  # FSOD-VFM has no NMS: the proposer's order is the ranking order (method.md §5.14)
+        keep = torch.arange(labels.shape[0], device=device)[: num_out * nms_cap_factor]
+    else:
+        keep = batched_nms(nms_boxes, pred_ious, labels, nms_thr)[: num_out * nms_cap_factor]
+    if score_filter == "positive":
+        keep_pos = keep[scores[keep] > 0]  # NaN > 0 is False: empty low-res masks leave here
+    elif score_filter == "none":  # FSOD-VFM keeps every proposal, negative cosines too (method.md §5.14)
+        keep_pos = keep
+    else:
+        raise ValueError(f"matcher.score_filter={score_filter}: choose one of positive, none")
     trace: dict[str, Tensor] = {"lowres_boxes_xyxy": lowres_boxes, "nms_keep": keep}
     if keep_pos.numel() == 0:
-        log.debug("no proposal survives NMS and score > 0")
+        log.debug("no proposal survives the NMS and the score filter")
         trace.update(_trace_empty(device))
         empty = Detections.empty(height, width, device)
         if not keep_masks:

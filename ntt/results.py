@@ -48,6 +48,7 @@ def detections_to_coco(
     *,
     box_plus_one: bool = False,
     rles: Sequence[dict] | None = None,
+    prompt_boxes: bool = False,
 ) -> list[dict]:
     """COCO result dicts of one image's detections, in rank order (the reference's format).
 
@@ -59,6 +60,9 @@ def detections_to_coco(
             ``x2 - x1``. Empty masks keep ``[0, 0, 0, 0]``.
         rles: the masks' RLEs when already encoded (a study pass encodes each proposal once for all banks);
             :func:`encode_masks_rle` of ``det.masks`` otherwise.
+        prompt_boxes: ``det.boxes_xyxy`` holds each detection's prompt box (float64 image pixels,
+            ``ntt.boxproposals.with_prompt_boxes``): written as floats ``[x1, y1, x2 - x1, y2 - y1]``, as
+            FSOD-VFM writes its clipped boxes (``matcher.output_box=prompt``, method.md §5.14).
 
     Returns:
         list of ``{"image_id", "category_id", "bbox" (ints), "score", "segmentation"}``.
@@ -66,17 +70,22 @@ def detections_to_coco(
     n = len(det.scores)
     if n == 0:
         return []
-    # Boxes are integer pixel indices; the reference writes them as JSON integers.
-    boxes = det.boxes_xyxy.detach().cpu().round().to(torch.int64).numpy()
+    # Mask boxes are integer pixel indices; the reference writes them as JSON integers.
+    boxes = det.boxes_xyxy.detach().cpu()
+    boxes = boxes.double().numpy() if prompt_boxes else boxes.round().to(torch.int64).numpy()
     scores = det.scores.detach().cpu().double().numpy()
     labels = det.labels.detach().cpu().numpy()
     rles = encode_masks_rle(det.masks) if rles is None else [dict(r) for r in rles]
     out = []
     for k in range(n):
-        x1, y1, x2, y2 = (int(v) for v in boxes[k])
-        w, h = x2 - x1, y2 - y1
-        if box_plus_one and (x1, y1, x2, y2) != (0, 0, 0, 0):
-            w, h = w + 1, h + 1
+        if prompt_boxes:  # Python floats, as FSOD-VFM's `[x1, y1, x2 - x1, y2 - y1]` of its clipped box
+            x1, y1, x2, y2 = (float(v) for v in boxes[k])
+            w, h = x2 - x1, y2 - y1
+        else:
+            x1, y1, x2, y2 = (int(v) for v in boxes[k])
+            w, h = x2 - x1, y2 - y1
+            if box_plus_one and (x1, y1, x2, y2) != (0, 0, 0, 0):
+                w, h = w + 1, h + 1
         out.append(
             {
                 "image_id": int(image_id),

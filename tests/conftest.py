@@ -53,8 +53,18 @@ def torch_threads(n: int):
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
-    # 2-core CI machines: keep torch from oversubscribing when pytest runs alongside other work.
+    # 2-core CI machines: keep torch from oversubscribing when pytest runs alongside other work. Under
+    # pytest-xdist (`make test`: 2 workers) each worker gets cores // workers threads: on a busy machine a
+    # 2-thread process loses much of its time in the kernels' thread barriers (measured: 2 single-thread
+    # workers used 0.69x the CPU seconds and 0.46x the wall time of one 2-thread process on test_e2e.py +
+    # test_resume.py). NTT_TEST_THREADS overrides the count.
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    threads = max(1, min(2, os.cpu_count() or 1))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = int(os.environ.get("NTT_TEST_THREADS", max(1, threads // workers)))
+    torch.set_num_threads(threads)
+    # The commands tests start (ntt run, ntt segment, ...) get the same count: some compare their bytes
+    # with this process's, and BLAS results may depend on the thread count (see torch_threads).
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     yield

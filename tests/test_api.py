@@ -217,6 +217,25 @@ def test_references_from_mask_box_and_points_give_a_bank_and_predictions(fss_seg
     assert inst.overlay().size == (224, 224)
 
 
+def test_box_and_click_references_record_their_prompt_and_image_digest(fss_segmenter):
+    """A reference's provenance says what it was made from (issue 18): the image's sha256 and the prompt."""
+    from ntt.utils.files import sha256_file
+
+    bank = fss_segmenter.build(progress=False)
+    mask_ref, click_ref = bank.refs[0]
+    box_ref = bank.refs[1][0]
+    assert box_ref["image_sha256"] == sha256_file(FSS / "images/basketball/1.jpg")
+    assert click_ref["image_sha256"] == sha256_file(FSS / "images/apple/2.jpg")
+    assert box_ref["box"] == [30.0, 30.0, 190.0, 190.0] and "mask_sha256" not in box_ref
+    assert click_ref["points"] == [[110.0, 120.0]] and click_ref["point_labels"] == [1]
+    assert len(mask_ref["mask_sha256"]) == 64 and bank.format_version() == 3
+    from ntt.bank_edit import describe
+
+    text = describe(bank)
+    assert f"0: 1.jpg  box [30.0, 30.0, 190.0, 190.0]  image sha256 {box_ref['image_sha256'][:12]}" in text
+    assert "1: 2.jpg  points [[110.0, 120.0]] labels [1]  image sha256 " in text
+
+
 def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
     seg = fss_segmenter
     image = FSS / "images/basketball/6.jpg"
@@ -236,8 +255,8 @@ def test_save_load_predict_gives_identical_predictions(fss_segmenter, tmp_path):
     assert (tuned.params.points_per_side, tuned.params.iou_thr, tuned.params.nms_thr) == (3, 0.0, 0.7)
     with pytest.raises(ValueError, match="holds dinov2_tiny_random features"):
         Segmenter.load(path, device="cpu", overrides=["backbone/dinov2=vits14"])
-    with pytest.raises(ValueError, match="loaded bank"):  # features only: no image to re-encode
-        loaded.add_reference(image, "apple", boxes=[0, 0, 10, 10])
+    # a loaded bank takes new references (issue 18; it refused them before): tests/test_bank_edit.py
+    assert loaded.add_reference(image, "apple", boxes=[0, 0, 10, 10]) == 1
 
 
 def test_a_bank_in_the_former_reference_bank_layout_loads_and_predicts_alike(fss_segmenter, tmp_path):

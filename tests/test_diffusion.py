@@ -250,6 +250,7 @@ def test_default_keys_stay_out_of_every_identity(tmp_path):
         "merge",
         "diffusion",
         *semantics,
+        "score_filter",
     )  # added after runs were recorded
     assert list(InferenceParams().to_dict()) == [f for f in fields if f not in later]
     assert list(InferenceParams(merge="none").to_dict()) == [
@@ -258,7 +259,7 @@ def test_default_keys_stay_out_of_every_identity(tmp_path):
     assert list(InferenceParams(merge="diffusion", prompts="boxes").to_dict()) == [
         f
         for f in fields
-        if f not in semantics  # NTT's semantics (§5.13 at its default) stay out
+        if f not in (*semantics, "score_filter")  # NTT's semantics (§5.13) and score filter (§5.14) stay out
     ]
     # diffusion settings are inert (and out of the id) unless merge=diffusion; then each one counts
     assert config_id(compose_smoke(tmp_path, "matcher.diffusion.alpha=0.5")) == "04157930"

@@ -4,9 +4,9 @@
     the method                      ntt/*.py (refs, memory, bank, proposals, matching, postprocess, inference,
                                     maskcache, prompts, results, ops) and backbones/, data/, eval/: imports
                                     the method and utils/ only, never a wing
-    the wings                       runner/, app/, tools/, prepare/: import the method, utils/ and their own
-                                    modules; another wing only through its package (`from ntt.runner import X`),
-                                    never its modules
+    the wings                       runner/, app/, tools/, prepare/, report/: import the method, utils/
+                                    and their own modules; another wing only through its package
+                                    (`from ntt.runner import X`), never its modules
     the front door                  ntt/cli.py, ntt/__main__.py, ntt/__init__.py: may reach everything
 
 Every import counts, at module level or inside a function (a lazy import is still a dependency), and an
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-WINGS = ("runner", "app", "tools", "prepare")
+WINGS = ("runner", "app", "tools", "prepare", "report")
 METHOD_FOLDERS = ("backbones", "data", "eval")
 FRONT_DOOR = ("ntt", "ntt.cli", "ntt.__main__")
 

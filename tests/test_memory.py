@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import DATA, PARITY
 from helpers_memory import FakeEncoder, toy_dataset
 
-from ntt.bank import MemoryBank, compute_prototypes
+from ntt.bank import MEMORY_FORMAT_VERSION, MemoryBank, compute_prototypes
 from ntt.data.images import load_reference_image
 from ntt.data.masks import ann_to_mask
 from ntt.fill import fill_memory, postprocess_memory
@@ -281,7 +281,7 @@ def test_ragged_bank_roundtrip_and_prototypes_of_own_references(tmp_path):
 
 def test_newer_bank_format_is_refused(tmp_path):
     meta = json.loads(V1_META_JSON)
-    meta["format_version"] = 3
+    meta["format_version"] = MEMORY_FORMAT_VERSION + 1  # was 3 while the newest was 2 (issue 18 added v3)
     bank = _tiny_known_bank()
     torch.save(
         {
@@ -291,7 +291,7 @@ def test_newer_bank_format_is_refused(tmp_path):
         },
         tmp_path / "m.pt",
     )
-    with pytest.raises(ValueError, match="version 3 is newer than this ntt"):
+    with pytest.raises(ValueError, match=f"version {MEMORY_FORMAT_VERSION + 1} is newer than this ntt"):
         MemoryBank.load(tmp_path / "m.pt")
 
 

@@ -204,11 +204,11 @@ def test_prototypes_are_computed_once_per_bank_state_not_per_image(seg, monkeypa
     original = seg.bank.prototypes
     monkeypatch.setattr(seg.bank, "prototypes", lambda: calls.append(1) or original())
     seg._protos_cache = None
-    first = seg._prototypes()
-    assert seg._prototypes() is first and len(calls) == 1
+    first = seg._prototypes(seg.bank)
+    assert seg._prototypes(seg.bank) is first and len(calls) == 1
     with torch.inference_mode():
         seg.bank.instance_means.mul_(1.0)  # an in-place edit (same values): a new version, recomputed
-    assert torch.equal(seg._prototypes(), first) and len(calls) == 2
+    assert torch.equal(seg._prototypes(seg.bank), first) and len(calls) == 2
     seg.bank.category_ids = list(seg.bank.category_ids)  # same content: still cached
-    seg._prototypes()
+    seg._prototypes(seg.bank)
     assert len(calls) == 2

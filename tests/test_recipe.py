@@ -35,6 +35,18 @@ def test_the_recipe_selects_every_fsod_vfm_option():
     assert smoke.backbone.sam2.name == "sam2_tiny_random" and smoke.matcher.merge == "diffusion"
 
 
+def test_the_recipe_keeps_every_proposal_in_the_detectors_order():
+    """FSOD-VFM has no NMS and no `score > 0` filter (method.md §5.14): the recipe turns both off, so the
+    diffusion and the final stable sort see the boxes in the detector's order (their end-to-end parity:
+    tests/test_fsod_vfm_e2e.py)."""
+    from ntt.utils.compose import compose
+
+    m = compose(["recipe=fsod_vfm"]).matcher
+    assert (m.nms_thr, m.score_filter, m.merge) == (None, "none", "diffusion")
+    assert (m.diffusion.grid, m.diffusion.order) == ("dino", "proposal")
+    assert (compose([]).matcher.nms_thr, compose([]).matcher.score_filter) == (0.5, "positive")  # NTT's
+
+
 def test_the_recipe_group_leaves_ntt_run_ids_alone():
     from ntt.utils.compose import compose
     from ntt.utils.identity import config_id
@@ -60,8 +72,8 @@ def test_the_recipe_runs_end_to_end_on_tiny_random_models(tmp_path):
     run_dir = Path(str(cfg.run_dir))
     assert metrics["num_images"] == 2 and metrics["failed_images"] == []
     assert "bbox" in metrics and "segm" in metrics  # box and mask AP both (random weights: plumbing only)
-    # random weights: the unclamped cosines can all be <= 0, and NTT's later `score > 0` filter (kept by the
-    # recipe, unlike FSOD-VFM) then leaves no detection; the file is there and well formed either way
+    # random weights: meaningless detections (the recipe keeps every box's mask, negative cosines too, as
+    # FSOD-VFM: method.md §5.14); the file is there and well formed
     preds = json.loads((run_dir / "predictions.json").read_text())
     assert all(set(p) >= {"image_id", "category_id", "bbox", "score", "segmentation"} for p in preds)
     config = (run_dir / "config.yaml").read_text()

@@ -465,3 +465,44 @@ def test_a_second_run_does_not_segment_the_overlays_of_the_first(fss, calls, cap
         "apple5.jpg",
         "ball6.png",
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Class subsets (--classes, issue 18)
+
+
+def test_a_class_subset_segments_only_those_classes_and_enters_the_resume_key(three, calls):
+    """--classes: dataset.json lists the chosen classes with their bank ids, bank.ntt keeps every class,
+    and the subset is part of each image's key: the same subset again is kept, another one redoes."""
+    from ntt.bank import MemoryBank
+
+    out = three / "out"
+    argv = ["--refs", str(three / "refs"), "--images", str(three / "images/a5.jpg"), "--out", str(out)]
+    assert main([*argv, *MODELS, *GRID, "--classes", "basketball"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["categories"] == [{"id": 2, "name": "basketball"}]
+    preds = json.loads((out / "predictions.json").read_text())
+    assert preds and {p["category_id"] for p in preds} == {2}
+    assert MemoryBank.load(out / "bank.ntt").category_names == ["apple", "basketball"]
+    assert calls["images"] == 1
+    assert main([*argv, *MODELS, *GRID, "--classes", " basketball,"]) == 0  # the same subset: kept
+    assert calls["images"] == 1 and calls["builds"] == 1
+    assert main([*argv, *MODELS, *GRID, "--classes", "apple"]) == 0  # another subset: segmented again
+    assert calls["images"] == 2 and calls["builds"] == 1  # the saved bank is kept
+    assert json.loads((out / "dataset.json").read_text())["categories"] == [{"id": 1, "name": "apple"}]
+
+
+def test_an_unknown_class_in_classes_is_one_line_naming_the_close_names(three):
+    from ntt.utils.errors import UserError
+
+    argv = [
+        "--refs",
+        str(three / "refs"),
+        "--images",
+        str(three / "images/a5.jpg"),
+        "--out",
+        str(three / "o"),
+    ]
+    with pytest.raises(
+        UserError, match=r"^--classes: no class 'basketbal' in the bank \(did you mean basketball\?\)"
+    ):
+        main([*argv, *MODELS, *GRID, "--classes", "basketbal"])

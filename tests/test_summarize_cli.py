@@ -110,7 +110,7 @@ def test_ntt_command_help_and_download_list():
 
 
 @pytest.mark.parametrize(
-    "cmd", ["study", "download", "summarize", "synth", "segment", "visualize", "prepare"]
+    "cmd", ["study", "download", "summarize", "synth", "segment", "bank", "visualize", "prepare", "report"]
 )
 def test_every_ntt_subcommand_is_dispatched(cmd, capsys):
     """Each subcommand the `ntt` usage lists reaches its own parser (its --help), not the top-level usage."""

@@ -1,8 +1,8 @@
 """``ntt segment``: segment a folder of your own images from a few references, in one command.
 
     ntt segment --refs REFS --images PHOTOS --out OUT [--sam2 sam2.1_hiera_t] [--dinov2 vits14]
-                [--device auto] [--bank OUT/bank.ntt] [--score-thr 0] [--max-draw 20] [--no-overlays]
-                [--outputs masks|boxes] [--export-coco DIR]
+                [--device auto] [--bank OUT/bank.ntt] [--classes a,b] [--score-thr 0] [--max-draw 20]
+                [--no-overlays] [--outputs masks|boxes] [--export-coco DIR]
                 [hydra overrides: proposer=cpu_fast matcher.nms_thr=0.6 ...]
 
 References (``--refs``): a folder of images with mask PNGs, a COCO json or a prompt json
@@ -12,10 +12,11 @@ Targets (``--images``): a folder of images (jpg, png, ...; no json needed: sizes
 EXIF orientation applied; overlays ntt wrote are skipped) or image files. Output in ``--out``:
 ``predictions.json`` (COCO results, RLE masks), ``dataset.json`` (the COCO ``images`` and ``categories`` the
 results refer to), ``overlays/<name>.png`` (each the size of its image), ``bank.ntt`` (the reference bank:
-reuse it with ``--bank``), ``counts.csv`` (detections per class per image, scoring >= ``--score-thr``), and
-``failed.json`` when some images could not be segmented (the others are kept; exit status 1). ``--outputs
-boxes``: boxes, labels and scores only (bbox results, no masks: faster on large images). ``--export-coco DIR``:
-also a COCO dataset folder of the images and their detections (``ntt.app.cocodataset``) for FiftyOne or CVAT.
+reuse it with ``--bank``; ``ntt bank`` shows and edits it), ``counts.csv`` (detections per class per image,
+scoring >= ``--score-thr``), and ``failed.json`` when some images could not be segmented (the others are
+kept; exit status 1). ``--outputs boxes``: boxes, labels and scores only (bbox results, no masks: faster on
+large images). ``--export-coco DIR``: also a COCO dataset folder of the images and their detections
+(``ntt.app.cocodataset``) for FiftyOne or CVAT.
 
 Nothing finished is lost: each image's result is appended to ``predictions.jsonl`` as it finishes, and a
 rerun of the same command keeps the bank and those results and segments only the rest (``ntt.app.outputs``
@@ -52,6 +53,7 @@ from ntt.app.outputs import (
 )
 from ntt.app.references import add_references, load_reference_specs
 from ntt.backbones.checkpoints import MissingCheckpointError, check_checkpoints
+from ntt.bank_edit import subset
 from ntt.utils.config import config_hash
 from ntt.utils.files import CACHE_FILE, FileDigests
 
@@ -324,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ref-images", default=None, help="image folder of a COCO reference json (default: its folder)"
     )
     ap.add_argument("--bank", default=None, help="a saved reference bank (bank.ntt) instead of --refs")
+    ap.add_argument(
+        "--classes",
+        default=None,
+        help="look for these classes of the bank only, comma-separated (a,b); bank.ntt keeps them all",
+    )
     ap.add_argument("--images", nargs="+", required=True, help="a folder of images, or image files")
     ap.add_argument("--out", required=True, help="output folder (a rerun resumes in it)")
     ap.add_argument("--sam2", default="sam2.1_hiera_t", help="conf/backbone/sam2 option (sam2.1_hiera_t)")
@@ -379,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             except MissingCheckpointError as err:
                 raise MissingCheckpointError(f"{err}\n{OFFLINE_HINT}") from err
             seg = _bank_for(seg, specs, out)
+        if args.classes is not None:  # the subset's prototypes enter every image's key: other classes redo
+            seg.use_bank(subset(seg.bank, _class_list(args.classes), what="--classes"))
         summary = segment_folder(
             seg,
             images,
@@ -405,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if args.export_coco is None else f", COCO dataset in {args.export_coco}")
     )
     return 1 if summary["failed"] else 0
+
+
+def _class_list(text: str) -> list[str]:
+    """``--classes a,b``: the names, stripped (a class name with a comma cannot be chosen here)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _bank_for(seg, specs, out: Path):

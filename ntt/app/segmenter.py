@@ -39,11 +39,12 @@ import torch
 
 from ntt.app.instances import Instances
 from ntt.app.outputs import skip_own_outputs
-from ntt.app.settings import compose_config, params_from_config, saved_config
+from ntt.app.settings import check_segmenter_params, compose_config, params_from_config, saved_config
 from ntt.backbones import build_backbone
 from ntt.bank import MemoryBank
-from ntt.data.images import list_images, read_image
-from ntt.data.masks import mask_bbox_xywh, read_masks
+from ntt.bank_edit import merge, subset
+from ntt.data.images import image_digest, list_images, read_image
+from ntt.data.masks import mask_bbox_xywh, mask_digest, read_masks
 from ntt.inference import InferenceParams
 from ntt.utils.dist import resolve_device
 from ntt.utils.identity import drop_inert_keys
@@ -107,7 +108,8 @@ class Segmenter:
         self.memory = build_node(cfg.matcher, MatcherConfig).memory
         self._sam2 = sam2
         self._dinov2 = dinov2
-        self._refs: dict[str, list[_Reference]] = {}
+        self._refs: dict[str, list[_Reference]] = {}  # added in this session (images kept): encoded by build
+        self._loaded: MemoryBank | None = None  # a loaded bank (features only): build appends to it
         self._category_ids: dict[str, int] = {}
         self.bank: MemoryBank | None = None
         if self.device == "cpu" and self.params.points_per_side > 16:
@@ -184,6 +186,11 @@ class Segmenter:
     ) -> int:
         """Add reference instances of class ``cls`` on one image; give exactly one of masks, boxes, points.
 
+        A segmenter with a loaded bank (:meth:`load`) takes new references too: :meth:`build` encodes only
+        them and appends them to the loaded bank's (``ntt.bank_edit`` gives the order and id rules).
+        Each reference records its source in the bank: the image's sha256 (of the file, or of the RGB
+        pixels for an in-memory image), the prompt kind and its geometry (box, clicks, or the mask's sha256).
+
         Boxes and clicks become masks through SAM2 prompts (``ntt.prompts``): a box uses SAM2's
         single-mask output (as the reference's box -> mask preparation) and keeps the box as the crop
         box; one click uses the best of the three multimask outputs (as the proposer); several clicks on
@@ -208,11 +215,6 @@ class Segmenter:
         """
         from ntt.data.images import pil_to_tensor
 
-        if self.bank is not None and not self._refs:
-            raise ValueError(
-                "add_reference: this segmenter holds a loaded bank (features, not images), so references cannot "
-                "be added to it: build a new Segmenter with all the references"
-            )
         if sum(x is not None for x in (masks, boxes, points)) != 1:
             raise ValueError("add_reference: give exactly one of masks=, boxes=, points=")
         if not isinstance(cls, str) or not cls:
@@ -221,6 +223,8 @@ class Segmenter:
         width, height = pil.size
         source = name or (Path(path).name if path else "<in-memory image>")
         tensor = pil_to_tensor(pil)
+        image_sha = image_digest(pil, path)
+        geometry: list[dict] | None = None
         if masks is not None:
             kind = "mask"
             mask_list = read_masks(masks, height, width, source)
@@ -236,14 +240,16 @@ class Segmenter:
                 arr = normalize_boxes(boxes)
                 mask_list = list(masks_from_boxes(self.sam2, image_sam, arr, height, width))
                 crop_boxes = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in arr.tolist()]
+                geometry = [{"box": [float(v) for v in b]} for b in arr.tolist()]
             else:
                 kind = "points"
-                mask_list = list(
-                    masks_from_points(
-                        self.sam2, image_sam, normalize_points(points, point_labels), height, width
-                    )
-                )
+                clicks = normalize_points(points, point_labels)
+                mask_list = list(masks_from_points(self.sam2, image_sam, clicks, height, width))
                 crop_boxes = None
+                geometry = [
+                    {"points": xy.astype(float).tolist(), "point_labels": lab.astype(int).tolist()}
+                    for xy, lab in clicks
+                ]
         if category_id is not None:
             known = self._category_ids.get(cls)
             if known is not None and known != int(category_id):
@@ -260,6 +266,10 @@ class Segmenter:
                 raise ValueError(f"add_reference: {source}: mask {i} of class {cls!r} is empty")
             bbox = crop_boxes[i] if crop_boxes is not None else mask_bbox_xywh(mask)
             prov = {"source": source, "prompt": kind, "bbox": [round(float(v), 2) for v in bbox]}
+            prov["image_sha256"] = image_sha
+            prov.update(geometry[i] if geometry is not None else {"mask_sha256": mask_digest(mask)})
+            if category_id is not None:  # a given id is kept through bank edits (ntt.bank_edit)
+                prov["category_id"] = int(category_id)
             self._refs.setdefault(cls, []).append(_Reference(tensor, mask, bbox, prov))
         self.bank = None
         return len(mask_list)
@@ -277,7 +287,9 @@ class Segmenter:
 
         References are encoded by ``ntt.memory.encode_references``, as the benchmark's ``fill_memory``
         encodes its own (same crop, resize, mask pooling, batches of ``matcher.memory.batch_size`` in class
-        order then reference order).
+        order then reference order). With a loaded bank, only the references added since are encoded; their
+        features are appended to the loaded bank's stored ones (``ntt.bank_edit.merge``): the bank a new
+        segmenter would build from all of them, class by class in the loaded bank's order.
 
         Args:
             progress: show a tqdm bar.
@@ -294,8 +306,11 @@ class Segmenter:
         from ntt.memory import FillPlan, ReferenceJob, assemble_bank, encode_references
 
         if not self._refs:
+            if self._loaded is not None:
+                self.bank = self._loaded
+                return self.bank
             raise ValueError("Segmenter.build: no references: call add_reference first")
-        names = self.class_names
+        names = [n for n in self.class_names if n in self._refs]
         jobs = [
             ReferenceJob(
                 cls=ci,
@@ -318,7 +333,7 @@ class Segmenter:
             batch_size=int(mem.batch_size),
             stage="Segmenter.build",
         )
-        self.bank = assemble_bank(
+        new = assemble_bank(
             plan,
             [encode_references(plan, self.dinov2, progress=progress)],
             encoder_name=str(self.cfg.backbone.dinov2.name),
@@ -329,7 +344,10 @@ class Segmenter:
                 }
             ),  # keys added later are recorded only when not at their default: the same bank bytes as before
         )
-        counts = self.bank.counts.tolist()
+        if self._loaded is not None:  # the loaded references first, then the new ones; this config
+            new = dataclasses.replace(merge(self._loaded, new), config=new.config)
+        self.bank = new
+        names, counts = self.bank.category_names, self.bank.counts.tolist()
         log.info(
             "reference bank: %d classes, %s references (%s)",
             len(names),
@@ -403,7 +421,8 @@ class Segmenter:
         """Segment with ``bank`` (e.g. ``MemoryBank.load(path)``) instead of references added so far.
 
         Args:
-            bank: a bank of this segmenter's DINOv2 encoder.
+            bank: a bank of this segmenter's DINOv2 encoder. References added afterwards are appended to
+                it by :meth:`build`.
         """
         if bank.encoder != str(self.cfg.backbone.dinov2.name):
             raise ValueError(
@@ -411,6 +430,7 @@ class Segmenter:
                 f"{self.cfg.backbone.dinov2.name}: rebuild the bank"
             )
         self._refs = {}
+        self._loaded = bank
         self.bank = bank
         self._category_ids = dict(zip(bank.category_names, bank.category_ids))
 
@@ -431,13 +451,22 @@ class Segmenter:
         )
 
     def predict(
-        self, images, *, progress: bool = True, keep_image: bool = True, outputs: str = "masks", **params
+        self,
+        images,
+        *,
+        classes: Sequence[str] | None = None,
+        progress: bool = True,
+        keep_image: bool = True,
+        outputs: str = "masks",
+        **params,
     ):
         """Segment one image, a list of images, or every image of a folder.
 
         Args:
             images: an image (path, ``PIL.Image``, array, tensor), a list of them, or a folder path (its
                 ``*.overlay.png`` files, overlays written by an earlier run, are skipped).
+            classes: look for these classes only (names of the bank; default: all): the results are those
+                of a bank holding only these classes (their category ids kept).
             progress: tqdm bar for lists and folders.
             keep_image: keep the RGB image on each result (for :meth:`Instances.overlay`).
             outputs: ``masks`` (default) or ``boxes``: boxes, labels and scores only (``Instances.masks`` is
@@ -457,8 +486,9 @@ class Segmenter:
         )
         _check_outputs(outputs)
         if single:
+            bank = self._call_bank(classes)
             return self._predict_one(
-                images, self._call_params(params), keep_image=keep_image, outputs=outputs
+                images, self._call_params(params), bank, keep_image=keep_image, outputs=outputs
             )
         if isinstance(images, (str, os.PathLike)):
             items = skip_own_outputs(list_images(images), None, images)
@@ -468,7 +498,9 @@ class Segmenter:
             items = list(images)
         p = self._call_params(params)
         return list(
-            self.iter_predict(items, params=p, progress=progress, keep_image=keep_image, outputs=outputs)
+            self.iter_predict(
+                items, params=p, classes=classes, progress=progress, keep_image=keep_image, outputs=outputs
+            )
         )
 
     def iter_predict(
@@ -476,6 +508,7 @@ class Segmenter:
         items: Iterable,
         *,
         params: InferenceParams | None = None,
+        classes: Sequence[str] | None = None,
         progress: bool = True,
         keep_image: bool = True,
         errors: str = "raise",
@@ -486,6 +519,7 @@ class Segmenter:
         Args:
             items: images (paths, PIL images, arrays, tensors).
             params: settings (default: ``self.params``).
+            classes: look for these classes only (see :meth:`predict`).
             progress: tqdm bar.
             keep_image: keep the RGB image on each result.
             errors: ``raise`` stops at the first failing image; ``yield`` yields its exception instead of
@@ -499,6 +533,7 @@ class Segmenter:
             raise ValueError(f"iter_predict: errors must be 'raise' or 'yield', got {errors!r}")
         items = list(items)
         p = params or self.params
+        bank = self._call_bank(classes)
         est = self.estimate_seconds_per_image(p)
         log.info(
             "segmenting %d image(s) on %s with a %dx%d prompt grid: %s",
@@ -516,7 +551,7 @@ class Segmenter:
             for i, item in enumerate(items):
                 t0 = time.perf_counter()
                 try:
-                    result = self._predict_one(item, p, keep_image=keep_image, outputs=outputs)
+                    result = self._predict_one(item, p, bank, keep_image=keep_image, outputs=outputs)
                 except Exception as err:
                     if errors == "raise":
                         raise
@@ -534,11 +569,10 @@ class Segmenter:
                     )
                 yield result
 
-    def _prototypes(self) -> torch.Tensor:
+    def _prototypes(self, bank: MemoryBank) -> torch.Tensor:
         """The bank's prototypes on the device, computed once per bank state, not once per image: a ragged
         bank's are a loop over its C classes (docs/performance.md, "Scale"). Recomputed when the bank object,
         its tensors or their in-place versions change, so an edited bank is never served stale values."""
-        bank = self.bank
         tensors = (bank.instance_means, bank.weight_sums, bank.counts)
         # the objects themselves are held (not their ids, which a freed object's successor may reuse)
         state = (tuple(int(getattr(t, "_version", 0)) for t in tensors), list(bank.category_ids))
@@ -558,13 +592,10 @@ class Segmenter:
         unknown = sorted(set(params) - known)
         if unknown:
             raise TypeError(f"predict: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self.params, **params)
+        return check_segmenter_params(dataclasses.replace(self.params, **params))
 
-    def _predict_one(
-        self, image, params: InferenceParams, *, keep_image: bool = True, outputs: str = "masks"
-    ) -> Instances:
-        from ntt.inference import infer_image
-
+    def _call_bank(self, classes: Sequence[str] | None) -> MemoryBank:
+        """The bank of one predict call: built if needed, then the subset of ``classes`` (when given)."""
         if self.bank is None:
             if not self._refs:
                 raise ValueError(
@@ -576,10 +607,25 @@ class Segmenter:
                 f"the bank holds {self.bank.encoder} features but the DINOv2 encoder is "
                 f"{self.cfg.backbone.dinov2.name}: rebuild the bank"
             )
+        return self.bank if classes is None else subset(self.bank, classes, what="predict(classes=...)")
+
+    def _predict_one(
+        self,
+        image,
+        params: InferenceParams,
+        bank: MemoryBank,
+        *,
+        keep_image: bool = True,
+        outputs: str = "masks",
+    ) -> Instances:
+        from ntt.inference import infer_image
+
+        check_segmenter_params(params)  # also `self.params` changed by hand, or iter_predict's params
+
         pil, path = read_image(image)
         width, height = pil.size
         image_sam = self._sam_input(pil)
-        protos = self._prototypes()
+        protos = self._prototypes(bank)
         det, _ = infer_image(
             image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params,
             keep_masks=outputs == "masks",
@@ -589,8 +635,8 @@ class Segmenter:
             boxes=det.boxes_xyxy.cpu(),
             scores=det.scores.cpu(),
             labels=det.labels.cpu(),
-            names=list(self.bank.category_names),
-            category_ids=list(self.bank.category_ids),
+            names=list(bank.category_names),
+            category_ids=list(bank.category_ids),
             height=height,
             width=width,
             path=path,

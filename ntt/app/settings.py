@@ -3,11 +3,12 @@ parameters it gives (``ntt.app.segmenter.Segmenter``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from ntt.inference import InferenceParams
 
-__all__ = ["compose_config", "params_from_config", "saved_config"]
+__all__ = ["check_segmenter_params", "compose_config", "params_from_config", "saved_config"]
 
 
 def compose_config(
@@ -46,7 +47,11 @@ def compose_config(
 
 
 def params_from_config(cfg) -> InferenceParams:
-    """The inference parameters of a config's ``proposer`` and ``matcher`` nodes (every predict knob)."""
+    """The inference parameters of a config's ``proposer`` and ``matcher`` nodes (every predict knob).
+
+    Raises:
+        ConfigError: one line naming a setting the segmenter cannot honour (:func:`check_segmenter_params`).
+    """
     from ntt.utils.config import MatcherConfig, ProposerConfig, build_node
     from ntt.utils.errors import ConfigError
 
@@ -54,15 +59,69 @@ def params_from_config(cfg) -> InferenceParams:
     if prop.prompts != "grid":  # boxes come per test image of a dataset: `ntt run` (method.md §5.11)
         raise ConfigError(
             f"proposer.prompts={prop.prompts}: the segmenter proposes with the point grid; box-prompt "
-            "proposals (proposer=boxes) run with `ntt run`"
+            "proposals (proposer=boxes, recipe=fsod_vfm) run with `ntt run`"
         )
     mat = build_node(cfg.matcher, MatcherConfig)
     if not mat.semantics.is_default:  # whole images, grid masks: wired into `ntt run` only (method.md §5.13)
+        differ = ", ".join(f"{k}={v}" for k, v in _non_ntt_semantics(mat.semantics).items())
         raise ConfigError(
             "matcher.semantics: the segmenter encodes and scores as NTT; FSOD-VFM's semantic side "
-            "(matcher=fsod_vfm) runs with `ntt run`"
+            f"(matcher=fsod_vfm, recipe=fsod_vfm; here {differ}) runs with `ntt run`"
+        )
+    if mat.output_box != "mask":  # a prompt box exists only with proposer=boxes (method.md §5.14)
+        raise ConfigError(
+            f"matcher.output_box={mat.output_box}: the segmenter's boxes are its masks' extents; prompt boxes "
+            "(proposer=boxes, recipe=fsod_vfm) run with `ntt run`"
+        )
+    if mat.classes is not None:  # one way per path: the segmenter's subset is per call
+        raise ConfigError(
+            f"matcher.classes={list(mat.classes)}: the segmenter takes the classes per call: "
+            "predict(..., classes=[...]) or `ntt segment --classes a,b`"
         )
     return InferenceParams.from_settings(prop, mat)
+
+
+def _non_ntt_semantics(semantics) -> dict:
+    """The keys of a ``matcher.semantics`` node (or of InferenceParams' semantic fields) not at NTT's value."""
+    from ntt.utils.config import SemanticsConfig
+
+    ntt = SemanticsConfig()
+    names = [f.name for f in dataclasses.fields(SemanticsConfig)]
+    return {
+        k: getattr(semantics, k)
+        for k in names
+        if hasattr(semantics, k) and getattr(semantics, k) != getattr(ntt, k)
+    }
+
+
+def check_segmenter_params(params: InferenceParams, where: str = "predict") -> InferenceParams:
+    """Refuse the settings the segmenter cannot honour, in one line naming the first (method.md §5.11, §5.13).
+
+    The segmenter proposes with the point grid (box prompts come per image of a dataset: ``ntt run``) and
+    encodes and scores as NTT (FSOD-VFM's whole-image / long-side encoding lives in the run's image loading
+    and memory stage). Everything after the scores (NMS, ``score_filter``, ``merge`` incl. ``diffusion``) is
+    the run's own code (``ntt.inference.infer_image``) and is honoured.
+
+    Args:
+        params: the settings of a predict call (or of the segmenter).
+        where: names the caller in the message (``predict``).
+
+    Raises:
+        ConfigError: ``predict(prompts=boxes): ...`` / ``predict(encoder_input=long_side): ...``.
+    """
+    from ntt.utils.errors import ConfigError
+
+    if params.prompts != "grid":
+        raise ConfigError(
+            f"{where}(prompts={params.prompts}): the segmenter proposes with the point grid; box-prompt "
+            "proposals (proposer=boxes, recipe=fsod_vfm) run with `ntt run`"
+        )
+    for key, value in _non_ntt_semantics(params).items():
+        raise ConfigError(
+            f"{where}({key}={value}): the segmenter encodes and scores as NTT; FSOD-VFM's semantic side "
+            "(matcher=fsod_vfm, recipe=fsod_vfm) runs with `ntt run`"
+        )
+    return params
 
 
 def saved_config(saved_nodes: dict, overrides: Sequence[str]):

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IMAGE_EXTENSIONS",
     "read_image",
+    "image_digest",
     "list_images",
     "read_image_rgb",
     "exif_orientation",
@@ -328,6 +329,23 @@ def read_image(image) -> tuple[Any, str | None]:
             raise ValueError(f"an image array must be [H, W, 3] uint8, got {image.dtype}{image.shape}")
         return Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB"), None
     raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, array or tensor")
+
+
+def image_digest(pil: Image.Image, path: str | os.PathLike | None) -> str:
+    """sha256 of an image: of its file's bytes (``sha256sum`` agrees) when it came from a file, else of
+    its 8-bit RGB pixels (``[H, W, 3]`` row-major), as ``read_image`` returned them.
+
+    Args:
+        pil: the decoded image (``read_image``'s first value).
+        path: its file, or None for an in-memory image.
+    """
+    import hashlib
+
+    from ntt.utils.files import sha256_file
+
+    if path is not None:
+        return sha256_file(path)
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(pil.convert("RGB"))).tobytes()).hexdigest()
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ann_to_rle", "ann_to_mask", "read_mask", "read_masks", "mask_bbox_xywh"]
+__all__ = ["ann_to_rle", "ann_to_mask", "read_mask", "read_masks", "mask_bbox_xywh", "mask_digest"]
 
 
 def ann_to_rle(ann: dict, height: int, width: int) -> dict:
@@ -122,3 +122,15 @@ def read_masks(masks, height: int, width: int, source: str) -> list[torch.Tensor
     if isinstance(masks, (list, tuple)):
         return [read_mask(m, height, width, f"{source}: mask {i}") for i, m in enumerate(masks)]
     return [read_mask(masks, height, width, f"{source}: mask")]
+
+
+def mask_digest(mask: torch.Tensor) -> str:
+    """sha256 of a binary mask as ``[H, W]`` uint8 0/1 bytes, row-major (a reference's provenance).
+
+    Args:
+        mask: ``[H, W]`` bool (or 0/1) mask.
+    """
+    import hashlib
+
+    arr = np.ascontiguousarray(torch.as_tensor(mask).to(torch.bool).cpu().numpy().astype(np.uint8))
+    return hashlib.sha256(arr.tobytes()).hexdigest()

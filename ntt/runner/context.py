@@ -194,6 +194,37 @@ def box_source(ctx: RunContext):
     return ctx.memo["box_source"]
 
 
+def labelled_category_ids(ctx: RunContext, test_ds) -> list[int]:
+    """The category ids the test stage labels with and evaluates: ``matcher.classes`` (by name, in the test
+    set's order) or every class of the test set.
+
+    Raises:
+        ConfigError: a name that is not one of the run's classes (one line, with the close names).
+    """
+    import difflib
+
+    from ntt.utils.errors import ConfigError
+
+    names = ctx.matcher.classes
+    if names is None:
+        return list(test_ds.category_ids)
+    known = [str(n) for n in test_ds.category_names]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+            raise ConfigError(
+                f"matcher.classes: no class {name!r} among the run's {len(known)} classes"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + (
+                    f"; they are: {', '.join(known)}"
+                    if len(known) <= 30
+                    else "; see dataset.class_split / json"
+                )
+            )
+    wanted = set(names)
+    return [int(c) for c, n in zip(test_ds.category_ids, known) if n in wanted]
+
+
 def inference_params(ctx: RunContext):
     """The run's `ntt.inference.InferenceParams` (proposer + matcher settings)."""
     from ntt.inference import InferenceParams

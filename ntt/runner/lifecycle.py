@@ -35,6 +35,7 @@ from ntt.runner.context import (
     box_source,
     build_backbone,
     inference_params,
+    labelled_category_ids,
     load_split,
     make_context,
     prepare_dataset,
@@ -366,6 +367,7 @@ def preflight(ctx: RunContext, plan: RunPlan) -> None:
             )
     if "test" in will_run:
         test_ds = load_split(ctx, "test")
+        labelled_category_ids(ctx, test_ds)  # matcher.classes: every name one of the run's classes
         ids = test_image_ids(ctx, test_ds)
         check_image_records(test_ds, ids, f"dataset.test_json={spec.test_json}", "evaluated")
         boxes = box_source(ctx)  # proposer=boxes: the boxes file parsed and checked before any stage

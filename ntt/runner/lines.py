@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ntt import __version__
-from ntt.runner.context import RANDOM_WEIGHTS_NOTE, RunContext, StageError
+from ntt.runner.context import RANDOM_WEIGHTS_NOTE, RunContext, StageError, labelled_category_ids
 from ntt.runner.keys import METRICS_FILE, PREDICTIONS_FILE
 from ntt.runner.stages import mark_stage_done
 from ntt.utils.files import write_json_atomic
@@ -33,7 +33,12 @@ def success_line(
     from ntt.results import detections_to_coco
 
     results = detections_to_coco(
-        det, img_id, list(plan.test_ds.category_ids), box_plus_one=ctx.matcher.box_plus_one, rles=rles
+        det,
+        img_id,
+        labelled_category_ids(ctx, plan.test_ds),
+        box_plus_one=ctx.matcher.box_plus_one,
+        rles=rles,
+        prompt_boxes=ctx.matcher.output_box == "prompt",  # FSOD-VFM's bbox (method.md §5.14)
     )
     if trace is not None:
         save_image_trace(ctx, img_id, trace)
@@ -202,7 +207,7 @@ def merge_and_evaluate(ctx: RunContext, plan) -> None:
 
         evaluator = make_evaluator(
             test_ds.raw,
-            category_ids=list(test_ds.category_ids),
+            category_ids=labelled_category_ids(ctx, test_ds),  # matcher.classes: only those
             image_ids=ids,
             backend=ctx.eval.backend,
             iou_types=tuple(ctx.eval.iou_types),

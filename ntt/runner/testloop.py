@@ -31,7 +31,8 @@ MASK_CACHE_BYTES = 1 << 30
 
 
 def load_prototypes(ctx: RunContext, test_ds):
-    """The job's `[C, D]` class prototypes on its device (bank checked against the test set's classes)."""
+    """The job's `[C, D]` class prototypes on its device (bank checked against the test set's classes),
+    only those of `matcher.classes` when set (the rows of `labelled_category_ids`)."""
     from ntt.bank import MemoryBank
     from ntt.runner.keys import PROTOTYPES_FILE
     from ntt.runner.stages import bank_expectation
@@ -42,6 +43,10 @@ def load_prototypes(ctx: RunContext, test_ds):
             f"the memory bank holds category ids {list(bank.category_ids)} but the test set selects "
             f"{list(test_ds.category_ids)}: rerun with stages including fill_memory"
         )
+    if ctx.matcher.classes is not None:
+        from ntt.bank_edit import subset
+
+        bank = subset(bank, list(ctx.matcher.classes), what="matcher.classes")
     return bank.prototypes().to(ctx.device)
 
 
@@ -146,6 +151,7 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
     """One image: the memory-independent part once, then each job needing it."""
     import torch
 
+    from ntt.boxproposals import with_prompt_boxes
     from ntt.inference import classify_and_postprocess, propose_image
     from ntt.maskcache import ProposalMasks
 
@@ -156,7 +162,7 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
         if item.error is not None:
             item.raise_error()  # the image could not be read (in a loader worker)
         with torch.inference_mode():
-            boxes = _box_prompts(needing[0], spec, item.image.shape[-1])
+            boxes, image_boxes = _box_prompts(needing[0], spec, item.image.shape[-1])
             shared = propose_image(
                 item.image,
                 sam2=sam2,
@@ -197,6 +203,8 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
                     params=job.params,
                     full_masks=masks,
                 )
+            if image_boxes is not None and job.ctx.matcher.output_box == "prompt":  # FSOD-VFM's bbox (§5.14)
+                det = with_prompt_boxes(det, shared.props.grid_index, image_boxes)
         except Exception as exc:
             if fail_fast:
                 raise
@@ -214,9 +222,10 @@ def _pass_image(jobs: list, spec, item, sam2, dino, writer, fail_fast: bool) -> 
 
 
 def _box_prompts(job, spec, size: int):
-    """`proposer=boxes`: the image's selected boxes in the SAM frame (method.md §5.11); None for the grid."""
+    """`proposer=boxes`: the image's selected boxes in the SAM frame (method.md §5.11) and in image pixels
+    (`[G, 4]` float64, for `matcher.output_box=prompt`); `(None, None)` for the grid."""
     if job.boxes is None:
-        return None
+        return None, None
     from ntt.boxproposals import boxes_to_frame
 
     info = job.test.test_ds.image_info(spec.img_id)
@@ -228,7 +237,7 @@ def _box_prompts(job, spec, size: int):
         image_path=spec.path,
         apply_exif=job.ctx.dataset.exif_orientation,
     )
-    return boxes_to_frame(found.boxes, width=spec.width, height=spec.height, size=size)
+    return boxes_to_frame(found.boxes, width=spec.width, height=spec.height, size=size), found.boxes
 
 
 def _job_line(job, img_id: int, det, tr, shared, masks) -> dict[str, Any]:

@@ -236,6 +236,8 @@ class SemanticsConfig:
 
 
 MERGE_METHODS = ("soft", "diffusion", "none")
+SCORE_FILTERS = ("positive", "none")
+OUTPUT_BOXES = ("mask", "prompt")
 DIFFUSION_GRIDS = ("fsod_vfm", "dino", "lowres")
 DIFFUSION_ORDERS = ("proposal", "score")
 DIFFUSION_SOLVERS = ("iterate", "solve")
@@ -311,7 +313,8 @@ class MatcherConfig:
         pooling: `dense` = average of bilinearly upsampled features over the mask (parity);
             `adjoint` = the same sum computed through the adjoint of bilinear upsampling (exact up to
             float rounding, ~50x fewer FLOPs, method.md §10 item 3).
-        nms_thr: class-aware box NMS IoU threshold on 256-res boxes ranked by predicted IoU (0.5).
+        nms_thr: class-aware box NMS IoU threshold on 256-res boxes ranked by predicted IoU (0.5); null = no
+            NMS: every proposal stays, in the proposer's order (FSOD-VFM, method.md §5.14).
         num_out: detections per image (100).
         nms_cap_factor: NMS keeps at most `num_out * nms_cap_factor` proposals (8).
         drop_empty_masks: fix of method.md §12b item 3: drop masks that vanish at full resolution
@@ -323,11 +326,19 @@ class MatcherConfig:
             semantic soft merging (method.md §5.7, parity); `diffusion` = FSOD-VFM's graph diffusion
             (method.md §5.12, settings in `diffusion`); `none` = no re-scoring.
         diffusion: FSOD-VFM's settings, see `DiffusionConfig` (read only when `merge=diffusion`).
+        score_filter: which proposals go on after the NMS: `positive` = those with `score > 0` (NTT, method.md
+            §5.5 item 4, parity: a NaN score leaves too); `none` = all of them (FSOD-VFM, method.md §5.14).
+        output_box: the COCO `bbox` of a detection: `mask` = its mask's extent (NTT, method.md §5.8);
+            `prompt` = its clipped prompt box, as floats (FSOD-VFM, method.md §5.14; needs `proposer=boxes`).
+        classes: label with these classes of the bank only (names; null = every class): the test stage
+            uses the same references and bank and keeps only these classes' prototypes, so its detections
+            are those of a bank holding only them; evaluation covers only them. `ntt run` / `ntt study`
+            (the segmenter takes `predict(classes=...)` / `ntt segment --classes`).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pooling: str = "dense"
-    nms_thr: float = 0.5
+    nms_thr: float | None = 0.5
     num_out: int = 100
     nms_cap_factor: int = 8
     drop_empty_masks: bool = False
@@ -335,6 +346,9 @@ class MatcherConfig:
     semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
     merge: str = "soft"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    score_filter: str = "positive"
+    output_box: str = "mask"
+    classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Hydra passes nested nodes as dicts when the target is a dataclass built by hand.
@@ -345,6 +359,10 @@ class MatcherConfig:
         if isinstance(self.diffusion, dict):
             object.__setattr__(self, "diffusion", DiffusionConfig(**self.diffusion))
         _check_choice("matcher.merge", self.merge, MERGE_METHODS)
+        _check_choice("matcher.score_filter", self.score_filter, SCORE_FILTERS)
+        _check_choice("matcher.output_box", self.output_box, OUTPUT_BOXES)
+        if self.classes is not None and not self.classes:
+            raise ValueError("matcher.classes=[]: give at least one class name, or null for every class")
 
 
 @dataclass(frozen=True)
@@ -544,8 +562,12 @@ def validate_config(cfg: Any) -> RunSettings:
         if key not in (*names, *CONFIG_NODES, "hydra"):
             raise ConfigError(unknown_key_message(f"{key}={_show(cfg.get(key))}", key))
     settings = build_node({k: to_plain(cfg[k]) for k in names if k in cfg}, RunSettings)
-    for cls in (DatasetSpec, ProposerConfig, MatcherConfig, EvalConfig, IOConfig):
-        build_node(cfg.get(NODE_KEYS[cls]) or {}, cls)
+    built = {cls: build_node(cfg.get(NODE_KEYS[cls]) or {}, cls) for cls in (DatasetSpec, ProposerConfig, MatcherConfig, EvalConfig, IOConfig)}  # fmt: skip
+    if built[MatcherConfig].output_box == "prompt" and built[ProposerConfig].prompts != "boxes":
+        raise ConfigError(
+            "matcher.output_box=prompt needs proposer=boxes (a detection's prompt box); with the point grid "
+            "use matcher.output_box=mask"
+        )
     return settings
 
 

@@ -170,3 +170,18 @@ class FileDigests:
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.cache_file, json.dumps(self._entries, indent=0, sort_keys=True) + "\n")
         self._dirty = False
+
+
+def resolve_run_path(path: str, root: Path | None, run_dir: Path) -> Path:
+    """A data path recorded in a run's config.yaml, found again from wherever the reader runs.
+
+    Relative paths were relative to the folder the run was started from: try ``root`` (the user's
+    ``--root``), then the current folder, then the run directory; absolute paths are kept.
+    """
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    for base in [b for b in (root, Path.cwd(), run_dir) if b is not None]:
+        if (base / p).exists():
+            return base / p
+    return (root or Path.cwd()) / p

@@ -54,7 +54,12 @@ DATASET_FACTORS = (
 RESOLVER = "ntt.config_id"
 # Keys added after runs were recorded, with the value those runs had: while a key has it, it is left out of
 # every identity, key and recorded config, so an existing run keeps its directory, stage keys and bytes.
-INERT_DEFAULTS = {"matcher.merge": "soft"}
+INERT_DEFAULTS = {
+    "matcher.merge": "soft",
+    "matcher.score_filter": "positive",
+    "matcher.output_box": "mask",
+    "matcher.classes": None,
+}
 # Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`):
 # left out otherwise, as they cannot change a result.
 INERT_UNLESS = {"matcher.diffusion": ("matcher.merge", "diffusion")}
