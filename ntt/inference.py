@@ -203,6 +203,7 @@ def infer_image(
     params: InferenceParams | None = None,
     trace: bool = False,
     semantic_image: Tensor | None = None,
+    keep_masks: bool = True,
 ) -> tuple[Detections, dict[str, Tensor] | None]:
     """Run the whole test path on one image.
 
@@ -216,6 +217,8 @@ def infer_image(
         params: settings (paper defaults when None).
         trace: also return every intermediate (CPU tensors) under the parity fixture's key names.
         semantic_image: FSOD-VFM's DINOv2 input of the original image (``params.encoder_input == "long_side"``).
+        keep_masks: False = boxes only (``postprocess_detections``): no full-resolution masks are kept or
+            upsampled again for the output; the boxes, labels and scores are the same.
 
     Returns:
         ``(detections, trace_dict or None)``.
@@ -224,7 +227,9 @@ def infer_image(
     shared = propose_image(
         image1024, sam2=sam2, dino=dino, params=p, semantic_image=semantic_image, image_hw=(height, width)
     )
-    det, tr = classify_and_postprocess(shared, prototypes, height=height, width=width, params=p)
+    det, tr = classify_and_postprocess(
+        shared, prototypes, height=height, width=width, params=p, keep_masks=keep_masks
+    )
     log.debug("image %dx%d: %d proposals -> %d detections", height, width, len(shared.props), len(det))
     return det, (shared.trace(tr) if trace else None)
 
@@ -388,6 +393,7 @@ def classify_and_postprocess(
     width: int,
     params: InferenceParams | None = None,
     full_masks=None,
+    keep_masks: bool = True,
 ) -> tuple[Detections, dict[str, Tensor]]:
     """The memory-dependent part (method.md §5.4-5.8) on an image's shared proposals: classification, NMS,
     soft merging, top-k. Called once per memory bank.
@@ -400,6 +406,7 @@ def classify_and_postprocess(
         params: settings (paper defaults when None).
         full_masks: optional cache of the proposals' full-resolution masks shared by the banks
             (``ntt.maskcache.ProposalMasks``; bit-identical to computing them here).
+        keep_masks: False = boxes only (see :func:`ntt.postprocess.postprocess_detections`).
 
     Returns:
         ``(detections, trace)``; the trace holds the intermediates from ``pred_ious`` on (tensors on the input
@@ -418,6 +425,7 @@ def classify_and_postprocess(
         full_masks=full_masks,
         n_pos256=shared.n_pos256,
         dino_grid=tuple(shared.feats_dino.shape[:2]),
+        keep_masks=keep_masks,
     )
 
 
@@ -435,6 +443,7 @@ def _detect(
     full_masks=None,
     n_pos256: Tensor | None = None,
     dino_grid: tuple[int, int] | None = None,
+    keep_masks: bool = True,
 ) -> tuple[Detections, dict[str, Tensor]]:
     p = params
     prototypes = prototypes.to(embeddings.device, embeddings.dtype)
@@ -463,6 +472,7 @@ def _detect(
         diffusion=p.diffusion,
         dino_grid=dino_grid,
         score_filter=p.score_filter,
+        keep_masks=keep_masks,
     )
     tr = {
         "pred_ious": pred_ious,

@@ -40,14 +40,14 @@ class Detections:
     """Final detections of one image, in rank order.
 
     Attributes:
-        masks: ``[F, H, W]`` bool full-resolution masks.
+        masks: ``[F, H, W]`` bool full-resolution masks; None for a boxes-only output (``keep_masks=False``).
         boxes_xyxy: ``[F, 4]`` float32 inclusive extents of the masks (``[0, 0, 0, 0]`` if empty).
         scores: ``[F]`` decayed semantic scores.
         labels: ``[F]`` int64 class indices.
         proposal_index: ``[F]`` int64 proposal row (after the IoU filter) of each detection.
     """
 
-    masks: Tensor
+    masks: Tensor | None
     boxes_xyxy: Tensor
     scores: Tensor
     labels: Tensor
@@ -79,7 +79,12 @@ class Detections:
         Args:
             device: target device.
         """
-        return Detections(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Detections(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in fields(self)
+            }
+        )
 
 
 def resize_masks_to_image(logits: Tensor, height: int, width: int, *, chunk_size: int = 32) -> Tensor:
@@ -387,6 +392,33 @@ def _other_merge(
     return ios, decayed, areas
 
 
+class _BoxRecorder:
+    """A full-resolution mask producer that also records the inclusive box of every mask it produces (by
+    proposal row), so that a boxes-only output needs no second upsampling of the winners."""
+
+    def __init__(self, produce: Callable[[Tensor], Tensor]):
+        self._produce = produce
+        self._boxes: dict[int, Tensor] = {}
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        masks = self._produce(rows)
+        todo = [k for k, r in enumerate(rows.tolist()) if r not in self._boxes]
+        if todo:
+            found = masks_to_boxes_inclusive(masks[todo] if len(todo) < len(rows) else masks)
+            for k, box in zip(todo, found):
+                self._boxes[int(rows[k])] = box
+        return masks
+
+    def boxes(self, rows: Tensor, chunk_size: int) -> Tensor:
+        """``[len(rows), 4]`` inclusive boxes; masks never produced are upsampled now, a chunk at a time."""
+        missing = [r for r in rows.tolist() if r not in self._boxes]
+        for s in range(0, len(missing), chunk_size):
+            self(torch.tensor(missing[s : s + chunk_size], dtype=torch.int64, device=rows.device))
+        if rows.numel() == 0:
+            return torch.zeros(0, 4, dtype=torch.float32, device=rows.device)
+        return torch.stack([self._boxes[r] for r in rows.tolist()])
+
+
 def _trace_empty(device) -> dict[str, Tensor]:
     z = torch.zeros(0, dtype=torch.int64, device=device)
     zf = torch.zeros(0, dtype=torch.float32, device=device)
@@ -423,6 +455,7 @@ def postprocess_detections(
     diffusion: DiffusionConfig | None = None,
     dino_grid: tuple[int, int] | None = None,
     score_filter: str = "positive",
+    keep_masks: bool = True,
 ) -> tuple[Detections, dict[str, Tensor]]:
     """Class-aware NMS, ``score > 0``, full-resolution masks, re-scoring (soft merging) and top-``num_out``.
 
@@ -456,6 +489,10 @@ def postprocess_detections(
         dino_grid: ``(rows, cols)`` of the image's DINOv2 grid (``diffusion.grid=dino``).
         score_filter: ``positive`` keeps ``score > 0`` after the NMS (NTT §5.5 item 4, parity); ``none`` keeps
             every proposal (FSOD-VFM, method.md §5.14).
+        keep_masks: False = boxes only: the detections' ``masks`` are None and their boxes (the same
+            full-resolution mask extents, bit for bit) are taken from the masks as the re-scoring produces
+            them, so the winners are not upsampled a second time (only those the re-scoring never produced,
+            e.g. with ``merge=none``, are upsampled, one chunk at a time, and not kept).
 
     Returns:
         ``(detections, trace)``; ``trace`` holds ``lowres_boxes_xyxy``, ``nms_keep``, ``nms_keep_pos``, ``ios``,
@@ -483,12 +520,18 @@ def postprocess_detections(
     if keep_pos.numel() == 0:
         log.debug("no proposal survives the NMS and the score filter")
         trace.update(_trace_empty(device))
-        return Detections.empty(height, width, device), trace
+        empty = Detections.empty(height, width, device)
+        if not keep_masks:
+            empty.masks = None
+        return empty, trace
 
     if full_masks is None:
 
         def full_masks(rows: Tensor) -> Tensor:
             return resize_masks_to_image(logits[rows], height, width, chunk_size=chunk_size)
+
+    if not keep_masks:
+        full_masks = _BoxRecorder(full_masks)
 
     lab_pos = labels[keep_pos]
     if merge == "soft":
@@ -506,8 +549,11 @@ def postprocess_detections(
 
     final_order = rank_top_k(decayed, num_out, valid=areas > 0 if drop_empty_masks else None)
     final_proposal = keep_pos[final_order]
-    final_masks = full_masks(final_proposal)
-    final_boxes = masks_to_boxes_inclusive(final_masks)
+    if keep_masks:
+        final_masks = full_masks(final_proposal)
+        final_boxes = masks_to_boxes_inclusive(final_masks)
+    else:
+        final_masks, final_boxes = None, full_masks.boxes(final_proposal, chunk_size)
     det = Detections(
         masks=final_masks,
         boxes_xyxy=final_boxes,

@@ -4,6 +4,7 @@
                             finishes: the resume state (Ctrl-C and kill -9 keep every finished image)
     OUT/predictions.json    COCO results    } merged from the lines in image order (at the end, and on
     OUT/dataset.json        images, classes } Ctrl-C or an error: the images finished so far); failed.json
+    OUT/counts.csv          per image: detections per class (score >= --score-thr) and their total
     OUT/bank.ntt            the reference bank; OUT/bank_inputs.json: the key it was made under
     OUT/overlays/<name>.png, OUT/file_hashes.json (cached content digests of the inputs)
 
@@ -60,11 +61,14 @@ __all__ = [
     "open_lines",
     "append_line",
     "write_results",
+    "counts_csv",
+    "COUNTS_FILE",
 ]
 
 log = logging.getLogger(__name__)
 
 LINES_FILE = "predictions.jsonl"
+COUNTS_FILE = "counts.csv"
 BANK_FILE = "bank.ntt"
 BANK_INPUTS_FILE = "bank_inputs.json"
 
@@ -325,14 +329,17 @@ def append_line(sink: IO[str], path: Path, record: dict | None) -> None:
 # The merged jsons
 
 
-def write_results(out: Path, images: list[tuple[int, str, str]], records: dict[str, dict], bank) -> dict:
-    """``predictions.json``, ``dataset.json`` and ``failed.json`` of the images that have a line.
+def write_results(
+    out: Path, images: list[tuple[int, str, str]], records: dict[str, dict], bank, *, count_thr: float = 0.0
+) -> dict:
+    """``predictions.json``, ``dataset.json``, ``counts.csv`` and ``failed.json`` of the images that have a line.
 
     Args:
         out: the output folder.
         images: ``(image id, file_name, key)`` of every image, in id order.
         records: the lines by key (:func:`read_lines`).
         bank: the ``MemoryBank`` (its classes are the ``categories``).
+        count_thr: ``counts.csv`` counts the detections scoring at least this.
 
     Returns:
         ``{"images", "detections", "failed", "missing"}``: images with results, detections, the failed
@@ -362,6 +369,9 @@ def write_results(out: Path, images: list[tuple[int, str, str]], records: dict[s
     ):
         with naming(out / name):
             write_json_atomic(out / name, obj, indent=indent)
+    counts = out / COUNTS_FILE
+    with naming(counts):
+        write_bytes_atomic(counts, counts_csv(images, records, bank, count_thr).encode())
     failed_file = out / "failed.json"
     with naming(failed_file):
         if failed:
@@ -370,3 +380,32 @@ def write_results(out: Path, images: list[tuple[int, str, str]], records: dict[s
             failed_file.unlink()
     done = sum(1 for _, _, key in images if records.get(key, {}).get("ok"))
     return {"images": done, "detections": len(results), "failed": failed, "missing": missing}
+
+
+def counts_csv(images: list[tuple[int, str, str]], records: dict[str, dict], bank, count_thr: float) -> str:
+    """``counts.csv``: a header ``image, <class names in label order>, total``, then one row per segmented
+    image (id order) with its detections per class scoring at least ``count_thr`` (a NaN score never counts).
+    One column per class of the bank: ``C + 2`` columns whatever the images hold.
+
+    Args:
+        images: ``(image id, file_name, key)`` of every image, in id order.
+        records: the lines by key (:func:`read_lines`).
+        bank: the ``MemoryBank`` (its classes are the columns).
+        count_thr: count detections with ``score >= count_thr``.
+    """
+    import csv
+
+    column = {int(c): k for k, c in enumerate(bank.category_ids)}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *bank.category_names, "total"])
+    for _, file_name, key in images:
+        rec = records.get(key)
+        if rec is None or not rec["ok"]:
+            continue
+        row = [0] * len(column)
+        for r in rec["results"]:
+            if r["score"] >= count_thr:
+                row[column[int(r["category_id"])]] += 1
+        writer.writerow([file_name, *row, sum(row)])
+    return buf.getvalue()

@@ -2,7 +2,8 @@
 
     ntt segment --refs REFS --images PHOTOS --out OUT [--sam2 sam2.1_hiera_t] [--dinov2 vits14]
                 [--device auto] [--bank OUT/bank.ntt] [--classes a,b] [--score-thr 0] [--max-draw 20]
-                [--no-overlays] [hydra overrides: proposer=cpu_fast matcher.nms_thr=0.6 ...]
+                [--no-overlays] [--outputs masks|boxes] [--export-coco DIR]
+                [hydra overrides: proposer=cpu_fast matcher.nms_thr=0.6 ...]
 
 References (``--refs``): a folder of images with mask PNGs, a COCO json or a prompt json
 (``ntt.app.references`` describes each).
@@ -11,8 +12,11 @@ Targets (``--images``): a folder of images (jpg, png, ...; no json needed: sizes
 EXIF orientation applied; overlays ntt wrote are skipped) or image files. Output in ``--out``:
 ``predictions.json`` (COCO results, RLE masks), ``dataset.json`` (the COCO ``images`` and ``categories`` the
 results refer to), ``overlays/<name>.png`` (each the size of its image), ``bank.ntt`` (the reference bank:
-reuse it with ``--bank``; ``ntt bank`` shows and edits it), and ``failed.json`` when some images could not
-be segmented (the others are kept; exit status 1).
+reuse it with ``--bank``; ``ntt bank`` shows and edits it), ``counts.csv`` (detections per class per image,
+scoring >= ``--score-thr``), and ``failed.json`` when some images could not be segmented (the others are
+kept; exit status 1). ``--outputs boxes``: boxes, labels and scores only (bbox results, no masks: faster on
+large images). ``--export-coco DIR``: also a COCO dataset folder of the images and their detections
+(``ntt.app.cocodataset``) for FiftyOne or CVAT.
 
 Nothing finished is lost: each image's result is appended to ``predictions.jsonl`` as it finishes, and a
 rerun of the same command keeps the bank and those results and segments only the rest (``ntt.app.outputs``
@@ -50,6 +54,7 @@ from ntt.app.outputs import (
 from ntt.app.references import add_references, load_reference_specs
 from ntt.backbones.checkpoints import MissingCheckpointError, check_checkpoints
 from ntt.bank_edit import subset
+from ntt.utils.config import config_hash
 from ntt.utils.files import CACHE_FILE, FileDigests
 
 __all__ = ["segment_folder", "main"]
@@ -79,6 +84,7 @@ def segment_folder(
     overlays: bool = True,
     score_thr: float = 0.0,
     max_draw: int | None = 20,
+    outputs: str = "masks",
 ) -> dict[str, Any]:
     """Segment images, writing ``predictions.json``, ``dataset.json``, overlays and ``failed.json``.
 
@@ -96,6 +102,7 @@ def segment_folder(
         overlays: write ``overlays/<name>.png``.
         score_thr: overlays draw detections scoring at least this.
         max_draw: overlays draw at most this many detections (best first).
+        outputs: ``masks`` or ``boxes`` (bbox results only; part of each line's key).
 
     Returns:
         ``{"images", "detections", "failed", "missing", "reused", "segmented"}``: counts and the failed list.
@@ -109,6 +116,8 @@ def segment_folder(
         seg.build()
     digests = FileDigests(out / CACHE_FILE)
     settings = settings_key(seg, digests)
+    if outputs != "masks":  # a masks run's keys stay those of before (its lines are kept)
+        settings = config_hash("outputs", settings, outputs)
     targets = []
     for img_id, path in enumerate(images, start=1):
         rel = path.relative_to(image_root).as_posix() if image_root is not None else path.name
@@ -133,11 +142,13 @@ def segment_folder(
         with open_lines(lines) as sink:
             if pictures is not None:
                 _redraw_overlays(seg, targets, done, pictures, drawn, sink, lines)
-            _segment(seg, todo, pictures, drawn, sink, lines)
+            _segment(seg, todo, pictures, drawn, sink, lines, outputs)
     except BaseException as stop:
-        _merge_what_is_done(out, lines, entries, seg.bank, stop)
+        _merge_what_is_done(out, lines, entries, seg.bank, stop, score_thr)
         raise
-    summary = write_results(out, entries, read_lines(lines, {t.key for t in targets})[0], seg.bank)
+    summary = write_results(
+        out, entries, read_lines(lines, {t.key for t in targets})[0], seg.bank, count_thr=score_thr
+    )
     with naming(out / CACHE_FILE):
         digests.save()
     failed = summary["failed"]
@@ -162,13 +173,21 @@ def _overlay_files(folder: Path, targets: list[_Image]) -> dict[int, Path]:
     return files
 
 
-def _segment(seg, todo: list[_Image], pictures: dict[int, Path] | None, drawn, sink, lines: Path) -> None:
+def _segment(
+    seg,
+    todo: list[_Image],
+    pictures: dict[int, Path] | None,
+    drawn,
+    sink,
+    lines: Path,
+    outputs: str = "masks",
+) -> None:
     """Segment the images to do, appending each one's line (after its overlay) as it finishes."""
     sizes = _read_sizes(todo, sink, lines)  # unreadable images are recorded now, as failures
     readable = [t for t in todo if t.id in sizes]
     if not readable:
         return
-    results = seg.iter_predict([t.path for t in readable], errors="yield")
+    results = seg.iter_predict([t.path for t in readable], errors="yield", outputs=outputs)
     for inst, t in zip(results, readable):  # results first: the generator ends (its bar completes)
         if isinstance(inst, Exception):  # one bad image must not lose the others
             log.error("image %s failed: %s (recorded in failed.json; the others go on)", t.path, inst)
@@ -231,10 +250,13 @@ def _read_sizes(todo: list[_Image], sink, lines: Path) -> dict[int, tuple[int, i
     return sizes
 
 
-def _merge_what_is_done(out: Path, lines: Path, entries: list, bank, stop: BaseException) -> None:
+def _merge_what_is_done(
+    out: Path, lines: Path, entries: list, bank, stop: BaseException, count_thr: float = 0.0
+) -> None:
     """On Ctrl-C or an error: the jsons of the images finished so far (best effort: the disk may be full)."""
     try:
-        summary = write_results(out, entries, read_lines(lines, {key for *_, key in entries})[0], bank)
+        records = read_lines(lines, {key for *_, key in entries})[0]
+        summary = write_results(out, entries, records, bank, count_thr=count_thr)
     except Exception as err:  # noqa: BLE001 - the original error is the one to report
         log.error("could not write the results of the finished images: %s", err)
         return
@@ -314,11 +336,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam2", default="sam2.1_hiera_t", help="conf/backbone/sam2 option (sam2.1_hiera_t)")
     ap.add_argument("--dinov2", default="vits14", help="conf/backbone/dinov2 option (vits14)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
-    ap.add_argument("--score-thr", type=float, default=0.0, help="overlays: draw detections scoring >= this")
+    ap.add_argument(
+        "--score-thr", type=float, default=0.0, help="overlays and counts.csv: detections scoring >= this"
+    )
     ap.add_argument(
         "--max-draw", type=int, default=20, help="overlays: at most this many detections, best first"
     )
     ap.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
+    ap.add_argument(
+        "--outputs",
+        choices=("masks", "boxes"),
+        default="masks",
+        help="masks (RLE masks + boxes) or boxes (boxes, labels, scores only: faster on large images)",
+    )
+    ap.add_argument(
+        "--export-coco",
+        default=None,
+        metavar="DIR",
+        help="also write a COCO dataset folder (DIR/images, DIR/annotations/instances_default.json) that "
+        "FiftyOne and CVAT import",
+    )
     args, rest = ap.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r]
     if bad:
@@ -359,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
             overlays=not args.no_overlays,
             score_thr=args.score_thr,
             max_draw=args.max_draw,
+            outputs=args.outputs,
         )
+        if args.export_coco is not None:
+            from ntt.app.cocodataset import export_segment_folder
+
+            export_segment_folder(out, images, root, Path(args.export_coco))
     except KeyboardInterrupt:  # segment_folder has written what is done and said so
         return 130
     except UserError:
@@ -369,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{summary['images']} images, {summary['detections']} detections -> {out}/predictions.json"
         + ("" if args.no_overlays else f", overlays in {out}/overlays")
+        + ("" if args.export_coco is None else f", COCO dataset in {args.export_coco}")
     )
     return 1 if summary["failed"] else 0
 

@@ -457,6 +457,7 @@ class Segmenter:
         classes: Sequence[str] | None = None,
         progress: bool = True,
         keep_image: bool = True,
+        outputs: str = "masks",
         **params,
     ):
         """Segment one image, a list of images, or every image of a folder.
@@ -468,6 +469,9 @@ class Segmenter:
                 of a bank holding only these classes (their category ids kept).
             progress: tqdm bar for lists and folders.
             keep_image: keep the RGB image on each result (for :meth:`Instances.overlay`).
+            outputs: ``masks`` (default) or ``boxes``: boxes, labels and scores only (``Instances.masks`` is
+                None; no full-resolution mask is kept or upsampled for the output; the boxes, labels and
+                scores equal those of ``masks``).
             **params: any :class:`ntt.inference.InferenceParams` field for this call only
                 (``points_per_side``, ``points_batch_size``, ``iou_thr``, ``nms_thr``, ``num_out``,
                 ``nms_cap_factor``, ``pooling``, ``drop_empty_masks``, ``box_plus_one``).
@@ -480,9 +484,12 @@ class Segmenter:
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (str, os.PathLike)) and Path(images).is_dir()
         )
+        _check_outputs(outputs)
         if single:
             bank = self._call_bank(classes)
-            return self._predict_one(images, self._call_params(params), bank, keep_image=keep_image)
+            return self._predict_one(
+                images, self._call_params(params), bank, keep_image=keep_image, outputs=outputs
+            )
         if isinstance(images, (str, os.PathLike)):
             items = skip_own_outputs(list_images(images), None, images)
             if not items:
@@ -491,7 +498,9 @@ class Segmenter:
             items = list(images)
         p = self._call_params(params)
         return list(
-            self.iter_predict(items, params=p, classes=classes, progress=progress, keep_image=keep_image)
+            self.iter_predict(
+                items, params=p, classes=classes, progress=progress, keep_image=keep_image, outputs=outputs
+            )
         )
 
     def iter_predict(
@@ -503,6 +512,7 @@ class Segmenter:
         progress: bool = True,
         keep_image: bool = True,
         errors: str = "raise",
+        outputs: str = "masks",
     ):
         """Yield :class:`Instances` image by image, logging the expected time first (see :meth:`predict`).
 
@@ -514,9 +524,11 @@ class Segmenter:
             keep_image: keep the RGB image on each result.
             errors: ``raise`` stops at the first failing image; ``yield`` yields its exception instead of
                 a result and goes on with the next image.
+            outputs: ``masks`` or ``boxes`` (see :meth:`predict`).
         """
         from tqdm import tqdm
 
+        _check_outputs(outputs)
         if errors not in ("raise", "yield"):
             raise ValueError(f"iter_predict: errors must be 'raise' or 'yield', got {errors!r}")
         items = list(items)
@@ -539,7 +551,7 @@ class Segmenter:
             for i, item in enumerate(items):
                 t0 = time.perf_counter()
                 try:
-                    result = self._predict_one(item, p, bank, keep_image=keep_image)
+                    result = self._predict_one(item, p, bank, keep_image=keep_image, outputs=outputs)
                 except Exception as err:
                     if errors == "raise":
                         raise
@@ -556,6 +568,24 @@ class Segmenter:
                         else "",
                     )
                 yield result
+
+    def _prototypes(self, bank: MemoryBank) -> torch.Tensor:
+        """The bank's prototypes on the device, computed once per bank state, not once per image: a ragged
+        bank's are a loop over its C classes (docs/performance.md, "Scale"). Recomputed when the bank object,
+        its tensors or their in-place versions change, so an edited bank is never served stale values."""
+        tensors = (bank.instance_means, bank.weight_sums, bank.counts)
+        # the objects themselves are held (not their ids, which a freed object's successor may reuse)
+        state = (tuple(int(getattr(t, "_version", 0)) for t in tensors), list(bank.category_ids))
+        state += (repr(bank.fill_settings),)
+        cached = getattr(self, "_protos_cache", None)
+        if (
+            cached is None
+            or cached[0] is not bank
+            or any(a is not b for a, b in zip(cached[1], tensors))
+            or cached[2] != state
+        ):
+            self._protos_cache = (bank, tensors, state, bank.prototypes().to(self.device))
+        return self._protos_cache[3]
 
     def _call_params(self, params: Mapping[str, Any]) -> InferenceParams:
         known = {f.name for f in dataclasses.fields(InferenceParams)}
@@ -580,7 +610,13 @@ class Segmenter:
         return self.bank if classes is None else subset(self.bank, classes, what="predict(classes=...)")
 
     def _predict_one(
-        self, image, params: InferenceParams, bank: MemoryBank, *, keep_image: bool = True
+        self,
+        image,
+        params: InferenceParams,
+        bank: MemoryBank,
+        *,
+        keep_image: bool = True,
+        outputs: str = "masks",
     ) -> Instances:
         from ntt.inference import infer_image
 
@@ -589,12 +625,13 @@ class Segmenter:
         pil, path = read_image(image)
         width, height = pil.size
         image_sam = self._sam_input(pil)
-        protos = bank.prototypes().to(self.device)
+        protos = self._prototypes(bank)
         det, _ = infer_image(
-            image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params
-        )
+            image_sam, height, width, sam2=self.sam2, dino=self.dinov2, prototypes=protos, params=params,
+            keep_masks=outputs == "masks",
+        )  # fmt: skip
         return Instances(
-            masks=det.masks.cpu(),
+            masks=None if det.masks is None else det.masks.cpu(),
             boxes=det.boxes_xyxy.cpu(),
             scores=det.scores.cpu(),
             labels=det.labels.cpu(),
@@ -606,3 +643,11 @@ class Segmenter:
             image=pil if keep_image else None,
             box_plus_one=params.box_plus_one,
         )
+
+
+OUTPUT_KINDS = ("masks", "boxes")
+
+
+def _check_outputs(outputs: str) -> None:
+    if outputs not in OUTPUT_KINDS:
+        raise ValueError(f"predict: outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
