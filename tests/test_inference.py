@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_path
-from pycocotools import mask as mask_utils
 
 from ntt.inference import InferenceParams, infer_image
 from ntt.proposals import point_grid
@@ -135,9 +134,8 @@ def test_infer_image_options_and_no_trace():
 @pytest.mark.slow
 @pytest.mark.parity
 @pytest.mark.parametrize("setting,nms_thr", [("paper", 0.5), ("nms_off", 1.0)])
-def test_fixture_image14_end_to_end_with_real_backbones(parity_dir, setting, nms_thr):
+def test_fixture_image14_end_to_end_with_real_backbones(parity_dir, setting, nms_thr, tmp_path):
     """The tiny fixture models through infer_image: every traced array and the COCO results vs the reference."""
-    import json
 
     data = require_path(parity_dir.parent / "data" / "fruits_nuts" / "data", "fruits_nuts dataset")
     from ntt.backbones import build_dinov2, build_sam2
@@ -160,33 +158,30 @@ def test_fixture_image14_end_to_end_with_real_backbones(parity_dir, setting, nms
     image = load_test_image(next(data.rglob("6.jpg")))
     params = InferenceParams(points_per_side=8, points_batch_size=64, nms_thr=nms_thr)
     det, tr = infer_image(image, 600, 800, sam2=sam, dino=dino, prototypes=protos, params=params, trace=True)
-    want = dict(np.load(parity_dir / "common" / "img14_proposals.npz"))
-    want.update(np.load(parity_dir / setting / "img14_post.npz"))
-    compared = 0
-    for key, value in tr.items():
-        if key not in want:
-            continue
-        got, exp = value.numpy(), want[key]
-        assert got.shape == exp.shape, key
-        if exp.dtype.kind in "iu":
-            assert np.array_equal(got, exp), key
-        else:
-            assert np.array_equal(np.isnan(got), np.isnan(exp)), key
-            assert np.nan_to_num(np.abs(got.astype(np.float64) - exp)).max(initial=0) <= 1e-5, key
-        compared += 1
-    assert compared >= 20
-    results = json.loads((parity_dir / setting / "coco_results.json").read_text())
-    got, want = detections_to_coco(det, 14, [1, 2, 3]), [r for r in results if r["image_id"] == 14]
-    # the same detections; floats and mask pixels to the fixture README's tolerances (tests/test_parity.py says
-    # why: an Intel Xeon's kernels moved scores by up to 1.8e-6 and flipped a near-tie pixel of one mask)
-    assert [(r["category_id"], r["bbox"]) for r in got] == [(r["category_id"], r["bbox"]) for r in want]
-    assert np.abs(np.array([r["score"] for r in got]) - [r["score"] for r in want]).max() <= 1e-5
-    for a, b in zip(got, want):
-        ma, mb = (
-            mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()})
-            for r in (a, b)
-        )
-        assert np.logical_and(ma, mb).sum() / max(1, np.logical_or(ma, mb).sum()) > 0.999
+    # Every traced array and the COCO results under tests/test_parity.py's rules for the image (its per-image
+    # checker, fed this call's trace): tolerances of the fixture README, and where another CPU's kernels flip a
+    # near-tie mask pixel (|logit| <= 1e-5) the quantities it feeds must be explained by the counterfactual
+    # (ntt's stages on the fixture's masks). A plain 1e-5 on `ios` failed under the AVX2 kernels forced on an
+    # Intel Xeon (2 entries off by 1.42e-5: near-tie pixels, |logit| <= 5.4e-8, in 4 of 61 final masks of
+    # nms_off), which that rule explains.
+    import test_parity as tp
+
+    run = tmp_path / "run"
+    (run / "trace").mkdir(parents=True)
+    np.savez(run / "trace" / "img14.npz", **{k: v.numpy() for k, v in tr.items()})
+    results = detections_to_coco(det, 14, [1, 2, 3])
+    checker = tp.Checker(setting)
+    fx = tp.Fixture(setting)
+    tp._check_image(checker, run, fx, 14, protos.numpy(), results)
+    assert len(checker.checked) >= 20, checker.checked
+    want = fx.image_results(14)
+    assert [(r["category_id"], r["image_id"]) for r in results] == [
+        (r["category_id"], r["image_id"]) for r in want
+    ]
+    print(
+        f"[{setting}] image 14: {len(checker.checked)} comparisons; "
+        + "; ".join(checker.report or ["no flips"])
+    )
 
 
 def test_params_from_settings_take_every_field_from_the_config_nodes():

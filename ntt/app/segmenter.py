@@ -485,18 +485,16 @@ class Segmenter:
             isinstance(images, (str, os.PathLike)) and Path(images).is_dir()
         )
         _check_outputs(outputs)
+        p = self._call_params(params)  # before the bank: a refused setting costs no encoding
         if single:
             bank = self._call_bank(classes)
-            return self._predict_one(
-                images, self._call_params(params), bank, keep_image=keep_image, outputs=outputs
-            )
+            return self._predict_one(images, p, bank, keep_image=keep_image, outputs=outputs)
         if isinstance(images, (str, os.PathLike)):
             items = skip_own_outputs(list_images(images), None, images)
             if not items:
                 raise ValueError(f"no image files in {images} besides the overlays ntt wrote (*.overlay.png)")
         else:
             items = list(images)
-        p = self._call_params(params)
         return list(
             self.iter_predict(
                 items, params=p, classes=classes, progress=progress, keep_image=keep_image, outputs=outputs
