@@ -74,7 +74,7 @@ def visualize_run(
     from tqdm import tqdm
 
     from ntt.data.coco import CocoDataset
-    from ntt.data.images import load_rgb, read_image, resize_pil
+    from ntt.data.images import load_in_annotation_frame
 
     run_dir = Path(run_dir)
     cfg_file, pred_file = run_dir / "config.yaml", run_dir / "predictions.json"
@@ -112,11 +112,7 @@ def visualize_run(
         except KeyError:
             log.warning("image %d of predictions.json is not in %s: skipped", img_id, test_json)
             continue
-        h, w = info["height"], info["width"]
-        path = ds.image_path(img_id)
-        pil = read_image(path)[0] if exif else load_rgb(path)
-        if pil.size != (w, h):  # annotations and results are in the json's frame
-            pil = resize_pil(pil, w, h)
+        pil = load_in_annotation_frame(ds.image_path(img_id), info["width"], info["height"], apply_exif=exif)
         page = ground_truth_and_prediction(
             pil, ds, img_id, by_image[img_id], score_thr=score_thr, max_draw=max_draw
         )

@@ -225,6 +225,21 @@ def resize_pil(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((int(width), int(height)))
 
 
+def load_in_annotation_frame(
+    path: str | os.PathLike, width: int, height: int, *, apply_exif: bool
+) -> Image.Image:
+    """An image as RGB at its json ``width x height``, the frame its annotations and results are in (drawing).
+
+    Args:
+        path: image file.
+        width: the json's width.
+        height: the json's height.
+        apply_exif: transpose to the EXIF orientation (the run's ``dataset.exif_orientation``).
+    """
+    pil = read_image_rgb(path, apply_exif=apply_exif)
+    return pil if pil.size == (width, height) else resize_pil(pil, width, height)
+
+
 def load_test_image(
     path: str | os.PathLike,
     size: int = 1024,

@@ -60,14 +60,10 @@ def run_image_page(
         max_draw: draw at most this many predictions.
         long_side: each panel's long side in the page, pixels.
     """
-    from ntt.data.images import load_rgb, read_image, resize_pil
+    from ntt.data.images import load_in_annotation_frame
 
     info = ds.image_info(image_id)
-    h, w = info["height"], info["width"]
-    path = ds.image_path(image_id)
-    pil = read_image(path)[0] if exif else load_rgb(path)
-    if pil.size != (w, h):  # annotations and results are in the json's frame
-        pil = resize_pil(pil, w, h)
+    pil = load_in_annotation_frame(ds.image_path(image_id), info["width"], info["height"], apply_exif=exif)
     page = ground_truth_and_prediction(
         pil, ds, image_id, results, score_thr=score_thr, max_draw=max_draw,
         titles=("ground truth", f"prediction (score >= {score_thr:g})"),
