@@ -23,7 +23,7 @@ from typing import Any
 from ntt import __version__
 from ntt.runner.context import RunContext
 from ntt.utils.config import SamplingSpec, config_hash, to_plain
-from ntt.utils.identity import backbone_identity, drop_inert_matcher
+from ntt.utils.identity import backbone_identity, drop_inert_keys, drop_inert_matcher
 
 # the artifact of each stage, in run order (ntt.runner.stages runs them)
 REFS_FILE = "refs.json"
@@ -57,13 +57,9 @@ def _proposer_identity(ctx: RunContext) -> Any:
     """`proposer`, with a boxes file (`proposer=boxes`, method.md §5.11) replaced by its name and content
     digest; the grid options' node exactly as before (their keys unchanged; a `boxes_json` the point grid does
     not read is left out, as in the config id: `identity.INERT_UNLESS`)."""
-    node = ctx.cfg.proposer
-    if node.get("prompts", "grid") != "boxes" and "boxes_json" in node:
-        return {k: v for k, v in to_plain(node).items() if k != "boxes_json"}
-    if not node.get("boxes_json"):
-        return node
-    plain = dict(to_plain(node))
-    plain["boxes_json"] = _file_id(ctx, str(plain["boxes_json"]))
+    plain = dict(drop_inert_keys({"proposer": to_plain(ctx.cfg.proposer)})["proposer"])
+    if plain.get("boxes_json"):
+        plain["boxes_json"] = _file_id(ctx, str(plain["boxes_json"]))
     return plain
 
 
