@@ -48,3 +48,18 @@ def random_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.interpolate(
         low, size=(size, size), mode="bilinear", align_corners=False
     ).clamp(0, 1)
+
+
+def fsod_vfm_parity_sam2(parity_dir: Path):
+    """The parity fixture's tiny SAM2 as FSOD-VFM's predictor runs it: ``no_mem_embed`` added, PyTorch's
+    default attention kernels (the FSOD-VFM fixtures were made so)."""
+    from ntt.backbones.sam2 import build_sam2
+
+    models = parity_dir / "models"
+    return build_sam2(
+        name="sam2_parity_tiny",
+        config=str(models / "sam2_tiny.yaml"),
+        checkpoint=str(models / "sam2_tiny.pt"),
+        add_no_mem_embed=True,
+        exact_attention=False,
+    )

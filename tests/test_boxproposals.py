@@ -326,19 +326,12 @@ def test_box_masks_match_fsod_vfm(parity_dir):
     import hashlib
 
     import torch.nn.functional as F
+    from helpers_backbones import fsod_vfm_parity_sam2
 
-    from ntt.backbones.sam2 import build_sam2
     from ntt.postprocess import resize_masks_to_image, upsample_logits
 
     fx = np.load(FSOD_VFM_FIXTURE)
-    models = parity_dir / "models"
-    sam2 = build_sam2(  # FSOD-VFM's predictor adds no_mem_embed and runs PyTorch's default attention kernels
-        name="sam2_parity_tiny",
-        config=str(models / "sam2_tiny.yaml"),
-        checkpoint=str(models / "sam2_tiny.pt"),
-        add_no_mem_embed=True,
-        exact_attention=False,
-    )
+    sam2 = fsod_vfm_parity_sam2(parity_dir)
     image = fx["image"]
     height, width = image.shape[:2]
     sel = select_boxes(ImageBoxes(fx["in_boxes"], fx["in_scores"]), width=width, height=height, top_k=100)

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import torch_threads
-from helpers_backbones import tiny_dinov2
+from helpers_backbones import fsod_vfm_parity_sam2, tiny_dinov2
 from helpers_kernels import assert_fixture_close, on_fixture_kernels
 from PIL import Image
 
@@ -99,7 +99,6 @@ def fx():
 @pytest.fixture(scope="module")
 def run(fx, parity_dir, tmp_path_factory):
     """ntt's recipe on the fixture's inputs: every stage the comparisons read."""
-    from ntt.backbones.sam2 import build_sam2
     from ntt.boxproposals import BoxSource, boxes_to_frame, with_prompt_boxes
     from ntt.gridmatching import long_side_input
     from ntt.inference import InferenceParams, classify_and_postprocess, propose_image
@@ -108,14 +107,7 @@ def run(fx, parity_dir, tmp_path_factory):
 
     proposer, matcher = _recipe()
     params = InferenceParams.from_settings(proposer, matcher)
-    models = parity_dir / "models"
-    sam2 = build_sam2(  # FSOD-VFM's predictor adds no_mem_embed and runs PyTorch's default attention kernels
-        name="sam2_parity_tiny",
-        config=str(models / "sam2_tiny.yaml"),
-        checkpoint=str(models / "sam2_tiny.pt"),
-        add_no_mem_embed=True,
-        exact_attention=False,
-    )
+    sam2 = fsod_vfm_parity_sam2(parity_dir)
     image = fx["query_image"]
     height, width = image.shape[:2]
     boxes_json = tmp_path_factory.mktemp("boxes") / "upn_boxes.json"
