@@ -228,7 +228,7 @@ def with_prompt_boxes(det, grid_index: Tensor, boxes: np.ndarray):
 
 
 def choose_single_output(
-    logits: Tensor, ious: Tensor, *, stability_fallback: bool
+    logits: Tensor, ious: Tensor, *, stability_fallback: bool, decoder_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The mask a box prompt gives with ``multimask_output=False``.
 
@@ -241,15 +241,22 @@ def choose_single_output(
         logits: ``[b, 4, h, w]`` decoder logits.
         ious: ``[b, 4]`` predicted IoUs.
         stability_fallback: apply the fallback.
+        decoder_dtype: the dtype the decoder computed ``logits`` in, when lower than float32 (``bfloat16``
+            under FSOD-VFM's autocast): SAM2 compares them with ``±0.05`` in that dtype, i.e. with ``±0.05``
+            rounded to it (``0.050048828125`` in bfloat16), so a logit equal to that value is not counted.
+            None: float32.
 
     Returns:
         ``(logits [b, h, w], ious [b], index [b])`` of the chosen outputs.
     """
     index = torch.zeros(ious.shape[0], dtype=torch.int64, device=ious.device)
     if stability_fallback:
+        delta = STABILITY_DELTA
+        if decoder_dtype is not None:
+            delta = float(torch.tensor(STABILITY_DELTA, dtype=decoder_dtype))
         flat = logits[:, 0].flatten(1)
-        area_i = torch.sum(flat > STABILITY_DELTA, dim=-1).float()
-        area_u = torch.sum(flat > -STABILITY_DELTA, dim=-1).float()
+        area_i = torch.sum(flat > delta, dim=-1).float()
+        area_u = torch.sum(flat > -delta, dim=-1).float()
         stability = torch.where(area_u > 0, area_i / area_u, 1.0)
         best = 1 + torch.argmax(ious[:, 1:], dim=-1)
         index = torch.where(stability >= STABILITY_THRESH, index, best)

@@ -451,7 +451,9 @@ def _encode_whole_images(
                 except (OSError, ValueError) as err:
                     raise BadReferenceError(f"{plan.stage}: {job.description}: {err}") from err
                 if plan.mask_model is not None:  # FSOD-VFM: SAM2's mask for the reference's box
-                    mask = sam2_box_mask(plan.mask_model, image, bbox_xywh)
+                    mask = sam2_box_mask(
+                        plan.mask_model, image, bbox_xywh, precision=plan.semantics.reference_mask_precision
+                    )
                 inputs.append(_whole_image_input(image, plan.semantics, plan.size))
                 masks.append(mask.to(torch.bool))
             x = torch.stack(inputs).to(device)
@@ -544,6 +546,14 @@ def assemble_bank(
             k: getattr(plan.semantics, k)
             for k in ("references", "reference_masks", "encoder_input", "long_side", "final_norm")
         }
+        if plan.mask_model is not None:  # how SAM2 made the masks, when not as before these keys existed
+            if plan.semantics.reference_mask_precision != "float32":
+                fill_settings["semantics"]["reference_mask_precision"] = (
+                    plan.semantics.reference_mask_precision
+                )
+            resize = getattr(plan.mask_model, "input_resize", "pil_bicubic")
+            if resize != "pil_bicubic":
+                fill_settings["semantics"]["sam2_input_resize"] = resize
     return MemoryBank(
         instance_means=_place(plan, parts, "instance_means", width),
         weight_sums=weight_sums,

@@ -20,6 +20,7 @@ no contour survives, docs/method.md §1.5), with a warning; clicks that give an 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from ntt.postprocess import resize_masks_to_image
 from ntt.proposals import select_best_multimask
+from ntt.utils.config import REFERENCE_MASK_PRECISIONS
 
 __all__ = ["normalize_boxes", "normalize_points", "masks_from_boxes", "masks_from_points", "sam2_box_mask"]
 
@@ -181,33 +183,51 @@ def masks_from_points(
     return torch.stack(out) if out else torch.zeros((0, height, width), dtype=torch.bool)
 
 
-def sam2_box_mask(sam2, image: Tensor, bbox_xywh) -> Tensor:
+def sam2_box_mask(sam2, image: Tensor, bbox_xywh, *, precision: str = "float32") -> Tensor:
     """A reference's mask as FSOD-VFM makes it (``extract_masks_from_support``): SAM2's single-mask output for
     the box ``[x, y, x + w, y + h]`` on the whole image, at full resolution (method.md §3.4 step 1).
 
-    The image goes to SAM2 as ntt's test images do (PIL bicubic to 1024, method.md §2) and the box is decoded
-    as ``proposer=boxes`` decodes one (``ntt.boxproposals``: FSOD-VFM's predictor, stability fallback on).
+    The image is stretched to SAM2's input as the test images are (``sam2.input_resize``,
+    ``ntt.data.images.sam2_input``) and the box is decoded as ``proposer=boxes`` decodes one
+    (``ntt.boxproposals``: FSOD-VFM's predictor, stability fallback on).
 
     Args:
         sam2: ``ntt.backbones.sam2.SAM2Backbone``.
         image: ``[3, H, W]`` float32 in [0, 1] (``uint8 / 255``).
         bbox_xywh: the reference's COCO box.
+        precision: ``float32`` (ntt) or ``bfloat16`` = FSOD-VFM: the image encoder and the decoder run under
+            ``torch.autocast(bfloat16)`` (its ``set_image`` and ``predict`` are inside one), the box decoded
+            alone (one ``predict`` call per box: the bfloat16 sums depend on the batch) and the stability
+            test done in bfloat16 (``matcher.semantics.reference_mask_precision``, method.md §3.4).
 
     Returns:
         ``[H, W]`` bool mask (on the image's device).
     """
     from PIL import Image
 
-    from ntt.boxproposals import boxes_to_frame, generate_box_proposals
-    from ntt.data.images import pil_to_tensor, resize_pil
+    from ntt.boxproposals import boxes_to_frame, choose_single_output
+    from ntt.data.images import sam2_input
 
+    if precision not in REFERENCE_MASK_PRECISIONS:
+        raise ValueError(
+            f"reference mask precision must be one of {', '.join(REFERENCE_MASK_PRECISIONS)}, got {precision!r}"
+        )
     height, width = image.shape[-2:]
     size = int(getattr(sam2, "image_size", 1024))
     arr = torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    image_sam = pil_to_tensor(resize_pil(Image.fromarray(arr, mode="RGB"), size, size))
+    image_sam = sam2_input(
+        Image.fromarray(arr, mode="RGB"), size, getattr(sam2, "input_resize", "pil_bicubic")
+    )
     device = next(sam2.parameters()).device if isinstance(sam2, torch.nn.Module) else torch.device("cpu")
-    feats = sam2.encode_image(image_sam[None].to(device))
     x, y, w, h = (float(v) for v in list(bbox_xywh)[:4])
-    box = boxes_to_frame(np.asarray([[x, y, x + w, y + h]]), width=width, height=height, size=size)
-    props = generate_box_proposals(sam2, feats, box, batch_size=1, stability_fallback=True, iou_thr=None)
-    return resize_masks_to_image(props.logits, height, width)[0].to(image.device)
+    box = boxes_to_frame(np.asarray([[x, y, x + w, y + h]]), width=width, height=height, size=size).to(device)
+    low = precision == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if low else contextlib.nullcontext()
+    with autocast:
+        feats = sam2.encode_image(image_sam[None].to(device))
+        # float32: ntt's usual padded decoder chunk (as proposer=boxes decodes); bfloat16: alone, as theirs
+        logits4, ious4 = sam2.decode(feats, boxes=box, chunk=1 if low else None)
+    logits, _, _ = choose_single_output(
+        logits4, ious4, stability_fallback=True, decoder_dtype=torch.bfloat16 if low else None
+    )
+    return resize_masks_to_image(logits, height, width)[0].to(image.device)

@@ -31,3 +31,21 @@ def assert_fixture_close(got, want, *, rtol: float, atol: float, what: str = "")
         assert torch.allclose(got_t.double(), want_t.double(), rtol=rtol, atol=atol), (
             f"{what}: max |diff| {err}"
         )
+
+
+def on_fixture_bf16_kernels() -> bool:
+    """Whether this process runs the bfloat16 kernels the FSOD-VFM end-to-end fixture was made with (AVX-512
+    with AMX tiles: oneDNN's bfloat16 GEMMs and convolutions use them; without them bfloat16 products are
+    summed in another order, and a bfloat16 rounding moves by a whole bfloat16 step, 2**-8 relative)."""
+    import os
+
+    isa = os.environ.get("DNNL_MAX_CPU_ISA", "").upper()
+    limited = isa not in (
+        "",
+        "ALL",
+        "AVX512_CORE_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512_AMX",
+        "AVX10_1_512_AMX_FP16",
+    )
+    return on_fixture_kernels() and torch.cpu._is_amx_tile_supported() and not limited

@@ -192,6 +192,25 @@ def test_single_output_with_stability_fallback_picks_the_best_multimask_output_w
     assert index.tolist() == [0, 0]
 
 
+def test_stability_test_in_bfloat16_does_not_count_a_logit_equal_to_its_rounded_delta():
+    """SAM2 under bfloat16 autocast compares bfloat16 logits with 0.05 rounded to bfloat16 (0.050048828125):
+    a logit equal to that value is not above it, while float32's 0.05 counts it (``decoder_dtype``)."""
+    edge = float(torch.tensor(0.05, dtype=torch.bfloat16))
+    assert edge == 0.050048828125
+    logits = torch.full((1, 4, 10, 10), 5.0)
+    logits[0, 0].view(-1)[:2] = edge  # 98 of 100 pixels > 0.05 in both; these 2 only in float32
+    ious = torch.tensor([[0.1, 0.2, 0.9, 0.3]])
+    _, _, index = choose_single_output(logits, ious, stability_fallback=True)
+    assert index.tolist() == [0]  # float32: 100 / 100 >= 0.98, stable
+    _, _, index = choose_single_output(logits, ious, stability_fallback=True, decoder_dtype=torch.bfloat16)
+    assert index.tolist() == [0]  # bfloat16: 98 / 100 = 0.98, still stable
+    logits[0, 0].view(-1)[:3] = edge
+    _, _, index = choose_single_output(logits, ious, stability_fallback=True)
+    assert index.tolist() == [0]  # float32: 100 / 100
+    _, _, index = choose_single_output(logits, ious, stability_fallback=True, decoder_dtype=torch.bfloat16)
+    assert index.tolist() == [2]  # bfloat16: 97 / 100 < 0.98: the best multimask output by IoU
+
+
 class CountingDecoder:
     """A stand-in SAM2 (``decode`` only): output k of box b has logits ``b + k`` and IoU ``0.1 * k``."""
 

@@ -8,12 +8,16 @@ the cosines, the diffusion grid masks and ``pi``, and the final COCO results. nt
 stage (``FillPlan`` -> ``encode_references`` -> ``assemble_bank`` -> ``MemoryBank.prototypes``), the boxes
 file (``BoxSource``), ``propose_image``, ``classify_and_postprocess`` and ``detections_to_coco``.
 
-On the fixture's kernels (AVX-512) every stage is bit for bit; on others the float sums round differently and
-each comparison states its bound (ntt's own float values tell a near-tie from a real difference).
-What is fed as FSOD-VFM's, not computed by ntt (the differences §5.14 lists): the reference masks (FSOD-VFM
-decodes the reference boxes under ``torch.autocast(bfloat16)``, ntt in float32) and the SAM2 1024 input
-(torchvision's tensor resize, not ntt's PIL bicubic). The COCO ``bbox`` is FSOD-VFM's clipped prompt box
-(``matcher.output_box=prompt``, which the recipe sets; NTT writes the mask's extent).
+SAM2 is the recipe's own ``backbone.sam2`` node (its ``add_no_mem_embed``, ``exact_attention: false`` and
+``input_resize: bilinear_antialias``) built on the tiny weights; the query image goes through the test loop's
+loader, the reference masks through the memory stage's SAM2 box decoding under the recipe's
+``reference_mask_precision: bfloat16``. Nothing of FSOD-VFM's is fed in: on the fixture's kernels (AVX-512
+with AMX, as the fixture was made) every stage is bit for bit, from the reference masks to the COCO results.
+On other kernels the float sums round differently: the reference masks are compared on their own (bfloat16
+rounding moves a mask's edge pixels) and the later stages are then fed FSOD-VFM's reference masks (stage
+isolation), each comparison stating its bound (ntt's own float values tell a near-tie from a real
+difference). The COCO ``bbox`` is FSOD-VFM's clipped prompt box (``matcher.output_box=prompt``, which the
+recipe sets; NTT writes the mask's extent).
 """
 
 from __future__ import annotations
@@ -26,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import torch_threads
-from helpers_backbones import fsod_vfm_parity_sam2, tiny_dinov2
-from helpers_kernels import assert_fixture_close, on_fixture_kernels
+from helpers_backbones import tiny_dinov2
+from helpers_kernels import assert_fixture_close, on_fixture_bf16_kernels, on_fixture_kernels
 from PIL import Image
 
 # ntt's whole recipe on one image (SAM2 + DINOv2 tiny, 6 references, 28 boxes): ~10 s of CPU, so `slow`;
@@ -50,22 +53,46 @@ def _sha(t: torch.Tensor) -> str:
 
 
 def _recipe():
-    """The recipe's proposer / matcher nodes, built as the runner builds them."""
+    """The recipe's proposer / matcher nodes, built as the runner builds them, and its composed config."""
     from ntt.utils.compose import compose
     from ntt.utils.config import MatcherConfig, ProposerConfig, build_node
 
     cfg = compose(["recipe=fsod_vfm"])
-    return build_node(cfg.proposer, ProposerConfig), build_node(cfg.matcher, MatcherConfig)
+    return build_node(cfg.proposer, ProposerConfig), build_node(cfg.matcher, MatcherConfig), cfg
 
 
-def _bank(fx, matcher):
-    """The memory stage's path on the reference image; the SAM2 box masks are FSOD-VFM's (see the docstring)."""
+def _recipe_sam2(cfg, parity_dir):
+    """The recipe's ``backbone.sam2`` node, built as the runner builds it, on the parity fixture's tiny SAM2."""
+    from omegaconf import OmegaConf
+
+    from ntt.backbones import build_backbone
+
+    node = OmegaConf.to_container(cfg.backbone.sam2, resolve=False)
+    models = parity_dir / "models"
+    node.update(name="sam2_parity_tiny", config=str(models / "sam2_tiny.yaml"), checkpoint=str(models / "sam2_tiny.pt"))  # fmt: skip
+    return build_backbone(OmegaConf.create(node), device="cpu")
+
+
+def _ref_masks(fx, sam2, matcher):
+    """ntt's reference masks: the memory stage's SAM2 box decoding (``sam2_box_mask``) of each reference box."""
+    from ntt.data.images import pil_to_tensor
+    from ntt.prompts import sam2_box_mask
+
+    image = pil_to_tensor(Image.fromarray(fx["ref_image"]))
+    precision = matcher.semantics.reference_mask_precision
+    return torch.stack(
+        [sam2_box_mask(sam2, image, b, precision=precision) for b in fx["ref_boxes_xywh"].tolist()]
+    )
+
+
+def _bank(fx, matcher, sam2):
+    """The memory stage's path on the reference image, SAM2's box masks included. On kernels other than the
+    fixture's, the masks are FSOD-VFM's (stage isolation: see the module docstring and
+    ``test_reference_masks_equal_fsod_vfm``)."""
     from ntt.data.images import pil_to_tensor
     from ntt.memory import FillPlan, ReferenceJob, assemble_bank, encode_references
 
     image = pil_to_tensor(Image.fromarray(fx["ref_image"]))
-    theirs = _unpack(fx["ref_masks"], fx["ref_image"].shape[1])
-    by_box = {tuple(b): theirs[k] for k, b in enumerate(fx["ref_boxes_xywh"].tolist())}
     classes = fx["ref_classes"].tolist()
     slots = [classes[:i].count(c) for i, c in enumerate(classes)]
     order = sorted(range(len(classes)), key=lambda i: (classes[i], slots[i]))
@@ -82,11 +109,16 @@ def _bank(fx, matcher):
     ]
     plan = FillPlan.create(
         jobs, category_ids=CATEGORY_IDS, category_names=list(fx["class_names"]), encoder=tiny_dinov2(0),
-        batch_size=matcher.memory.batch_size, semantics=matcher.semantics, mask_model="fsod_vfm_masks",
+        batch_size=matcher.memory.batch_size, semantics=matcher.semantics, mask_model=sam2,
     )  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ntt.memory.sam2_box_mask", lambda model, img, box: by_box[tuple(box)])
+    if on_fixture_bf16_kernels():
         encoded = encode_references(plan, tiny_dinov2(0), progress=False)
+    else:
+        theirs = _unpack(fx["ref_masks"], fx["ref_image"].shape[1])
+        by_box = {tuple(b): theirs[k] for k, b in enumerate(fx["ref_boxes_xywh"].tolist())}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("ntt.memory.sam2_box_mask", lambda model, img, box, precision: by_box[tuple(box)])
+            encoded = encode_references(plan, tiny_dinov2(0), progress=False)
     return assemble_bank(plan, [encoded], encoder_name="tiny")
 
 
@@ -100,14 +132,14 @@ def fx():
 def run(fx, parity_dir, tmp_path_factory):
     """ntt's recipe on the fixture's inputs: every stage the comparisons read."""
     from ntt.boxproposals import BoxSource, boxes_to_frame, with_prompt_boxes
-    from ntt.gridmatching import long_side_input
+    from ntt.data.images import load_long_side_input, load_test_image
     from ntt.inference import InferenceParams, classify_and_postprocess, propose_image
     from ntt.postprocess import upsample_logits
     from ntt.results import detections_to_coco
 
-    proposer, matcher = _recipe()
+    proposer, matcher, cfg = _recipe()
     params = InferenceParams.from_settings(proposer, matcher)
-    sam2 = fsod_vfm_parity_sam2(parity_dir)
+    sam2 = _recipe_sam2(cfg, parity_dir)
     image = fx["query_image"]
     height, width = image.shape[:2]
     boxes_json = tmp_path_factory.mktemp("boxes") / "upn_boxes.json"
@@ -125,18 +157,18 @@ def run(fx, parity_dir, tmp_path_factory):
         image_path=None,
         apply_exif=False,
     )
-    # SAM2ImagePredictor.set_image: ToTensor, then torchvision's Resize((1024, 1024)) = bilinear + antialias
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-    image1024 = F.interpolate(
-        x[None], size=(1024, 1024), mode="bilinear", align_corners=False, antialias=True
-    )
+    # the test loop's loader (ntt.data.prefetch): SAM2's input as backbone.sam2.input_resize says, DINOv2's
+    query_png = tmp_path_factory.mktemp("query") / "query.png"
+    Image.fromarray(image).save(query_png)
+    image1024 = load_test_image(query_png, 1024, height=height, width=width, resize=sam2.input_resize)
+    semantic = load_long_side_input(query_png, params.long_side, params.input_size)
     with torch_threads(2), torch.inference_mode():
-        bank = _bank(fx, matcher)
+        bank = _bank(fx, matcher, sam2)
+        ref_masks = _ref_masks(fx, sam2, matcher)
         shared = propose_image(
-            image1024[0], sam2=sam2, dino=tiny_dinov2(0), params=params,
+            image1024, sam2=sam2, dino=tiny_dinov2(0), params=params,
             boxes=boxes_to_frame(found.boxes, width=width, height=height),
-            semantic_image=long_side_input(Image.fromarray(image), long_side=params.long_side, size=params.input_size),
-            image_hw=(height, width),
+            semantic_image=semantic, image_hw=(height, width),
         )  # fmt: skip
         det, trace = classify_and_postprocess(
             shared, bank.prototypes(), height=height, width=width, params=params
@@ -150,8 +182,40 @@ def run(fx, parity_dir, tmp_path_factory):
         full_logits = upsample_logits(shared.props.logits, height, width)
     return {
         "params": params, "bank": bank, "boxes": found.boxes, "shared": shared, "det": det, "trace": trace,
-        "coco": coco, "full_logits": full_logits,
+        "coco": coco, "full_logits": full_logits, "ref_masks": ref_masks, "image1024": image1024,
     }  # fmt: skip
+
+
+def test_reference_masks_equal_fsod_vfm(fx, run):
+    """ntt's SAM2 box masks of the 6 reference boxes (the recipe's bfloat16 autocast, one box per call, its
+    bilinear 1024 input) equal FSOD-VFM's ``extract_masks_from_support``; the last box's mask is empty."""
+    ours = run["ref_masks"]
+    theirs = _unpack(fx["ref_masks"], fx["ref_image"].shape[1])
+    assert not theirs[5].any() and not ours[5].any()
+    if on_fixture_bf16_kernels():
+        assert torch.equal(ours, theirs)
+        return
+    # other kernels round each bfloat16 product differently (a whole bfloat16 step, 2**-8 relative, in every
+    # layer), which moves the soft edge of a mask: measured IoU 0.938 to 0.994 per mask with AVX-512 without
+    # AMX and with AVX2 kernels (62 to 392 pixels); a wrong output or box would give an IoU far below 0.9
+    inter = (ours & theirs).sum((1, 2)).double()
+    union = (ours | theirs).sum((1, 2)).double()
+    assert ((inter[:5] / union[:5]) >= 0.9).all(), (inter / union.clamp(min=1)).tolist()
+
+
+def test_reference_masks_need_the_recipes_precision_and_resize(fx, parity_dir):
+    """The two settings are what makes the masks FSOD-VFM's: with float32 decoding, or with ntt's PIL
+    bicubic input, they differ from theirs by far more than a bfloat16 rounding (>= 100 pixels in a mask)."""
+    _, matcher, cfg = _recipe()
+    sam2 = _recipe_sam2(cfg, parity_dir)
+    theirs = _unpack(fx["ref_masks"], fx["ref_image"].shape[1])
+    float32 = replace(matcher, semantics=replace(matcher.semantics, reference_mask_precision="float32"))
+    with torch_threads(2), torch.inference_mode():
+        a = _ref_masks(fx, sam2, float32)
+        sam2.input_resize = "pil_bicubic"
+        b = _ref_masks(fx, sam2, matcher)
+    assert int((a != theirs).sum((1, 2)).max()) >= 100
+    assert int((b != theirs).sum((1, 2)).max()) >= 100
 
 
 def test_prototypes_equal_fsod_vfm(fx, run):

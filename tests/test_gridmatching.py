@@ -262,6 +262,15 @@ def test_bad_semantics_value_is_one_line(tmp_path):
         ConfigError, match=r"reference_masks=sam2_box needs matcher.semantics.references=whole"
     ):
         build_node({"semantics": {"reference_masks": "sam2_box"}}, MatcherConfig)
+    with pytest.raises(
+        ConfigError,
+        match=r"reference_mask_precision=bfloat16 is read only with matcher.semantics.reference_masks=",
+    ):
+        build_node({"semantics": {"reference_mask_precision": "bfloat16"}}, MatcherConfig)
+    with pytest.raises(
+        ConfigError, match=r"reference_mask_precision=float16: choose one of float32, bfloat16"
+    ):
+        build_node({"semantics": {"reference_mask_precision": "float16"}}, MatcherConfig)
 
 
 def test_sam2_box_mask_is_the_box_decoding_at_full_resolution(tmp_path):

@@ -72,6 +72,38 @@ def test_load_test_image_is_pil_bicubic_stretch(tmp_path):
     assert torch.equal(got, pil_to_tensor(ref))
 
 
+def test_sam2_input_bilinear_antialias_is_torchvision_resize_on_the_float_tensor(tmp_path):
+    """``backbone.sam2.input_resize=bilinear_antialias`` (SAM2ImagePredictor's ToTensor + Resize): known values.
+
+    Downsampling 4 -> 2 with antialias is a triangle filter of half-width 2: output 0 = (0.75 v0 + 0.75 v1 +
+    0.25 v2) / 1.75 (without antialias it would be (v0 + v1) / 2); upsampling 2 -> 4 is plain bilinear:
+    v0, 0.75 v0 + 0.25 v1, 0.25 v0 + 0.75 v1, v1. Tolerance 1e-6: float32 rounding of sums of 3 terms."""
+    from ntt.data.images import sam2_input
+
+    row = np.array([0, 255, 0, 255], np.uint8)
+    img = Image.fromarray(np.repeat(np.tile(row, (4, 1))[..., None], 3, axis=2))
+    down = sam2_input(img, 2, "bilinear_antialias")
+    assert down.shape == (3, 2, 2) and down.dtype == torch.float32
+    want = torch.tensor([(0.75 * 0 + 0.75 * 1 + 0.25 * 0) / 1.75, (0.25 * 1 + 0.75 * 0 + 0.75 * 1) / 1.75])
+    torch.testing.assert_close(down[0, 0], want, rtol=0, atol=1e-6)
+    two = np.zeros((2, 2, 3), np.uint8)
+    two[:, 1] = 200  # column 1
+    up = sam2_input(Image.fromarray(two), 4, "bilinear_antialias")
+    a, b = 0.0, 200 / 255
+    want = torch.tensor([a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b])
+    torch.testing.assert_close(up[1, 0], want, rtol=0, atol=1e-6)
+    # the same size: ToTensor alone (uint8 / 255 in float32)
+    same = sam2_input(img, 4, "bilinear_antialias")
+    assert torch.equal(same[0, 0], torch.tensor(row, dtype=torch.float32) / 255)
+    # the default is NTT's PIL bicubic, what load_test_image gave before the option existed
+    path = tmp_path / "t.png"
+    Image.fromarray(_rgb_array(30, 50)).save(path)
+    assert torch.equal(load_test_image(path, 64), sam2_input(Image.open(path).convert("RGB"), 64))
+    assert not torch.equal(load_test_image(path, 64), load_test_image(path, 64, resize="bilinear_antialias"))
+    with pytest.raises(ValueError, match=r"backbone.sam2.input_resize=area: choose one of pil_bicubic"):
+        sam2_input(img, 4, "area")
+
+
 def test_load_reference_image_same_size_is_exact_and_other_size_is_an_error(tmp_path):
     arr = _rgb_array(30, 40)
     path = tmp_path / "r.png"

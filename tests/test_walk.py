@@ -48,6 +48,8 @@ STEPS = {
         "backbone.sam2.config": "sam2.1/sam2.1_hiera_l.yaml",
         "backbone.sam2.checkpoint": "${paths.checkpoints}/sam2.1_hiera_large.pt",
         "backbone.sam2.add_no_mem_embed": True,
+        "backbone.sam2.exact_attention": False,
+        "backbone.sam2.input_resize": "bilinear_antialias",
     },
     "walk4_dino630": {
         "matcher.semantics.encoder_input": "long_side",
@@ -59,6 +61,7 @@ STEPS = {
         # matcher=fsod_vfm's other semantics keys, at NTT's values until their own step
         "matcher.semantics.references": "context_crop",
         "matcher.semantics.reference_masks": "annotation",
+        "matcher.semantics.reference_mask_precision": "float32",
         "matcher.semantics.proposal_pooling": "upsampled",
         "matcher.semantics.scoring": "clamped_cosine",
         "matcher.semantics.sam_iou_decay": False,
@@ -66,6 +69,7 @@ STEPS = {
     "walk5_class_mean": {
         "matcher.semantics.references": "whole_image",
         "matcher.semantics.reference_masks": "sam2_box",
+        "matcher.semantics.reference_mask_precision": "bfloat16",
     },
     "walk6_grid_pool": {"matcher.semantics.proposal_pooling": "grid_mask"},
     "walk7_cosine": {"matcher.semantics.scoring": "cosine"},

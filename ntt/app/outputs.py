@@ -157,7 +157,7 @@ def file_sha(digests: FileDigests, path: Path) -> str | None:
 
 def _backbone_identity(cfg, which: str, digests: FileDigests) -> dict[str, Any]:
     """``backbone.<which>`` with its checkpoint path replaced by the file's name and content digest."""
-    return backbone_identity(cfg.backbone[which], lambda path: file_sha(digests, path))
+    return backbone_identity(cfg.backbone[which], lambda path: file_sha(digests, path), which=which)
 
 
 def _bank_content(bank) -> str:

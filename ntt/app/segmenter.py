@@ -276,10 +276,10 @@ class Segmenter:
 
     def _sam_input(self, pil) -> torch.Tensor:
         """The image stretched to the SAM input frame, exactly as the test stage loads it."""
-        from ntt.data.images import pil_to_tensor, resize_pil
+        from ntt.data.images import sam2_input
 
         size = int(getattr(self.sam2, "image_size", 1024))
-        return pil_to_tensor(resize_pil(pil, size, size)).to(self.device)
+        return sam2_input(pil, size, getattr(self.sam2, "input_resize", "pil_bicubic")).to(self.device)
 
     # -------------------------------------------------------------------------------------------------
     def build(self, *, progress: bool = True) -> MemoryBank:

@@ -37,6 +37,7 @@ from ntt.backbones.allocator import tune_malloc
 from ntt.backbones.checkpoints import CheckpointError, load_state_dict_strict, resolve_checkpoint, torch_load
 from ntt.backbones.sam2_configs import instantiate_sam2, resolve_sam2_config
 from ntt.backbones.sam2_decoder import CachedSAM2Decoder, DecoderImageCache
+from ntt.data.images import SAM2_RESIZES
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ class SAM2Backbone(nn.Module):
             on the CPU). Default off.
         compile_decoder: FAST PATH: ``torch.compile`` the cached decoder's per-chunk step (static shapes:
             every call has ``decoder_chunk`` prompts). Meant for GPUs; default off.
+        input_resize: how an image is stretched to the 1024 input (``ntt.data.images.sam2_input``):
+            ``pil_bicubic`` (NTT's code, default) or ``bilinear_antialias`` (``SAM2ImagePredictor``,
+            FSOD-VFM). Read by whoever makes this model's input (the test loop's loader, the practitioner
+            app, the reference box masks); :meth:`encode_image` takes the image already stretched.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class SAM2Backbone(nn.Module):
         decoder_autocast: str | None = None,
         tf32: bool = False,
         compile_decoder: bool = False,
+        input_resize: str = "pil_bicubic",
     ):
         super().__init__()
         self.model = model
@@ -145,6 +151,11 @@ class SAM2Backbone(nn.Module):
         self.decoder_autocast = decoder_autocast
         self.tf32 = bool(tf32)
         self.compile_decoder = bool(compile_decoder)
+        if input_resize not in SAM2_RESIZES:
+            raise ValueError(
+                f"{name}: input_resize must be one of {', '.join(SAM2_RESIZES)}, got {input_resize!r}"
+            )
+        self.input_resize = input_resize
         self._compiled_step = None
         self.image_size: int = int(model.image_size)
         self.embed_dim: int = int(model.sam_prompt_embed_dim)
@@ -263,15 +274,15 @@ class SAM2Backbone(nn.Module):
             stack.callback(restore)
         return stack
 
-    def _decode_chunks(self, features, cache, image_index, coords, labels, *, best_only: bool):
-        """Decode all prompts in chunks of exactly ``decoder_chunk`` (the last one padded).
+    def _decode_chunks(self, features, cache, image_index, coords, labels, *, best_only: bool, chunk=None):
+        """Decode all prompts in chunks of exactly ``chunk`` (default ``decoder_chunk``; the last one padded).
 
         Yields ``(start, stop, ious [k, 4], masks [k, 4, h, w] or best [k, h, w], best_index or None)``.
         """
-        n, chunk = coords.shape[0], self.decoder_chunk
+        n, chunk = coords.shape[0], int(chunk or self.decoder_chunk)
         dec = CachedSAM2Decoder(self.model) if self.cached_decoder else None
         step = dec.decode if dec is not None else None
-        if dec is not None and self.compile_decoder:
+        if dec is not None and self.compile_decoder and chunk == self.decoder_chunk:
             if self._compiled_step is None:  # one compiled step per backbone (static shapes: one graph)
                 self._compiled_step = torch.compile(CachedSAM2Decoder(self.model).decode, dynamic=False)
             step = self._compiled_step
@@ -314,6 +325,7 @@ class SAM2Backbone(nn.Module):
         point_labels: Tensor | None = None,
         boxes: Tensor | None = None,
         cache: DecoderImageCache | None = None,
+        chunk: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decode P prompts on one image: all 4 mask logits and predicted IoUs.
 
@@ -325,6 +337,9 @@ class SAM2Backbone(nn.Module):
             boxes: [P, 4] xyxy in 1024-frame pixels. As in SAM2ImagePredictor, a box becomes two corner
                 points (labels 2, 3) placed before the points.
             cache: :meth:`prepare_decoder` of this image (computed here when None).
+            chunk: prompts per decoder call for this call (default ``decoder_chunk``): 1 decodes each prompt
+                alone, as one ``SAM2ImagePredictor.predict`` call per prompt does (the bits of a reduced-
+                precision decoder depend on the batch, method.md §5.11).
 
         Returns:
             (low-res logits [P, 4, 256, 256], predicted IoUs [P, 4]); index 0 = the single-mask token.
@@ -334,7 +349,7 @@ class SAM2Backbone(nn.Module):
         masks_out, ious_out = None, None
         with exact_sdpa_context(device, self.exact_attention):
             for start, stop, ious, masks, _ in self._decode_chunks(
-                features, cache, image_index, coords, labels, best_only=False
+                features, cache, image_index, coords, labels, best_only=False, chunk=chunk
             ):
                 if masks_out is None:
                     masks_out = masks.new_empty((coords.shape[0], *masks.shape[1:]))
@@ -389,7 +404,7 @@ class SAM2Backbone(nn.Module):
             f"name={self.name!r}, add_no_mem_embed={self.add_no_mem_embed}, "
             f"exact_attention={self.exact_attention}, cached_decoder={self.cached_decoder}, "
             f"decoder_chunk={self.decoder_chunk}, decoder_autocast={self.decoder_autocast}, tf32={self.tf32}, "
-            f"compile_decoder={self.compile_decoder}"
+            f"compile_decoder={self.compile_decoder}, input_resize={self.input_resize!r}"
         )
 
 
@@ -421,6 +436,7 @@ def build_sam2(
     decoder_autocast: str | None = None,
     tf32: bool = False,
     compile_decoder: bool = False,
+    input_resize: str = "pil_bicubic",
     init_seed: int | None = 0,
     device: str | torch.device = "cpu",
 ) -> SAM2Backbone:
@@ -446,6 +462,8 @@ def build_sam2(
         decoder_autocast: fast path (not parity): ``bfloat16`` / ``float16`` decoder; None = float32.
         tf32: fast path (not parity): TF32 in the decoder on CUDA.
         compile_decoder: fast path: ``torch.compile`` the cached decoder (static shapes).
+        input_resize: how images are stretched to the 1024 input: ``pil_bicubic`` (NTT, default) or
+            ``bilinear_antialias`` (``SAM2ImagePredictor``, FSOD-VFM; method.md §5.11).
         init_seed: seed of the random initialisation (same weights in every process); None = global RNG.
         device: where the model lives.
 
@@ -485,6 +503,7 @@ def build_sam2(
         decoder_autocast=decoder_autocast,
         tf32=tf32,
         compile_decoder=compile_decoder,
+        input_resize=input_resize,
     )
     return backbone.eval()
 

@@ -49,6 +49,8 @@ __all__ = [
     "load_rgb",
     "pil_to_tensor",
     "load_test_image",
+    "sam2_input",
+    "SAM2_RESIZES",
     "load_long_side_input",
     "load_reference_image",
     "resize_pil",
@@ -58,6 +60,10 @@ EXIF_ORIENTATION_TAG = 0x0112
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 FLOAT_MODES = {"F"}
 _warned_exif: set[str] = set()
+# How an image is stretched to SAM2's square input (``backbone.sam2.input_resize``, method.md §5.11):
+# NTT's code resizes the uint8 image with PIL (bicubic); SAM2's own ``SAM2ImagePredictor`` (FSOD-VFM) divides
+# by 255 first and resizes the float tensor with torchvision's ``Resize`` (bilinear, antialiased).
+SAM2_RESIZES = ("pil_bicubic", "bilinear_antialias")
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -247,6 +253,7 @@ def load_test_image(
     height: int | None = None,
     width: int | None = None,
     apply_exif: bool = False,
+    resize: str = "pil_bicubic",
 ) -> torch.Tensor:
     """Load a target image stretched to ``size x size`` (aspect ratio not kept), as the reference test set.
 
@@ -257,6 +264,7 @@ def load_test_image(
             json frame, so a mismatch would stretch them).
         width: the json's width.
         apply_exif: EXIF-transpose first (see :func:`read_image_rgb`).
+        resize: how the image is stretched (``backbone.sam2.input_resize``, see :func:`sam2_input`).
 
     Returns:
         float32 ``[3, size, size]`` in [0, 1].
@@ -264,7 +272,38 @@ def load_test_image(
     img = read_image_rgb(path, apply_exif=apply_exif)
     if height is not None and width is not None:
         check_image_size(img, path, height, width, apply_exif=apply_exif)
-    return pil_to_tensor(resize_pil(img, size, size))
+    return sam2_input(img, size, resize)
+
+
+def sam2_input(img: Image.Image, size: int = 1024, resize: str = "pil_bicubic") -> torch.Tensor:
+    """An RGB image stretched to SAM2's ``size x size`` input (aspect ratio not kept), in [0, 1].
+
+    Args:
+        img: an RGB PIL image (uint8).
+        size: output side (1024 for SAM2).
+        resize: ``pil_bicubic`` = NTT's code: PIL's default (bicubic) resize of the uint8 image, then
+            :func:`pil_to_tensor`; ``bilinear_antialias`` = ``SAM2ImagePredictor.set_image`` (FSOD-VFM):
+            torchvision's ``ToTensor`` (``uint8 -> float32 / 255``) then ``Resize((size, size))`` on the
+            tensor, which is ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)``.
+
+    Returns:
+        float32 ``[3, size, size]``.
+    """
+    if resize == "pil_bicubic":
+        return pil_to_tensor(resize_pil(img, size, size))
+    if resize != "bilinear_antialias":
+        raise ValueError(f"backbone.sam2.input_resize={resize}: choose one of {', '.join(SAM2_RESIZES)}")
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an 8-bit RGB image, got mode={img.mode!r} array {arr.dtype}{arr.shape}")
+    # ToTensor: a contiguous [3, H, W] copy, then to float32 and / 255 (in float32)
+    x = torch.from_numpy(arr.transpose(2, 0, 1).copy()).to(torch.float32).div(255)
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    out = torch.nn.functional.interpolate(
+        x[None], size=(int(size), int(size)), mode="bilinear", align_corners=False, antialias=True
+    )
+    return out[0].contiguous()
 
 
 def load_long_side_input(

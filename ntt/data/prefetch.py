@@ -103,6 +103,8 @@ class TestImageDataset(torch.utils.data.Dataset):
         specs: the images, in loop order.
         size: output side (1024 for SAM2).
         apply_exif: ``dataset.exif_orientation``.
+        semantic_input: ``(long_side, input_size)``: also load FSOD-VFM's DINOv2 input of each image.
+        resize: how the image is stretched to ``size`` (``backbone.sam2.input_resize``).
     """
 
     def __init__(
@@ -112,9 +114,11 @@ class TestImageDataset(torch.utils.data.Dataset):
         size: int = 1024,
         apply_exif: bool = False,
         semantic_input: tuple[int, int] | None = None,
+        resize: str = "pil_bicubic",
     ) -> None:
         self.specs = list(specs)
         self.size = int(size)
+        self.resize = resize
         self.apply_exif = bool(apply_exif)
         self.semantic_input = semantic_input
 
@@ -148,7 +152,12 @@ class TestImageDataset(torch.utils.data.Dataset):
 
         try:
             image = images.load_test_image(
-                spec.path, self.size, height=spec.height, width=spec.width, apply_exif=self.apply_exif
+                spec.path,
+                self.size,
+                height=spec.height,
+                width=spec.width,
+                apply_exif=self.apply_exif,
+                resize=self.resize,
             )
             semantic = None
             if self.semantic_input is not None:  # FSOD-VFM's DINOv2 input: from the original image
@@ -178,6 +187,7 @@ def prefetch_images(
     apply_exif: bool = False,
     size: int = 1024,
     semantic_input: tuple[int, int] | None = None,
+    resize: str = "pil_bicubic",
 ) -> Iterator[LoadedImage]:
     """Yield every image of ``specs`` in order, loaded ahead by ``num_workers`` processes, on ``device``.
 
@@ -193,13 +203,16 @@ def prefetch_images(
         apply_exif: ``dataset.exif_orientation``.
         size: output side.
         semantic_input: ``(long_side, input_size)``: also load FSOD-VFM's DINOv2 input of each image.
+        resize: how each image is stretched to ``size`` (``backbone.sam2.input_resize``).
     """
     if not specs:
         return
     workers = min(int(num_workers), len(specs))
     cuda = str(device).startswith("cuda")
     loader = torch.utils.data.DataLoader(
-        TestImageDataset(specs, size=size, apply_exif=apply_exif, semantic_input=semantic_input),
+        TestImageDataset(
+            specs, size=size, apply_exif=apply_exif, semantic_input=semantic_input, resize=resize
+        ),
         batch_size=None,
         shuffle=False,
         num_workers=workers,

@@ -50,7 +50,7 @@ def _file_id(ctx: RunContext, path: str | None) -> list[Any] | None:
 
 def _backbone_identity(ctx: RunContext, which: str) -> dict[str, Any]:
     """`backbone.<which>` with its checkpoint path replaced by the checkpoint's name and content digest."""
-    return backbone_identity(ctx.cfg.backbone[which], ctx.files.sha256)
+    return backbone_identity(ctx.cfg.backbone[which], ctx.files.sha256, which=which)
 
 
 def _proposer_identity(ctx: RunContext) -> Any:
@@ -69,9 +69,11 @@ def _semantics(ctx: RunContext) -> list[Any]:
     sem = ctx.matcher.semantics
     if sem.is_default:
         return []
+    # keys added later enter only when not at their default (identity.INERT_DEFAULTS): same keys as before
+    plain = drop_inert_matcher({"semantics": dataclasses.asdict(sem)})["semantics"]
     if sem.reference_masks == "sam2_box":  # the reference masks come from SAM2 (by checkpoint content)
-        return [dataclasses.asdict(sem), _backbone_identity(ctx, "sam2")]
-    return [dataclasses.asdict(sem)]
+        return [plain, _backbone_identity(ctx, "sam2")]
+    return [plain]
 
 
 def artifact_sha(ctx: RunContext, name: str) -> str | None:

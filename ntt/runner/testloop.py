@@ -107,6 +107,7 @@ def test_pass(jobs: list, label: str = "test") -> None:
         prefetch_factor=ctx0.io.prefetch_factor,
         apply_exif=ctx0.dataset.exif_orientation,
         semantic_input=_semantic_input(jobs[0].params),
+        resize=sam2.input_resize,  # backbone.sam2.input_resize (method.md §5.11)
     )
     head = next(images, None)  # the loader's workers start before the writer's thread
     items = itertools.chain([head] if head is not None else [], images)

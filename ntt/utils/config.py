@@ -170,6 +170,7 @@ class MemoryConfig:
 ENCODER_INPUTS = ("square", "long_side")
 REFERENCE_VIEWS = ("context_crop", "whole_image")
 REFERENCE_MASKS = ("annotation", "sam2_box")
+REFERENCE_MASK_PRECISIONS = ("float32", "bfloat16")
 PROPOSAL_POOLINGS = ("upsampled", "grid_mask")
 SCORINGS = ("clamped_cosine", "cosine")
 
@@ -194,6 +195,9 @@ class SemanticsConfig:
         reference_masks: with `whole_image`: `annotation` = the reference's annotated mask (ntt's references
             carry masks); `sam2_box` = FSOD-VFM: SAM2's single-mask output for the reference's box (the box
             decoding of method.md §5.11, on the run's SAM2).
+        reference_mask_precision: with `sam2_box`: `float32` (ntt) or `bfloat16` = FSOD-VFM: SAM2 encodes the
+            reference image and decodes its box under `torch.autocast(bfloat16)`, one box per call
+            (`support_util.extract_masks_from_support`).
         proposal_pooling: `upsampled` = NTT: the features upsampled to SAM's 256x256 mask (`pooling`);
             `grid_mask` = FSOD-VFM: the full-resolution mask resized to the grid as cv2 INTER_LINEAR > 0.5,
             `normalize(sum / (count + 1e-7), eps=1e-2)`.
@@ -208,6 +212,7 @@ class SemanticsConfig:
     final_norm: bool = True
     references: str = "context_crop"
     reference_masks: str = "annotation"
+    reference_mask_precision: str = "float32"
     proposal_pooling: str = "upsampled"
     scoring: str = "clamped_cosine"
     sam_iou_decay: bool = False
@@ -218,6 +223,7 @@ class SemanticsConfig:
             ("encoder_input", ENCODER_INPUTS),
             ("references", REFERENCE_VIEWS),
             ("reference_masks", REFERENCE_MASKS),
+            ("reference_mask_precision", REFERENCE_MASK_PRECISIONS),
             ("proposal_pooling", PROPOSAL_POOLINGS),
             ("scoring", SCORINGS),
         ):
@@ -225,6 +231,11 @@ class SemanticsConfig:
                 raise ValueError(f"{where}.{key}={getattr(self, key)}: choose one of {', '.join(choices)}")
         if self.reference_masks == "sam2_box" and self.references != "whole_image":
             raise ValueError(f"{where}.reference_masks=sam2_box needs {where}.references=whole_image")
+        if self.reference_mask_precision != "float32" and self.reference_masks != "sam2_box":
+            raise ValueError(
+                f"{where}.reference_mask_precision={self.reference_mask_precision} is read only with "
+                f"{where}.reference_masks=sam2_box (the annotated masks are not decoded): set both, or neither"
+            )
         for key in ("long_side", "input_size"):
             if getattr(self, key) < 14:
                 raise ValueError(f"{where}.{key}={getattr(self, key)}: use a size of at least one patch (14)")

@@ -59,6 +59,8 @@ INERT_DEFAULTS = {
     "matcher.score_filter": "positive",
     "matcher.output_box": "mask",
     "matcher.classes": None,
+    "matcher.semantics.reference_mask_precision": "float32",
+    "backbone.sam2.input_resize": "pil_bicubic",
 }
 # Groups read only when another key has a value (`matcher.diffusion` only under `matcher.merge=diffusion`,
 # `proposer.boxes_json` only under box prompts: the NTT-to-FSOD-VFM walk gives its grid steps the key so one
@@ -215,15 +217,17 @@ def portable_config(cfg: Any) -> dict[str, Any]:
     )
 
 
-def backbone_identity(node: Any, sha256: Callable[[Path], str | None]) -> dict[str, Any]:
+def backbone_identity(node: Any, sha256: Callable[[Path], str | None], *, which: str) -> dict[str, Any]:
     """A ``backbone.<which>`` config node with its checkpoint path replaced by ``[file name, content digest]``:
     path-free, so the same weights anywhere give the same identity (random-weight backbones keep the node).
+    Keys added later are left out at the value the runs before them had (:data:`INERT_DEFAULTS`).
 
     Args:
         node: the backbone's config node.
         sha256: the digest of a file (a run's or a segment folder's ``FileDigests`` cache).
+        which: ``sam2`` or ``dinov2`` (the node's key under ``backbone``).
     """
-    plain = dict(to_plain(node))
+    plain = dict(drop_inert_keys({"backbone": {which: dict(to_plain(node))}})["backbone"][which])
     if plain.get("checkpoint") and not plain.get("random_init"):
         ckpt = Path(str(plain["checkpoint"]))
         plain["checkpoint"] = [ckpt.name, sha256(ckpt)]
