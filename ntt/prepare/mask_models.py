@@ -118,6 +118,8 @@ class Sam2BoxMasker:
         self.backbone = backbone
         self.max_boxes = int(max_boxes)
         self.info = {"model": f"sam2:{backbone.name}", "package": "ntt", "image_reader": "PIL"}
+        if backbone.input_resize != "pil_bicubic":  # recorded only then: earlier outputs keep their bytes
+            self.info["input_resize"] = backbone.input_resize
 
     def __call__(
         self, image_path: Path, boxes_xywh: list[list[float]], height: int, width: int
@@ -128,7 +130,7 @@ class Sam2BoxMasker:
         from ntt.data.images import load_test_image
 
         size = self.backbone.image_size
-        image = load_test_image(image_path, size).to(self.backbone.device)
+        image = load_test_image(image_path, size, resize=self.backbone.input_resize).to(self.backbone.device)
         decoder = self.backbone.model.sam_mask_decoder
         out = []
         with torch.inference_mode():

@@ -102,5 +102,6 @@ def mode_backbone(base, mode: FastMode, grid_prompts: int, decoder_chunk: int | 
         add_no_mem_embed=base.add_no_mem_embed,
         exact_attention=base.exact_attention,
         cached_decoder=True,
+        input_resize=base.input_resize,
         **kw,
     )
