@@ -202,6 +202,14 @@ def check_image_size(
     )
 
 
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    """The ``[H, W, 3]`` uint8 array of an RGB PIL image (anything else is refused)."""
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an 8-bit RGB image, got mode={img.mode!r} array {arr.dtype}{arr.shape}")
+    return arr
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """Convert an RGB PIL image to a float32 ``[3, H, W]`` tensor in [0, 1].
 
@@ -213,10 +221,7 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     Returns:
         float32 tensor ``[3, H, W]``.
     """
-    arr = np.asarray(img)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an 8-bit RGB image, got mode={img.mode!r} array {arr.dtype}{arr.shape}")
-    arr64 = arr / 255.0
+    arr64 = _rgb_array(img) / 255.0
     return torch.from_numpy(arr64).permute(2, 0, 1).to(torch.float32).contiguous()
 
 
@@ -293,9 +298,7 @@ def sam2_input(img: Image.Image, size: int = 1024, resize: str = "pil_bicubic") 
         return pil_to_tensor(resize_pil(img, size, size))
     if resize != "bilinear_antialias":
         raise ValueError(f"backbone.sam2.input_resize={resize}: choose one of {', '.join(SAM2_RESIZES)}")
-    arr = np.asarray(img)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an 8-bit RGB image, got mode={img.mode!r} array {arr.dtype}{arr.shape}")
+    arr = _rgb_array(img)
     # ToTensor: a contiguous [3, H, W] copy, then to float32 and / 255 (in float32)
     x = torch.from_numpy(arr.transpose(2, 0, 1).copy()).to(torch.float32).div(255)
     if tuple(x.shape[-2:]) == (size, size):
