@@ -47,3 +47,29 @@ def toy_dataset(tmp_path):
     ]
     cats = [{"id": 4, "name": "four"}, {"id": 2, "name": "two"}]
     return {"images": images, "annotations": anns, "categories": cats}
+
+
+def fixture_reference_jobs(fx, image, mask_of):
+    """The ``ntt.memory.ReferenceJob``s of an FSOD-VFM fixture's reference boxes (``ref_classes``,
+    ``ref_boxes_xywh``), in the memory stage's encoding order (class ascending, then slot), all on ``image``.
+
+    Args:
+        fx: the fixture's arrays.
+        image: the reference image, ``[3, H, W]`` float32.
+        mask_of: reference index -> its ``[H, W]`` mask (ignored by ``reference_masks=sam2_box``).
+    """
+    from ntt.memory import ReferenceJob
+
+    classes = fx["ref_classes"].tolist()
+    slots = [classes[:i].count(c) for i, c in enumerate(classes)]
+    order = sorted(range(len(classes)), key=lambda i: (classes[i], slots[i]))
+    return [
+        ReferenceJob(
+            classes[i],
+            slots[i],
+            f"ref {i}",
+            {"i": i},
+            lambda i=i: (image, mask_of(i), fx["ref_boxes_xywh"][i].tolist()),
+        )  # fmt: skip
+        for i in order
+    ]

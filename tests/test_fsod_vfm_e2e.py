@@ -89,24 +89,14 @@ def _bank(fx, matcher, sam2):
     """The memory stage's path on the reference image, SAM2's box masks included. On kernels other than the
     fixture's, the masks are FSOD-VFM's (stage isolation: see the module docstring and
     ``test_reference_masks_equal_fsod_vfm``)."""
+    from helpers_memory import fixture_reference_jobs
+
     from ntt.data.images import pil_to_tensor
-    from ntt.memory import FillPlan, ReferenceJob, assemble_bank, encode_references
+    from ntt.memory import FillPlan, assemble_bank, encode_references
 
     image = pil_to_tensor(Image.fromarray(fx["ref_image"]))
-    classes = fx["ref_classes"].tolist()
-    slots = [classes[:i].count(c) for i, c in enumerate(classes)]
-    order = sorted(range(len(classes)), key=lambda i: (classes[i], slots[i]))
     no_mask = torch.zeros(image.shape[-2:], dtype=torch.bool)  # replaced by the SAM2 box mask (sam2_box)
-    jobs = [
-        ReferenceJob(
-            classes[i],
-            slots[i],
-            f"ref {i}",
-            {"i": i},
-            lambda i=i: (image, no_mask, fx["ref_boxes_xywh"][i].tolist()),
-        )  # fmt: skip
-        for i in order
-    ]
+    jobs = fixture_reference_jobs(fx, image, lambda i: no_mask)
     plan = FillPlan.create(
         jobs, category_ids=CATEGORY_IDS, category_names=list(fx["class_names"]), encoder=tiny_dinov2(0),
         batch_size=matcher.memory.batch_size, semantics=matcher.semantics, mask_model=sam2,

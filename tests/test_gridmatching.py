@@ -156,25 +156,15 @@ FSOD_VFM_SEMANTICS = dict(encoder_input="long_side", final_norm=False, reference
 def test_whole_image_bank_prototypes_equal_fsod_vfm(fx):
     """fill_memory's path (FillPlan -> encode_references -> assemble_bank -> MemoryBank.prototypes) with
     FSOD-VFM's references gives their prototypes bit for bit, the two empty-on-grid references left out."""
+    from helpers_memory import fixture_reference_jobs
+
     from ntt.data.images import pil_to_tensor
-    from ntt.memory import FillPlan, ReferenceJob, assemble_bank, encode_references
+    from ntt.memory import FillPlan, assemble_bank, encode_references
     from ntt.utils.config import SemanticsConfig
 
     image = pil_to_tensor(Image.fromarray(fx["ref_image"]))
     masks = _masks(fx, "ref_masks")
-    classes = fx["ref_classes"].tolist()
-    slots = [classes[:i].count(c) for i, c in enumerate(classes)]
-    order = sorted(range(len(classes)), key=lambda i: (classes[i], slots[i]))
-    jobs = [
-        ReferenceJob(
-            classes[i],
-            slots[i],
-            f"ref {i}",
-            {"i": i},
-            lambda i=i: (image, masks[i], fx["ref_boxes_xywh"][i].tolist()),
-        )  # fmt: skip
-        for i in order
-    ]
+    jobs = fixture_reference_jobs(fx, image, lambda i: masks[i])
     semantics = SemanticsConfig(**FSOD_VFM_SEMANTICS)
     plan = FillPlan.create(
         jobs, category_ids=[1, 2, 3], category_names=list(fx["class_names"]), encoder=tiny_dinov2(0),
